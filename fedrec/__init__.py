@@ -1,0 +1,1 @@
+"""fedrec: privacy-preserving federated recommendation with a frozen PLM."""

@@ -1,0 +1,200 @@
+"""Typed run config.
+
+Defaults live in one place, pyproject.toml's ``[tool.flwr.app.config]``. Flower hands the
+apps that table (plus ``--run-config`` overrides) as a flat dict of dotted kebab-case keys;
+``Config.from_flat`` parses it once into frozen dataclasses, rejecting unknown keys, wrong
+types and out-of-range values with a message that names the key.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedrec.errors import FedrecError
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    cache_dir: str
+    item_template: str
+    cold_fraction: float
+    split_seed: int
+    eval_negatives: int
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model_dir: str
+    batch_size: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str
+    dim: int
+    hidden: int
+    dropout: float
+    pooling: str
+    id_embeddings: bool
+    user_embedding: bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float
+    batch_size: int
+    negatives: int
+    loss: str
+    weight_decay: float
+    local_epochs: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class CentralConfig:
+    epochs: int
+    patience: int
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    encoder: EncoderConfig
+    model: ModelConfig
+    train: TrainConfig
+    central: CentralConfig
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "Config":
+        """Parse Flower's flat run_config ({"train.lr": 0.001, ...}); every key required."""
+        known = {key for key, _, _ in _schema()}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise FedrecError(
+                f"config: unknown key '{unknown[0]}'; valid keys are listed under "
+                "[tool.flwr.app.config] in pyproject.toml"
+            )
+        sections: dict[str, dict[str, Any]] = {}
+        for key, section, field in _schema():
+            if key not in flat:
+                raise FedrecError(f"config: missing key '{key}'; add it to the run config")
+            sections.setdefault(section, {})[field.name] = _coerce(key, flat[key], field.type)
+        cfg = cls(**{f.name: f.type(**sections[f.name]) for f in _sections()})
+        _validate(cfg)
+        return cfg
+
+    def to_flat(self) -> dict[str, Any]:
+        return {key: getattr(getattr(self, sec), f.name) for key, sec, f in _schema()}
+
+    def override(self, **changes: Any) -> "Config":
+        """Return a copy with dotted keys changed: cfg.override(**{"train.lr": 0.01})."""
+        return Config.from_flat({**self.to_flat(), **changes})
+
+
+def _sections() -> tuple[dataclasses.Field, ...]:
+    return fields(Config)
+
+
+def _schema() -> list[tuple[str, str, dataclasses.Field]]:
+    """(dotted key, section name, field) for every leaf of the config."""
+    return [(f"{sec.name}.{f.name.replace('_', '-')}", sec.name, f)
+            for sec in fields(Config) for f in fields(sec.type)]
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    ok = (
+        (typ is bool and isinstance(value, bool))
+        or (typ is int and isinstance(value, int) and not isinstance(value, bool))
+        or (typ is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (typ is str and isinstance(value, str))
+    )
+    if not ok:
+        raise FedrecError(
+            f"config: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return typ(value)
+
+
+_CHOICES = {
+    "model.kind": ("text", "fedmf"),
+    "model.pooling": ("attention", "mean"),
+    "train.loss": ("bce", "bpr"),
+}
+_POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
+             "train.lr", "train.batch-size", "train.local-epochs", "central.epochs",
+             "central.patience", "data.eval-negatives")
+
+
+def _validate(cfg: Config) -> None:
+    flat = cfg.to_flat()
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise FedrecError(f"config: '{key}' must be one of {', '.join(choices)}; "
+                              f"got {flat[key]!r}")
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise FedrecError(f"config: '{key}' must be > 0; got {flat[key]!r}")
+    checks = [
+        ("data.cold-fraction", 0.0 <= flat["data.cold-fraction"] < 1.0, "in [0, 1)"),
+        ("model.dropout", 0.0 <= flat["model.dropout"] < 1.0, "in [0, 1)"),
+        ("train.negatives", flat["train.negatives"] >= 1, ">= 1"),
+        ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise FedrecError(f"config: '{key}' must be {rule}; got {flat[key]!r}")
+
+
+def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """The flat default table from pyproject.toml (what Flower passes as run_config)."""
+    try:
+        with open(pyproject, "rb") as fh:
+            return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise FedrecError(f"{pyproject}: cannot read [tool.flwr.app.config] ({exc})") from None
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse Flower-style overrides 'train.lr=0.01 model.dim=32' with TOML value syntax."""
+    out: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FedrecError(f"--run-config: '{item}' is not key=value (e.g. train.lr=0.01)")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw  # bare words are strings, as in `flwr run --run-config`
+    return out
+
+
+def load_config(overrides: Mapping[str, Any] | None = None, toml_file: str | None = None
+                ) -> Config:
+    """Defaults from pyproject, then a TOML override file, then key=value overrides."""
+    flat = load_defaults()
+    if toml_file:
+        try:
+            with open(toml_file, "rb") as fh:
+                flat.update(_flatten(tomllib.load(fh)))
+        except FileNotFoundError:
+            raise FedrecError(f"--config: file '{toml_file}' does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise FedrecError(f"--config: '{toml_file}' is not valid TOML ({exc})") from None
+    flat.update(overrides or {})
+    return Config.from_flat(flat)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,139 @@
+"""Models: frozen-PLM item adapters with a history-pooled user tower, and FedMF.
+
+Both answer the same questions (RecBole style):
+  items(E, idx)           -> h_i [N, d], b_i [N], attention logit a_i [N]
+  users(pooled, local)    -> h_u [B, d]
+  score = <h_u, h_i> + b_i, and r_ui = sigmoid(score).
+
+Everything inside the nn.Module is *federated* (what a client uploads). The user-local
+residual embedding lives outside it (a table centrally, one vector in a device's
+context.state) so that it can never end up in an upload. Only Linear/Embedding/LayerNorm
+layers are used, so Opacus' ModuleValidator accepts both models.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+
+class Adapter(nn.Module):
+    """MLP with a linear skip: in_dim -> out_dim."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, out_dim))
+        self.skip = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.skip(x)
+
+
+class TextRec(nn.Module):
+    """Item side from frozen text embeddings; user side pooled from the user's history.
+
+    id_embeddings adds a learned per-item vector and bias (a hybrid item side): it helps
+    warm items, but its update rows name the items a user touched, so it must be protected
+    by DP or SecAgg (DESIGN.md, privacy model).
+    """
+
+    uses_history = True
+
+    def __init__(self, text_dim: int, n_items: int, dim: int = 64, hidden: int = 256,
+                 dropout: float = 0.1, pooling: str = "attention", id_embeddings: bool = False):
+        super().__init__()
+        self.item_adapter = Adapter(text_dim, hidden, dim, dropout)
+        self.item_bias = nn.Linear(text_dim, 1)  # its bias is the global b of the score
+        self.attention = (nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
+                          if pooling == "attention" else None)
+        self.user_adapter = Adapter(dim, hidden, dim, dropout)
+        self.id_emb = nn.Embedding(n_items, dim) if id_embeddings else None
+        self.id_bias = nn.Embedding(n_items, 1) if id_embeddings else None
+        if id_embeddings:
+            nn.init.zeros_(self.id_emb.weight)
+            nn.init.zeros_(self.id_bias.weight)
+
+    def items(self, emb: torch.Tensor, idx: torch.Tensor):
+        """emb [N, text_dim] (rows of E for idx), idx [N] -> h [N, d], b [N], a [N]."""
+        h = self.item_adapter(emb)
+        b = self.item_bias(emb).squeeze(-1)
+        if self.id_emb is not None:
+            h = h + self.id_emb(idx)
+            b = b + self.id_bias(idx).squeeze(-1)
+        a = self.attention(h).squeeze(-1) if self.attention is not None else torch.zeros_like(b)
+        return h, b, a
+
+    def users(self, pooled: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
+        h = self.user_adapter(pooled)
+        return h if local is None else h + local
+
+
+class FedMF(nn.Module):
+    """ID-based peer: item vectors and biases are federated, the user vector is local."""
+
+    uses_history = False
+
+    def __init__(self, n_items: int, dim: int = 64):
+        super().__init__()
+        self.item_emb = nn.Embedding(n_items, dim)
+        self.item_bias = nn.Embedding(n_items, 1)
+        nn.init.normal_(self.item_emb.weight, std=0.1)
+        nn.init.zeros_(self.item_bias.weight)
+
+    def items(self, emb: torch.Tensor | None, idx: torch.Tensor):
+        b = self.item_bias(idx).squeeze(-1)
+        return self.item_emb(idx), b, torch.zeros_like(b)
+
+    def users(self, pooled: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
+        return local
+
+
+def build_model(cfg, text_dim: int, n_items: int) -> nn.Module:
+    m = cfg.model
+    if m.kind == "fedmf":
+        return FedMF(n_items, m.dim)
+    return TextRec(text_dim, n_items, m.dim, m.hidden, m.dropout, m.pooling, m.id_embeddings)
+
+
+def uses_local_user(cfg) -> bool:
+    return cfg.model.kind == "fedmf" or cfg.model.user_embedding
+
+
+def init_local_users(n: int, dim: int, kind: str, generator: torch.Generator | None = None):
+    """User-local vectors: random for MF (breaks symmetry), zero residuals for TextRec."""
+    if kind == "fedmf":
+        return torch.randn(n, dim, generator=generator) * 0.1
+    return torch.zeros(n, dim)
+
+
+def pool_history(h: torch.Tensor, a: torch.Tensor, hist_items: torch.Tensor,
+                 hist_seg: torch.Tensor, n_seg: int, rows_seg: torch.Tensor,
+                 exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention-pool each user's history, optionally leaving one item out per row.
+
+    h [n_items, d], a [n_items]: item vectors and attention logits for the whole catalog.
+    hist_items [P], hist_seg [P]: the histories as (item, segment) pairs.
+    rows_seg [B]: which segment (user) each output row pools; exclude [B]: an item to
+    leave out of that row's pool (the positive being scored), or -1 for none.
+    Returns pooled [B, d]. Leaving the target out makes training look like testing: the
+    held-out item is never in the history it is scored against.
+    """
+    a_hist = a[hist_items]
+    m = torch.full((n_seg,), -math.inf, dtype=a.dtype, device=a.device)
+    m = m.scatter_reduce(0, hist_seg, a_hist.detach(), "amax", include_self=True)
+    m = torch.nan_to_num(m, neginf=0.0)
+    w = torch.exp(a_hist - m[hist_seg])
+    s = torch.zeros(n_seg, h.shape[1], dtype=h.dtype, device=h.device).index_add(
+        0, hist_seg, w.unsqueeze(-1) * h[hist_items])
+    z = torch.zeros(n_seg, dtype=h.dtype, device=h.device).index_add(0, hist_seg, w)
+    s_rows, z_rows = s[rows_seg], z[rows_seg]
+    if exclude is not None:
+        keep = (exclude >= 0).to(h.dtype)
+        ex = exclude.clamp_min(0)
+        w_ex = torch.exp(a[ex] - m[rows_seg]) * keep
+        s_rows = s_rows - w_ex.unsqueeze(-1) * h[ex]
+        z_rows = z_rows - w_ex
+    # An empty pool (a history of one item, left out) gives the zero vector.
+    empty = (z_rows < 1e-6).unsqueeze(-1)
+    return torch.where(empty, 0.0, s_rows / z_rows.clamp_min(1e-6).unsqueeze(-1))
