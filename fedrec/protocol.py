@@ -13,14 +13,16 @@ The split is computed once per (dataset, cold fraction, seed, negatives) and cac
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from fedrec.data import Dataset, data_home
-from fedrec.metrics import ranking_metrics
+from fedrec.errors import FedrecError
+from fedrec.metrics import rank_of_positive, summarize, user_auc
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,31 @@ class Split:
         return np.repeat(np.arange(self.n_users), np.diff(self.train_ptr))
 
     def eval_users(self, stage: str) -> np.ndarray:
-        target = self.test if stage == "test" else self.val
+        """Users with a held-out item for `stage` and a non-empty training history."""
+        target = self._target(stage)
         return np.flatnonzero((target >= 0) & (np.diff(self.train_ptr) > 0))
 
     def item_popularity(self) -> np.ndarray:
         return np.bincount(self.train_items, minlength=self.n_items)
+
+    def _target(self, stage: str) -> np.ndarray:
+        if stage not in ("val", "test"):
+            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
+        return self.test if stage == "test" else self.val
+
+    # Cached because training samples negatives every epoch; cached_property writes to
+    # __dict__ directly, so it works on a frozen dataclass.
+    @cached_property
+    def _train_keys(self) -> np.ndarray:
+        return np.sort(self.train_users * self.n_items + self.train_items)
+
+    def in_train(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Broadcast mask: is `items` one of `users`' training items?"""
+        keys = self._train_keys
+        q = np.asarray(users, np.int64) * self.n_items + np.asarray(items, np.int64)
+        if not len(keys):
+            return np.zeros(q.shape, bool)
+        return keys[np.minimum(np.searchsorted(keys, q), len(keys) - 1)] == q
 
 
 def make_split(ds: Dataset, cold_fraction: float, seed: int, eval_negatives: int,
@@ -59,41 +81,55 @@ def make_split(ds: Dataset, cold_fraction: float, seed: int, eval_negatives: int
     path = (data_home(cache_dir) / "splits" /
             f"{ds.name}-{ds.fingerprint()}-c{cold_fraction}-s{seed}-n{eval_negatives}.npz")
     if path.is_file():
-        with np.load(path) as z:
-            return Split(**{f.name: z[f.name] for f in fields(Split) if f.name != "n_items"},
-                         n_items=ds.n_items)
+        cached = _load_cached(path, ds, eval_negatives)
+        if cached is not None:
+            return cached
     split = _compute_split(ds, cold_fraction, seed, eval_negatives)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **{f.name: getattr(split, f.name) for f in fields(Split) if f.name != "n_items"})
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # rename = atomic publish
+    np.savez(tmp, **{name: getattr(split, name) for name in _ARRAYS})
     os.replace(tmp, path)
     return split
+
+
+_ARRAYS = [f.name for f in fields(Split) if f.name != "n_items"]
+
+
+def _load_cached(path: Path, ds: Dataset, k: int) -> Split | None:
+    """The stored split, or None if it is corrupt or stale (then it is recomputed)."""
+    try:
+        with np.load(path) as z:
+            s = Split(n_items=ds.n_items, **{name: z[name] for name in _ARRAYS})
+    except Exception:  # noqa: BLE001 - any unreadable file is simply recomputed
+        return None
+    n_u = ds.n_users
+    ok = (s.train_ptr.shape == (n_u + 1,) and s.val.shape == s.test.shape == (n_u,)
+          and s.cold.shape == (ds.n_items,) and s.train_ptr[-1] == len(s.train_items)
+          and s.val_negatives.shape == s.test_negatives.shape == (n_u, k))
+    return s if ok else None
 
 
 def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Split:
     rng = np.random.default_rng(seed)
     n_u, n_i = ds.n_users, ds.n_items
     cold = np.zeros(n_i, bool)
-    cold[rng.choice(n_i, size=int(round(cold_fraction * n_i)), replace=False)] = True
+    cold[rng.choice(n_i, size=round(cold_fraction * n_i), replace=False)] = True
     ptr = np.searchsorted(ds.users, np.arange(n_u + 1))
-    val, test = np.full(n_u, -1), np.full(n_u, -1)
+    val, test = np.full(n_u, -1, np.int64), np.full(n_u, -1, np.int64)
     train = []
     for u in range(n_u):
-        items = ds.items[ptr[u]:ptr[u + 1]]
+        items = ds.items[ptr[u]:ptr[u + 1]]  # time order (Dataset invariant)
         if len(items) >= 3:
             val[u], test[u], items = items[-2], items[-1], items[:-2]
         train.append(items[~cold[items]])
-    lengths = np.array([len(t) for t in train])
-    train_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    train_ptr = np.concatenate([[0], np.cumsum([len(t) for t in train])]).astype(np.int64)
     train_items = np.concatenate(train).astype(np.int64) if train else np.zeros(0, np.int64)
     negs = {}
     for stage in ("val", "test"):
         out = np.full((n_u, k), -1, np.int64)
-        for u in range(n_u):
-            if test[u] < 0:
-                continue
+        for u in np.flatnonzero(test >= 0):
             seen = np.zeros(n_i, bool)
-            seen[ds.items[ptr[u]:ptr[u + 1]]] = True
+            seen[ds.items[ptr[u]:ptr[u + 1]]] = True  # every interaction, held-out included
             pool = np.flatnonzero(~seen)
             take = min(k, len(pool))
             out[u, :take] = rng.choice(pool, size=take, replace=False)
@@ -104,15 +140,26 @@ def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Spli
 def sample_negatives(split: Split, users: np.ndarray, per_positive: int,
                      rng: np.random.Generator) -> np.ndarray:
     """[len(users), per_positive] warm items outside each user's training items."""
+    users = np.asarray(users, np.int64)
     warm = np.flatnonzero(~split.cold)
-    train_keys = np.sort(split.train_users * split.n_items + split.train_items)
+    if not len(warm):
+        raise FedrecError("data.cold-fraction: every item is cold, so there are no training "
+                          "negatives; lower data.cold-fraction")
     out = warm[rng.integers(0, len(warm), size=(len(users), per_positive))]
-    for _ in range(100):
-        bad = np.isin(users[:, None] * split.n_items + out, train_keys)
+    for _ in range(20):  # rejection sampling: uniform over the allowed items
+        bad = split.in_train(users[:, None], out)
         if not bad.any():
             return out
         out[bad] = warm[rng.integers(0, len(warm), size=int(bad.sum()))]
-    raise ValueError("cannot sample negatives: a user has interacted with every warm item")
+    # Only users who touched nearly every warm item get here: draw from their allowed set.
+    bad = split.in_train(users[:, None], out)
+    for r in np.flatnonzero(bad.any(1)):
+        allowed = np.setdiff1d(warm, split.history(users[r]))
+        if not len(allowed):
+            raise FedrecError(f"user index {users[r]} has interacted with every warm item, "
+                              "so no training negative exists; drop that user from the data")
+        out[r, bad[r]] = rng.choice(allowed, size=int(bad[r].sum()))
+    return out
 
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # users [B] -> scores [B, n_items]
@@ -120,32 +167,42 @@ Scorer = Callable[[np.ndarray], np.ndarray]  # users [B] -> scores [B, n_items]
 
 def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
              chunk: int = 512) -> dict[str, float]:
-    """Sampled, full and cold-start ranking metrics with the DESIGN.md keys."""
+    """Sampled, full and cold-start ranking metrics with the DESIGN.md keys.
+
+    Users are scored `chunk` at a time and only per-user ranks are kept, so memory stays
+    at one [chunk, n_items] block however many users there are. With no eval users every
+    metric is NaN (the keys are still present).
+    """
     users = split.eval_users(stage)
-    target = (split.test if stage == "test" else split.val)
+    target = split._target(stage)
     negatives = split.test_negatives if stage == "test" else split.val_negatives
-    pos, samp, full = [], [], []
+    ranks: dict[str, list] = {"sampled": [], "full": []}
+    aucs: dict[str, list] = {"sampled": [], "full": []}
     for start in range(0, len(users), chunk):
         ub = users[start:start + chunk]
         s = np.asarray(score(ub), dtype=np.float64)
+        if s.shape != (len(ub), split.n_items):
+            raise ValueError(f"scorer returned shape {s.shape}, expected "
+                             f"{(len(ub), split.n_items)} (users x items)")
         rows = np.arange(len(ub))
-        p = s[rows, target[ub]]
+        pos = s[rows, target[ub]]
         neg = negatives[ub]
-        samp.append(np.where(neg >= 0, s[rows[:, None], np.maximum(neg, 0)], -np.inf))
-        f = s.copy()
+        samp = np.where(neg >= 0, s[rows[:, None], np.maximum(neg, 0)], -np.inf)
+        full = s.copy()  # np.asarray may alias the scorer's own array: never write to it
         for r, u in enumerate(ub):
-            f[r, split.history(u)] = -np.inf
-        f[rows, target[ub]] = -np.inf
-        full.append(f)
-        pos.append(p)
-    if not len(users):
-        return {}
-    pos_a, samp_a, full_a = np.concatenate(pos), np.concatenate(samp), np.concatenate(full)
+            full[r, split.history(u)] = -np.inf  # training items are not candidates
+        full[rows, target[ub]] = -np.inf         # the positive is scored separately
+        for name, cand in (("sampled", samp), ("full", full)):
+            ranks[name].append(rank_of_positive(pos, cand))
+            aucs[name].append(user_auc(pos, cand))
+    cat = {n: (np.concatenate(r) if r else np.zeros(0, np.int64)) for n, r in ranks.items()}
+    cat_auc = {n: (np.concatenate(a) if a else np.zeros(0)) for n, a in aucs.items()}
+    out = {**summarize("sampled", cat["sampled"], cat_auc["sampled"], k),
+           **summarize("full", cat["full"], cat_auc["full"], k)}
     cold = split.cold[target[users]]
-    out = {**ranking_metrics("sampled", pos_a, samp_a, k), **ranking_metrics("full", pos_a, full_a, k)}
-    for name, mask in (("cold", cold), ("warm", ~cold)):
-        m = ranking_metrics(name, pos_a[mask], samp_a[mask], k)
+    for name, mask in (("cold", cold), ("warm", ~cold)):  # on the sampled candidates
+        m = summarize(name, cat["sampled"][mask], cat_auc["sampled"][mask], k)
         out[f"{name}/hr@{k}"], out[f"{name}/ndcg@{k}"] = m[f"{name}/hr@{k}"], m[f"{name}/ndcg@{k}"]
         out[f"{name}/users"] = int(mask.sum())
-    out["users"] = int(len(users))
+    out["users"] = len(users)
     return out

@@ -7,6 +7,7 @@ No PLM runs here: item text embeddings E arrive precomputed and frozen.
 import copy
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,15 +36,20 @@ def row_scores(model, E: torch.Tensor, hist: Histories, local: torch.Tensor | No
                seg: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Scores [B, C] of candidate items [B, C] for rows of segments seg [B].
 
-    Column 0 holds the positive, which is left out of that row's history pool.
+    Column 0 holds the positive, which is left out of that row's history pool. Only the
+    items these rows touch go through the adapters (a device never needs the catalog).
     """
-    all_idx = torch.arange(E.shape[0])
-    h, b, a = model.items(E, all_idx)
+    needed = torch.cat([hist.items, items.flatten()]) if model.uses_history else items.flatten()
+    idx, inverse = torch.unique(needed, return_inverse=True)
+    h, b, a = model.items(E[idx], idx)
+    n_hist = len(hist.items) if model.uses_history else 0
+    local_items = inverse[n_hist:].view_as(items)
     pooled = None
     if model.uses_history:
-        pooled = pool_history(h, a, hist.items, hist.seg, hist.n_seg, seg, exclude=items[:, 0])
+        pooled = pool_history(h, a, inverse[:n_hist], hist.seg, hist.n_seg, seg,
+                              exclude=local_items[:, 0])
     hu = model.users(pooled, local[seg] if local is not None else None)
-    return torch.einsum("bd,bcd->bc", hu, h[items]) + b[items]
+    return torch.einsum("bd,bcd->bc", hu, h[local_items]) + b[local_items]
 
 
 def row_loss(scores: torch.Tensor, loss: str) -> torch.Tensor:
@@ -55,16 +61,18 @@ def row_loss(scores: torch.Tensor, loss: str) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(scores, labels)
 
 
-def train_epoch(model, local, opt, E, hist: Histories, split: Split, cfg: Config,
-                rng: np.random.Generator, users_of_seg: np.ndarray) -> float:
-    """One pass over every training interaction of the segments' users; returns mean loss.
+def train_epoch(model, local, opt, E, hist: Histories, cfg: Config, rng: np.random.Generator,
+                negatives: Callable[[np.ndarray], np.ndarray],
+                penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One pass over every training interaction in `hist`; returns the mean loss.
 
-    users_of_seg maps segment -> user index in `split` (identity centrally; [u] on a device).
+    negatives(segments [B]) -> [B, K] sampled negative items for those rows; penalty() is an
+    extra loss term (FedProx's proximal term).
     """
     model.train()
     seg_of_pos = hist.seg.numpy()
     pos_items = hist.items.numpy()
-    negs = sample_negatives(split, users_of_seg[seg_of_pos], cfg.train.negatives, rng)
+    negs = negatives(seg_of_pos)
     order = rng.permutation(len(pos_items))
     total, n = 0.0, 0
     for start in range(0, len(order), cfg.train.batch_size):
@@ -72,11 +80,13 @@ def train_epoch(model, local, opt, E, hist: Histories, split: Split, cfg: Config
         cand = torch.from_numpy(np.concatenate([pos_items[rows, None], negs[rows]], axis=1))
         scores = row_scores(model, E, hist, local, torch.from_numpy(seg_of_pos[rows]), cand)
         loss = row_loss(scores, cfg.train.loss)
+        total += loss.item() * len(rows)
+        n += len(rows)
+        if penalty is not None:
+            loss = loss + penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += loss.item() * len(rows)
-        n += len(rows)
     return total / max(n, 1)
 
 
@@ -114,7 +124,9 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
         local = init_local_users(split.n_users, cfg.model.dim, cfg.model.kind).requires_grad_()
     hist = Histories.from_split(split)
     opt = make_optimizer(model, local, cfg)
-    identity = np.arange(split.n_users)
+
+    def sampler(users: np.ndarray) -> np.ndarray:
+        return sample_negatives(split, users, cfg.train.negatives, rng)
 
     def scorer(users):
         return user_scores(model, E_t, hist, local, users)
@@ -122,7 +134,7 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
     best, best_state, curve, bad = -1.0, None, [], 0
     for epoch in range(1, cfg.central.epochs + 1):
         t0 = time.time()
-        loss = train_epoch(model, local, opt, E_t, hist, split, cfg, rng, identity)
+        loss = train_epoch(model, local, opt, E_t, hist, cfg, rng, sampler)
         val = evaluate(scorer, split, "val")
         curve.append({"epoch": epoch, "loss": loss, "val/sampled/hr@10": val["sampled/hr@10"],
                       "val/sampled/ndcg@10": val["sampled/ndcg@10"], "seconds": time.time() - t0})

@@ -1,0 +1,161 @@
+"""The `fedrec` command. Every user-fixable error is one line on stderr and exit code 2."""
+
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedrec.config import Config, load_config, parse_overrides
+from fedrec.errors import FedrecError
+from fedrec.results import HEADLINE, command_line, fmt, machine, summarize, write_json
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Privacy-preserving federated recommendation with a frozen PLM.")
+data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect datasets.")
+baseline_app = typer.Typer(no_args_is_help=True, help="Non-learned reference points.")
+app.add_typer(data_app, name="data")
+app.add_typer(baseline_app, name="baseline")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", help="TOML file of config overrides")
+RunConfigOpt = typer.Option("", "--run-config", help="overrides, e.g. 'train.lr=0.01 model.dim=32'")
+SeedsOpt = typer.Option("0,1,2", "--seeds", help="comma-separated training seeds")
+JsonOpt = typer.Option(None, "--json", help="write metrics, config and command to this JSON file")
+
+
+def _config(config: Optional[str], run_config: str) -> Config:
+    return load_config(parse_overrides(run_config), config)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FedrecError(f"--seeds: '{text}' is not a comma-separated list of integers") from None
+    if not seeds:
+        raise FedrecError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def _table(title: str, rows: dict[str, dict]) -> None:
+    t = Table(title=title)
+    t.add_column("method")
+    for k in HEADLINE:
+        t.add_column(k, justify="right")
+    for name, summary in rows.items():
+        t.add_row(name, *(fmt(summary.get(k)) for k in HEADLINE))
+    console.print(t)
+
+
+@data_app.command("fetch")
+def data_fetch(name: str = typer.Argument("ml-100k"),
+               cache_dir: str = typer.Option("", help="default $FEDREC_HOME or ~/.cache/fedrec"),
+               source: str = typer.Option("auto", help="auto | recbole | grouplens")):
+    """Fetch a dataset into the user cache (never into the repository)."""
+    from fedrec.data import fetch_ml100k
+
+    if name != "ml-100k":
+        raise FedrecError(f"data fetch: unknown dataset '{name}'; available: ml-100k "
+                          "(for your own data, point data.dataset at a directory)")
+    console.print(f"ml-100k ready in {fetch_ml100k(cache_dir, source)}")
+
+
+@data_app.command("stats")
+def data_stats(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt):
+    """Users, items, interactions and the protocol split of the configured dataset."""
+    from fedrec.pipeline import prepare
+
+    cfg = _config(config, run_config)
+    p = prepare(cfg, with_text=False)
+    s, ds = p.split, p.dataset
+    lengths = np.diff(s.train_ptr)
+    t = Table(title=f"dataset {ds.name}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    for k, v in [("users", ds.n_users), ("items", ds.n_items), ("interactions", len(ds.users)),
+                 ("density", f"{len(ds.users) / (ds.n_users * ds.n_items):.4f}"),
+                 ("train interactions", len(s.train_items)),
+                 ("history length min/median/max",
+                  f"{lengths.min()}/{int(np.median(lengths))}/{lengths.max()}"),
+                 ("evaluated users", len(s.eval_users("test"))),
+                 ("cold items", int(s.cold.sum())),
+                 ("users with a cold test item", int(s.cold[s.test[s.eval_users('test')]].sum())),
+                 ("example item text", ds.item_texts(cfg.data.item_template)[0])]:
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+@baseline_app.command("popularity")
+def baseline_popularity(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
+                        split_seeds: str = typer.Option("0", "--split-seeds",
+                                                        help="protocol split seeds (popularity is deterministic given a split)"),
+                        json_path: Optional[str] = JsonOpt):
+    """Rank items by training popularity (cold items score zero)."""
+    from fedrec.pipeline import prepare
+    from fedrec.protocol import evaluate
+
+    cfg = _config(config, run_config)
+    runs = []
+    for seed in _seeds(split_seeds):
+        c = cfg.override(**{"data.split-seed": seed})
+        split = prepare(c, with_text=False).split
+        pop = split.item_popularity().astype(np.float64)
+        runs.append({"seed": seed, "test": evaluate(lambda u: np.tile(pop, (len(u), 1)), split)})
+    summary = summarize([r["test"] for r in runs])
+    _table("popularity (test)", {"popularity": summary})
+    if json_path:
+        write_json(json_path, {"method": "popularity", "command": command_line(),
+                               "config": cfg.to_flat(), "seed_kind": "data.split-seed",
+                               "runs": runs, "summary": {"best": summary, "final": summary},
+                               "machine": machine()})
+
+
+@app.command("train-central")
+def train_central_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
+                      seeds: str = SeedsOpt, json_path: Optional[str] = JsonOpt,
+                      quiet: bool = typer.Option(False, help="no per-epoch lines")):
+    """Centralized training of the same model on all users' data (the accuracy ceiling)."""
+    from fedrec.pipeline import prepare
+    from fedrec.train import train_central
+
+    cfg = _config(config, run_config)
+    p = prepare(cfg, progress=True, with_text=cfg.model.kind == "text")
+    runs = []
+    for seed in _seeds(seeds):
+        c = cfg.override(**{"train.seed": seed})
+        console.print(f"[bold]centralized {cfg.model.kind}, seed {seed}[/bold]")
+        t0 = time.time()
+        r = train_central(c, p.split, p.item_emb, log=(lambda *_: None) if quiet else console.print)
+        runs.append({"seed": seed, "best": r["best"], "final": r["final"],
+                     "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
+                     "seconds": time.time() - t0, "curve": r["curve"]})
+    summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
+    name = f"central-{cfg.model.kind}" + ("+id" if cfg.model.id_embeddings else "")
+    _table(f"{name} (test at best-validation epoch)", {name: summary["best"]})
+    if json_path:
+        write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
+                               "seed_kind": "train.seed", "runs": runs, "summary": summary,
+                               "machine": machine()})
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FedrecError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,179 @@
+"""What a device does in a federated round, independent of Flower.
+
+A device holds one user's history (private), the public catalog embeddings, and its
+user-local parameters. `local_update` trains the federated parameters from the global
+ones and returns only those; `local_evaluate` scores the device's own held-out item.
+The Flower handlers in clients/ are thin wrappers around these two functions.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fedrec.config import Config
+from fedrec.metrics import rank_of_positive
+from fedrec.model import build_model, init_local_users, uses_local_user
+from fedrec.protocol import Split
+from fedrec.train import Histories, make_optimizer, row_scores, train_epoch, user_scores
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One user's private data plus the public catalog facts a device may know."""
+
+    history: np.ndarray          # int64 [L] training items, time order
+    val: int                     # held-out items (-1 = none)
+    test: int
+    val_negatives: np.ndarray    # int64 [K] sampled-ranking candidates (-1 = padding)
+    test_negatives: np.ndarray
+    warm: np.ndarray             # bool [n_items]: in the catalog at training time
+    test_is_cold: bool
+
+    @classmethod
+    def from_split(cls, split: Split, u: int) -> "ClientData":
+        test = int(split.test[u])
+        return cls(split.history(u).copy(), int(split.val[u]), test, split.val_negatives[u],
+                   split.test_negatives[u], ~split.cold, bool(test >= 0 and split.cold[test]))
+
+    @property
+    def n_items(self) -> int:
+        return len(self.warm)
+
+
+def _histories(data: ClientData) -> Histories:
+    h = torch.from_numpy(data.history.astype(np.int64))
+    return Histories(h, torch.zeros(len(h), dtype=torch.long), 1)
+
+
+def sample_client_negatives(data: ClientData, rows: int, k: int, rng: np.random.Generator):
+    """[rows, k] warm items outside the device's own training items (leak-free)."""
+    allowed = data.warm.copy()
+    allowed[data.history] = False
+    pool = np.flatnonzero(allowed)
+    return pool[rng.integers(0, len(pool), size=(rows, k))]
+
+
+def _model_and_local(cfg: Config, E: torch.Tensor, data: ClientData, arrays: dict,
+                     local_state: dict | None, seed: int):
+    model = build_model(cfg, E.shape[1], data.n_items)
+    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in arrays.items()})
+    local = None
+    if uses_local_user(cfg):
+        if local_state and "user" in local_state:
+            local = torch.as_tensor(local_state["user"], dtype=torch.float32).reshape(1, -1).clone()
+        else:
+            g = torch.Generator().manual_seed(seed)
+            local = init_local_users(1, cfg.model.dim, cfg.model.kind, g)
+        local.requires_grad_(True)
+    return model, local
+
+
+def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
+                 local_state: dict | None, seed: int, proximal_mu: float = 0.0):
+    """Train from the global federated parameters; return (new federated params,
+    new local state, metrics). Only the federated parameters are meant to leave."""
+    E_t = torch.from_numpy(E)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model, local = _model_and_local(cfg, E_t, data, arrays, local_state, seed)
+    hist = _histories(data)
+    opt = make_optimizer(model, local, cfg)
+    penalty = None
+    if proximal_mu > 0:
+        start = [p.detach().clone() for p in model.parameters()]
+
+        def penalty():
+            return 0.5 * proximal_mu * sum(((p - s) ** 2).sum()
+                                           for p, s in zip(model.parameters(), start))
+    losses = [train_epoch(model, local, opt, E_t, hist, cfg, rng,
+                          lambda segs: sample_client_negatives(data, len(segs),
+                                                               cfg.train.negatives, rng),
+                          penalty)
+              for _ in range(cfg.train.local_epochs)]
+    new_local = {} if local is None else {"user": local.detach().reshape(-1).numpy().copy()}
+    params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return params, new_local, {"train-loss": float(losses[-1]), "num-examples": len(data.history)}
+
+
+def local_evaluate(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
+                   local_state: dict | None, seed: int, k: int = 10) -> dict[str, float]:
+    """The device ranks its own held-out items (val and test): sampled and full ranking.
+
+    Returns per-user hits/gains; the server averages them over devices (num-examples = 1).
+    """
+    E_t = torch.from_numpy(E)
+    model, local = _model_and_local(cfg, E_t, data, arrays, local_state, seed)
+    if local is not None:
+        local = local.detach()
+    keys = [f"{p}{n}/{m}@{k}" for p in ("", "val/") for n in ("sampled", "full")
+            for m in ("hr", "ndcg")] + [f"{g}/{m}" for g in ("cold", "warm")
+                                        for m in ("users", f"hr@{k}", f"ndcg@{k}")]
+    if data.test < 0 or data.val < 0 or len(data.history) == 0:
+        return {"num-examples": 0, **dict.fromkeys(keys, 0.0)}  # same keys in every reply
+    scores = user_scores(model, E_t, _histories(data), local, np.zeros(1, np.int64))[0]
+    out: dict[str, float] = {"num-examples": 1}
+    for stage, target, negs in (("val", data.val, data.val_negatives),
+                                ("test", data.test, data.test_negatives)):
+        pos = scores[[target]]
+        samp = np.where(negs >= 0, scores[np.maximum(negs, 0)], -np.inf)[None]
+        full = scores.copy()
+        full[data.history] = -np.inf
+        full[target] = -np.inf
+        prefix = "" if stage == "test" else "val/"
+        for name, cand in (("sampled", samp), ("full", full[None])):
+            r = int(rank_of_positive(pos, cand)[0])
+            out[f"{prefix}{name}/hr@{k}"] = float(r < k)
+            out[f"{prefix}{name}/ndcg@{k}"] = float(1.0 / np.log2(r + 2.0)) if r < k else 0.0
+    cold = float(data.test_is_cold)
+    out["cold/users"], out["warm/users"] = cold, 1.0 - cold
+    for group, flag in (("cold", cold), ("warm", 1.0 - cold)):
+        out[f"{group}/hr@{k}"] = flag * out[f"sampled/hr@{k}"]
+        out[f"{group}/ndcg@{k}"] = flag * out[f"sampled/ndcg@{k}"]
+    return out
+
+
+def aggregate_client_metrics(records: list[dict[str, float]], k: int = 10) -> dict[str, float]:
+    """Mean over evaluated devices; cold/warm metrics are means over their own groups."""
+    records = [r for r in records if r.get("num-examples", 0) > 0]
+    if not records:
+        return {}
+    keys = [key for key in records[0] if key != "num-examples"]
+    sums = {key: float(sum(r[key] for r in records)) for key in keys}
+    n = len(records)
+    out = {key: v / n for key, v in sums.items() if not key.startswith(("cold/", "warm/"))}
+    for group in ("cold", "warm"):
+        users = sums.get(f"{group}/users", 0.0)
+        for m in (f"hr@{k}", f"ndcg@{k}"):
+            out[f"{group}/{m}"] = sums[f"{group}/{m}"] / users if users else float("nan")
+        out[f"{group}/users"] = users
+    out["users"] = float(n)
+    return out
+
+
+@lru_cache(maxsize=2)
+def _population(flat: tuple) -> tuple[Config, Split, np.ndarray]:
+    """Catalog embeddings and the protocol split, loaded once per process (Ray actor)."""
+    from fedrec.pipeline import prepare
+
+    # One thread per client process: the simulation runs one actor per core, and torch's
+    # default thread pool oversubscribes the cores (measured ~40x slower client updates).
+    torch.set_num_threads(1)
+    cfg = Config.from_flat(dict(flat))
+    p = prepare(cfg, with_text=cfg.model.kind == "text")
+    return cfg, p.split, p.item_emb
+
+
+def load_simulated_client(run_config: dict, partition_id: int):
+    """(config, catalog embeddings, ClientData) for virtual SuperNode `partition_id`
+    (= user index: one virtual client per user)."""
+    cfg, split, E = _population(tuple(sorted(run_config.items())))
+    if not 0 <= partition_id < split.n_users:
+        raise ValueError(f"partition-id {partition_id} outside 0..{split.n_users - 1}; "
+                         "run with num-supernodes equal to the number of users")
+    return cfg, E, ClientData.from_split(split, partition_id)
+
+
+def client_seed(cfg: Config, user: int, server_round: int) -> int:
+    return int(np.random.SeedSequence([cfg.train.seed, user, server_round]).generate_state(1)[0])

@@ -1,0 +1,54 @@
+"""Result files: every number in README comes from one of these JSON files.
+
+A result file holds the command that produced it, the config, per-seed metrics and their
+mean ± std, and the machine it ran on. Writes are atomic (temp file, then rename).
+"""
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HEADLINE = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{key: {"mean", "std"}} over seeds (population std, ddof=0; NaN-free keys only)."""
+    keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], (int, float))]
+    out = {}
+    for k in keys:
+        vals = np.array([r[k] for r in per_seed], dtype=float)
+        out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def command_line() -> str:
+    return " ".join(["fedrec", *sys.argv[1:]]) if sys.argv[0].endswith("fedrec") else " ".join(sys.argv)
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=False, default=float)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def fmt(stat: dict[str, float] | None) -> str:
+    if not stat or stat["mean"] != stat["mean"]:  # NaN: no users in that group
+        return "n/a"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"

@@ -1,0 +1,147 @@
+"""A federated run's directory: config, per-round metrics, checkpoints, final parameters.
+
+Layout (every file written to a temp name, then renamed):
+  run_config.json          the flat config of the run
+  results.json             per-round records + summary (status "running" -> "completed")
+  metrics.csv              one row per round
+  checkpoints/round-NNNN.safetensors, final.safetensors   federated parameters only
+"""
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord
+from safetensors.numpy import save_file
+
+from fedrec.config import Config
+from fedrec.data import data_home
+from fedrec.model import build_model
+from fedrec.pipeline import prepare
+from fedrec.protocol import evaluate
+from fedrec.results import write_json
+from fedrec.train import Histories, user_scores
+
+SELECT = "val/sampled/hr@10"  # model selection: validation only
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return data_home(cfg.data.cache_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}"
+
+
+class FederatedRun:
+    def __init__(self, cfg: Config, log=print):
+        self.cfg, self.log = cfg, log
+        self.dir = Path(cfg.fed.run_dir).expanduser() if cfg.fed.run_dir else default_run_dir(cfg)
+        (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "run_config.json", cfg.to_flat())
+        # Encode the catalog once here, before any client asks for it.
+        self.prepared = prepare(cfg, with_text=cfg.model.kind == "text")
+        self.rounds: dict[int, dict] = {}
+        self.t0 = time.time()
+
+    @property
+    def n_users(self) -> int:
+        return self.prepared.split.n_users
+
+    def initial_arrays(self) -> ArrayRecord:
+        torch.manual_seed(self.cfg.train.seed)
+        model = build_model(self.cfg, self.prepared.item_emb.shape[1], self.prepared.split.n_items)
+        return _to_record({k: v.numpy() for k, v in model.state_dict().items()})
+
+    def is_eval_round(self, rnd: int) -> bool:
+        return rnd == self.cfg.fed.num_rounds or rnd % self.cfg.fed.eval_every == 0
+
+    def record(self, rnd: int, key: str, metrics: dict) -> None:
+        self.rounds.setdefault(rnd, {"round": rnd})[key] = {k: float(v) for k, v in metrics.items()}
+
+    def on_train(self, rnd: int, arrays: ArrayRecord | None, replies: int, failures: int,
+                 metrics: dict | None) -> None:
+        self.record(rnd, "train", {**(metrics or {}), "clients": replies, "failures": failures})
+        if arrays is not None:
+            _save(self.dir / "checkpoints" / f"round-{rnd:04d}.safetensors", arrays)
+
+    def server_evaluate(self, rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Global-model metrics on all users (simulation only: the server holds the split).
+
+        User vectors come from each history through the federated user tower; user-local
+        residuals live on the devices, so they are absent here (see federated metrics).
+        """
+        out = None
+        if self.cfg.model.kind == "text" and (rnd == 0 or self.is_eval_round(rnd)):
+            model = build_model(self.cfg, self.prepared.item_emb.shape[1], self.prepared.split.n_items)
+            model.load_state_dict({k: torch.as_tensor(a.numpy(), dtype=torch.float32)
+                                   for k, a in arrays.items()})
+            split, E = self.prepared.split, torch.from_numpy(self.prepared.item_emb)
+            hist = Histories.from_split(split)
+            m = evaluate(lambda u: user_scores(model, E, hist, None, u), split, "test")
+            self.record(rnd, "server", m)
+            out = MetricRecord({k: float(v) for k, v in m.items()})
+        self._log_round(rnd)
+        self.flush("running")
+        return out
+
+    def _log_round(self, rnd: int) -> None:
+        r = self.rounds.get(rnd, {})
+        parts = [f"round {rnd:4d}", f"{time.time() - self.t0:7.1f}s"]
+        if "train" in r:
+            t = r["train"]
+            parts.append(f"clients {int(t['clients'])} (failed {int(t['failures'])}) "
+                         f"loss {t.get('train-loss', float('nan')):.4f}")
+        for key, label in (("federated", "fed"), ("server", "server")):
+            if key in r:
+                parts.append(f"{label} HR@10 {r[key]['sampled/hr@10']:.4f} "
+                             f"NDCG@10 {r[key]['sampled/ndcg@10']:.4f}")
+        self.log("  ".join(parts))
+
+    def summary(self) -> dict:
+        evals = [r for r in self.rounds.values() if "federated" in r]
+        if not evals:
+            return {}
+        best = max(evals, key=lambda r: (r["federated"].get(SELECT, -1.0), -r["round"]))
+        final = max(evals, key=lambda r: r["round"])
+        pick = lambda r: {k: v for k, v in r["federated"].items() if not k.startswith("val/")}
+        return {"best_round": best["round"], "best": pick(best), "final_round": final["round"],
+                "final": pick(final)}
+
+    def flush(self, status: str) -> None:
+        rows = [self.rounds[k] for k in sorted(self.rounds)]
+        write_json(self.dir / "results.json", {"status": status, "config": self.cfg.to_flat(),
+                                               "seconds": time.time() - self.t0,
+                                               "rounds": rows, "summary": self.summary()})
+        flat = [{"round": r["round"], **{f"{sec}/{k}": v for sec in ("train", "federated", "server")
+                                          for k, v in r.get(sec, {}).items()}} for r in rows]
+        cols = sorted({c for row in flat for c in row}, key=lambda c: (c != "round", c))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows(flat)
+        tmp = self.dir / ".metrics.csv.tmp"
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, self.dir / "metrics.csv")
+
+    def finish(self, arrays: ArrayRecord) -> None:
+        if len(arrays):
+            _save(self.dir / "final.safetensors", arrays)
+        self.flush("completed")
+        self.log(f"run directory: {self.dir}")
+
+
+def _to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def _save(path: Path, arrays: ArrayRecord) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: np.ascontiguousarray(a.numpy(), dtype=np.float32) for k, a in arrays.items()},
+              str(tmp))
+    os.replace(tmp, path)
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,192 @@
+"""The DESIGN.md evaluation protocol: split, negatives, and exact metric values."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedrec import protocol
+from fedrec.data import Dataset
+from fedrec.errors import FedrecError
+from fedrec.protocol import Split, evaluate, make_split, sample_negatives
+
+KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+
+
+@pytest.fixture(autouse=True)
+def fedrec_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    return tmp_path
+
+
+def dataset(rows, n_items, name="toy"):
+    """Dataset from (user, item, time) rows, in the readers' order (user, time)."""
+    rows = sorted(rows, key=lambda r: (r[0], r[2], r[1]))
+    u, i, t = (np.array(c) for c in zip(*rows))
+    n_users = int(u.max()) + 1
+    return Dataset(name, [str(x) for x in range(n_users)], [str(x) for x in range(n_items)],
+                   [{"title": f"item {x}"} for x in range(n_items)],
+                   u.astype(np.int64), i.astype(np.int64), t.astype(np.float64))
+
+
+TOY = dataset([(0, 5, 30), (0, 1, 10), (0, 7, 40), (0, 3, 20),   # times out of file order
+               (1, 2, 1), (1, 4, 2),                              # 2 interactions
+               (2, 0, 5), (2, 6, 6), (2, 8, 7)], n_items=10)
+
+
+def test_leave_one_out_by_time():
+    s = make_split(TOY, 0.0, 0, 3)
+    assert s.history(0).tolist() == [1, 3] and (s.val[0], s.test[0]) == (5, 7)
+    assert s.history(1).tolist() == [2, 4] and (s.val[1], s.test[1]) == (-1, -1)
+    assert s.history(2).tolist() == [0] and (s.val[2], s.test[2]) == (6, 8)
+    assert s.eval_users("test").tolist() == [0, 2] == s.eval_users("val").tolist()
+    assert s.train_users.tolist() == [0, 0, 1, 1, 2]
+
+
+def test_cold_items_have_no_training_interactions_and_are_never_negatives():
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), t) for u in range(30)
+            for t, i in enumerate(rng.choice(40, size=8, replace=False))]
+    s = make_split(dataset(rows, 40), 0.25, 1, 5)
+    assert s.cold.sum() == 10
+    assert not s.cold[s.train_items].any()
+    negs = sample_negatives(s, np.repeat(np.arange(30), 50), 4, np.random.default_rng(1))
+    assert not s.cold[negs].any()
+    assert not s.in_train(np.repeat(np.arange(30), 50)[:, None], negs).any()
+
+
+def test_training_negatives_may_be_the_users_future_items():
+    # User 0 trains on {0, 1}; val = 2, test = 3; the warm items outside training are
+    # {2, 3, 4}. A leak-free sampler must draw 2 and 3 (a device does not know its future);
+    # one that excluded them would only ever return 4.
+    s = make_split(dataset([(0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 3, 4)], 5), 0.0, 0, 1)
+    negs = sample_negatives(s, np.zeros(300, np.int64), 1, np.random.default_rng(0)).ravel()
+    assert set(negs.tolist()) == {2, 3, 4}
+
+
+def test_sampling_falls_back_when_almost_every_item_is_in_training():
+    rows = [(0, i, i) for i in range(200)] + [(1, 0, 0)]
+    s = make_split(dataset(rows, 201), 0.0, 0, 1)  # user 0 trains on 198 of 201 items
+    negs = sample_negatives(s, np.zeros(50, np.int64), 3, np.random.default_rng(0))
+    assert set(negs.ravel().tolist()) <= {198, 199, 200}
+    full = make_split(dataset([(0, 0, 0), (0, 1, 1)], 2), 0.0, 0, 1)
+    with pytest.raises(FedrecError, match="every warm item"):
+        sample_negatives(full, np.array([0]), 1, np.random.default_rng(0))
+
+
+def test_eval_negatives_are_unseen_fixed_and_cached(fedrec_home, monkeypatch):
+    rng = np.random.default_rng(3)
+    rows = [(u, int(i), t) for u in range(20)
+            for t, i in enumerate(rng.choice(60, size=10, replace=False))]
+    ds = dataset(rows, 60)
+    first = make_split(ds, 0.1, 7, 20)
+    for u in range(ds.n_users):
+        seen = set(ds.items[ds.users == u].tolist())
+        for negs in (first.val_negatives[u], first.test_negatives[u]):
+            assert len(set(negs.tolist())) == 20 and not seen & set(negs.tolist())
+    files = list((fedrec_home / "splits").glob("toy-*.npz"))
+    assert len(files) == 1 and not list((fedrec_home / "splits").glob(".*"))
+    before = files[0].read_bytes()
+    monkeypatch.setattr(protocol, "_compute_split", lambda *a: pytest.fail("not cached"))
+    second = make_split(ds, 0.1, 7, 20)
+    assert files[0].read_bytes() == before
+    for name in ("train_ptr", "train_items", "val", "test", "cold", "val_negatives",
+                 "test_negatives"):
+        assert np.array_equal(getattr(first, name), getattr(second, name)), name
+    monkeypatch.undo()
+    fresh = make_split(ds, 0.1, 7, 20, cache_dir=str(fedrec_home / "elsewhere"))
+    assert np.array_equal(fresh.test_negatives, first.test_negatives)  # seeded, not luck
+
+
+def test_corrupt_split_cache_is_recomputed(fedrec_home):
+    good = make_split(TOY, 0.0, 0, 3)
+    (path,) = (fedrec_home / "splits").glob("*.npz")
+    path.write_bytes(b"not a zip")
+    again = make_split(TOY, 0.0, 0, 3)
+    assert np.array_equal(again.test_negatives, good.test_negatives)
+
+
+def hand_split() -> Split:
+    """12 items; user 0 warm test item, user 1 cold test item, user 2 train only."""
+    k = 4
+    return Split(
+        n_items=12,
+        train_ptr=np.array([0, 2, 3, 4]), train_items=np.array([0, 1, 4, 7]),
+        val=np.array([2, 5, -1]), test=np.array([3, 11, -1]),
+        cold=np.isin(np.arange(12), [11]),
+        val_negatives=np.array([[7, 8, 9, 10], [6, 7, 8, 9], [-1] * k]),
+        test_negatives=np.array([[4, 5, 6, -1], [0, 1, 2, 3], [-1] * k]))
+
+
+SCORES = np.array([
+    [9, 8, 0.5, 5, 6, 1, 2, 3, 4, 7, 0, 0.1],  # user 0: test item 3 scores 5
+    [3, 3, 3, 3, 10, 0, 0, 0, 0, 0, 0, 3],     # user 1: test item 11 ties its negatives
+    [0] * 12], dtype=np.float64)
+
+
+def scorer(asked):
+    def score(users):
+        asked.extend(users.tolist())
+        return SCORES[users]
+    return score
+
+
+@pytest.mark.parametrize("chunk", [1, 512])
+def test_evaluate_exact_values(chunk):
+    asked = []
+    m = evaluate(scorer(asked), hand_split(), "test", chunk=chunk)
+    assert sorted(asked) == [0, 1]  # the train-only user is never evaluated
+    # sampled ranks: user 0 -> 1 (item 4 above; -1 padding ignored), user 1 -> 4 (ties)
+    # full ranks: user 0 -> 2 (items 4, 9; its training items 0, 1 scoring 9, 8 are
+    # excluded), user 1 -> 4 (items 0-3 tie; training item 4 at 10 excluded)
+    assert m["sampled/hr@10"] == 1.0
+    assert m["sampled/ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(6)) / 2)
+    assert m["sampled/mrr"] == pytest.approx((1 / 2 + 1 / 5) / 2)
+    assert m["sampled/auc"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert m["full/hr@10"] == 1.0
+    assert m["full/ndcg@10"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(6)) / 2)
+    assert m["cold/hr@10"] == 1.0 and m["cold/users"] == 1
+    assert m["cold/ndcg@10"] == pytest.approx(1 / math.log2(6))
+    assert m["warm/ndcg@10"] == pytest.approx(1 / math.log2(3)) and m["warm/users"] == 1
+    assert m["users"] == 2 and all(key in m for key in KEYS)
+    m2 = evaluate(scorer([]), hand_split(), "test", k=2, chunk=chunk)
+    assert (m2["sampled/hr@2"], m2["full/hr@2"], m2["cold/hr@2"], m2["warm/hr@2"]) == \
+        (0.5, 0.0, 0.0, 1.0)
+
+
+def test_evaluate_val_stage_and_no_users():
+    m = evaluate(scorer([]), hand_split(), "val")
+    # user 0: val item 2 (0.5) vs 7, 8, 9, 10 (3, 4, 7, 0) -> rank 3; user 1: 0 vs zeros -> 4
+    assert m["sampled/mrr"] == pytest.approx((1 / 4 + 1 / 5) / 2)
+    empty = evaluate(lambda u: np.zeros((len(u), 10)), make_split(
+        dataset([(0, 0, 0), (0, 1, 1)], 10), 0.0, 0, 3))
+    assert all(math.isnan(empty[key]) for key in KEYS) and empty["users"] == 0
+
+
+def test_evaluate_rejects_wrong_score_shape():
+    with pytest.raises(ValueError, match="shape"):
+        evaluate(lambda u: np.zeros((len(u), 5)), hand_split())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 14), st.integers(0, 5)),
+                min_size=1, max_size=60),
+       st.sampled_from([0.0, 0.2, 0.5]), st.integers(0, 3))
+def test_split_invariants(rows, cold_fraction, seed):
+    rows = list({(u, i): (u, i, t) for u, i, t in rows}.values())  # readers dedupe pairs
+    ds = dataset(rows, 15)
+    s = protocol._compute_split(ds, cold_fraction, seed, 5)
+    assert not s.cold[s.train_items].any()
+    for u in range(ds.n_users):
+        mine = ds.items[ds.users == u]
+        held = [x for x in (s.val[u], s.test[u]) if x >= 0]
+        assert len(held) == (2 if len(mine) >= 3 else 0)
+        assert set(s.history(u).tolist()) | set(held) <= set(mine.tolist())
+        for negs in (s.val_negatives[u], s.test_negatives[u]):
+            assert not set(negs[negs >= 0].tolist()) & set(mine.tolist())
+    users = np.arange(ds.n_users)
+    if (~s.cold).sum() > max(np.diff(s.train_ptr), default=0):
+        negs = sample_negatives(s, users, 3, np.random.default_rng(seed))
+        assert not s.cold[negs].any() and not s.in_train(users[:, None], negs).any()
