@@ -143,6 +143,71 @@ def train_central_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunCo
                                "machine": machine()})
 
 
+def _run_inprocess(cfg: Config, run_dir, log) -> dict:
+    """The same ServerApp and ClientApp, Ray-free: real Messages through an in-process Grid."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    import clients.app
+    import server.app
+    from fedrec.inprocess import InProcessGrid
+    from fedrec.pipeline import prepare
+
+    flat = cfg.override(**{"fed.run-dir": str(run_dir)}).to_flat()
+    grid = InProcessGrid(clients.app.app, flat, prepare(cfg, with_text=False).split.n_users)
+    server.app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=flat))
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@app.command("simulate")
+def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
+                 seeds: str = SeedsOpt, json_path: Optional[str] = JsonOpt,
+                 runs_dir: Optional[str] = typer.Option(None, "--runs-dir",
+                                                        help="parent of the per-seed run directories"),
+                 engine: str = typer.Option("flower", help="flower (flwr run, one virtual SuperNode "
+                                            "per user) | inprocess (Ray-free, same apps)")):
+    """Federated simulation of the whole user population on this machine."""
+    from pathlib import Path
+
+    from fedrec.data import data_home
+    from fedrec.pipeline import prepare
+    from fedrec.simulate import run_simulation
+
+    if engine not in ("flower", "inprocess"):
+        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    cfg = _config(config, run_config)
+    prepare(cfg, progress=True, with_text=cfg.model.kind == "text")  # encode once, up front
+    base = Path(runs_dir or cfg.fed.run_dir or data_home(cfg.data.cache_dir) / "runs" /
+                f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}").expanduser().resolve()
+    runs = []
+    for seed in _seeds(seeds):
+        c = cfg.override(**{"train.seed": seed})
+        run_dir = base / f"seed-{seed}"
+        console.print(f"[bold]federated {cfg.model.kind} ({cfg.fed.strategy}), seed {seed}[/bold]"
+                      f" -> {run_dir}")
+        t0 = time.time()
+        if engine == "flower":
+            res = run_simulation(c, run_dir=run_dir, log=console.print)
+        else:
+            res = _run_inprocess(c, run_dir, console.print)
+        summ = res["summary"]
+        if not summ:
+            raise FedrecError(f"{run_dir}/results.json: no evaluated round; set fed.eval-every "
+                              "<= fed.num-rounds")
+        runs.append({"seed": seed, "best": summ["best"], "final": summ["final"],
+                     "best_round": summ["best_round"], "run_dir": str(run_dir),
+                     "seconds": time.time() - t0})
+    summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
+    name = f"fed-{cfg.model.kind}" + ("+id" if cfg.model.id_embeddings else "") + f" ({cfg.fed.strategy})"
+    _table(f"{name} (test at best-validation round)", {name: summary["best"]})
+    if json_path:
+        write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
+                               "seed_kind": "train.seed", "runs": runs, "summary": summary,
+                               "machine": machine()})
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -18,13 +18,25 @@ from torch import nn
 
 
 class Adapter(nn.Module):
-    """MLP with a linear skip: in_dim -> out_dim."""
+    """MLP with a linear skip: in_dim -> out_dim, initialised near the skip path.
+
+    The MLP's last layer starts at zero and the skip is an orthogonal map (the identity
+    when in_dim == out_dim), as adapters usually are: the untrained model already scores
+    by text similarity between an item and the user's history, so federated training
+    starts from a useful content model instead of noise.
+    """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, out_dim))
         self.skip = nn.Linear(in_dim, out_dim, bias=False)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        if in_dim == out_dim:
+            nn.init.eye_(self.skip.weight)
+        else:
+            nn.init.orthogonal_(self.skip.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x) + self.skip(x)
@@ -45,6 +57,8 @@ class TextRec(nn.Module):
         super().__init__()
         self.item_adapter = Adapter(text_dim, hidden, dim, dropout)
         self.item_bias = nn.Linear(text_dim, 1)  # its bias is the global b of the score
+        nn.init.zeros_(self.item_bias.weight)
+        nn.init.zeros_(self.item_bias.bias)
         self.attention = (nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
                           if pooling == "attention" else None)
         self.user_adapter = Adapter(dim, hidden, dim, dropout)
