@@ -1,6 +1,7 @@
 """The `fedrec` command. Every user-fixable error is one line on stderr and exit code 2."""
 
 import sys
+from pathlib import Path
 import time
 from typing import Optional
 
@@ -19,6 +20,10 @@ data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect datasets.")
 baseline_app = typer.Typer(no_args_is_help=True, help="Non-learned reference points.")
 app.add_typer(data_app, name="data")
 app.add_typer(baseline_app, name="baseline")
+certs_app = typer.Typer(no_args_is_help=True, help="TLS and SuperNode-auth credentials.")
+device_app = typer.Typer(no_args_is_help=True, help="Set up a device (SuperNode) directory.")
+app.add_typer(certs_app, name="certs")
+app.add_typer(device_app, name="device")
 console = Console()
 err = Console(stderr=True)
 
@@ -109,7 +114,8 @@ def baseline_popularity(config: Optional[str] = ConfigOpt, run_config: str = Run
     summary = summarize([r["test"] for r in runs])
     _table("popularity (test)", {"popularity": summary})
     if json_path:
-        write_json(json_path, {"method": "popularity", "command": command_line(),
+        name = "popularity" + ("" if cfg.data.cold_fraction else " (no cold items)")
+        write_json(json_path, {"method": name, "command": command_line(),
                                "config": cfg.to_flat(), "seed_kind": "data.split-seed",
                                "runs": runs, "summary": {"best": summary, "final": summary},
                                "machine": machine()})
@@ -206,6 +212,110 @@ def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigO
         write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
                                "seed_kind": "train.seed", "runs": runs, "summary": summary,
                                "machine": machine()})
+
+
+@certs_app.command("create")
+def certs_create(out: str = typer.Option(..., "--out", help="directory for the credentials "
+                                         "(outside the repository; never commit it)"),
+                 hosts: str = typer.Option(..., "--hosts", help="comma-separated names/IPs the "
+                                           "SuperNodes use to reach the SuperLink"),
+                 nodes: int = typer.Option(..., "--nodes", help="SuperNode key pairs to create"),
+                 days: int = typer.Option(365, "--days", help="certificate validity"),
+                 force: bool = typer.Option(False, "--force", help="replace existing credentials")):
+    """CA, SuperLink certificate (SANs: --hosts plus 127.0.0.1, localhost), SuperNode keys."""
+    import shlex
+
+    from fedrec.deploy import (CONNECTION, SUPERLINK_PORT, connection_toml, superlink_args,
+                               supernode_args)
+    from fedrec.transport import check_node_key, check_server_credentials, create_credentials
+
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not names:
+        raise FedrecError("--hosts: give at least one name or IP, e.g. --hosts 10.0.0.5")
+    creds = create_credentials(Path(out), names, nodes, days=days, force=force)
+    check_server_credentials(creds.ca_cert, creds.server_cert, creds.server_key, names)
+    for key in creds.node_keys:
+        check_node_key(key)
+    t = Table(title=f"credentials in {creds.ca_cert.parent}")
+    t.add_column("file")
+    t.add_column("goes to")
+    t.add_row("ca.crt", "every SuperNode (--root-certificates) and the flwr CLI connection")
+    t.add_row("server.crt, server.key", "the SuperLink only (key: mode 0600)")
+    t.add_row("ca.key", "nowhere: keep offline, it signs server certificates")
+    for i, (key, pub) in enumerate(zip(creds.node_keys, creds.node_pubs)):
+        t.add_row(f"supernodes/{key.name}, {pub.name}",
+                  f"device {i} (private key) / `flwr supernode register` (.pub)")
+    console.print(t)
+
+    def show(args):  # one copy-pasteable line; --node-config keeps its inner quotes
+        return " ".join(f'"{a}"' if "'" in a and not set('"$`\\') & set(a) else shlex.quote(a)
+                        for a in [Path(args[0]).name, *args[1:]])
+
+    def say(text):
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    addr = f"{names[0]}:{SUPERLINK_PORT}"
+    pub0 = shlex.quote(str(creds.node_pubs[0])) if nodes else "KEY.pub"
+    say("next:\n1. on the SuperLink machine:\n   " + show(superlink_args(
+        creds.ca_cert.parent, port=SUPERLINK_PORT, database=Path("state.db"))))
+    say(f"2. add to $FLWR_HOME/config.toml of the flwr CLI:\n"
+        f"{connection_toml(addr, creds.ca_cert)}   then, per device:  "
+        f"flwr supernode register {pub0} {CONNECTION}")
+    say("3. on each device (its own key and data directory):\n   " + show(supernode_args(
+        addr, Path("ca.crt"), Path("node-0" if not nodes else creds.node_keys[0].name), 9094,
+        {"data-dir": "/path/to/device"})))
+    say(f"4. flwr run . {CONNECTION} --run-config simulations/deploy/deploy.toml --stream")
+
+
+@device_app.command("prepare")
+def device_prepare(out: str = typer.Option(..., "--out", help="device directory to write"),
+                   user: str = typer.Option(..., "--user", help="user id in data.dataset"),
+                   config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
+                   encode: bool = typer.Option(True, help="also cache the catalog embeddings")):
+    """A device directory for one user of a dataset: history.csv, items.csv, cache/."""
+    from fedrec.data import load_dataset
+    from fedrec.device import CACHE_DIR, Catalog, item_embeddings, write_device_dir
+
+    cfg = _config(config, run_config)
+    ds = load_dataset(cfg.data.dataset, cfg.data.cache_dir)
+    if user not in ds.user_ids:
+        raise FedrecError(f"--user: '{user}' is not a user of {ds.name} (ids such as "
+                          f"{', '.join(ds.user_ids[:3])})")
+    mask = ds.users == ds.user_ids.index(user)
+    cat = Catalog(ds.item_ids, ds.item_fields, np.zeros(ds.n_items, bool), ds.source)
+    dev = write_device_dir(Path(out), cat, [ds.item_ids[i] for i in ds.items[mask]],
+                           ds.times[mask].tolist())
+    if encode:
+        item_embeddings(cfg, cat, dev / CACHE_DIR, progress=True)
+    console.print(f"device {dev}: {int(mask.sum())} interactions, {ds.n_items} catalog items; "
+                  f"start its SuperNode with --node-config \"data-dir='{dev.resolve()}'\"",
+                  highlight=False)
+
+
+@app.command("recommend")
+def recommend_cmd(history: str = typer.Option(..., "--history", help="the user's history "
+                                              "file (item,timestamp)"),
+                  model: str = typer.Option(..., "--model", help="run directory with "
+                                            "final.safetensors and run_config.json"),
+                  k: int = typer.Option(10, "-k", "--top-k", help="how many items"),
+                  catalog: Optional[str] = typer.Option(None, "--catalog", help="catalog file "
+                                                        "or directory (default: beside the "
+                                                        "history, else the run's dataset)"),
+                  model_dir: str = typer.Option("", "--model-dir", help="PLM directory "
+                                                "(default: the run's encoder.model-dir)"),
+                  cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="embedding "
+                                                          "cache (default: <history dir>/cache)")):
+    """On-device top-K for one user's local history, with the history items behind each."""
+    from fedrec.recommend import recommend
+
+    recs = recommend(history, model, k, catalog, model_dir, cache_dir)
+    t = Table(title=f"top {len(recs)} for {history}")
+    for col, just in (("rank", "right"), ("item", "right"), ("text", "left"),
+                      ("score", "right"), ("because of (history)", "left")):
+        t.add_column(col, justify=just, overflow="fold")
+    for r in recs:
+        t.add_row(str(r.rank), r.item, r.text, f"{r.score:.3f}",
+                  "; ".join(f"{text} [{iid}]" for iid, text, _ in r.because))
+    console.print(t)
 
 
 def main() -> None:

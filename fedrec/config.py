@@ -64,6 +64,8 @@ class TrainConfig:
 class CentralConfig:
     epochs: int
     patience: int
+    batch_size: int
+    lr: float
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class FedConfig:
     proximal_mu: float
     server_lr: float
     run_dir: str
+    min_nodes: int  # > 0: a real deployment (the server holds the catalog only)
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ _CHOICES = {
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
              "train.lr", "train.batch-size", "train.local-epochs", "central.epochs",
-             "central.patience", "data.eval-negatives", "fed.num-rounds", "fed.eval-every",
+             "central.patience", "central.batch-size", "central.lr", "data.eval-negatives", "fed.num-rounds", "fed.eval-every",
              "fed.server-lr")
 
 
@@ -181,6 +184,7 @@ def _validate(cfg: Config) -> None:
         ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
         ("fed.proximal-mu", flat["fed.proximal-mu"] >= 0, ">= 0"),
+        ("fed.min-nodes", flat["fed.min-nodes"] >= 0, ">= 0 (0 = simulation)"),
         ("data.split-seed", 0 <= flat["data.split-seed"] < _SEED_MAX, "in [0, 2**63)"),
         ("train.seed", 0 <= flat["train.seed"] < _SEED_MAX, "in [0, 2**63)"),
         ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),

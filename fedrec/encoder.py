@@ -6,6 +6,7 @@ the cache answers every later request with zero forward passes.
 
 import hashlib
 import os
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,16 +34,18 @@ def resolve_model_dir(model_dir: str) -> Path:
 
 
 def model_fingerprint(path: Path, max_length: int) -> str:
-    """Config, tokenizer and weight sizes: cheap, and changes whenever the model does."""
+    """Hash of config, tokenizer and weights: changes whenever the model does.
+
+    Weights are hashed in full, not by size: a retrained model of the same shape has the
+    same size. That costs ~0.1 s for MiniLM's 90 MB, against ~5 s to re-encode the catalog.
+    The directory's location and mtimes are left out, so a copied model keeps its cache.
+    """
     h = hashlib.sha256(f"mean-pool-l2|{max_length}|".encode())
     for name in sorted(os.listdir(path)):
         f = path / name
-        if not f.is_file():
-            continue
-        if f.suffix in (".json", ".txt") and f.stat().st_size < (1 << 22):
-            h.update(name.encode() + f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin"):
-            h.update(f"{name}:{f.stat().st_size}".encode())
+        if f.is_file() and f.suffix in (".json", ".txt", ".safetensors", ".bin"):
+            with open(f, "rb") as fh:
+                h.update(name.encode() + hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()[:16]
 
 
@@ -70,14 +73,22 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """texts [N] -> float32 [N, dim], unit L2 norm, in the input order."""
+        """texts [N] -> float32 [N, dim], unit L2 norm, in the input order.
+
+        The texts are tokenized once, then batched by exact token count, so a batch pads
+        to ~4% above its real tokens on ml-100k. Sorting by characters (what
+        sentence-transformers does) pads ~27%: the forward pass is ~90% matmul, so
+        padded tokens are the cost that matters.
+        """
         out = np.zeros((len(texts), self.dim), np.float32)
-        lengths = [len(self.tokenizer.tokenize(t)) for t in texts] if texts else []
-        order = np.argsort(lengths, kind="stable")[::-1]  # longest first: peak memory early
+        if not texts:
+            return out
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        # Longest first: a batch too big for memory fails at once, not at the end.
+        order = np.argsort([-len(x) for x in ids], kind="stable")
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for idx in _progress(batches, "encoding item texts", progress):
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -109,15 +120,23 @@ class EmbeddingCache:
             return {}
         try:
             with np.load(self.path) as z:
-                return dict(zip(z["keys"].tolist(), z["vectors"]))
-        except (OSError, ValueError, KeyError):
+                keys, vectors = z["keys"], z["vectors"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return {}  # a corrupt cache is rebuilt, never trusted
+        if vectors.ndim != 2 or keys.shape != vectors.shape[:1]:
+            return {}
+        return dict(zip(keys.tolist(), vectors))
 
     def save(self, table: dict[str, np.ndarray]) -> None:
+        # No fsync: a file torn by a power cut fails load() and is rebuilt.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, keys=np.array(list(table)), vectors=np.stack(list(table.values())))
-        os.replace(tmp, self.path)
+        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=np.array(list(table)), vectors=np.stack(list(table.values())))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def text_key(text: str) -> str:

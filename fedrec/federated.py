@@ -6,6 +6,7 @@ ones and returns only those; `local_evaluate` scores the device's own held-out i
 The Flower handlers in clients/ are thin wrappers around these two functions.
 """
 
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -74,6 +75,7 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
                  local_state: dict | None, seed: int, proximal_mu: float = 0.0):
     """Train from the global federated parameters; return (new federated params,
     new local state, metrics). Only the federated parameters are meant to leave."""
+    t0 = time.perf_counter()
     E_t = torch.from_numpy(E)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -94,7 +96,8 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
               for _ in range(cfg.train.local_epochs)]
     new_local = {} if local is None else {"user": local.detach().reshape(-1).numpy().copy()}
     params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    return params, new_local, {"train-loss": float(losses[-1]), "num-examples": len(data.history)}
+    return params, new_local, {"train-loss": float(losses[-1]), "num-examples": len(data.history),
+                               "update-seconds": time.perf_counter() - t0}
 
 
 def local_evaluate(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,

@@ -62,6 +62,10 @@ class TextRec(nn.Module):
         self.attention = (nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
                           if pooling == "attention" else None)
         self.user_adapter = Adapter(dim, hidden, dim, dropout)
+        # No federated bias on h_u: the user-local residual is added right there, so such
+        # a bias would get exactly the residual's gradient and its uploaded update would
+        # equal the residual's (a copy of a user-local parameter leaving the device).
+        self.user_adapter.mlp[-1].register_parameter("bias", None)
         self.id_emb = nn.Embedding(n_items, dim) if id_embeddings else None
         self.id_bias = nn.Embedding(n_items, 1) if id_embeddings else None
         if id_embeddings:
@@ -141,13 +145,32 @@ def pool_history(h: torch.Tensor, a: torch.Tensor, hist_items: torch.Tensor,
     s = torch.zeros(n_seg, h.shape[1], dtype=h.dtype, device=h.device).index_add(
         0, hist_seg, w.unsqueeze(-1) * h[hist_items])
     z = torch.zeros(n_seg, dtype=h.dtype, device=h.device).index_add(0, hist_seg, w)
-    s_rows, z_rows = s[rows_seg], z[rows_seg]
+    count = torch.zeros(n_seg, dtype=h.dtype, device=h.device).index_add(
+        0, hist_seg, torch.ones_like(w))
+    s_rows, z_rows, n_rows = s[rows_seg], z[rows_seg], count[rows_seg]
     if exclude is not None:
         keep = (exclude >= 0).to(h.dtype)
         ex = exclude.clamp_min(0)
         w_ex = torch.exp(a[ex] - m[rows_seg]) * keep
         s_rows = s_rows - w_ex.unsqueeze(-1) * h[ex]
         z_rows = z_rows - w_ex
-    # An empty pool (a history of one item, left out) gives the zero vector.
-    empty = (z_rows < 1e-6).unsqueeze(-1)
+        n_rows = n_rows - keep
+        # Subtracting cancels catastrophically when the left-out item is its segment's
+        # only top item (weight 1, the others ~exp(-gap)): pool those rows' remaining
+        # items directly, scaled at their own maximum.
+        top = a_hist.detach() == m[hist_seg]
+        n_top = torch.zeros_like(count).index_add(0, hist_seg, top.to(h.dtype))
+        alone = (keep > 0) & (a[ex].detach() == m[rows_seg]) & (n_top[rows_seg] == 1)
+        if alone.any():
+            sel = torch.isin(hist_seg, rows_seg[alone]) & ~top
+            seg2, a2 = hist_seg[sel], a_hist[sel]
+            m2 = torch.full_like(m, -math.inf).scatter_reduce(0, seg2, a2.detach(), "amax",
+                                                                include_self=True)
+            w2 = torch.exp(a2 - torch.nan_to_num(m2, neginf=0.0)[seg2])
+            s2 = torch.zeros_like(s).index_add(0, seg2, w2.unsqueeze(-1) * h[hist_items[sel]])
+            z2 = torch.zeros_like(z).index_add(0, seg2, w2)
+            s_rows = torch.where(alone.unsqueeze(-1), s2[rows_seg], s_rows)
+            z_rows = torch.where(alone, z2[rows_seg], z_rows)
+    # An empty pool (no history, or a history of one item, left out) gives the zero vector.
+    empty = (n_rows < 0.5).unsqueeze(-1)
     return torch.where(empty, 0.0, s_rows / z_rows.clamp_min(1e-6).unsqueeze(-1))

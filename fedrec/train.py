@@ -118,6 +118,7 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     E_t = torch.from_numpy(E)
+    cfg = cfg.override(**{"train.batch-size": cfg.central.batch_size, "train.lr": cfg.central.lr})
     model = build_model(cfg, E.shape[1], split.n_items)
     local = None
     if uses_local_user(cfg):
@@ -140,7 +141,7 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
                       "val/sampled/ndcg@10": val["sampled/ndcg@10"], "seconds": time.time() - t0})
         log(f"epoch {epoch:3d}  loss {loss:.4f}  val sampled HR@10 {val['sampled/hr@10']:.4f}  "
             f"NDCG@10 {val['sampled/ndcg@10']:.4f}  ({time.time() - t0:.1f}s)")
-        if val["sampled/hr@10"] > best:
+        if best_state is None or val["sampled/hr@10"] > best:  # NaN: no val users, keep last
             best, bad = val["sampled/hr@10"], 0
             best_state = (epoch, copy.deepcopy(model.state_dict()),
                           None if local is None else local.detach().clone())

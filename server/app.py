@@ -15,7 +15,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = Config.from_flat(context.run_config)
     run = FederatedRun(cfg)
-    strategy = make_strategy(cfg, run, population=run.n_users)
+    strategy = make_strategy(cfg, run, population=run.population)
     result = strategy.start(grid=grid, initial_arrays=run.initial_arrays(),
                             num_rounds=cfg.fed.num_rounds, train_config=ConfigRecord(),
                             evaluate_fn=run.server_evaluate)

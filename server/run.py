@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 from fedrec.config import Config
 from fedrec.data import data_home
+from fedrec.device import read_catalog, text_dim
 from fedrec.model import build_model
 from fedrec.pipeline import prepare
 from fedrec.protocol import evaluate
@@ -40,25 +41,37 @@ class FederatedRun:
         self.dir = Path(cfg.fed.run_dir).expanduser() if cfg.fed.run_dir else default_run_dir(cfg)
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "run_config.json", cfg.to_flat())
-        # Encode the catalog once here, before any client asks for it.
-        self.prepared = prepare(cfg, with_text=cfg.model.kind == "text")
+        # A deployment's server knows the public catalog only (the histories stay on the
+        # devices): it needs the item count and the PLM width, and evaluates nothing itself.
+        self.deployed = cfg.fed.min_nodes > 0
+        if self.deployed:
+            self.prepared = None
+            self.n_items = read_catalog(cfg.data.dataset, cfg.data.cache_dir).n_items
+            self.text_dim = text_dim(cfg)
+        else:  # simulation: encode the catalog once here, before any client asks for it
+            self.prepared = prepare(cfg, with_text=cfg.model.kind == "text")
+            self.n_items = self.prepared.split.n_items
+            self.text_dim = self.prepared.item_emb.shape[1]
         self.rounds: dict[int, dict] = {}
         self.t0 = time.time()
 
     @property
-    def n_users(self) -> int:
-        return self.prepared.split.n_users
+    def population(self) -> int:
+        """Devices every round waits for: fed.min-nodes, or one virtual node per user."""
+        return self.cfg.fed.min_nodes if self.deployed else self.prepared.split.n_users
 
     def initial_arrays(self) -> ArrayRecord:
         torch.manual_seed(self.cfg.train.seed)
-        model = build_model(self.cfg, self.prepared.item_emb.shape[1], self.prepared.split.n_items)
+        model = build_model(self.cfg, self.text_dim, self.n_items)
         return _to_record({k: v.numpy() for k, v in model.state_dict().items()})
 
     def is_eval_round(self, rnd: int) -> bool:
         return rnd == self.cfg.fed.num_rounds or rnd % self.cfg.fed.eval_every == 0
 
     def record(self, rnd: int, key: str, metrics: dict) -> None:
-        self.rounds.setdefault(rnd, {"round": rnd})[key] = {k: float(v) for k, v in metrics.items()}
+        row = self.rounds.setdefault(rnd, {"round": rnd})
+        row[key] = {k: float(v) for k, v in metrics.items()}
+        row.setdefault("t", time.time() - self.t0)  # seconds since start when the round trained
 
     def on_train(self, rnd: int, arrays: ArrayRecord | None, replies: int, failures: int,
                  metrics: dict | None) -> None:
@@ -67,13 +80,15 @@ class FederatedRun:
             _save(self.dir / "checkpoints" / f"round-{rnd:04d}.safetensors", arrays)
 
     def server_evaluate(self, rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Global-model metrics on all users (simulation only: the server holds the split).
+        """Global-model metrics on all users (simulation only: the server holds the split;
+        in a deployment only the devices evaluate).
 
         User vectors come from each history through the federated user tower; user-local
         residuals live on the devices, so they are absent here (see federated metrics).
         """
         out = None
-        if self.cfg.model.kind == "text" and (rnd == 0 or self.is_eval_round(rnd)):
+        if (not self.deployed and self.cfg.model.kind == "text"
+                and (rnd == 0 or self.is_eval_round(rnd))):
             model = build_model(self.cfg, self.prepared.item_emb.shape[1], self.prepared.split.n_items)
             model.load_state_dict({k: torch.as_tensor(a.numpy(), dtype=torch.float32)
                                    for k, a in arrays.items()})

@@ -41,8 +41,15 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int):
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
             arrays, metrics = super().aggregate_train(server_round, replies)
-            failures = sum(m.has_error() for m in replies)
-            run.on_train(server_round, arrays, len(replies) - failures, failures, metrics)
+            ok = [m for m in replies if not m.has_error()]
+            stats = {}
+            if ok:  # unweighted means over devices, for the benchmark
+                stats["update-seconds-mean"] = sum(
+                    float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
+                stats["upload-bytes"] = sum(a.numpy().nbytes
+                                            for a in ok[0].content["arrays"].values())
+            run.on_train(server_round, arrays, len(ok), len(replies) - len(ok),
+                         {**(metrics or {}), **stats})
             return arrays, metrics
 
         def aggregate_evaluate(self, server_round, replies):

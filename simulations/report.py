@@ -43,12 +43,28 @@ def table(files: list[str]) -> str:
     return "\n".join(rows)
 
 
+def config_table() -> str:
+    """Every default of [tool.flwr.app.config] with its comment, straight from pyproject."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    section = ROOT.joinpath("pyproject.toml").read_text().split("[tool.flwr.app.config]")[1]
+    for line in section.splitlines():
+        m = re.match(r'^"([\w.-]+)"\s*=\s*(.+?)\s*#\s*(.*)$', line)
+        if m:
+            rows.append(f"| `{m.group(1)}` | `{m.group(2)}` | {m.group(3).replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, files in TABLES.items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + table(files) + "\n" + m.group(2), text)
+        text = replace_block(text, name, table(files))
+    text = replace_block(text, "config", config_table())
     readme.write_text(text)
 
 

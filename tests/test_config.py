@@ -17,7 +17,8 @@ def test_defaults_parse_and_round_trip():
     cfg = Config.from_flat(DEFAULTS)
     assert cfg.to_flat() == DEFAULTS
     assert cfg == load_config()
-    assert cfg.train.lr == 0.001 and cfg.model.kind == "text" and cfg.data.eval_negatives == 99
+    assert cfg.train.lr == DEFAULTS["train.lr"] and cfg.model.kind == "text"
+    assert cfg.data.eval_negatives == 99
 
 
 def test_override_round_trips():

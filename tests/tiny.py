@@ -2,11 +2,15 @@
 
 Everything is generated on the fly into a temp directory (no network, no user cache):
 
-- ``data/``: the generic layout (interactions.csv + items.csv). Two genres, two user
-  groups: even users mostly watch Comedy, odd users mostly Horror, and the titles use
-  genre-specific words, so even a random-initialised PLM gives item texts that separate
-  the genres and a model can learn the preference in a few epochs. One extra user has
-  only 2 interactions, so it trains but has no validation/test item.
+- ``data/``: the generic layout (interactions.csv + items.csv), 12 users x 8-15
+  interactions over 60 items. Two genres, two user groups: even users mostly watch
+  Comedy, odd users Horror; every third item is a "Classic" (in its genres) and every
+  user leans to classics; each user's validation and test items are classics of their
+  own genre. Titles mix two genre words with two shared filler words. The untrained
+  model (near-identity adapters) ranks by text similarity, which gets the genre but not
+  the classics; the classics are a signal in the text shared by all users, which FedAvg
+  learns within a few rounds even from one-user clients. One more user has only 2
+  interactions: it trains, but has no validation/test item.
 - ``bert/``: a randomly initialised BERT (hidden 32, 2 layers) with a matching
   WordPiece vocabulary, saved with save_pretrained like any Hugging Face model directory.
 - ``cache/``: data.cache-dir (splits and embedding cache).
@@ -28,13 +32,19 @@ GENRE_WORDS = {
                "curse", "hollow"],
 }
 FILLER = [f"w{k:03d}" for k in range(40)]
-TITLE_GENRE_WORDS, TITLE_FILLER_WORDS = 2, 4
+TITLE_GENRE_WORDS, TITLE_FILLER_WORDS = 2, 2
+OTHER_GENRE_WEIGHT, CLASSIC_WEIGHT, CLASSIC_EVERY = 0.15, 10.0, 3
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def genre_of(item: int) -> str:
     """Genre of internal item index `item` (ids are 1..N_ITEMS, sorted numerically)."""
     return "Comedy" if item < N_ITEMS // 2 else "Horror"
+
+
+def is_classic(item: int) -> bool:
+    """Every CLASSIC_EVERY-th item is a 'Classic' (said in its genres); all users like them."""
+    return item % CLASSIC_EVERY == 0
 
 
 def write_dataset(root: Path, seed: int = 0) -> Path:
@@ -45,25 +55,26 @@ def write_dataset(root: Path, seed: int = 0) -> Path:
     for i in range(N_ITEMS):
         words = list(rng.choice(GENRE_WORDS[genre_of(i)], size=TITLE_GENRE_WORDS, replace=False))
         words += list(rng.choice(FILLER, size=TITLE_FILLER_WORDS, replace=False))
-        words = rng.permutation(words)
-        items.append((str(i + 1), " ".join(words).title(), str(1980 + i % 20), genre_of(i)))
+        genres = genre_of(i) + (", Classic" if is_classic(i) else "")
+        items.append((str(i + 1), " ".join(rng.permutation(words)).title(),
+                      str(1980 + i % 20), genres))
     (root / "items.csv").write_text("item,title,year,genres\n" + "".join(
         f'{iid},"{title}",{year},"{genres}"\n' for iid, title, year, genres in items))
-    half = N_ITEMS // 2
-    # Popularity within each genre (Zipf-like): a second, easier signal on top of the genre.
-    pop = 1.0 / np.arange(1, half + 1) ** 0.7
+    genre = np.array([genre_of(i) for i in range(N_ITEMS)])
+    classic = np.array([is_classic(i) for i in range(N_ITEMS)])
     rows = []
     for u in range(N_USERS):
-        own = 0 if u % 2 == 0 else half
-        n = int(rng.integers(8, 16))
-        n_other = int(rng.binomial(n, 0.1))
-        mine = own + rng.choice(half, size=n - n_other, replace=False, p=pop / pop.sum())
-        other = (half - own) + rng.choice(half, size=n_other, replace=False)
-        seq = rng.permutation(np.concatenate([mine, other]))
-        # Time order ends with an own-genre item, so val/test follow the user's taste.
-        seq = np.concatenate([[x for x in seq if x not in mine[-2:]], mine[-2:]])
+        own = genre == ("Comedy" if u % 2 == 0 else "Horror")
+        # val and test (the last two) are classics of the user's own genre ...
+        held = rng.choice(np.flatnonzero(own & classic), size=2, replace=False)
+        # ... and the history leans the same way: own genre, classics.
+        w = np.where(own, 1.0, OTHER_GENRE_WEIGHT) * np.where(classic, CLASSIC_WEIGHT, 1.0)
+        w[held] = 0.0
+        n = int(rng.integers(6, 14))
+        hist = rng.choice(N_ITEMS, size=n, replace=False, p=w / w.sum())
+        seq = np.concatenate([hist, held])
         rows += [(f"u{u}", str(int(i) + 1), 1000 * u + 10 * t) for t, i in enumerate(seq)]
-    rows += [("u99", "1", 99000), ("u99", "2", 99010)]  # train-only user: no val/test
+    rows += [("u99", "1", 99000), ("u99", "32", 99010)]  # train-only user: no val/test
     (root / "interactions.csv").write_text(
         "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
     return root
@@ -71,7 +82,7 @@ def write_dataset(root: Path, seed: int = 0) -> Path:
 
 def vocabulary() -> list[str]:
     words = [w for ws in GENRE_WORDS.values() for w in ws]
-    words += [g.lower() for g in GENRE_WORDS] + ["genres", "(", ")", ".", ",", ":"]
+    words += [g.lower() for g in GENRE_WORDS] + ["classic", "genres", "(", ")", ".", ",", ":"]
     words += [str(y) for y in range(1980, 2000)]
     words += [f"w{k:03d}" for k in range(200)]  # FILLER and more: a few hundred tokens
     return SPECIAL + words
@@ -95,7 +106,7 @@ def write_bert(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = BertModel(config)
     # Random position embeddings are shared by every text and would dominate its mean
-    # pooled embedding; without them the embedding reflects the words (here: the genre).
+    # pooled embedding; without them the embedding reflects the words of the text.
     with torch.no_grad():
         model.embeddings.position_embeddings.weight.zero_()
         model.embeddings.token_type_embeddings.weight.zero_()
@@ -117,19 +128,22 @@ def build(root: Path) -> Path:
 
 # Small and fast, yet enough for the model to learn the tiny data's structure.
 TINY = {
-    "data.eval-negatives": 20,
-    "data.item-template": "{title}. {genres}",  # the year tokens only blur the genres
+    "data.eval-negatives": 40,
+    "data.item-template": "{title}. {genres}",  # year tokens would only add noise
     "data.cold-fraction": 0.1,
     "encoder.max-length": 32,
-    "model.dim": 16,
+    "model.dim": 32,  # = the PLM width: the adapters start as the identity (text similarity)
     "model.hidden": 32,
     "model.dropout": 0.0,
     "train.lr": 0.01,
-    "train.batch-size": 32,
+    "train.batch-size": 8,  # a few optimizer steps per device and round
     "train.negatives": 4,
-    "central.epochs": 8,
+    "train.local-epochs": 2,
+    "central.epochs": 10,
     "central.patience": 100,
-    "fed.num-rounds": 3,
+    "central.batch-size": 32,
+    "central.lr": 0.01,
+    "fed.num-rounds": 6,
     "fed.clients-per-round": 6,
     "fed.eval-every": 1,
 }
@@ -143,3 +157,21 @@ def tiny_config(root: Path, overrides: dict | None = None) -> Config:
             "encoder.model-dir": str(root / "bert"), "fed.run-dir": str(root / "run"),
             **(overrides or {})}
     return Config.from_flat(flat)
+
+
+def vectors(arr, width: int) -> np.ndarray:
+    """Every length-`width` vector in `arr`: along each axis of that length, and its flat
+    consecutive chunks. For "is this vector anywhere in that upload?" checks."""
+    arr = np.asarray(arr, np.float64)
+    out = [np.moveaxis(arr, ax, -1).reshape(-1, width)
+           for ax in range(arr.ndim) if arr.shape[ax] == width]
+    if arr.size % width == 0:
+        out.append(arr.reshape(-1, width))
+    return np.concatenate(out) if out else np.zeros((0, width))
+
+
+def holding(arrays: dict, vec, rtol: float = 1e-4, atol: float = 1e-6) -> list[str]:
+    """Names of the arrays that contain `vec` (up to float tolerance) as one of vectors()."""
+    vec = np.asarray(vec, np.float64)
+    return [k for k, a in arrays.items()
+            if np.isclose(vectors(a, len(vec)), vec, rtol=rtol, atol=atol).all(axis=1).any()]

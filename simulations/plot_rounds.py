@@ -1,0 +1,65 @@
+"""Plot test HR@10 / NDCG@10 (sampled ranking, federated evaluation) against rounds.
+
+    .venv/bin/python simulations/plot_rounds.py results/fed-text.json results/fed-fedmf.json \
+        --central results/central-text.json --out results/rounds.png
+
+Each input is a result file written by `fedrec simulate --json`; its runs' run
+directories hold the per-round results.json. Curves are mean ± std over seeds.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+METRICS = ("sampled/hr@10", "sampled/ndcg@10")
+
+
+def curves(result_file: str) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
+    res = json.loads(Path(result_file).read_text())
+    per_seed = []
+    for run in res["runs"]:
+        rounds = json.loads((Path(run["run_dir"]) / "results.json").read_text())["rounds"]
+        per_seed.append({r["round"]: r["federated"] for r in rounds if "federated" in r})
+    common = sorted(set.intersection(*(set(s) for s in per_seed)))
+    values = {m: np.array([[s[r][m] for r in common] for s in per_seed]) for m in METRICS}
+    return res["method"], np.array(common), values
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--central", nargs="*", default=[], help="horizontal reference lines")
+    ap.add_argument("--out", default="results/rounds.png")
+    args = ap.parse_args()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, METRICS):
+        for f in args.results:
+            name, x, vals = curves(f)
+            mean, std = vals[metric].mean(0), vals[metric].std(0)
+            ax.plot(x, mean, marker="o", ms=3, label=name)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        for f in args.central:
+            res = json.loads(Path(f).read_text())
+            ax.axhline(res["summary"]["best"][metric]["mean"], ls="--", lw=1, color="gray")
+            ax.annotate(res["method"], (0, res["summary"]["best"][metric]["mean"]),
+                        fontsize=8, color="gray", va="bottom")
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"test {metric} (federated evaluation)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

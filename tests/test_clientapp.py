@@ -1,0 +1,246 @@
+"""The Flower ClientApp with hand-built Messages, and whole runs of the real ServerApp and
+ClientApp in one process (InProcessGrid, no Ray): what a reply holds, and what it must not."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+from tiny import holding, tiny_config
+
+import clients.app
+import fedrec.encoder
+import fedrec.federated
+import server.app
+from fedrec.inprocess import InProcessGrid
+from fedrec.model import build_model, pool_history
+from fedrec.pipeline import prepare
+
+EVAL_KEYS = {"sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10",
+             "num-examples"}
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
+    for name in ("_run_id", "_node_id", "_task_id"):  # process-global: restore afterwards
+        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    fedrec.federated._population.cache_clear()
+    fedrec.encoder._encoder.cache_clear()
+    yield
+    fedrec.federated._population.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_root):
+    return tiny_config(tiny_root)
+
+
+@pytest.fixture(scope="module")
+def prepared(cfg):
+    return prepare(cfg)
+
+
+def global_state(cfg, prepared, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg, prepared.item_emb.shape[1], prepared.split.n_items).state_dict()
+
+
+def message(kind, state, server_round=1, node=7):
+    content = RecordDict({"arrays": ArrayRecord(state),
+                          "config": ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=node, message_type=kind)
+
+
+def context(cfg, user, n_users, node=7):
+    return Context(run_id=1, node_id=node, state=RecordDict(), run_config=cfg.to_flat(),
+                   node_config={"partition-id": user, "num-partitions": n_users})
+
+
+def test_train_reply_holds_the_federated_parameters_and_num_examples(cfg, prepared):
+    n = prepared.split.n_users
+    state = global_state(cfg, prepared)
+    ctx = context(cfg, 0, n)
+    msg = message("train", state)
+    reply = clients.app.app(msg, ctx)
+    assert not reply.has_error()
+    assert reply.metadata.message_type == "train"
+    assert reply.metadata.dst_node_id == msg.metadata.src_node_id  # back to the server
+    assert set(reply.content) == {"arrays", "metrics"}
+    assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
+    assert not reply.content.config_records
+    arrays = reply.content["arrays"]
+    assert list(arrays) == list(state)  # exactly the model's parameters, in order
+    assert all(arrays[k].shape == tuple(v.shape) for k, v in state.items())
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == len(prepared.split.history(0))
+    assert np.isfinite(metrics["train-loss"])
+    assert "user-local" in ctx.state
+    user = ctx.state["user-local"]["user"].numpy()
+    assert user.shape == (cfg.model.dim,) and np.abs(user).max() > 0
+    # round 2 starts from the stored user-local state and replaces it
+    reply2 = clients.app.app(message("train", arrays.to_torch_state_dict(), 2), ctx)
+    assert list(reply2.content["arrays"]) == list(state)
+    assert not np.array_equal(ctx.state["user-local"]["user"].numpy(), user)
+
+
+@pytest.mark.parametrize("user", [0, 1])
+def test_train_reply_carries_no_plm_no_user_vector_no_user_local_state(cfg, prepared, user):
+    from transformers import AutoModel
+
+    split, E = prepared.split, prepared.item_emb
+    state = global_state(cfg, prepared)
+    ctx = context(cfg, user, split.n_users)
+    reply = clients.app.app(message("train", state), ctx)
+    sent = {k: v.numpy() for k, v in state.items()}
+    got = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    update = {k: got[k] - sent[k] for k in got}
+
+    # 1. no PLM weight: no name, no shape of its embedding tables, no equal tensor
+    plm = {k: v.numpy() for k, v in AutoModel.from_pretrained(cfg.encoder.model_dir)
+           .state_dict().items()}
+    assert not set(got) & set(plm)
+    vocab, hidden = plm["embeddings.word_embeddings.weight"].shape
+    assert hidden == E.shape[1]
+    tables = {w.shape for n, w in plm.items() if n.endswith("embeddings.weight")}
+    for k, a in got.items():
+        assert vocab not in a.shape and a.shape not in tables, k
+        for n, w in plm.items():
+            assert not (a.shape == w.shape and np.allclose(a, w)), (k, n)
+    assert sum(a.size for a in got.values()) < sum(w.size for w in plm.values())
+    # nor the PLM's output, the item text embeddings
+    for row in E[split.history(user)]:
+        assert not holding(got, row)
+
+    # 2. no user-local state, neither as a value nor as an update
+    local = ctx.state["user-local"]["user"].numpy()
+    assert np.abs(local).max() > 1e-4  # it trained, so a copy would be visible
+    assert not holding(got, local), "user-local vector in the reply"
+    assert not holding(update, local), "user-local update in the reply"
+
+    # 3. no user vector h_u (the device's own, with its local residual)
+    model = build_model(cfg, E.shape[1], split.n_items).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in got.items()})
+    with torch.no_grad():
+        h, _, a = model.items(torch.from_numpy(E), torch.arange(split.n_items))
+        hist = torch.from_numpy(split.history(user))
+        one = torch.zeros(1, dtype=torch.long)
+        pooled = pool_history(h, a, hist, torch.zeros_like(hist), 1, one)
+        hu = model.users(pooled, torch.from_numpy(local)[None])[0].numpy()
+    assert np.abs(hu).max() > 1e-3
+    assert not holding(got, hu) and not holding(update, hu)
+    assert not holding(got, pooled[0].numpy())
+
+
+def test_evaluate_reply_has_the_metric_keys(cfg, prepared):
+    split = prepared.split
+    state = global_state(cfg, prepared)
+    light = int(np.flatnonzero(split.test < 0)[0])
+    replies = {}
+    for user in (0, 1, light):
+        reply = clients.app.app(message("evaluate", state), context(cfg, user, split.n_users))
+        assert not reply.has_error()
+        assert set(reply.content) == {"metrics"} and not reply.content.array_records
+        replies[user] = dict(reply.content["metrics"])
+    for user, m in replies.items():
+        assert EVAL_KEYS <= set(m)
+        assert set(m) == set(replies[0])  # every device reports the same keys
+        assert m["num-examples"] == (0 if user == light else 1)
+    assert all(0.0 <= v <= 1.0 for v in replies[0].values())
+
+
+def test_evaluate_uses_the_stored_user_local_state(cfg, prepared):
+    """A user-local residual pointing at the test item puts it first; pointing away, last."""
+    split, E = prepared.split, prepared.item_emb
+    user = 2
+    state = global_state(cfg, prepared)
+    model = build_model(cfg, E.shape[1], split.n_items)
+    model.load_state_dict(state)
+    t = int(split.test[user])
+    with torch.no_grad():
+        h_t = model.items(torch.from_numpy(E[[t]]), torch.tensor([t]))[0][0].numpy()
+    toward = 1e3 * h_t / np.linalg.norm(h_t)
+    metrics = {}
+    for name, vec in (("toward", toward), ("away", -toward)):
+        ctx = context(cfg, user, split.n_users)
+        ctx.state["user-local"] = ArrayRecord({"user": Array(vec.astype(np.float32))})
+        reply = clients.app.app(message("evaluate", state), ctx)
+        metrics[name] = dict(reply.content["metrics"])
+        stored = ctx.state["user-local"]["user"].numpy()
+        np.testing.assert_array_equal(stored, vec.astype(np.float32))  # read, not replaced
+    assert metrics["toward"]["sampled/hr@10"] == 1.0 and metrics["toward"]["sampled/ndcg@10"] > 0.6
+    assert metrics["away"]["sampled/hr@10"] == 0.0 and metrics["away"]["full/hr@10"] == 0.0
+    fresh = context(cfg, user, split.n_users)
+    clients.app.app(message("evaluate", state), fresh)
+    assert "user-local" not in fresh.state  # evaluation never creates local state
+
+
+def run_federated(cfg, tmp_path, seed):
+    """The real ServerApp main + ClientApp, in this process; returns (run dir, calls)."""
+    random.seed(seed)  # Flower samples the round's nodes with the `random` module
+    cfg = cfg.override(**{"train.seed": seed, "fed.run-dir": str(tmp_path / "run")})
+    flat = cfg.to_flat()
+    n_users = prepare(cfg).split.n_users
+    grid = InProcessGrid(clients.app.app, flat, n_users)
+    calls = []
+    call = grid._call
+
+    def recording(msg):
+        calls.append((msg.metadata.message_type, int(msg.content["config"]["server-round"]),
+                      msg.metadata.dst_node_id))
+        return call(msg)
+
+    grid._call = recording
+    server.app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=flat))
+    return cfg, tmp_path / "run", calls, grid
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_in_process_federated_run_learns(cfg, tmp_path, seed):
+    cfg, run_dir, calls, grid = run_federated(cfg, tmp_path, seed)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    rounds = {r["round"]: r for r in results["rounds"]}
+    R, k = cfg.fed.num_rounds, cfg.fed.clients_per_round
+    n_users = len(grid.contexts)
+    assert sorted(rounds) == list(range(R + 1))
+
+    # every round trains exactly fed.clients-per-round distinct devices, all succeed
+    for r in range(1, R + 1):
+        trained = [node for kind, rnd, node in calls if kind == "train" and rnd == r]
+        assert len(trained) == len(set(trained)) == k
+        assert rounds[r]["train"]["clients"] == k and rounds[r]["train"]["failures"] == 0
+        evaluated = [node for kind, rnd, node in calls if kind == "evaluate" and rnd == r]
+        assert sorted(evaluated) == sorted(grid.contexts)  # every device evaluates
+        assert rounds[r]["federated"]["users"] == n_users - 1  # all but the train-only one
+    # devices that trained keep a user-local state; the others have none
+    trained_ever = {node for kind, _, node in calls if kind == "train"}
+    assert {n for n, c in grid.contexts.items() if "user-local" in c.state} == trained_ever
+
+    # the global parameters change between rounds, and only federated ones are saved
+    first = load_file(str(run_dir / "checkpoints" / "round-0001.safetensors"))
+    final = load_file(str(run_dir / "final.safetensors"))
+    assert set(first) == set(final) == set(global_state(cfg, prepare(cfg)))
+    assert any(not np.array_equal(first[k], final[k]) for k in first)
+    np.testing.assert_array_equal(
+        final[next(iter(final))],
+        load_file(str(run_dir / "checkpoints" / f"round-{R:04d}.safetensors"))[next(iter(final))])
+
+    # and the model learns: the last round beats the initial model (server, round 0)
+    initial = rounds[0]["server"]["sampled/hr@10"]
+    last = rounds[R]
+    assert last["server"]["sampled/hr@10"] >= initial + 0.15, (initial, last["server"])
+    assert last["federated"]["sampled/hr@10"] >= initial + 0.15, (initial, last["federated"])
+    assert results["summary"]["final_round"] == R

@@ -1,0 +1,235 @@
+"""A device's round without Flower: what leaves it, what stays, and how metrics combine."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny import holding, tiny_config
+
+import fedrec.encoder
+import fedrec.federated
+from fedrec.federated import (
+    ClientData,
+    aggregate_client_metrics,
+    client_seed,
+    load_simulated_client,
+    local_evaluate,
+    local_update,
+    sample_client_negatives,
+)
+from fedrec.model import build_model
+from fedrec.pipeline import prepare
+from fedrec.protocol import evaluate
+from fedrec.train import Histories, user_scores
+
+KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
+    fedrec.federated._population.cache_clear()
+    fedrec.encoder._encoder.cache_clear()
+    yield
+    fedrec.federated._population.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_root):
+    return tiny_config(tiny_root)
+
+
+@pytest.fixture(scope="module")
+def prepared(cfg):
+    return prepare(cfg)
+
+
+def global_arrays(cfg, E, n_items, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg, E.shape[1], n_items)
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["text", "fedmf"])
+def test_local_update_returns_exactly_the_federated_parameters(tiny_root, kind):
+    cfg = tiny_config(tiny_root, {"model.kind": kind})
+    p = prepare(cfg, with_text=kind == "text")
+    E, split = p.item_emb, p.split
+    start = global_arrays(cfg, E, split.n_items)
+    model = build_model(cfg, E.shape[1], split.n_items)
+    params, local, metrics = local_update(cfg, E, ClientData.from_split(split, 0), start, None,
+                                          seed=1)
+    sd = model.state_dict()
+    assert list(params) == list(sd)  # same names, same order: what FedAvg averages
+    assert {k: v.shape for k, v in params.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    assert all(v.dtype == np.float32 for v in params.values())
+    assert any(not np.array_equal(params[k], start[k]) for k in params)  # it trained
+    assert metrics["num-examples"] == len(split.history(0))
+    # the user-local vector is returned separately and appears in no federated array
+    user = local["user"]
+    assert user.shape == (cfg.model.dim,) and np.abs(user).max() > 1e-4
+    assert "user" not in params
+    assert holding(params, user) == []
+    assert holding({k: params[k] - start[k] for k in params}, user) == []  # nor as an update
+
+
+def test_no_user_local_state_without_a_user_embedding(cfg, prepared):
+    cfg = cfg.override(**{"model.user-embedding": False})
+    start = global_arrays(cfg, prepared.item_emb, prepared.split.n_items)
+    _, local, _ = local_update(cfg, prepared.item_emb, ClientData.from_split(prepared.split, 2),
+                               start, None, seed=0)
+    assert local == {}
+
+
+@pytest.mark.parametrize("kind", ["text", "fedmf"])
+def test_user_local_state_round_trips(tiny_root, kind):
+    cfg = tiny_config(tiny_root, {"model.kind": kind})
+    p = prepare(cfg, with_text=kind == "text")
+    E, data = p.item_emb, ClientData.from_split(p.split, 3)
+    start = global_arrays(cfg, E, p.split.n_items)
+    _, first, _ = local_update(cfg, E, data, start, None, seed=1)
+    fresh = first["user"].copy()
+    # A second call with a (practically) frozen optimizer returns the state it was given:
+    # it starts from the returned local state, not from a new initialisation.
+    still = cfg.override(**{"train.lr": 1e-9})
+    _, second, _ = local_update(still, E, data, start, first, seed=2)
+    np.testing.assert_allclose(second["user"], fresh, atol=1e-6)
+    np.testing.assert_array_equal(first["user"], fresh)  # the input was not modified
+    _, restart, _ = local_update(still, E, data, start, None, seed=2)
+    assert np.abs(restart["user"] - fresh).max() > 1e-3  # a fresh start looks different
+
+
+def test_fedprox_keeps_the_update_closer_to_the_global_model(cfg, prepared):
+    cfg = cfg.override(**{"train.local-epochs": 5})
+    E, data = prepared.item_emb, ClientData.from_split(prepared.split, 0)
+    start = global_arrays(cfg, E, prepared.split.n_items)
+
+    def drift(mu):
+        params, _, _ = local_update(cfg, E, data, start, None, seed=3, proximal_mu=mu)
+        return math.sqrt(sum(float(((params[k] - start[k]) ** 2).sum()) for k in start))
+
+    d0, d_small, d_big = drift(0.0), drift(0.1), drift(1.0)
+    assert d0 > 0
+    assert d_big < d_small < d0
+    assert d_big < 0.5 * d0
+    assert drift(0.0) == d0  # same seed, same update: the comparison is fair
+
+
+def test_local_evaluate_reports_the_same_keys_for_every_client(cfg, prepared):
+    split, E = prepared.split, prepared.item_emb
+    arrays = global_arrays(cfg, E, split.n_items)
+    clients = [ClientData.from_split(split, u) for u in range(split.n_users)]
+    clients.append(dataclasses.replace(clients[0], val=-1, test=-1))   # too short a history
+    clients.append(dataclasses.replace(clients[1], history=np.zeros(0, np.int64)))  # all cold
+    records = [local_evaluate(cfg, E, c, arrays, None, seed=0) for c in clients]
+    keys = set(records[0])
+    assert all(set(r) == keys for r in records)
+    assert keys >= {*KEYS, "num-examples", "val/sampled/hr@10", "cold/users", "warm/users"}
+    light = [u for u in range(split.n_users) if split.test[u] < 0]
+    assert light, "the tiny data has a train-only user"
+    for u in light + [len(clients) - 2, len(clients) - 1]:
+        assert records[u]["num-examples"] == 0
+    for r in records:
+        assert r["num-examples"] in (0, 1)
+        assert all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in r.values())
+        assert r["sampled/hr@10"] in (0.0, 1.0) and r["cold/users"] + r["warm/users"] <= 1.0
+
+
+def test_devices_rank_exactly_like_the_server(cfg, prepared):
+    """Mean of the devices' own metrics = the server-side protocol on the same model."""
+    split, E = prepared.split, prepared.item_emb
+    arrays = global_arrays(cfg, E, split.n_items, seed=5)
+    records = [local_evaluate(cfg, E, ClientData.from_split(split, u), arrays, None, seed=0)
+               for u in range(split.n_users)]
+    fed = aggregate_client_metrics(records)
+    model = build_model(cfg, E.shape[1], split.n_items)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    hist = Histories.from_split(split)
+    for stage, prefix in (("test", ""), ("val", "val/")):
+        server = evaluate(lambda u: user_scores(model, torch.from_numpy(E), hist, None, u),
+                          split, stage)
+        for key in ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10"):
+            assert fed[prefix + key] == pytest.approx(server[key], abs=1e-6), prefix + key
+        if stage == "test":
+            assert fed["users"] == server["users"]
+            assert fed["cold/users"] == server["cold/users"] >= 1  # the tiny data has one
+            assert fed["cold/hr@10"] == pytest.approx(server["cold/hr@10"])
+            assert fed["warm/hr@10"] == pytest.approx(server["warm/hr@10"])
+
+
+def record(hr, ndcg, cold, n=1):
+    out = {"num-examples": n, "sampled/hr@10": hr, "sampled/ndcg@10": ndcg,
+           "full/hr@10": hr / 2, "full/ndcg@10": ndcg / 2}
+    out["cold/users"], out["warm/users"] = float(cold), 1.0 - cold
+    for group, flag in (("cold", cold), ("warm", 1 - cold)):
+        out[f"{group}/hr@10"], out[f"{group}/ndcg@10"] = flag * hr, flag * ndcg
+    return out
+
+
+def test_aggregate_client_metrics_by_hand():
+    records = [record(1.0, 1.0, cold=0), record(1.0, 0.5, cold=1), record(0.0, 0.0, cold=0),
+               record(1.0, 0.25, cold=0), {**record(1.0, 1.0, cold=1, n=0)}]  # last: ignored
+    out = aggregate_client_metrics(records)
+    assert out["users"] == 4.0
+    assert out["sampled/hr@10"] == pytest.approx(3 / 4)
+    assert out["sampled/ndcg@10"] == pytest.approx((1 + 0.5 + 0 + 0.25) / 4)
+    assert out["full/hr@10"] == pytest.approx(3 / 8)
+    assert out["cold/users"] == 1.0 and out["warm/users"] == 3.0
+    assert out["cold/hr@10"] == pytest.approx(1.0) and out["cold/ndcg@10"] == pytest.approx(0.5)
+    assert out["warm/hr@10"] == pytest.approx(2 / 3)
+    assert out["warm/ndcg@10"] == pytest.approx(1.25 / 3)
+    assert "num-examples" not in out
+
+
+def test_aggregate_client_metrics_edge_cases():
+    assert aggregate_client_metrics([]) == {}
+    assert aggregate_client_metrics([record(1.0, 1.0, cold=0, n=0)]) == {}
+    out = aggregate_client_metrics([record(1.0, 1.0, cold=0)])
+    assert math.isnan(out["cold/hr@10"]) and out["cold/users"] == 0.0  # no cold user: NaN
+    assert out["warm/hr@10"] == 1.0
+
+
+def test_client_negatives_are_warm_and_outside_the_history(prepared):
+    split = prepared.split
+    rng = np.random.default_rng(0)
+    assert split.cold.any()
+    for u in range(split.n_users):
+        data = ClientData.from_split(split, u)
+        negs = sample_client_negatives(data, 300, 4, rng)
+        assert negs.shape == (300, 4)
+        assert not np.isin(negs, data.history).any()
+        assert not split.cold[negs].any()
+        # uniform over everything allowed: with 1200 draws every allowed item shows up
+        allowed = np.setdiff1d(np.flatnonzero(~split.cold), data.history)
+        assert set(np.unique(negs)) == set(allowed)
+        # the device's future (val/test) is not excluded: it does not know it
+        if data.test >= 0 and not split.cold[data.test]:
+            assert data.test in allowed
+
+
+def test_load_simulated_client(cfg, prepared):
+    flat = cfg.to_flat()
+    got_cfg, E, data = load_simulated_client(flat, 4)
+    assert got_cfg == cfg
+    np.testing.assert_array_equal(E, prepared.item_emb)
+    np.testing.assert_array_equal(data.history, prepared.split.history(4))
+    assert data.test == prepared.split.test[4] and data.n_items == prepared.split.n_items
+    assert load_simulated_client(flat, 5)[1] is E  # one population per process
+    n = prepared.split.n_users
+    with pytest.raises(ValueError, match=f"partition-id {n} outside 0..{n - 1}"):
+        load_simulated_client(flat, n)
+
+
+def test_client_seed_is_deterministic_and_distinct(cfg):
+    seeds = {(u, r): client_seed(cfg, u, r) for u in range(5) for r in range(1, 4)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert client_seed(cfg, 2, 3) == seeds[(2, 3)]
+    assert all(isinstance(s, int) for s in seeds.values())

@@ -1,0 +1,164 @@
+"""fedrec recommend: unseen items only, best first, explained by history items; every
+user mistake is one line on stderr with exit code 2."""
+
+import sys
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from rich.console import Console
+from safetensors.numpy import save_file
+
+from fedrec import cli
+from fedrec.device import CACHE_DIR, read_catalog, read_history, write_device_dir
+from fedrec.errors import FedrecError
+from fedrec.model import build_model
+from fedrec.recommend import recommend
+from fedrec.results import write_json
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny run directory (random federated parameters) and a device for user u0."""
+    root = tiny.build(tmp_path_factory.mktemp("rec"))
+    cfg = tiny.tiny_config(root, {"model.pooling": "attention"})
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
+    with torch.no_grad():  # away from the near-identity init, so attention weights differ
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    run = root / "run"
+    run.mkdir()
+    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
+              str(run / "final.safetensors"))
+    write_json(run / "run_config.json", cfg.to_flat())
+    cat = read_catalog(root / "data")
+    hist = ["1", "4", "7", "10", "13"]
+    dev = write_device_dir(root / "device", cat, hist, [10, 20, 30, 40, 50])
+    return root, run, dev, hist
+
+
+def test_top_k_is_unseen_sorted_and_explained_by_history(setup):
+    _, run, dev, hist = setup
+    recs = recommend(dev / "history.csv", run, k=8)
+    assert [r.rank for r in recs] == list(range(1, 9))
+    assert not {r.item for r in recs} & set(hist)
+    scores = [r.score for r in recs]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    for r in recs:
+        assert 1 <= len(r.because) <= 3
+        assert {iid for iid, _, _ in r.because} <= set(hist)
+        weights = [w for _, _, w in r.because]
+        assert weights == sorted(weights, reverse=True)
+    assert list((dev / CACHE_DIR / "embeddings").glob("*.npz"))  # cached on the device
+    # More items than the catalog has left: every unseen item, once.
+    everything = recommend(dev / "history.csv", run, k=1000)
+    assert len(everything) == tiny.N_ITEMS - len(hist)
+    assert [r.item for r in everything[:8]] == [r.item for r in recs]
+
+
+def test_a_reason_is_the_score_drop_without_that_history_item(setup, tmp_path):
+    root, run, dev, hist = setup
+    top = recommend(dev / "history.csv", run, k=3)[0]
+    reason, _, drop = top.because[0]
+    assert drop > 0
+    rest = [i for i in hist if i != reason]
+    (tmp_path / "history.csv").write_text("item\n" + "".join(f"{i}\n" for i in rest))
+    again = {r.item: r.score for r in recommend(tmp_path / "history.csv", run, k=1000,
+                                                catalog=root / "data",
+                                                cache_dir=dev / CACHE_DIR)}
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert logit(top.score) - logit(again[top.item]) == pytest.approx(drop, abs=1e-4)
+
+
+def test_a_single_history_item_explains_everything(setup, tmp_path):
+    root, run, dev, _ = setup
+    (tmp_path / "history.csv").write_text("item,timestamp\n42,1\n")
+    recs = recommend(tmp_path / "history.csv", run, k=3, catalog=root / "data",
+                     cache_dir=dev / CACHE_DIR)
+    assert all([iid for iid, _, _ in r.because] == ["42"] for r in recs)
+    assert not (tmp_path / CACHE_DIR).exists()  # the given cache was used
+
+
+def test_history_without_timestamps_uses_file_order(setup, tmp_path):
+    root, _, _, _ = setup
+    (tmp_path / "history.csv").write_text("item\n7\n3\n7\n")
+    cat = read_catalog(root / "data")
+    assert [cat.item_ids[i] for i in read_history(tmp_path / "history.csv", cat)] == ["7", "3"]
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    record = Console(width=300, record=True)
+    monkeypatch.setattr(cli, "console", record)
+    monkeypatch.setattr(sys, "argv", ["fedrec", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code
+    return code, record.export_text(), capsys.readouterr().err
+
+
+def test_cli_prints_a_table_with_reasons(setup, monkeypatch, capsys):
+    _, run, dev, _ = setup
+    code, out, err = run_cli(monkeypatch, capsys, "recommend", "--history",
+                             str(dev / "history.csv"), "--model", str(run), "-k", "5")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.strip().startswith("│")]
+    assert len(rows) == 5
+    expected = recommend(dev / "history.csv", run, k=5)
+    for line, r in zip(rows, expected):
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        assert cells[:2] == [str(r.rank), r.item] and float(cells[3]) == pytest.approx(r.score,
+                                                                                         abs=1e-3)
+        assert f"[{r.because[0][0]}]" in cells[4] and r.because[0][1] in cells[4]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "history file not found"),
+    ("empty", "file is empty"),
+    ("unknown", "item 'nope' is not in the catalog"),
+    ("no-final", "has no final.safetensors"),
+    ("k", "-k must be >= 1"),
+])
+def test_cli_errors_are_one_line_exit_2(setup, monkeypatch, capsys, tmp_path, case, message):
+    _, run, dev, _ = setup
+    history, model, k = dev / "history.csv", run, "3"
+    if case == "missing":
+        history = tmp_path / "nothing.csv"
+    elif case == "empty":
+        history = tmp_path / "history.csv"
+        history.write_text("")
+    elif case == "unknown":
+        history = tmp_path / "history.csv"
+        history.write_text("item,timestamp\n1,1\nnope,2\n")
+    elif case == "no-final":
+        model = tmp_path / "half-run"
+        model.mkdir()
+        (model / "run_config.json").write_bytes((run / "run_config.json").read_bytes())
+    else:
+        k = "0"
+    code, out, err = run_cli(monkeypatch, capsys, "recommend", "--history", str(history),
+                             "--model", str(model), "-k", k, "--catalog", str(dev))
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out.strip()
+
+
+def test_library_rejects_parameters_of_another_catalog(setup, tmp_path):
+    root, run, _, _ = setup
+    cat = read_catalog(root / "data")
+    keep = np.arange(0, 30)  # half the catalog: the id-free text model still fits...
+    small = type(cat)([cat.item_ids[i] for i in keep], [cat.item_fields[i] for i in keep],
+                      cat.cold[keep], cat.source)
+    small_dev = write_device_dir(tmp_path / "d", small, ["1", "2"], [1, 2])
+    assert recommend(small_dev / "history.csv", run, k=3)  # text models are catalog-free
+    cfg_run = tmp_path / "idrun"  # ... but a hybrid with per-item rows does not
+    cfg = tiny.tiny_config(root, {"model.id-embeddings": True})
+    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
+    cfg_run.mkdir()
+    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
+              str(cfg_run / "final.safetensors"))
+    write_json(cfg_run / "run_config.json", cfg.to_flat())
+    with pytest.raises(FedrecError, match="do not fit this catalog"):
+        recommend(small_dev / "history.csv", cfg_run, k=3)

@@ -1,0 +1,140 @@
+"""Training: exact loss values, leave-one-out row scores, central training learns the tiny
+data, and the frozen PLM never runs once the catalog is encoded."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_config
+
+import fedrec.encoder
+import fedrec.federated
+from fedrec.federated import ClientData, local_update
+from fedrec.model import build_model, pool_history
+from fedrec.pipeline import prepare
+from fedrec.protocol import evaluate
+from fedrec.train import Histories, row_loss, row_scores, train_central, user_scores
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
+    fedrec.federated._population.cache_clear()
+    fedrec.encoder._encoder.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_root):
+    return tiny_config(tiny_root)
+
+
+@pytest.fixture(scope="module")
+def prepared(cfg):
+    return prepare(cfg)
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def test_row_loss_bce_by_hand():
+    scores = torch.tensor([[2.0, -1.0, 0.0], [0.5, 1.0, -2.0]])
+    # positive (col 0): -log sigmoid(s) = softplus(-s); negatives: softplus(s)
+    expected = np.mean([softplus(-2.0), softplus(-1.0), softplus(0.0),
+                        softplus(-0.5), softplus(1.0), softplus(-2.0)])
+    assert row_loss(scores, "bce").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_row_loss_bpr_by_hand():
+    scores = torch.tensor([[2.0, -1.0, 0.0], [0.5, 1.0, -2.0]])
+    # -log sigmoid(pos - neg) = softplus(neg - pos), averaged over every (row, negative)
+    expected = np.mean([softplus(-3.0), softplus(-2.0), softplus(0.5), softplus(-2.5)])
+    assert row_loss(scores, "bpr").item() == pytest.approx(expected, rel=1e-6)
+    # BPR only sees differences: a per-row shift changes nothing; BCE does change
+    shifted = scores + torch.tensor([[5.0], [-3.0]])
+    assert row_loss(shifted, "bpr").item() == pytest.approx(row_loss(scores, "bpr").item())
+    assert row_loss(shifted, "bce").item() != pytest.approx(row_loss(scores, "bce").item())
+
+
+def test_row_scores_equal_the_full_catalog_computation(cfg, prepared):
+    """Only the touched items go through the adapters, and column 0 (the positive) is
+    left out of its row's history pool: the same numbers as pooling over the catalog."""
+    split, E = prepared.split, torch.from_numpy(prepared.item_emb)
+    torch.manual_seed(0)
+    model = build_model(cfg, E.shape[1], split.n_items).eval()
+    hist = Histories.from_split(split)
+    users = np.array([0, 1, 5])
+    pos = np.array([split.history(u)[k] for u, k in zip(users, (0, -1, 2))])
+    cand = torch.from_numpy(np.stack([pos, [3, 4, 5], [10, 11, 40], [59, 0, 1]], axis=1))
+    local = torch.randn(split.n_users, cfg.model.dim)
+    with torch.no_grad():
+        got = row_scores(model, E, hist, local, torch.from_numpy(users), cand)
+        h, b, a = model.items(E, torch.arange(split.n_items))
+        pooled = pool_history(h, a, hist.items, hist.seg, hist.n_seg, torch.from_numpy(users),
+                              exclude=torch.from_numpy(pos))
+        hu = model.users(pooled, local[users])
+        want = torch.einsum("bd,bcd->bc", hu, h[cand]) + b[cand]
+    assert got.shape == cand.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def val_hr(model, split, E, local=None):
+    hist = Histories.from_split(split)
+    return evaluate(lambda u: user_scores(model, torch.from_numpy(E), hist, local, u),
+                    split, "val")["sampled/hr@10"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_central_beats_the_untrained_model(cfg, prepared, seed):
+    cfg = cfg.override(**{"train.seed": seed})
+    split, E = prepared.split, prepared.item_emb
+    torch.manual_seed(seed)  # train_central's own initialisation
+    untrained = val_hr(build_model(cfg, E.shape[1], split.n_items), split, E)
+    out = train_central(cfg, split, E, log=lambda _: None)
+    curve = [c["val/sampled/hr@10"] for c in out["curve"]]
+    assert len(curve) == cfg.central.epochs
+    assert max(curve) >= untrained + 0.25, (untrained, curve)
+    # the returned model is the best-validation epoch's
+    assert curve[out["best_epoch"] - 1] == max(curve)
+    for key in ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10"):
+        assert key in out["final"] and key in out["best"]
+
+
+def test_train_central_is_deterministic(cfg, prepared):
+    cfg = cfg.override(**{"central.epochs": 2})
+    a = train_central(cfg, prepared.split, prepared.item_emb, log=lambda _: None)
+    b = train_central(cfg, prepared.split, prepared.item_emb, log=lambda _: None)
+    assert [c["loss"] for c in a["curve"]] == [c["loss"] for c in b["curve"]]
+
+
+def test_fedmf_central_training_lowers_the_loss(tiny_root):
+    cfg = tiny_config(tiny_root, {"model.kind": "fedmf", "central.epochs": 5})
+    p = prepare(cfg, with_text=False)
+    out = train_central(cfg, p.split, p.item_emb, log=lambda _: None)
+    assert out["curve"][-1]["loss"] < out["curve"][0]["loss"]
+
+
+def test_the_frozen_plm_never_runs_during_training(cfg, monkeypatch):
+    from transformers import BertModel
+
+    prepare(cfg)  # encodes the catalog once (or finds it in the on-disk cache)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the PLM ran during training")
+
+    monkeypatch.setattr(fedrec.encoder.TextEncoder, "encode", forbidden)
+    monkeypatch.setattr(BertModel, "forward", forbidden)
+    fedrec.encoder._encoder.cache_clear()
+    p = prepare(cfg)  # the embeddings now come from the disk cache alone
+    short = cfg.override(**{"central.epochs": 2})
+    train_central(short, p.split, p.item_emb, log=lambda _: None)
+    model = build_model(cfg, p.item_emb.shape[1], p.split.n_items)
+    arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    local_update(cfg, p.item_emb, ClientData.from_split(p.split, 0), arrays, None, seed=0)
