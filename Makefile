@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on the embedded defaults (bundled MiniLM, ml-100k): data, the popularity and
+# centralized reference points, then the federated simulation (one virtual SuperNode per user).
 run: $(STAMP)
 	$(VENV)/bin/fedrec data fetch ml-100k
-	$(VENV)/bin/fedrec train-central
+	$(VENV)/bin/fedrec baseline popularity
+	$(VENV)/bin/fedrec train-central --seeds 0 --quiet
+	$(VENV)/bin/fedrec simulate --seeds 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -29,8 +33,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check fedrec clients server tests simulations
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) simulations/bench_encoder.py
+	$(PY) simulations/bench_federated.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -62,7 +62,7 @@ def data_fetch(name: str = typer.Argument("ml-100k"),
                cache_dir: str = typer.Option("", help="default $FEDREC_HOME or ~/.cache/fedrec"),
                source: str = typer.Option("auto", help="auto | recbole | grouplens")):
     """Fetch a dataset into the user cache (never into the repository)."""
-    from fedrec.data import fetch_ml100k
+    from fedrec.fetch import fetch_ml100k
 
     if name != "ml-100k":
         raise FedrecError(f"data fetch: unknown dataset '{name}'; available: ml-100k "

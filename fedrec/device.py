@@ -33,6 +33,7 @@ drawn by the device, with data.split-seed, from catalog items it never touched.
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,13 @@ from fedrec.data import (
     load_dataset,
     render_texts,
 )
-from fedrec.encoder import embed_texts, resolve_model_dir
+from fedrec.encoder import (
+    EmbeddingCache,
+    embed_texts,
+    model_fingerprint,
+    resolve_model_dir,
+    text_key,
+)
 from fedrec.errors import FedrecError
 from fedrec.federated import ClientData
 
@@ -218,9 +225,37 @@ def item_embeddings(cfg: Config, catalog: Catalog, cache_root: Path, model_dir: 
     [n_items, 0] for ID-based models, which never read text."""
     if cfg.model.kind != "text":
         return np.zeros((catalog.n_items, 0), np.float32)
-    return embed_texts(catalog.texts(cfg.data.item_template), cache_root,
-                       model_dir or cfg.encoder.model_dir, cfg.encoder.batch_size,
+    texts = catalog.texts(cfg.data.item_template)
+    path = resolve_model_dir(model_dir or cfg.encoder.model_dir)
+    table = EmbeddingCache(cache_root, _fingerprint(path, cfg.encoder.max_length,
+                                                    Path(cache_root))).load()
+    keys = [text_key(t) for t in texts]
+    if all(k in table for k in keys):
+        return np.stack([table[k] for k in keys]).astype(np.float32)
+    return embed_texts(texts, cache_root, str(path), cfg.encoder.batch_size,
                        cfg.encoder.max_length, progress=progress)
+
+
+def _fingerprint(path: Path, max_length: int, cache_root: Path) -> str:
+    """encoder.model_fingerprint, remembered on the device's disk per (file, size, mtime):
+    hashing MiniLM's 90 MB of weights takes ~60 ms, more than a whole recommendation, and
+    a model file rewritten in place gets a new mtime, so a changed model is re-hashed."""
+    files = sorted(f for f in path.iterdir() if f.is_file())
+    stamp = json.dumps([str(path.resolve()), max_length,
+                        [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    memo = cache_root / "embeddings" / "model-fingerprints.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(stamp), str):
+        known = known if isinstance(known, dict) else {}
+        known[stamp] = model_fingerprint(path, max_length)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, memo)
+    return known[stamp]
 
 
 def load_device_client(run_config: dict, node_config: dict):

@@ -17,7 +17,7 @@ from fedrec.config import Config
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
 from fedrec.protocol import Split
-from fedrec.train import Histories, make_optimizer, row_scores, train_epoch, user_scores
+from fedrec.train import Histories, make_optimizer, train_epoch, user_scores
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ handlers exchange real Flower Messages, without the Simulation Engine. A client 
 raises becomes an error reply, as in Flower's runtime.
 """
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid

@@ -6,8 +6,8 @@ No PLM runs here: item text embeddings E arrive precomputed and frozen.
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

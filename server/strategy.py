@@ -6,7 +6,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedrec.config import Config
 from fedrec.federated import aggregate_client_metrics
-
 from server.run import FederatedRun
 
 

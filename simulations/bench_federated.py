@@ -20,11 +20,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrec.config import load_config, parse_overrides  # noqa: E402
-from fedrec.encoder import resolve_model_dir  # noqa: E402
-from fedrec.pipeline import prepare  # noqa: E402
-from fedrec.results import machine, write_json  # noqa: E402
-from fedrec.simulate import find_processes, run_simulation  # noqa: E402
+from fedrec.config import load_config, parse_overrides
+from fedrec.encoder import resolve_model_dir
+from fedrec.pipeline import prepare
+from fedrec.results import machine, write_json
+from fedrec.simulate import find_processes, run_simulation
 
 
 def plm_bytes(model_dir: str) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrec.results import HEADLINE, fmt  # noqa: E402
+from fedrec.results import HEADLINE, fmt
 
 TABLES = {
     "foundation": ["results/popularity.json", "results/popularity-nocold.json",
@@ -55,7 +55,7 @@ def config_table() -> str:
 
 
 def replace_block(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+    pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.DOTALL)
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 

@@ -10,7 +10,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
-from tiny import holding, tiny_config
 
 import clients.app
 import fedrec.encoder
@@ -19,6 +18,7 @@ import server.app
 from fedrec.inprocess import InProcessGrid
 from fedrec.model import build_model, pool_history
 from fedrec.pipeline import prepare
+from tiny import holding, tiny_config
 
 EVAL_KEYS = {"sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10",
              "num-examples"}

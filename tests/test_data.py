@@ -9,11 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedrec import data
+from fedrec import fetch
 from fedrec.data import (
     GROUPLENS_GENRES,
     Dataset,
-    fetch_ml100k,
     load_dataset,
     read_atomic,
     read_generic,
@@ -21,6 +20,7 @@ from fedrec.data import (
     render_texts,
 )
 from fedrec.errors import FedrecError
+from fedrec.fetch import fetch_ml100k
 from fedrec.protocol import make_split
 
 TEMPLATE = "{title} ({year}). Genres: {genres}"
@@ -209,12 +209,12 @@ def fake_recbole(tmp):
 
 
 def test_fetch_uses_recbole_without_touching_grouplens(monkeypatch, fedrec_home):
-    monkeypatch.setattr(data, "_fetch_recbole", fake_recbole)
-    monkeypatch.setattr(data, "_fetch_grouplens", lambda tmp: pytest.fail("waited on GroupLens"))
+    monkeypatch.setattr(fetch, "_fetch_recbole", fake_recbole)
+    monkeypatch.setattr(fetch, "_fetch_grouplens", lambda tmp: pytest.fail("waited on GroupLens"))
     dest = fetch_ml100k()
     assert dest == fedrec_home / "ml-100k" and load_dataset("ml-100k").n_users == 3
     assert [p.name for p in fedrec_home.iterdir()] == ["ml-100k"]  # no temp dirs left
-    monkeypatch.setattr(data, "_fetch_recbole", lambda tmp: pytest.fail("refetched"))
+    monkeypatch.setattr(fetch, "_fetch_recbole", lambda tmp: pytest.fail("refetched"))
     assert fetch_ml100k() == dest  # a valid copy is kept
 
 
@@ -227,12 +227,12 @@ def test_fetch_failure_leaves_nothing_half_written(monkeypatch, fedrec_home):
         (tmp / "u.data").write_text("1\t1\t1\t1\n")
         raise RuntimeError("no route to host")
 
-    monkeypatch.setattr(data, "_fetch_recbole", partial)
-    monkeypatch.setattr(data, "_fetch_grouplens", interrupted)
+    monkeypatch.setattr(fetch, "_fetch_recbole", partial)
+    monkeypatch.setattr(fetch, "_fetch_grouplens", interrupted)
     msg = error(fetch_ml100k, "recbole: connection reset", "grouplens: no route to host",
                 str(fedrec_home / "ml-100k"))
     assert "check network" in msg and list(fedrec_home.iterdir()) == []
-    monkeypatch.setattr(data, "_fetch_recbole", lambda tmp: (_ for _ in ()).throw(
+    monkeypatch.setattr(fetch, "_fetch_recbole", lambda tmp: (_ for _ in ()).throw(
         KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         fetch_ml100k(source="recbole")
@@ -243,8 +243,8 @@ def test_fetch_failure_leaves_nothing_half_written(monkeypatch, fedrec_home):
 def test_fetch_replaces_a_corrupt_copy_and_falls_back(monkeypatch, fedrec_home):
     (fedrec_home / "ml-100k").mkdir(parents=True)
     (fedrec_home / "ml-100k" / "ml-100k.inter").write_text("garbage")
-    monkeypatch.setattr(data, "_fetch_recbole", lambda tmp: (tmp / "x.inter").write_text("x"))
-    monkeypatch.setattr(data, "_fetch_grouplens", lambda tmp: write_grouplens(tmp))
+    monkeypatch.setattr(fetch, "_fetch_recbole", lambda tmp: (tmp / "x.inter").write_text("x"))
+    monkeypatch.setattr(fetch, "_fetch_grouplens", lambda tmp: write_grouplens(tmp))
     dest = fetch_ml100k()
     assert sorted(p.name for p in dest.iterdir()) == ["u.data", "u.item"]
     assert [p.name for p in fedrec_home.iterdir()] == ["ml-100k"]

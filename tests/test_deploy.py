@@ -12,11 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-import tiny
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+import tiny
 from fedrec.config import Config
 from fedrec.data import load_dataset
 from fedrec.deploy import (
@@ -138,6 +139,25 @@ def test_device_reads_only_its_own_directory(world, tmp_path):
         load_device_client(cfg.to_flat(), {"partition-id": 0})
     with pytest.raises(FedrecError, match="no items.jsonl or items.csv"):
         load_device_client(cfg.to_flat(), {"data-dir": str(dev), "catalog": str(tmp_path)})
+
+
+def test_embedding_cache_follows_the_model_files(world, tmp_path):
+    import shutil
+
+    from fedrec.device import item_embeddings
+    from fedrec.encoder import _encoder
+
+    bert = shutil.copytree(world / "bert", tmp_path / "bert")
+    cfg = deploy_config(world, **{"encoder.model-dir": str(bert)})
+    cat = read_catalog(world / "catalog")
+    first = item_embeddings(cfg, cat, tmp_path / "cache")
+    assert (tmp_path / "cache" / "embeddings" / "model-fingerprints.json").is_file()
+    assert np.array_equal(item_embeddings(cfg, cat, tmp_path / "cache"), first)
+    tiny.write_bert(bert, seed=1)  # the model is replaced in place: new weights, new mtimes
+    _encoder.cache_clear()  # (a device runs each message in a fresh process)
+    again = item_embeddings(cfg, cat, tmp_path / "cache")
+    assert again.shape == first.shape and not np.allclose(again, first)
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.npz"))) == 2
 
 
 def test_clientapp_device_path_uploads_only_federated_parameters(world, tmp_path):

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny import holding, tiny_config
 
 import fedrec.encoder
 import fedrec.federated
@@ -23,6 +22,7 @@ from fedrec.model import build_model
 from fedrec.pipeline import prepare
 from fedrec.protocol import evaluate
 from fedrec.train import Histories, user_scores
+from tiny import holding, tiny_config
 
 KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
 

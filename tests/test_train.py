@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_config
 
 import fedrec.encoder
 import fedrec.federated
@@ -15,6 +14,7 @@ from fedrec.model import build_model, pool_history
 from fedrec.pipeline import prepare
 from fedrec.protocol import evaluate
 from fedrec.train import Histories, row_loss, row_scores, train_central, user_scores
+from tiny import tiny_config
 
 
 @pytest.fixture(autouse=True)
