@@ -43,6 +43,57 @@ def table(files: list[str]) -> str:
     return "\n".join(rows)
 
 
+def _load(name: str) -> dict | None:
+    path = ROOT / "results" / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def bench_tables() -> dict[str, str]:
+    out = {}
+    enc = _load("bench_encoder.json")
+    if enc:
+        out["bench-encoder"] = "\n".join([
+            "| encoder | texts/s | fedrec / sentence-transformers | max abs diff | warm-cache forward passes |",
+            "|---|---|---|---|---|",
+            f"| fedrec `TextEncoder` | {enc['texts_per_s']['fedrec']:.1f} | {enc['ratio']:.3f} | "
+            f"{enc['max_abs_diff']:.1e} | {enc['cache']['warm_forward_passes']} |",
+            f"| sentence-transformers `encode` | {enc['texts_per_s']['sentence-transformers']:.1f} | "
+            "1 | | |",
+            f"\n`{enc['command']}` — {enc['texts']} ml-100k item texts, batch {enc['batch_size']}, "
+            f"{enc['repeats']} interleaved repeats, {enc['machine']['cores']} cores, "
+            f"load average {enc['machine']['load_average'][0]:.1f} during the run."])
+    dev = _load("bench_device.json")
+    if dev:
+        rows = ["| user (history) | message | wall s | peak RSS MB |", "|---|---|---|---|"]
+        for u in dev["users"]:
+            for kind in ("train_cold_cache", "train", "evaluate"):
+                if kind in u:
+                    rows.append(f"| {u['user']} ({u['history']}) | {kind.replace('_', ' ')} | "
+                                f"{u[kind]['wall_s']:.1f} | {u[kind]['peak_rss_mb']:.0f} |")
+        w, t = dev["worst"], dev["targets"]
+        rows.append(f"\nWorst warm-cache round {w['round_s']:.1f} s (target < {t['round_s']:.0f}), "
+                    f"peak RSS {w['peak_rss_mb']:.0f} MB (target < {t['peak_rss_mb']:.0f}), "
+                    f"`fedrec recommend` top-10 {w['recommend_ms']:.1f} ms median (target < "
+                    f"{t['recommend_ms']:.0f}); `{dev['command']}`, 1-min load average "
+                    f"{dev['load_avg_1m']:.1f}.")
+        out["bench-device"] = "\n".join(rows)
+    fed = _load("bench_federated.json")
+    if fed:
+        rows = ["| clients/round | s/round | client update s | peak RSS GiB | upload KiB/client | "
+                "full PLM MiB | upload / PLM |", "|---|---|---|---|---|---|---|"]
+        for r in fed["rows"]:
+            rows.append(f"| {r['clients_per_round']} | {r['round_seconds_mean']:.2f} | "
+                        f"{r['client_update_seconds_mean']:.4f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                        f"{r['upload_bytes_per_client'] / 1024:.1f} | {r['plm_bytes'] / 2**20:.1f} | "
+                        f"{r['upload_over_plm']:.2%} |")
+        rows.append(f"\n`{fed['command']}`")
+        out["bench-federated"] = "\n".join(rows)
+    rec = ROOT / "results" / "recommend_example.txt"
+    if rec.is_file():
+        out["recommend"] = "```\n" + rec.read_text().rstrip() + "\n```"
+    return out
+
+
 def config_table() -> str:
     """Every default of [tool.flwr.app.config] with its comment, straight from pyproject."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
@@ -65,6 +116,8 @@ def main() -> None:
     for name, files in TABLES.items():
         text = replace_block(text, name, table(files))
     text = replace_block(text, "config", config_table())
+    for name, body in bench_tables().items():
+        text = replace_block(text, name, body)
     readme.write_text(text)
 
 

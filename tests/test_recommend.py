@@ -5,11 +5,11 @@ import sys
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from rich.console import Console
 from safetensors.numpy import save_file
 
+import tiny
 from fedrec import cli
 from fedrec.device import CACHE_DIR, read_catalog, read_history, write_device_dir
 from fedrec.errors import FedrecError
@@ -68,8 +68,9 @@ def test_a_reason_is_the_score_drop_without_that_history_item(setup, tmp_path):
     again = {r.item: r.score for r in recommend(tmp_path / "history.csv", run, k=1000,
                                                 catalog=root / "data",
                                                 cache_dir=dev / CACHE_DIR)}
-    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
-    assert logit(top.score) - logit(again[top.item]) == pytest.approx(drop, abs=1e-4)
+    logit = np.log(top.score / (1 - top.score))
+    logit_without = np.log(again[top.item] / (1 - again[top.item]))
+    assert logit - logit_without == pytest.approx(drop, abs=1e-4)
 
 
 def test_a_single_history_item_explains_everything(setup, tmp_path):
