@@ -29,14 +29,16 @@ class ClientData:
     test: int
     val_negatives: np.ndarray    # int64 [K] sampled-ranking candidates (-1 = padding)
     test_negatives: np.ndarray
-    warm: np.ndarray             # bool [n_items]: in the catalog at training time
+    warm: np.ndarray             # bool [n_items]: in the catalog at training time (negatives pool)
     test_is_cold: bool
 
     @classmethod
     def from_split(cls, split: Split, u: int) -> "ClientData":
         test = int(split.test[u])
+        # Cold items stay in the catalog (DESIGN.md): they may be drawn as negatives.
         return cls(split.history(u).copy(), int(split.val[u]), test, split.val_negatives[u],
-                   split.test_negatives[u], ~split.cold, bool(test >= 0 and split.cold[test]))
+                   split.test_negatives[u], np.ones(split.n_items, bool),
+                   bool(test >= 0 and split.cold[test]))
 
     @property
     def n_items(self) -> int:

@@ -2,9 +2,9 @@
 
 - Leave-one-out by time: last interaction = test, second-to-last = validation, rest =
   train; users with fewer than 3 interactions train only.
-- Cold-start items: a fixed fraction of items loses all its training interactions; they
-  are new to the catalog at training time, so they are never training negatives either.
-- Training negatives: uniform over warm items not in the user's *training* items. The
+- Cold-start items: a fixed fraction of items loses all its training interactions (they
+  stay in the catalog, so they can be drawn as training negatives, as DESIGN.md says).
+- Training negatives: uniform over catalog items not in the user's *training* items. The
   validation/test items may be drawn (a device does not know its future).
 - Sampled ranking: the held-out item vs `eval-negatives` items the user never touched,
   drawn once with the split seed and stored. Full ranking: vs every item but the user's
@@ -139,24 +139,21 @@ def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Spli
 
 def sample_negatives(split: Split, users: np.ndarray, per_positive: int,
                      rng: np.random.Generator) -> np.ndarray:
-    """[len(users), per_positive] warm items outside each user's training items."""
+    """[len(users), per_positive] catalog items outside each user's training items."""
     users = np.asarray(users, np.int64)
-    warm = np.flatnonzero(~split.cold)
-    if not len(warm):
-        raise FedrecError("data.cold-fraction: every item is cold, so there are no training "
-                          "negatives; lower data.cold-fraction")
+    warm = np.arange(split.n_items)  # the whole catalog, cold items included
     out = warm[rng.integers(0, len(warm), size=(len(users), per_positive))]
     for _ in range(20):  # rejection sampling: uniform over the allowed items
         bad = split.in_train(users[:, None], out)
         if not bad.any():
             return out
         out[bad] = warm[rng.integers(0, len(warm), size=int(bad.sum()))]
-    # Only users who touched nearly every warm item get here: draw from their allowed set.
+    # Only users who touched nearly every item get here: draw from their allowed set.
     bad = split.in_train(users[:, None], out)
     for r in np.flatnonzero(bad.any(1)):
         allowed = np.setdiff1d(warm, split.history(users[r]))
         if not len(allowed):
-            raise FedrecError(f"user index {users[r]} has interacted with every warm item, "
+            raise FedrecError(f"user index {users[r]} has interacted with every item, "
                               "so no training negative exists; drop that user from the data")
         out[r, bad[r]] = rng.choice(allowed, size=int(bad[r].sum()))
     return out
