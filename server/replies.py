@@ -99,12 +99,22 @@ def _first(valid: list[Message], keys: frozenset) -> int:
     return next(i for i, m in enumerate(valid) if frozenset(m.content["metrics"]) == keys)
 
 
+def _update(msg: Message, sent: dict[str, np.ndarray]) -> tuple[dict, dict, float]:
+    """(reply arrays, update = reply - sent, its L2 norm over all arrays)."""
+    arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    delta = {k: a.astype(np.float64) - sent[k] for k, a in arrays.items()}
+    return arrays, delta, float(np.sqrt(sum(float((d * d).sum()) for d in delta.values())))
+
+
+def update_norm(msg: Message, sent: dict[str, np.ndarray]) -> float:
+    """L2 norm of the reply's update (reply - sent) over all arrays."""
+    return _update(msg, sent)[2]
+
+
 def bound_update(msg: Message, sent: dict[str, np.ndarray], max_norm: float) -> float:
     """Clip the reply's update (reply - sent) to L2 norm `max_norm` over all arrays, in
     place; returns the update's norm before clipping."""
-    arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-    delta = {k: a.astype(np.float64) - sent[k] for k, a in arrays.items()}
-    norm = float(np.sqrt(sum(float((d * d).sum()) for d in delta.values())))
+    arrays, delta, norm = _update(msg, sent)
     if norm > max_norm:
         scale = max_norm / norm
         msg.content["arrays"] = ArrayRecord({

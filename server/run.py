@@ -7,8 +7,9 @@ Layout (every file written to a temp name, then renamed):
                            holds the aggregated client metrics and "clients" (replies
                            aggregated), "failures" and "failures/<reason>" (dropped, by
                            server/replies.py's reasons), "kept-previous" (1: too few valid
-                           replies, the global model stayed), "clipped" (updates bounded by
-                           fed.max-update-norm); its "evaluate" record counts the same way
+                           replies, the global model stayed), "update-norm-median"/"-max" (of
+                           the valid updates, before bounding) and "clipped" (updates bounded
+                           by fed.max-update-norm); its "evaluate" record counts the same way
   metrics.csv              one row per round
   checkpoints/round-NNNN.safetensors   the global federated parameters after round NNNN
                            (as aggregated, or kept), exact dtype: what a resumed run sends

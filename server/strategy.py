@@ -21,7 +21,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from fedrec.config import Config
 from fedrec.errors import FedrecError
 from fedrec.federated import aggregate_client_metrics
-from server.replies import bound_update, evaluate_problem, filter_replies, train_problem
+from server.replies import (
+    bound_update,
+    evaluate_problem,
+    filter_replies,
+    train_problem,
+    update_norm,
+)
 from server.run import FederatedRun
 
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian,
@@ -106,9 +112,15 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                         float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
                 stats["upload-bytes"] = sum(a.numpy().nbytes
                                             for a in ok[0].content["arrays"].values())
-            if f.max_update_norm > 0:
-                norms = [bound_update(m, self.sent, f.max_update_norm) for m in ok]
-                stats["clipped"] = sum(n > f.max_update_norm for n in norms)
+            # update norms (before any bounding): what fed.max-update-norm should be set from
+            bound = f.max_update_norm
+            norms = [bound_update(m, self.sent, bound) if bound > 0 else update_norm(m, self.sent)
+                     for m in ok]
+            if norms:
+                stats["update-norm-median"] = float(np.median(norms))
+                stats["update-norm-max"] = max(norms)
+            if bound > 0:
+                stats["clipped"] = sum(n > bound for n in norms)
             arrays, metrics = None, None
             if len(ok) >= f.min_replies:
                 arrays, metrics = super().aggregate_train(rnd, ok)

@@ -154,3 +154,12 @@ TOKEN = st.one_of(
 @given(st.lists(TOKEN, max_size=4).map(" ".join))
 def test_generated_override_strings(text):
     _valid_or_fedrec_error(lambda: load_config(parse_overrides(text)))
+
+
+def test_every_experiment_config_parses():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "simulations" / "configs").glob("*.toml"))
+    assert len(configs) >= 5
+    for path in configs:
+        load_config(toml_file=str(path))  # unknown keys or bad values raise FedrecError

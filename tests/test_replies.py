@@ -172,6 +172,8 @@ def test_bad_replies_never_reach_the_aggregate():
     assert metrics["train-loss"] == pytest.approx(0.5)
     t = run.train[1]
     assert (t["clients"], t["failures"], t["kept-previous"]) == (2, 4, 0)
+    assert t["update-norm-median"] == pytest.approx(1.5 * np.sqrt(8))  # updates of 1s and 2s
+    assert t["update-norm-max"] == pytest.approx(2 * np.sqrt(8)) and "clipped" not in t
     assert (t["failures/error"], t["failures/nonfinite"], t["failures/shape"],
             t["failures/keys"], t["failures/timeout"]) == (1, 1, 1, 1, 0)
     np.testing.assert_allclose(run.kept[1]["w"], expected["w"], rtol=1e-6)

@@ -190,6 +190,8 @@ def test_fedrec_simulate_resume(tiny_root, tmp_path, uninterrupted, monkeypatch,
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and comparable(results) == comparable(whole)
     assert results["config"]["fed.resume"] is True
+    final, want = (load_file(str(d / "final.safetensors")) for d in (run_dir, whole_dir))
+    assert all(np.array_equal(final[k], want[k]) for k in want)
 
     code, out, _ = run_cli(monkeypatch, capsys, "simulate", "--resume", str(run_dir),
                            "--engine", "inprocess")
