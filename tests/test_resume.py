@@ -140,6 +140,23 @@ def test_without_the_devices_state_a_resumed_run_differs(tiny_root, tmp_path, un
     assert any(not np.array_equal(final[k], want[k]) for k in want)
 
 
+def test_killed_after_its_last_round_a_run_only_finishes(tiny_root, tmp_path, uninterrupted):
+    import shutil
+
+    whole_dir, whole = uninterrupted("fedavg")
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole_dir, run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({**results, "status": "running"}))
+    (run_dir / "final.safetensors").unlink()
+    cfg = config(tiny_root, run_dir, **{"fed.resume": True})
+    _, again = run_inprocess(cfg)
+    assert again["status"] == "completed" and comparable(again) == comparable(whole)
+    final = load_file(str(run_dir / "final.safetensors"))
+    last = load_file(str(run_dir / "checkpoints" / f"round-{N:04d}.safetensors"))
+    assert all(np.array_equal(final[k], last[k]) for k in last)
+
+
 def test_resume_refuses_another_config_or_no_run(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     cfg = interrupted(tiny_root, run_dir, ("train", 2))
