@@ -3,40 +3,80 @@ pack, reply. User-local parameters stay in context.state and never enter a reply
 
 Two ways to find the user's data: a real device names its own directory in node_config
 "data-dir" (fedrec.device documents the layout); a virtual SuperNode of the simulation
-gets "partition-id" = its user index in the run's dataset.
+gets "partition-id" = its user index in the run's dataset, keeps its user-local state on
+its simulated disk too (fedrec.local_store, for resumed runs) and misbehaves when the
+simulation asks it to (fedrec.faults).
 """
 
+from typing import NamedTuple
+
+import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrec.config import Config
 from fedrec.device import DATA_DIR, load_device_client
-from fedrec.federated import client_seed, load_simulated_client, local_evaluate, local_update
+from fedrec.faults import InjectedFailure, corrupt, planned_fault
+from fedrec.federated import (
+    ClientData,
+    client_seed,
+    load_simulated_client,
+    local_evaluate,
+    local_update,
+)
+from fedrec.local_store import load_local, save_local
 
 app = ClientApp()
 LOCAL = "user-local"  # context.state key of the user-local parameters
 
 
-def _load(msg: Message, context: Context):
-    if DATA_DIR in context.node_config:  # a real device: its own files only
-        cfg, E, data = load_device_client(context.run_config, context.node_config)
-        user = context.node_id  # stable per registered SuperNode
-    else:
+class Job(NamedTuple):
+    cfg: Config
+    E: np.ndarray
+    data: ClientData
+    arrays: dict
+    local: dict | None
+    seed: int
+    user: int
+    round: int
+    simulated: bool
+
+
+def _load(msg: Message, context: Context, training: bool) -> Job:
+    simulated = DATA_DIR not in context.node_config
+    if simulated:
         user = int(context.node_config["partition-id"])
         cfg, E, data = load_simulated_client(context.run_config, user)
+    else:  # a real device: its own files only
+        cfg, E, data = load_device_client(context.run_config, context.node_config)
+        user = context.node_id  # stable per registered SuperNode
+    rnd = int(msg.content["config"]["server-round"])
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-    local = ({k: a.numpy() for k, a in context.state[LOCAL].items()}
-             if LOCAL in context.state else None)
-    seed = client_seed(cfg, user, int(msg.content["config"]["server-round"]))
-    return cfg, E, data, arrays, local, seed
+    local = None
+    if LOCAL in context.state:
+        local = {k: a.numpy() for k, a in context.state[LOCAL].items()}
+    elif simulated and cfg.fed.resume and cfg.fed.run_dir:  # a restarted simulation
+        local = load_local(cfg.fed.run_dir, user, rnd if training else rnd + 1)
+    seed = client_seed(cfg, user, rnd)
+    return Job(cfg, E, data, arrays, local, seed, user, rnd, simulated)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, E, data, arrays, local, seed = _load(msg, context)
+    j = _load(msg, context, True)
+    f = j.cfg.fed
+    fault = planned_fault(j.cfg.train.seed, j.user, j.round, f.failure_rate, f.failure_kind,
+                          f.poison_rate) if j.simulated else None
+    if fault == "raise":
+        raise InjectedFailure(f"injected failure of client {j.user} in round {j.round}")
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    params, new_local, metrics = local_update(cfg, E, data, arrays, local, seed, mu)
+    params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu)
     if new_local:
         context.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
+        if j.simulated and f.run_dir:
+            save_local(f.run_dir, j.user, j.round, new_local)
+    if fault:
+        params = corrupt(fault, j.arrays, params)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in params.items()}),
                         "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
@@ -44,6 +84,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, E, data, arrays, local, seed = _load(msg, context)
-    metrics = local_evaluate(cfg, E, data, arrays, local, seed)
+    j = _load(msg, context, False)
+    metrics = local_evaluate(j.cfg, j.E, j.data, j.arrays, j.local, j.seed)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -173,7 +173,10 @@ def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigO
                  runs_dir: Optional[str] = typer.Option(None, "--runs-dir",
                                                         help="parent of the per-seed run directories"),
                  engine: str = typer.Option("flower", help="flower (flwr run, one virtual SuperNode "
-                                            "per user) | inprocess (Ray-free, same apps)")):
+                                            "per user) | inprocess (Ray-free, same apps)"),
+                 resume: Optional[str] = typer.Option(None, "--resume", help="continue this killed "
+                                                      "run directory (e.g. <runs>/seed-0) from its last "
+                                                      "completed round, with its own config")):
     """Federated simulation of the whole user population on this machine."""
     from pathlib import Path
 
@@ -183,14 +186,22 @@ def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigO
 
     if engine not in ("flower", "inprocess"):
         raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
-    cfg = _config(config, run_config)
-    prepare(cfg, progress=True, with_text=cfg.model.kind == "text")  # encode once, up front
-    base = Path(runs_dir or cfg.fed.run_dir or data_home(cfg.data.cache_dir) / "runs" /
-                f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}").expanduser().resolve()
+    if resume:
+        if config or run_config:
+            raise FedrecError("--resume continues a run with its own config (run_config.json); "
+                              "leave out --config and --run-config")
+        cfg, jobs = _resumed(Path(resume).expanduser().resolve())
+    else:
+        cfg = _config(config, run_config)
+        base = Path(runs_dir or cfg.fed.run_dir or data_home(cfg.data.cache_dir) / "runs" /
+                    f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}").expanduser().resolve()
+        jobs = [(cfg.override(**{"train.seed": seed}), base / f"seed-{seed}")
+                for seed in _seeds(seeds)]
+    if jobs:
+        prepare(cfg, progress=True, with_text=cfg.model.kind == "text")  # encode once, up front
     runs = []
-    for seed in _seeds(seeds):
-        c = cfg.override(**{"train.seed": seed})
-        run_dir = base / f"seed-{seed}"
+    for c, run_dir in jobs:
+        seed = c.train.seed
         console.print(f"[bold]federated {cfg.model.kind} ({cfg.fed.strategy}), seed {seed}[/bold]"
                       f" -> {run_dir}")
         t0 = time.time()
@@ -205,6 +216,8 @@ def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigO
         runs.append({"seed": seed, "best": summ["best"], "final": summ["final"],
                      "best_round": summ["best_round"], "run_dir": str(run_dir),
                      "seconds": time.time() - t0})
+    if not runs:
+        return
     summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
     name = f"fed-{cfg.model.kind}" + ("+id" if cfg.model.id_embeddings else "") + f" ({cfg.fed.strategy})"
     _table(f"{name} (test at best-validation round)", {name: summary["best"]})
@@ -212,6 +225,28 @@ def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigO
         write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
                                "seed_kind": "train.seed", "runs": runs, "summary": summary,
                                "machine": machine()})
+
+
+def _resumed(run_dir: Path) -> tuple[Config, list]:
+    """(config, [(config, run_dir)]) to continue a killed run; no job if it completed."""
+    import json
+
+    files = {}
+    for name in ("run_config.json", "results.json"):
+        try:
+            files[name] = json.loads((run_dir / name).read_text())
+        except FileNotFoundError:
+            raise FedrecError(f"--resume: {run_dir} has no {name}; give the directory of one "
+                              "run of fedrec simulate (e.g. <runs>/seed-0)") from None
+        except (OSError, ValueError) as exc:
+            raise FedrecError(f"--resume: cannot read {run_dir / name} ({exc})") from None
+    cfg = Config.from_flat(files["run_config.json"]).override(
+        **{"fed.resume": True, "fed.run-dir": str(run_dir)})
+    if files["results.json"].get("status") == "completed":
+        console.print(f"{run_dir} already completed its {cfg.fed.num_rounds} rounds; "
+                      "nothing to resume")
+        return cfg, []
+    return cfg, [(cfg, run_dir)]
 
 
 @certs_app.command("create")

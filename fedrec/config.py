@@ -78,6 +78,14 @@ class FedConfig:
     server_lr: float
     run_dir: str
     min_nodes: int  # > 0: a real deployment (the server holds the catalog only)
+    round_timeout: float
+    min_replies: int
+    max_update_norm: float
+    trim_beta: float
+    failure_rate: float
+    failure_kind: str
+    poison_rate: float
+    resume: bool
 
 
 @dataclass(frozen=True)
@@ -159,13 +167,14 @@ _CHOICES = {
     "model.kind": ("text", "fedmf"),
     "model.pooling": ("attention", "mean"),
     "train.loss": ("bce", "bpr"),
-    "fed.strategy": ("fedavg", "fedprox", "fedadam"),
+    "fed.strategy": ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
+    "fed.failure-kind": ("raise", "nan", "shape", "keys", "mixed"),
 }
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
              "train.lr", "train.batch-size", "train.local-epochs", "central.epochs",
              "central.patience", "central.batch-size", "central.lr", "data.eval-negatives", "fed.num-rounds", "fed.eval-every",
-             "fed.server-lr")
+             "fed.server-lr", "fed.round-timeout")
 
 
 def _validate(cfg: Config) -> None:
@@ -185,6 +194,13 @@ def _validate(cfg: Config) -> None:
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
         ("fed.proximal-mu", flat["fed.proximal-mu"] >= 0, ">= 0"),
         ("fed.min-nodes", flat["fed.min-nodes"] >= 0, ">= 0 (0 = simulation)"),
+        ("fed.min-replies", flat["fed.min-replies"] >= 1, ">= 1"),
+        ("fed.min-replies", not 0 < flat["fed.clients-per-round"] < flat["fed.min-replies"],
+         f"<= fed.clients-per-round ({flat['fed.clients-per-round']})"),
+        ("fed.max-update-norm", flat["fed.max-update-norm"] >= 0, ">= 0 (0 = off)"),
+        ("fed.trim-beta", 0.0 <= flat["fed.trim-beta"] < 0.5, "in [0, 0.5)"),
+        ("fed.failure-rate", 0.0 <= flat["fed.failure-rate"] <= 1.0, "in [0, 1]"),
+        ("fed.poison-rate", 0.0 <= flat["fed.poison-rate"] <= 1.0, "in [0, 1]"),
         ("data.split-seed", 0 <= flat["data.split-seed"] < _SEED_MAX, "in [0, 2**63)"),
         ("train.seed", 0 <= flat["train.seed"] < _SEED_MAX, "in [0, 2**63)"),
         ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),

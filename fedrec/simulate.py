@@ -274,6 +274,7 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
     verbose: pass every line of Flower's stream to `log` (default: round lines, warnings
     and errors). The whole stream always goes to <run_dir>/flwr.log.
     timeout: seconds before the run is stopped and reported as failed (default: none).
+    With cfg.fed.resume, `run_dir` is a killed run to continue (server/run.py).
     Call fedrec.pipeline.prepare(cfg) first so the catalog embeddings are cached.
     Raises FedrecError with one line (and the log path) if the run did not complete.
     """
@@ -297,7 +298,9 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
 
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path, log_path = run_dir / "results.json", run_dir / LOG_FILE
-    if results_path.exists():  # never read an earlier run's outcome as this one's
+    # Never read an earlier run's outcome as this one's. A resumed run keeps its results
+    # (status "running" until its server finishes) and appends to its log.
+    if results_path.exists() and not cfg.fed.resume:
         results_path.unlink()
     cfg_file = write_overrides(run_dir / OVERRIDES_FILE, config_overrides(cfg, run_dir))
     flwr_home = run_dir / ".flwr"
@@ -314,7 +317,7 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
     timed_out = threading.Event()
     old_term = _raise_on_sigterm()
     try:
-        with open(log_path, "w", encoding="utf-8") as flog:
+        with open(log_path, "a" if cfg.fed.resume else "w", encoding="utf-8") as flog:
             flog.write("$ " + " ".join(cmd) + "\n")
             flog.flush()
             proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL,

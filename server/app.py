@@ -1,10 +1,10 @@
-"""Flower ServerApp: parse the config, set up the run, start the strategy, save results."""
+"""Flower ServerApp: parse the config, set up (or resume) the run, start the strategy,
+save results."""
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.config import Config
-
 from server.run import FederatedRun
 from server.strategy import make_strategy
 
@@ -15,8 +15,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = Config.from_flat(context.run_config)
     run = FederatedRun(cfg)
-    strategy = make_strategy(cfg, run, population=run.population)
-    result = strategy.start(grid=grid, initial_arrays=run.initial_arrays(),
-                            num_rounds=cfg.fed.num_rounds, train_config=ConfigRecord(),
-                            evaluate_fn=run.server_evaluate)
-    run.finish(result.arrays)
+    done, arrays, server_state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
+    strategy = make_strategy(cfg, run, population=run.population, done_rounds=done,
+                             server_state=server_state)
+    result = strategy.start(grid=grid, initial_arrays=arrays,
+                            num_rounds=cfg.fed.num_rounds - done, timeout=cfg.fed.round_timeout,
+                            train_config=ConfigRecord(), evaluate_fn=run.evaluate_fn(done))
+    # no aggregated round (all kept the previous model, or none left): the last global one
+    run.finish(result.arrays if len(result.arrays) else arrays)

@@ -2,26 +2,45 @@
 
 Layout (every file written to a temp name, then renamed):
   run_config.json          the flat config of the run
-  results.json             per-round records + summary (status "running" -> "completed")
+  results.json             per-round records + summary (status "running" -> "completed");
+                           rewritten at the end of every round. A round's "train" record
+                           holds the aggregated client metrics and "clients" (replies
+                           aggregated), "failures" and "failures/<reason>" (dropped, by
+                           server/replies.py's reasons), "kept-previous" (1: too few valid
+                           replies, the global model stayed), "update-norm-median"/"-max" (of
+                           the valid updates, before bounding) and "clipped" (updates bounded
+                           by fed.max-update-norm); its "evaluate" record counts the same way
   metrics.csv              one row per round
-  checkpoints/round-NNNN.safetensors, final.safetensors   federated parameters only
+  checkpoints/round-NNNN.safetensors   the global federated parameters after round NNNN
+                           (as aggregated, or kept), exact dtype: what a resumed run sends
+  checkpoints/round-NNNN.server.safetensors   server optimizer state (FedAdam), if any
+  final.safetensors        the final federated parameters (float32)
+  devices/<partition-id>/  simulated devices' own disks (fedrec.local_store)
+
+A killed run resumes (fed.resume = true, `fedrec simulate --resume RUN_DIR`) from the
+last round results.json holds: its checkpoint, server state and records; the rounds
+after it are run again, numbered on. What is not restored: a privacy accountant's state
+(none is kept yet; one must be saved with each checkpoint the same way), and a real
+device's user-local state (context.state ends with its SuperNode).
 """
 
 import csv
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from fedrec.config import Config
 from fedrec.data import data_home
 from fedrec.device import read_catalog, text_dim
+from fedrec.errors import FedrecError
 from fedrec.model import build_model
 from fedrec.pipeline import prepare
 from fedrec.protocol import evaluate
@@ -41,6 +60,8 @@ class FederatedRun:
         self.dir = Path(cfg.fed.run_dir).expanduser() if cfg.fed.run_dir else default_run_dir(cfg)
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "run_config.json", cfg.to_flat())
+        if not cfg.fed.resume:  # a fresh run: no earlier run's device state may leak in
+            shutil.rmtree(self.dir / "devices", ignore_errors=True)
         # A deployment's server knows the public catalog only (the histories stay on the
         # devices): it needs the item count and the PLM width, and evaluates nothing itself.
         self.deployed = cfg.fed.min_nodes > 0
@@ -73,11 +94,56 @@ class FederatedRun:
         row[key] = {k: float(v) for k, v in metrics.items()}
         row.setdefault("t", time.time() - self.t0)  # seconds since start when the round trained
 
-    def on_train(self, rnd: int, arrays: ArrayRecord | None, replies: int, failures: int,
-                 metrics: dict | None) -> None:
-        self.record(rnd, "train", {**(metrics or {}), "clients": replies, "failures": failures})
-        if arrays is not None:
-            _save(self.dir / "checkpoints" / f"round-{rnd:04d}.safetensors", arrays)
+    def on_train(self, rnd: int, arrays: ArrayRecord | dict, metrics: dict,
+                 server_state: dict | None = None) -> None:
+        """Record round `rnd`'s training (metrics include "clients" and "failures") and
+        checkpoint the global arrays after it, aggregated or kept."""
+        self.record(rnd, "train", metrics)
+        ckpt = self.dir / "checkpoints"
+        _save(ckpt / f"round-{rnd:04d}.safetensors", arrays, dtype=None)
+        if server_state:
+            _save(ckpt / f"round-{rnd:04d}.server.safetensors", server_state, dtype=None)
+
+    def resume(self) -> tuple[int, ArrayRecord, dict]:
+        """(last completed round, the global arrays after it, server state) of this run
+        directory's killed run; its records up to that round become this run's."""
+        path = self.dir / "results.json"
+        if not path.is_file():
+            raise FedrecError(f"{self.dir}: no results.json, so no round to resume from")
+        res = load_json(path)
+        ignore = ("fed.resume", "fed.run-dir")
+        then = {k: v for k, v in res.get("config", {}).items() if k not in ignore}
+        now = {k: v for k, v in self.cfg.to_flat().items() if k not in ignore}
+        if then != now:
+            diff = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+            raise FedrecError(f"{self.dir}: cannot resume with a different config "
+                              f"({', '.join(diff[:5])}); resume with the run's own config")
+        rows = {int(r["round"]): r for r in res.get("rounds", [])}
+        done = max((r for r in rows if r >= 1 and "train" in rows[r]), default=0)
+        if done > self.cfg.fed.num_rounds:
+            raise FedrecError(f"{self.dir}: has {done} rounds, more than fed.num-rounds")
+        if done == 0:
+            arrays, state = self.initial_arrays(), {}
+        else:
+            ckpt = self.dir / "checkpoints" / f"round-{done:04d}.safetensors"
+            if not ckpt.is_file():
+                raise FedrecError(f"{ckpt} is missing; cannot resume after round {done}")
+            arrays = _to_record(load_file(str(ckpt)))
+            server = ckpt.with_name(f"round-{done:04d}.server.safetensors")
+            state = load_file(str(server)) if server.is_file() else {}
+        self.rounds = {r: row for r, row in rows.items() if r <= done}
+        self.t0 = time.time() - float(res.get("seconds", 0.0))
+        self.log(f"resuming {self.dir} after round {done} of {self.cfg.fed.num_rounds}")
+        return done, arrays, state
+
+    def evaluate_fn(self, done_rounds: int = 0):
+        """Flower's evaluate_fn for a run continuing after `done_rounds` (0: a fresh run):
+        rounds are numbered on, and the initial model is evaluated only by a fresh run."""
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if done_rounds and server_round == 0:
+                return None
+            return self.server_evaluate(server_round + done_rounds, arrays)
+        return evaluate
 
     def server_evaluate(self, rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Global-model metrics on all users (simulation only: the server holds the split;
@@ -129,7 +195,8 @@ class FederatedRun:
         write_json(self.dir / "results.json", {"status": status, "config": self.cfg.to_flat(),
                                                "seconds": time.time() - self.t0,
                                                "rounds": rows, "summary": self.summary()})
-        flat = [{"round": r["round"], **{f"{sec}/{k}": v for sec in ("train", "federated", "server")
+        flat = [{"round": r["round"], **{f"{sec}/{k}": v
+                                          for sec in ("train", "evaluate", "federated", "server")
                                           for k, v in r.get(sec, {}).items()}} for r in rows]
         cols = sorted({c for row in flat for c in row}, key=lambda c: (c != "round", c))
         buf = io.StringIO()
@@ -151,10 +218,11 @@ def _to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
 
 
-def _save(path: Path, arrays: ArrayRecord) -> None:
+def _save(path: Path, arrays: ArrayRecord | dict, dtype=np.float32) -> None:
+    """arrays: an ArrayRecord or numpy arrays by name; dtype None keeps each array's own."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(a.numpy(), dtype=np.float32) for k, a in arrays.items()},
-              str(tmp))
+    save_file({k: np.ascontiguousarray(a.numpy() if isinstance(a, Array) else a, dtype=dtype)
+               for k, a in arrays.items()}, str(tmp))
     os.replace(tmp, path)
 
 

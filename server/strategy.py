@@ -1,12 +1,38 @@
-"""Flower strategy chosen by config (FedAvg, FedProx, FedAdam), sampling exactly
-`fed.clients-per-round` devices every round, recording every round into the run."""
+"""Flower strategy chosen by config (FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg),
+sampling exactly `fed.clients-per-round` devices every round, recording every round into
+the run.
 
+Around the chosen Flower strategy, every round:
+- sampling is seeded by (train.seed, round), so a resumed run samples what the
+  uninterrupted one would have (given the same node ids, as in the in-process engine);
+- replies are checked before Flower sees them (server/replies.py): bad ones are dropped
+  and counted, updates are norm-bounded when fed.max-update-norm > 0, and with fewer
+  than fed.min-replies valid replies the round keeps the previous global model;
+- rounds are numbered from `done_rounds + 1` on, so a resumed run continues the count.
+"""
+
+import random
+from contextlib import contextmanager
+
+import numpy as np
 from flwr.app import MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from fedrec.config import Config
+from fedrec.errors import FedrecError
 from fedrec.federated import aggregate_client_metrics
+from server.replies import (
+    bound_update,
+    evaluate_problem,
+    filter_replies,
+    train_problem,
+    update_norm,
+)
 from server.run import FederatedRun
+
+BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian,
+         "fedtrimmedavg": FedTrimmedAvg}
+OPTIMIZER_STATE = ("m_t", "v_t")  # FedOpt's server moments: saved with each checkpoint
 
 
 def _aggregate_eval(records, weighted_by_key: str) -> MetricRecord:
@@ -14,12 +40,28 @@ def _aggregate_eval(records, weighted_by_key: str) -> MetricRecord:
         [{k: float(v) for k, v in rd["metrics"].items()} for rd in records]))
 
 
-def make_strategy(cfg: Config, run: FederatedRun, population: int):
-    """population: devices expected online (every user in simulation)."""
-    base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[cfg.fed.strategy]
+@contextmanager
+def _seeded_sampling(seed: int, server_round: int):
+    """Flower samples nodes with the global `random`: seed it per round, then restore it."""
+    outer = random.getstate()
+    random.seed(int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0]))
+    try:
+        yield
+    finally:
+        random.setstate(outer)
+
+
+def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: int = 0,
+                  server_state: dict | None = None):
+    """population: devices expected online (every user in simulation). done_rounds and
+    server_state: where a resumed run continues (FederatedRun.resume)."""
+    base = BASES[cfg.fed.strategy]
     k = cfg.fed.clients_per_round or population
     if k > population:
         raise ValueError(f"fed.clients-per-round={k} exceeds the {population} available devices")
+    if cfg.fed.min_replies > k:
+        raise FedrecError(f"config: 'fed.min-replies' must be <= the {k} clients per round; "
+                          f"got {cfg.fed.min_replies}")
     kwargs = dict(
         # fraction ~0 makes the sample size exactly min_train_nodes; waiting for the whole
         # population first avoids round-1 under-sampling while virtual nodes register.
@@ -30,32 +72,85 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int):
         kwargs["proximal_mu"] = cfg.fed.proximal_mu
     if base is FedAdam:
         kwargs.update(eta=cfg.fed.server_lr, eta_l=cfg.train.lr)
+    if base is FedTrimmedAvg:
+        kwargs["beta"] = cfg.fed.trim_beta
+    f = cfg.fed
 
     class Recording(base):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
+            self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
+
+        def _configure(self, kind, server_round, arrays, config, grid):
+            rnd = server_round + done_rounds
+            parent = getattr(super(), f"configure_{kind}")
+            with _seeded_sampling(cfg.train.seed, rnd):
+                messages = list(parent(rnd, arrays, config, grid))
+            self.expected[kind] = len(messages)
+            return messages
+
+        def configure_train(self, server_round, arrays, config, grid):
+            self.sent = {k: a.numpy() for k, a in arrays.items()}
+            return self._configure("train", server_round, arrays, config, grid)
+
         def configure_evaluate(self, server_round, arrays, config, grid):
-            if not run.is_eval_round(server_round):
+            if not run.is_eval_round(server_round + done_rounds):
+                self.expected["evaluate"] = 0
                 return []
-            return super().configure_evaluate(server_round, arrays, config, grid)
+            return self._configure("evaluate", server_round, arrays, config, grid)
 
         def aggregate_train(self, server_round, replies):
-            replies = list(replies)
-            arrays, metrics = super().aggregate_train(server_round, replies)
-            ok = [m for m in replies if not m.has_error()]
-            stats = {}
-            if ok:  # unweighted means over devices, for the benchmark
-                stats["update-seconds-mean"] = sum(
-                    float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
+            rnd = server_round + done_rounds
+            ok, failures = filter_replies(replies, self.expected["train"],
+                                          lambda m: train_problem(m, self.sent))
+            stats = {"clients": len(ok), "failures": sum(failures.values()),
+                     **{f"failures/{r}": n for r, n in failures.items()}}
+            if ok:  # for the benchmark: unweighted mean over devices, bytes of one upload
+                if "update-seconds" in ok[0].content["metrics"]:  # same keys in every reply
+                    stats["update-seconds-mean"] = sum(
+                        float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
                 stats["upload-bytes"] = sum(a.numpy().nbytes
                                             for a in ok[0].content["arrays"].values())
-            run.on_train(server_round, arrays, len(ok), len(replies) - len(ok),
-                         {**(metrics or {}), **stats})
+            # update norms (before any bounding): what fed.max-update-norm should be set from
+            bound = f.max_update_norm
+            norms = [bound_update(m, self.sent, bound) if bound > 0 else update_norm(m, self.sent)
+                     for m in ok]
+            if norms:
+                stats["update-norm-median"] = float(np.median(norms))
+                stats["update-norm-max"] = max(norms)
+            if bound > 0:
+                stats["clipped"] = sum(n > bound for n in norms)
+            arrays, metrics = None, None
+            if len(ok) >= f.min_replies:
+                arrays, metrics = super().aggregate_train(rnd, ok)
+            stats["kept-previous"] = int(arrays is None)
+            run.on_train(rnd, arrays if arrays is not None else self.sent,
+                         {**(metrics or {}), **stats}, self.server_state())
             return arrays, metrics
 
         def aggregate_evaluate(self, server_round, replies):
-            metrics = super().aggregate_evaluate(server_round, replies)
+            rnd = server_round + done_rounds
+            if not self.expected["evaluate"]:
+                return None
+            ok, failures = filter_replies(replies, self.expected["evaluate"], evaluate_problem)
+            run.record(rnd, "evaluate", {"clients": len(ok), "failures": sum(failures.values()),
+                                         **{f"failures/{r}": n for r, n in failures.items()}})
+            metrics = super().aggregate_evaluate(rnd, ok)
             if metrics:
-                run.record(server_round, "federated", metrics)
+                run.record(rnd, "federated", metrics)
             return metrics
 
+        def server_state(self) -> dict[str, np.ndarray]:
+            """Server-side optimizer state a resumed run needs (FedAdam's moments)."""
+            return {f"{name}/{k}": v for name in OPTIMIZER_STATE
+                    for k, v in (getattr(self, name, None) or {}).items()}
+
     Recording.__name__ = base.__name__
-    return Recording(**kwargs)
+    strategy = Recording(**kwargs)
+    for name in OPTIMIZER_STATE:
+        part = {key.split("/", 1)[1]: v for key, v in (server_state or {}).items()
+                if key.startswith(name + "/")}
+        if part:
+            setattr(strategy, name, part)
+    return strategy

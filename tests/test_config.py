@@ -21,6 +21,17 @@ def test_defaults_parse_and_round_trip():
     assert cfg.data.eval_negatives == 99
 
 
+def test_reliability_keys_accept_their_edges():
+    cfg = Config.from_flat(DEFAULTS)
+    edge = cfg.override(**{"fed.failure-rate": 1.0, "fed.poison-rate": 0.0, "fed.trim-beta": 0.0,
+                           "fed.min-replies": 94, "fed.max-update-norm": 0.5,
+                           "fed.strategy": "fedtrimmedavg", "fed.failure-kind": "mixed"})
+    assert (edge.fed.failure_rate, edge.fed.min_replies, edge.fed.strategy) == (1.0, 94, "fedtrimmedavg")
+    # every user per round (0): any minimum is allowed, the population is not known here
+    assert cfg.override(**{"fed.clients-per-round": 0, "fed.min-replies": 500}).fed.min_replies == 500
+    assert cfg.fed.round_timeout == 3600.0 and cfg.fed.min_replies == 1 and not cfg.fed.resume
+
+
 def test_override_round_trips():
     cfg = Config.from_flat(DEFAULTS)
     new = cfg.override(**{"train.lr": 0.01, "model.kind": "fedmf", "data.cold-fraction": 0})
@@ -52,6 +63,19 @@ def test_override_round_trips():
     ("data.dataset", " ", "'data.dataset' must be"),
     ("data.item-template", "{title", "'data.item-template' is not a valid template"),
     ("data.item-template", "{0}", "'data.item-template' field {0}"),
+    ("fed.strategy", "krum", "'fed.strategy' must be one of fedavg, fedprox, fedadam, fedmedian"),
+    ("fed.round-timeout", 0.0, "'fed.round-timeout' must be > 0"),
+    ("fed.round-timeout", "60", "'fed.round-timeout' must be float"),
+    ("fed.min-replies", 0, "'fed.min-replies' must be >= 1"),
+    ("fed.min-replies", 95, r"'fed.min-replies' must be <= fed.clients-per-round \(94\)"),
+    ("fed.max-update-norm", -1.0, r"'fed.max-update-norm' must be >= 0 \(0 = off\)"),
+    ("fed.trim-beta", 0.5, r"'fed.trim-beta' must be in \[0, 0.5\)"),
+    ("fed.trim-beta", -0.1, r"'fed.trim-beta' must be in \[0, 0.5\)"),
+    ("fed.failure-rate", 1.5, r"'fed.failure-rate' must be in \[0, 1\]"),
+    ("fed.failure-rate", -0.1, r"'fed.failure-rate' must be in \[0, 1\]"),
+    ("fed.failure-kind", "crash", "'fed.failure-kind' must be one of raise, nan, shape, keys, mixed"),
+    ("fed.poison-rate", 2.0, r"'fed.poison-rate' must be in \[0, 1\]"),
+    ("fed.resume", 1, "'fed.resume' must be bool"),
 ])
 def test_bad_values_name_the_key(key, value, match):
     with pytest.raises(FedrecError, match=match):
@@ -130,3 +154,12 @@ TOKEN = st.one_of(
 @given(st.lists(TOKEN, max_size=4).map(" ".join))
 def test_generated_override_strings(text):
     _valid_or_fedrec_error(lambda: load_config(parse_overrides(text)))
+
+
+def test_every_experiment_config_parses():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "simulations" / "configs").glob("*.toml"))
+    assert len(configs) >= 5
+    for path in configs:
+        load_config(toml_file=str(path))  # unknown keys or bad values raise FedrecError

@@ -175,3 +175,23 @@ def holding(arrays: dict, vec, rtol: float = 1e-4, atol: float = 1e-6) -> list[s
     vec = np.asarray(vec, np.float64)
     return [k for k, a in arrays.items()
             if np.isclose(vectors(a, len(vec)), vec, rtol=rtol, atol=atol).all(axis=1).any()]
+
+
+def run_inprocess(cfg: Config, grid=None) -> tuple[object, dict]:
+    """The real ServerApp main and ClientApp in this process (InProcessGrid unless `grid`
+    is given); returns (grid, results.json of cfg's fed.run-dir)."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    import clients.app
+    import server.app
+    from fedrec.inprocess import InProcessGrid
+    from fedrec.pipeline import prepare
+
+    flat = cfg.to_flat()
+    if grid is None:
+        grid = InProcessGrid(clients.app.app, flat, prepare(cfg).split.n_users)
+    server.app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=flat))
+    return grid, json.loads((Path(cfg.fed.run_dir) / "results.json").read_text())

@@ -1,0 +1,53 @@
+"""A simulated device's own disk: its user-local state, kept so a resumed run continues it.
+
+A device keeps its user-local parameters in Flower's context.state, which lives as long
+as the simulation does; `fedrec simulate --resume` starts a new one. So every simulated
+device also writes its state after each round it trains, to
+``<fed.run-dir>/devices/<partition-id>/round-NNNN.safetensors`` (the run directory stands
+in for the device's disk; the server never reads it). A resumed device loads the newest
+file from before the round it is asked about, so a device that trained in the round the
+run was killed in starts that round again from the state it had before it.
+
+The two newest files are kept: the older one is still needed if the run is killed in the
+round the newer one was written in. A real device (deployment) keeps context.state only
+while its SuperNode runs; a restarted SuperNode starts with a fresh local state.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+_NAME = re.compile(r"round-(\d{4,})\.safetensors")
+
+
+def _dir(run_dir: str, device: int) -> Path:
+    return Path(run_dir).expanduser() / "devices" / str(device)
+
+
+def _rounds(d: Path) -> list[int]:
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for f in os.listdir(d) if (m := _NAME.fullmatch(f)))
+
+
+def save_local(run_dir: str, device: int, server_round: int, state: dict[str, np.ndarray]
+               ) -> None:
+    """Store `device`'s state after training in `server_round`; drop all but the newest two."""
+    d = _dir(run_dir, device)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"round-{server_round:04d}.safetensors"
+    tmp = d / f".{path.name}.tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+    for old in [r for r in _rounds(d) if r < server_round][:-1]:
+        (d / f"round-{old:04d}.safetensors").unlink(missing_ok=True)
+
+
+def load_local(run_dir: str, device: int, before_round: int) -> dict[str, np.ndarray] | None:
+    """The newest state `device` stored in a round < `before_round`, or None."""
+    d = _dir(run_dir, device)
+    earlier = [r for r in _rounds(d) if r < before_round]
+    return load_file(str(d / f"round-{earlier[-1]:04d}.safetensors")) if earlier else None

@@ -1,0 +1,229 @@
+"""The server's reply checks and defences, on hand-built Messages: every kind of bad reply
+is dropped and counted, the global model is the aggregate of the valid ones only, and a
+poisoned update is bounded by norm clipping and ignored by the median."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.config import Config, load_defaults
+from fedrec.inprocess import InProcessGrid
+from server.replies import REASONS, bound_update, evaluate_problem, filter_replies, train_problem
+from server.strategy import make_strategy
+
+SENT = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.zeros(2, np.float32)}
+N = 6  # devices in the strategy tests
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):  # process-global: restore afterwards
+        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+
+
+def request(node=1, kind="train"):
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in SENT.items()}),
+                          "config": ConfigRecord({"server-round": 1})})
+    return Message(content, dst_node_id=node, message_type=kind)
+
+
+def reply(arrays=None, metrics=None, node=1, **records):
+    """A train reply: arrays (default: SENT + node) and metrics (default: num-examples node)."""
+    arrays = {k: v + node for k, v in SENT.items()} if arrays is None else arrays
+    metrics = {"num-examples": node, "train-loss": 0.5} if metrics is None else metrics
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord(metrics), **records})
+    return Message(content, reply_to=request(node))
+
+
+def error_reply(node=1):
+    return Message(Error(code=100, reason="boom"), reply_to=request(node))
+
+
+BAD_TRAIN = {
+    "error": lambda: error_reply(),
+    "no arrays": lambda: Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+                                 reply_to=request()),
+    "two array records": lambda: reply(extra=ArrayRecord({"x": Array(np.zeros(1))})),
+    "no metrics": lambda: Message(RecordDict({"arrays": ArrayRecord(
+        {k: Array(v) for k, v in SENT.items()})}), reply_to=request()),
+    "no num-examples": lambda: reply(metrics={"train-loss": 0.5}),
+    "zero num-examples": lambda: reply(metrics={"num-examples": 0, "train-loss": 0.5}),
+    "list metric": lambda: reply(metrics={"num-examples": 1, "train-loss": [0.5, 0.4]}),
+    "nan metric": lambda: reply(metrics={"num-examples": 1, "train-loss": float("nan")}),
+    "missing key": lambda: reply(arrays={"w": SENT["w"]}),
+    "renamed key": lambda: reply(arrays={"w": SENT["w"], "bias": SENT["b"]}),
+    "extra key": lambda: reply(arrays={**SENT, "x": np.zeros(1, np.float32)}),
+    "wrong shape": lambda: reply(arrays={"w": SENT["w"][:2], "b": SENT["b"]}),
+    "transposed": lambda: reply(arrays={"w": SENT["w"].T.copy(), "b": SENT["b"]}),
+    "nan": lambda: reply(arrays={"w": np.where(SENT["w"] == 3, np.nan, SENT["w"]), "b": SENT["b"]}),
+    "inf": lambda: reply(arrays={"w": SENT["w"], "b": np.array([0, -np.inf], np.float32)}),
+}
+WHY = {"error": "error", "no arrays": "malformed", "two array records": "malformed",
+       "no metrics": "malformed", "no num-examples": "malformed", "zero num-examples": "malformed",
+       "list metric": "malformed", "nan metric": "nonfinite", "missing key": "keys",
+       "renamed key": "keys", "extra key": "keys", "wrong shape": "shape", "transposed": "shape",
+       "nan": "nonfinite", "inf": "nonfinite"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAIN))
+def test_each_bad_train_reply_is_named(case):
+    assert train_problem(BAD_TRAIN[case](), SENT) == WHY[case]
+
+
+def test_a_good_train_reply_passes():
+    assert train_problem(reply(), SENT) is None
+    assert train_problem(reply(arrays={k: v.astype(np.float64) for k, v in SENT.items()}),
+                         SENT) is None  # FedAdam-style float64 is still a model
+
+
+def test_evaluate_replies():
+    ok = Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "hr": 0.0})}),
+                 reply_to=request(kind="evaluate"))
+    assert evaluate_problem(ok) is None  # a device without a test item reports 0 examples
+    for metrics, why in (({"hr": 1.0}, "malformed"), ({"num-examples": -1, "hr": 1.0}, "malformed"),
+                         ({"num-examples": 1, "hr": float("inf")}, "nonfinite")):
+        bad = Message(RecordDict({"metrics": MetricRecord(metrics)}),
+                      reply_to=request(kind="evaluate"))
+        assert evaluate_problem(bad) == why
+    assert evaluate_problem(error_reply()) == "error"
+    assert evaluate_problem(reply()) == "malformed"  # arrays have no place in an evaluation
+
+
+def test_filter_counts_every_reason_timeouts_and_odd_metric_keys():
+    replies = [reply(node=n) for n in (1, 2, 3)] + [BAD_TRAIN[c]() for c in sorted(BAD_TRAIN)]
+    odd = reply(node=4, metrics={"num-examples": 4, "loss": 0.5})  # valid alone, odd key set
+    valid, failures = filter_replies(replies + [odd], expected=len(replies) + 3,
+                                     problem=lambda m: train_problem(m, SENT))
+    assert [m.content["metrics"]["num-examples"] for m in valid] == [1, 2, 3]
+    assert set(failures) == set(REASONS)
+    expected = {r: sum(w == r for w in WHY.values()) for r in REASONS}
+    expected["malformed"] += 1  # the odd key set
+    expected["timeout"] = 2  # two of the messages sent got no reply
+    assert failures == expected
+
+
+def test_bound_update_clips_to_the_norm_and_keeps_small_updates():
+    big = reply(arrays={"w": SENT["w"] + 3.0, "b": SENT["b"] + 4.0})
+    norm = bound_update(big, SENT, max_norm=1.0)
+    assert norm == pytest.approx(np.sqrt(6 * 9 + 2 * 16))
+    got = {k: a.numpy() for k, a in big.content["arrays"].items()}
+    delta = np.concatenate([(got[k] - SENT[k]).ravel() for k in SENT])
+    assert np.linalg.norm(delta) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(got["w"] - SENT["w"], 3.0 / norm, rtol=1e-5)  # same direction
+    assert got["w"].dtype == np.float32
+    small = reply(arrays={"w": SENT["w"] + 0.1, "b": SENT["b"]})
+    before = small.content["arrays"]["w"].numpy().copy()
+    assert bound_update(small, SENT, max_norm=1.0) < 1.0
+    np.testing.assert_array_equal(small.content["arrays"]["w"].numpy(), before)
+
+
+# --------------------------------------------------------------------------- strategy
+
+class FakeRun:
+    """What the strategy tells the run: train records and the checkpointed arrays."""
+
+    def __init__(self):
+        self.train, self.kept, self.records = {}, {}, {}
+
+    def is_eval_round(self, rnd):
+        return True
+
+    def on_train(self, rnd, arrays, metrics, server_state=None):
+        self.train[rnd] = metrics
+        self.kept[rnd] = {k: (a.numpy() if isinstance(a, Array) else a) for k, a in arrays.items()}
+
+    def record(self, rnd, key, metrics):
+        self.records[(rnd, key)] = dict(metrics)
+
+
+def strategy(**overrides):
+    cfg = Config.from_flat({**load_defaults(), "fed.clients-per-round": N, **overrides})
+    run = FakeRun()
+    s = make_strategy(cfg, run, population=N)
+    grid = InProcessGrid(None, cfg.to_flat(), N)
+    sent = ArrayRecord({k: Array(v) for k, v in SENT.items()})
+    messages = s.configure_train(1, sent, ConfigRecord(), grid)
+    assert len(messages) == N
+    return s, run
+
+
+def aggregate(s, replies):
+    arrays, metrics = s.aggregate_train(1, replies)
+    return (None if arrays is None else {k: a.numpy() for k, a in arrays.items()}), metrics
+
+
+def weighted_mean(replies):
+    w = np.array([float(m.content["metrics"]["num-examples"]) for m in replies])
+    return {k: sum(wi / w.sum() * m.content["arrays"][k].numpy() for wi, m in zip(w, replies))
+            for k in SENT}
+
+
+def test_bad_replies_never_reach_the_aggregate():
+    s, run = strategy()
+    good = [reply(node=n) for n in (1, 2)]
+    expected = weighted_mean(good)
+    bad = [BAD_TRAIN[c]() for c in ("error", "nan", "wrong shape", "renamed key")]
+    arrays, metrics = aggregate(s, [bad[0], good[0], *bad[1:], good[1]])
+    for k in SENT:
+        np.testing.assert_allclose(arrays[k], expected[k], rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx(0.5)
+    t = run.train[1]
+    assert (t["clients"], t["failures"], t["kept-previous"]) == (2, 4, 0)
+    assert t["update-norm-median"] == pytest.approx(1.5 * np.sqrt(8))  # updates of 1s and 2s
+    assert t["update-norm-max"] == pytest.approx(2 * np.sqrt(8)) and "clipped" not in t
+    assert (t["failures/error"], t["failures/nonfinite"], t["failures/shape"],
+            t["failures/keys"], t["failures/timeout"]) == (1, 1, 1, 1, 0)
+    np.testing.assert_allclose(run.kept[1]["w"], expected["w"], rtol=1e-6)
+
+
+def test_too_few_valid_replies_keep_the_previous_model():
+    s, run = strategy(**{"fed.min-replies": 2})
+    arrays, metrics = aggregate(s, [reply(node=1), BAD_TRAIN["nan"](), error_reply(3)])
+    assert arrays is None and metrics is None
+    assert run.train[1]["kept-previous"] == 1 and run.train[1]["clients"] == 1
+    assert run.train[1]["failures/timeout"] == N - 3
+    for k in SENT:  # the round's checkpoint is the model that was sent
+        np.testing.assert_array_equal(run.kept[1][k], SENT[k])
+    s, run = strategy()
+    assert aggregate(s, [error_reply(n) for n in range(1, N + 1)]) == (None, None)
+    assert run.train[1]["failures/error"] == N
+
+
+def honest_and_poisoned():
+    """Five honest updates near +1 and one sign-flipped, 1000x boosted update."""
+    rng = np.random.default_rng(0)
+    honest = [reply(arrays={k: v + 1 + 0.01 * rng.standard_normal(v.shape).astype(np.float32)
+                            for k, v in SENT.items()}, node=n,
+                    metrics={"num-examples": 10, "train-loss": 0.5}) for n in range(1, 6)]
+    poisoned = reply(arrays={k: v - 1000.0 for k, v in SENT.items()}, node=6,
+                     metrics={"num-examples": 10, "train-loss": 0.5})
+    return honest, poisoned
+
+
+def moved(arrays):
+    return float(np.sqrt(sum(((arrays[k] - SENT[k]) ** 2).sum() for k in SENT)))
+
+
+@pytest.mark.parametrize("defence,limit", [
+    ({"fed.strategy": "fedavg"}, None),
+    ({"fed.strategy": "fedavg", "fed.max-update-norm": 3.0}, 3.0),
+    ({"fed.strategy": "fedmedian"}, None),
+    ({"fed.strategy": "fedtrimmedavg", "fed.trim-beta": 0.2}, None),
+])
+def test_a_poisoned_update_moves_plain_fedavg_but_not_the_defences(defence, limit):
+    honest, poisoned = honest_and_poisoned()
+    clean_s, _ = strategy(**{"fed.strategy": "fedavg"})
+    clean = moved(aggregate(clean_s, honest_and_poisoned()[0])[0])
+    assert clean == pytest.approx(np.sqrt(8), rel=0.05)  # every coordinate moved by ~1
+    s, run = strategy(**defence)
+    arrays, _ = aggregate(s, [*honest, poisoned])
+    if defence == {"fed.strategy": "fedavg"}:
+        assert moved(arrays) > 100 * clean  # one attacker in six drags the model far away
+        return
+    assert moved(arrays) <= 1.5 * clean, defence
+    if limit:  # every update clipped to the bound: the mean moves at most that far
+        assert moved(arrays) <= limit + 1e-5
+        assert run.train[1]["clipped"] == 1  # only the attacker (honest norms ~2.8)

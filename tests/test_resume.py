@@ -1,0 +1,215 @@
+"""Checkpoint and resume, in-process: a run killed in round k+1 and resumed ends with
+exactly N rounds, none repeated, and the same parameters and metrics as a run that was
+never interrupted (the in-process engine is deterministic given the seeds)."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+from rich.console import Console
+from safetensors.numpy import load_file
+
+import clients.app
+import fedrec.encoder
+import fedrec.federated
+from fedrec import cli
+from fedrec.errors import FedrecError
+from fedrec.inprocess import InProcessGrid
+from fedrec.pipeline import prepare
+from server.run import FederatedRun
+from tiny import run_inprocess, tiny_config
+
+N = 4  # rounds
+TIMING = {"update-seconds", "update-seconds-mean"}  # train metrics that time, not train
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
+    for name in ("_run_id", "_node_id", "_task_id"):  # process-global: restore afterwards
+        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+    fedrec.federated._population.cache_clear()
+    fedrec.encoder._encoder.cache_clear()
+    yield
+    fedrec.federated._population.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+class Killed(Exception):
+    """The process dies: raised by the grid, outside any client."""
+
+
+class Dying(InProcessGrid):
+    """Dies at the third message of (kind, round): two devices have handled it already."""
+
+    def __init__(self, *args, at: tuple[str, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.seen = at, 0
+
+    def _call(self, msg):
+        if (msg.metadata.message_type, int(msg.content["config"]["server-round"])) == self.at:
+            self.seen += 1
+            if self.seen > 2:
+                raise Killed(self.at)
+        return super()._call(msg)
+
+
+def config(tiny_root, run_dir, **overrides):
+    return tiny_config(tiny_root, {"fed.num-rounds": N, "fed.run-dir": str(run_dir),
+                                   **overrides})
+
+
+def interrupted(tiny_root, run_dir, at, **overrides):
+    """A run of N rounds killed at `at`; returns its config."""
+    cfg = config(tiny_root, run_dir, **overrides)
+    grid = Dying(clients.app.app, cfg.to_flat(), prepare(cfg).split.n_users, at=at)
+    with pytest.raises(Killed):
+        run_inprocess(cfg, grid)
+    return cfg
+
+
+def comparable(results: dict) -> list[dict]:
+    """Per-round records without wall-clock fields."""
+    return [{sec: ({k: v for k, v in row[sec].items() if k not in TIMING}
+                   if isinstance(row[sec], dict) else row[sec])
+             for sec in row if sec != "t"} for row in results["rounds"]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_root, tmp_path_factory):
+    """(run dir, results) of a never-interrupted run, once per strategy."""
+    done = {}
+
+    def run(strategy):
+        if strategy not in done:
+            run_dir = tmp_path_factory.mktemp("whole") / "run"
+            _, results = run_inprocess(config(tiny_root, run_dir, **{"fed.strategy": strategy}))
+            done[strategy] = run_dir, results
+        return done[strategy]
+    return run
+
+
+@pytest.mark.parametrize("strategy,at", [
+    ("fedavg", ("train", 3)),      # killed mid-training: round 3 has no checkpoint yet
+    ("fedavg", ("evaluate", 3)),   # killed after round 3's checkpoint, before its results
+    ("fedadam", ("train", 3)),     # server optimizer state restored too
+])
+def test_a_resumed_run_equals_the_uninterrupted_one(tiny_root, tmp_path, uninterrupted,
+                                                    strategy, at):
+    whole_dir, whole = uninterrupted(strategy)
+    run_dir = tmp_path / "run"
+    cfg = interrupted(tiny_root, run_dir, at, **{"fed.strategy": strategy})
+    killed = json.loads((run_dir / "results.json").read_text())
+    assert killed["status"] == "running"
+    assert [r["round"] for r in killed["rounds"]] == [0, 1, 2]
+    assert (run_dir / "checkpoints" / "round-0003.safetensors").is_file() == (at[0] == "evaluate")
+
+    _, results = run_inprocess(cfg.override(**{"fed.resume": True}))
+    assert results["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == list(range(N + 1))  # none lost or repeated
+    assert comparable(results) == comparable(whole)
+    assert results["summary"] == whole["summary"]
+    final, want = (load_file(str(d / "final.safetensors")) for d in (run_dir, whole_dir))
+    assert final.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(final[k], want[k])
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == [str(r) for r in range(N + 1)]
+
+
+def test_without_the_devices_state_a_resumed_run_differs(tiny_root, tmp_path, uninterrupted):
+    """Why the devices keep their user-local state on disk: without it the rounds after
+    the resume start from fresh user residuals, and the model ends elsewhere."""
+    import shutil
+
+    whole_dir, _ = uninterrupted("fedavg")
+    run_dir = tmp_path / "run"
+    cfg = interrupted(tiny_root, run_dir, ("train", 3))
+    shutil.rmtree(run_dir / "devices")
+    _, results = run_inprocess(cfg.override(**{"fed.resume": True}))
+    assert [r["round"] for r in results["rounds"]] == list(range(N + 1))
+    final, want = (load_file(str(d / "final.safetensors")) for d in (run_dir, whole_dir))
+    assert any(not np.array_equal(final[k], want[k]) for k in want)
+
+
+def test_killed_after_its_last_round_a_run_only_finishes(tiny_root, tmp_path, uninterrupted):
+    import shutil
+
+    whole_dir, whole = uninterrupted("fedavg")
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole_dir, run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({**results, "status": "running"}))
+    (run_dir / "final.safetensors").unlink()
+    cfg = config(tiny_root, run_dir, **{"fed.resume": True})
+    _, again = run_inprocess(cfg)
+    assert again["status"] == "completed" and comparable(again) == comparable(whole)
+    final = load_file(str(run_dir / "final.safetensors"))
+    last = load_file(str(run_dir / "checkpoints" / f"round-{N:04d}.safetensors"))
+    assert all(np.array_equal(final[k], last[k]) for k in last)
+
+
+def test_resume_refuses_another_config_or_no_run(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = interrupted(tiny_root, run_dir, ("train", 2))
+    other = cfg.override(**{"fed.resume": True, "train.lr": 0.5})
+    with pytest.raises(FedrecError, match=r"different config \(train.lr\)"):
+        FederatedRun(other, log=lambda *_: None).resume()
+    empty = cfg.override(**{"fed.resume": True, "fed.run-dir": str(tmp_path / "empty")})
+    with pytest.raises(FedrecError, match="no results.json"):
+        FederatedRun(empty, log=lambda *_: None).resume()
+
+
+def test_a_fresh_run_forgets_an_earlier_runs_device_state(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = interrupted(tiny_root, run_dir, ("train", 2))
+    assert any((run_dir / "devices").iterdir())
+    FederatedRun(cfg, log=lambda *_: None)  # fed.resume false: a new run in the same place
+    assert not (run_dir / "devices").exists()
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    record = Console(width=300, record=True)
+    monkeypatch.setattr(cli, "console", record)
+    monkeypatch.setattr(sys, "argv", ["fedrec", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()  # the server's own lines go to stdout
+    return code, record.export_text() + captured.out, captured.err
+
+
+def test_fedrec_simulate_resume(tiny_root, tmp_path, uninterrupted, monkeypatch, capsys):
+    whole_dir, whole = uninterrupted("fedavg")
+    run_dir = tmp_path / "seed-0"
+    interrupted(tiny_root, run_dir, ("evaluate", 2))
+
+    code, _, err = run_cli(monkeypatch, capsys, "simulate", "--resume", str(run_dir),
+                           "--run-config", "train.lr=0.1")
+    assert code == 2 and "leave out --config and --run-config" in err
+    code, _, err = run_cli(monkeypatch, capsys, "simulate", "--resume", str(tmp_path / "nowhere"))
+    assert code == 2 and "has no run_config.json" in err
+
+    code, out, err = run_cli(monkeypatch, capsys, "simulate", "--resume", str(run_dir),
+                             "--engine", "inprocess")
+    assert code == 0, err
+    assert "resuming" in out and "after round 1 of 4" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed" and comparable(results) == comparable(whole)
+    assert results["config"]["fed.resume"] is True
+    final, want = (load_file(str(d / "final.safetensors")) for d in (run_dir, whole_dir))
+    assert all(np.array_equal(final[k], want[k]) for k in want)
+
+    code, out, _ = run_cli(monkeypatch, capsys, "simulate", "--resume", str(run_dir),
+                           "--engine", "inprocess")
+    assert code == 0 and "nothing to resume" in out
