@@ -7,48 +7,20 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 import clients.app
-import fedrec.encoder
-import fedrec.federated
 import server.app
 from fedrec.inprocess import InProcessGrid
 from fedrec.model import build_model, pool_history
 from fedrec.pipeline import prepare
-from tiny import holding, tiny_config
+from tiny import holding
 
 EVAL_KEYS = {"sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10",
              "num-examples"}
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
-    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
-    for name in ("_run_id", "_node_id", "_task_id"):  # process-global: restore afterwards
-        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    fedrec.federated._population.cache_clear()
-    fedrec.encoder._encoder.cache_clear()
-    yield
-    fedrec.federated._population.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny")
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny_root):
-    return tiny_config(tiny_root)
-
-
-@pytest.fixture(scope="module")
-def prepared(cfg):
-    return prepare(cfg)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def global_state(cfg, prepared, seed=0):

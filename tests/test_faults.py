@@ -5,14 +5,10 @@ poisoned update back. Plus the fault plan itself and the device's own state file
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 import clients.app
-import fedrec.encoder
-import fedrec.federated
 from fedrec.faults import FAILURE_KINDS, POISON_SCALE, corrupt, planned_fault
 from fedrec.inprocess import InProcessGrid
 from fedrec.local_store import load_local, save_local
@@ -23,21 +19,7 @@ from tiny import run_inprocess, tiny_config
 REASON = {"raise": "error", "nan": "nonfinite", "shape": "shape", "keys": "keys"}
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
-    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
-    for name in ("_run_id", "_node_id", "_task_id"):  # process-global: restore afterwards
-        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
-    fedrec.federated._population.cache_clear()
-    fedrec.encoder._encoder.cache_clear()
-    yield
-    fedrec.federated._population.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny")
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def config(tiny_root, tmp_path, **overrides):

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import fedrec.encoder
-import fedrec.federated
 from fedrec.federated import (
     ClientData,
     aggregate_client_metrics,
@@ -27,29 +25,7 @@ from tiny import holding, tiny_config
 KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
-    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
-    fedrec.federated._population.cache_clear()
-    fedrec.encoder._encoder.cache_clear()
-    yield
-    fedrec.federated._population.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny")
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny_root):
-    return tiny_config(tiny_root)
-
-
-@pytest.fixture(scope="module")
-def prepared(cfg):
-    return prepare(cfg)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def global_arrays(cfg, E, n_items, seed=0):

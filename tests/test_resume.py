@@ -7,14 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from flwr.supercore.task_identity import TaskIdentity
 from rich.console import Console
 from safetensors.numpy import load_file
 
 import clients.app
-import fedrec.encoder
-import fedrec.federated
 from fedrec import cli
 from fedrec.errors import FedrecError
 from fedrec.inprocess import InProcessGrid
@@ -26,21 +22,7 @@ N = 4  # rounds
 TIMING = {"update-seconds", "update-seconds-mean"}  # train metrics that time, not train
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
-    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
-    for name in ("_run_id", "_node_id", "_task_id"):  # process-global: restore afterwards
-        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
-    fedrec.federated._population.cache_clear()
-    fedrec.encoder._encoder.cache_clear()
-    yield
-    fedrec.federated._population.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny")
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 class Killed(Exception):

@@ -16,28 +16,7 @@ from fedrec.protocol import evaluate
 from fedrec.train import Histories, row_loss, row_scores, train_central, user_scores
 from tiny import tiny_config
 
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
-    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))  # never the user's cache
-    fedrec.federated._population.cache_clear()
-    fedrec.encoder._encoder.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny")
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny_root):
-    return tiny_config(tiny_root)
-
-
-@pytest.fixture(scope="module")
-def prepared(cfg):
-    return prepare(cfg)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def softplus(x):
