@@ -11,7 +11,7 @@ simulation asks it to (fedrec.faults).
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.config import Config
@@ -25,9 +25,11 @@ from fedrec.federated import (
     local_update,
 )
 from fedrec.local_store import load_local, save_local
+from fedrec.privacy import Accountant
 
 app = ClientApp()
 LOCAL = "user-local"  # context.state key of the user-local parameters
+PRIVACY = "privacy-accountant"  # context.state key of the DP-SGD accountant history
 
 
 class Job(NamedTuple):
@@ -61,6 +63,13 @@ def _load(msg: Message, context: Context, training: bool) -> Job:
     return Job(cfg, E, data, arrays, local, seed, user, rnd, simulated)
 
 
+def _participation(j: Job, context: Context) -> float:
+    """Expected fraction of rounds this device trains in: clients-per-round / population."""
+    population = int(context.node_config.get("num-partitions", 0)) or j.cfg.fed.min_nodes
+    k = j.cfg.fed.clients_per_round
+    return 1.0 if not k or not population else min(1.0, k / population)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     j = _load(msg, context, True)
@@ -70,7 +79,14 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "raise":
         raise InjectedFailure(f"injected failure of client {j.user} in round {j.round}")
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu)
+    acc = None
+    if j.cfg.privacy.mode == "sample":  # this device's cumulative accountant
+        acc = Accountant.from_state(context.state[PRIVACY] if PRIVACY in context.state else None,
+                                     j.cfg.privacy.accountant)
+    params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu,
+                                              accountant=acc, participation=_participation(j, context))
+    if acc is not None:
+        context.state[PRIVACY] = ConfigRecord(acc.to_state())
     if new_local:
         context.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
         if j.simulated and f.run_dir:
