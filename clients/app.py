@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from fedrec.config import Config
 from fedrec.device import DATA_DIR, load_device_client
@@ -72,6 +73,15 @@ def _participation(j: Job, context: Context) -> float:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """privacy.mode = "user": Flower's fixedclipping_mod clips this device's update. It is
+    applied here, by config, rather than in @app.train(mods=...), which is fixed at import
+    time and would fail every message without a clipping norm."""
+    if Config.from_flat(context.run_config).privacy.mode == "user":
+        return fixedclipping_mod(msg, context, _train)
+    return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     j = _load(msg, context, True)
     f = j.cfg.fed
     fault = planned_fault(j.cfg.train.seed, j.user, j.round, f.failure_rate, f.failure_kind,
@@ -81,12 +91,13 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     acc = None
     if j.cfg.privacy.mode == "sample":  # this device's cumulative accountant
-        acc = Accountant.from_state(context.state[PRIVACY] if PRIVACY in context.state else None,
-                                     j.cfg.privacy.accountant)
+        acc = Accountant.from_state(context.state.get(PRIVACY), j.cfg.privacy.accountant)
     params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu,
                                               accountant=acc, participation=_participation(j, context))
     if acc is not None:
         context.state[PRIVACY] = ConfigRecord(acc.to_state())
+    if j.cfg.privacy.mode == "user":  # equal weights, nothing data-dependent but the update
+        metrics = {"num-examples": 1}
     if new_local:
         context.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
         if j.simulated and f.run_dir:

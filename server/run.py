@@ -200,6 +200,8 @@ class FederatedRun:
         rows = [self.rounds[k] for k in sorted(self.rounds)]
         write_json(self.dir / "results.json", {"status": status, "config": self.cfg.to_flat(),
                                                "privacy": describe(self.cfg),
+                                               **({"stopped": self.stopped}
+                                                  if getattr(self, "stopped", "") else {}),
                                                "seconds": time.time() - self.t0,
                                                "rounds": rows, "summary": self.summary()})
         flat = [{"round": r["round"], **{f"{sec}/{k}": v
@@ -214,10 +216,12 @@ class FederatedRun:
         tmp.write_text(buf.getvalue())
         os.replace(tmp, self.dir / "metrics.csv")
 
-    def finish(self, arrays: ArrayRecord) -> None:
+    def finish(self, arrays: ArrayRecord, stopped: str = "") -> None:
+        """stopped: why training ended early (status "stopped", the reason in results.json)."""
         if len(arrays):
             _save(self.dir / "final.safetensors", arrays)
-        self.flush("completed")
+        self.stopped = stopped
+        self.flush("stopped" if stopped else "completed")
         self.log(f"run directory: {self.dir}")
 
 

@@ -159,4 +159,8 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                 if key.startswith(name + "/")}
         if part:
             setattr(strategy, name, part)
+    if cfg.privacy.mode == "user":  # DP-FedAvg around it (server/dp.py)
+        from server.dp import wrap_user_dp
+
+        return wrap_user_dp(cfg, strategy, run, population, k, done_rounds)
     return strategy

@@ -1,17 +1,19 @@
 """Sample-level DP (fedrec/privacy.py): DP-SGD invariants, cumulative accounting through
 context.state, the noise solved for a target ε, and ε in every train reply."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
+from test_clientapp import context, global_state, message
 
 import clients.app
 from fedrec.federated import ClientData, _histories, local_update
 from fedrec.model import build_model
 from fedrec.privacy import Accountant, dp_train_epoch, local_plan, noise_multiplier, per_row_grads
 from fedrec.train import row_loss, row_scores, train_epoch
-from test_clientapp import context, global_state, message
 from tiny import run_inprocess, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -61,11 +63,12 @@ def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepare
         rng = np.random.default_rng(0)
         for _ in range(3):
             if dp:
-                q, steps = dp_train_epoch(model, loc, opt, E, hist, cfg, rng, lambda n: negs,
+                q, steps = dp_train_epoch(model, loc, opt, E, hist, cfg, rng,
+                                          lambda n, negs=negs: negs,
                                           noise_multiplier=0.0, max_grad_norm=1e6)
                 assert (q, steps) == (1.0, 1)
             else:
-                train_epoch(model, loc, opt, E, hist, cfg, rng, lambda segs: negs)
+                train_epoch(model, loc, opt, E, hist, cfg, rng, lambda segs, negs=negs: negs)
         out.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
                     loc.detach().clone()))
     (plain, plain_loc), (private, private_loc) = out
@@ -84,7 +87,7 @@ def test_clipping_and_noise_change_the_update(cfg, prepared):
         opt = torch.optim.SGD(list(model.parameters()) + [loc], lr=0.1)
         torch.manual_seed(5)
         dp_train_epoch(model, loc, opt, E, _histories(data), cfg, np.random.default_rng(0),
-                       lambda n: negs, noise_multiplier=sigma, max_grad_norm=clip)
+                       lambda n, negs=negs: negs, noise_multiplier=sigma, max_grad_norm=clip)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.allclose(results[0], results[1])
     assert not torch.allclose(results[0], results[2])
@@ -159,3 +162,54 @@ def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared)
     maxes = [t["epsilon-max"] for t in trains]
     assert all(t["epsilon-mean"] <= t["epsilon-max"] for t in trains)
     assert 0 < maxes[0] <= maxes[1] <= maxes[2]
+
+
+# -- user-level DP (server/dp.py) -------------------------------------------------------
+
+USER = {"privacy.mode": "user", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 0.5}
+
+
+def test_user_mode_clips_the_update_on_the_device_and_reports_equal_weights(cfg, prepared):
+    from flwr.app import ArrayRecord, Message
+
+    c = cfg.override(**USER)
+    state = global_state(c, prepared)
+    content = RecordDict({"arrays": ArrayRecord(state),
+                          "config": ConfigRecord({"server-round": 1, "clipping_norm": 1e-3})})
+    reply = clients.app.app(Message(content, dst_node_id=7, message_type="train"),
+                            context(c, 0, prepared.split.n_users))
+    assert not reply.has_error()
+    got = reply.content["arrays"]
+    norm = np.sqrt(sum(((got[k].numpy() - v.numpy()) ** 2).sum() for k, v in state.items()))
+    assert 0 < norm <= 1e-3 * (1 + 1e-5)
+    assert dict(reply.content["metrics"]) == {"num-examples": 1}
+
+
+def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prepared):
+    from server.dp import user_epsilon
+
+    k, n = 4, prepared.split.n_users
+    q = k / n
+    c = cfg.override(**USER, **{"fed.num-rounds": 6, "fed.clients-per-round": k})
+    e2, e3 = user_epsilon(c, 2, q), user_epsilon(c, 3, q)
+    c = c.override(**{"privacy.target-epsilon": (e2 + e3) / 2})
+    _, results = run_inprocess(c)
+    assert results["status"] == "stopped"
+    assert results["stopped"].startswith("privacy budget exhausted: round 3 would bring "
+                                         "ε (user; rdp, δ=0.0001) to")
+    trained = [r for r in results["rounds"] if "train" in r]
+    assert [r["round"] for r in trained] == [1, 2]
+    assert [r["train"]["epsilon-max"] for r in trained] == pytest.approx(
+        [user_epsilon(c, 1, q), e2])
+    assert results["privacy"]["unit"] == "user"
+    assert (Path(c.fed.run_dir) / "final.safetensors").is_file()  # the last (noised) model
+
+
+def test_user_mode_rejects_a_non_mean_aggregator_and_a_large_delta(cfg):
+    from fedrec.errors import FedrecError
+    from server.dp import wrap_user_dp
+
+    with pytest.raises(FedrecError, match="needs fed.strategy fedavg or fedprox"):
+        wrap_user_dp(cfg.override(**USER, **{"fed.strategy": "fedmedian"}), None, None, 13, 4)
+    with pytest.raises(FedrecError, match="'privacy.delta' must be below 1/13 users"):
+        wrap_user_dp(cfg.override(**USER, **{"privacy.delta": 0.1}), None, None, 13, 4)
