@@ -11,8 +11,9 @@ simulation asks it to (fedrec.faults).
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from fedrec.config import Config
 from fedrec.device import DATA_DIR, load_device_client
@@ -25,9 +26,11 @@ from fedrec.federated import (
     local_update,
 )
 from fedrec.local_store import load_local, save_local
+from fedrec.privacy import Accountant
 
 app = ClientApp()
 LOCAL = "user-local"  # context.state key of the user-local parameters
+PRIVACY = "privacy-accountant"  # context.state key of the DP-SGD accountant history
 
 
 class Job(NamedTuple):
@@ -61,8 +64,24 @@ def _load(msg: Message, context: Context, training: bool) -> Job:
     return Job(cfg, E, data, arrays, local, seed, user, rnd, simulated)
 
 
+def _participation(j: Job, context: Context) -> float:
+    """Expected fraction of rounds this device trains in: clients-per-round / population."""
+    population = int(context.node_config.get("num-partitions", 0)) or j.cfg.fed.min_nodes
+    k = j.cfg.fed.clients_per_round
+    return 1.0 if not k or not population else min(1.0, k / population)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """privacy.mode = "user": Flower's fixedclipping_mod clips this device's update. It is
+    applied here, by config, rather than in @app.train(mods=...), which is fixed at import
+    time and would fail every message without a clipping norm."""
+    if Config.from_flat(context.run_config).privacy.mode == "user":
+        return fixedclipping_mod(msg, context, _train)
+    return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     j = _load(msg, context, True)
     f = j.cfg.fed
     fault = planned_fault(j.cfg.train.seed, j.user, j.round, f.failure_rate, f.failure_kind,
@@ -70,7 +89,15 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "raise":
         raise InjectedFailure(f"injected failure of client {j.user} in round {j.round}")
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu)
+    acc = None
+    if j.cfg.privacy.mode == "sample":  # this device's cumulative accountant
+        acc = Accountant.from_state(context.state.get(PRIVACY), j.cfg.privacy.accountant)
+    params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu,
+                                              accountant=acc, participation=_participation(j, context))
+    if acc is not None:
+        context.state[PRIVACY] = ConfigRecord(acc.to_state())
+    if j.cfg.privacy.mode == "user":  # equal weights, nothing data-dependent but the update
+        metrics = {"num-examples": 1}
     if new_local:
         context.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
         if j.simulated and f.run_dir:

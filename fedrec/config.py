@@ -89,6 +89,16 @@ class FedConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    mode: str              # none | sample (DP-SGD, unit: interaction) | user (DP-FedAvg, unit: user)
+    noise_multiplier: float
+    max_grad_norm: float
+    target_epsilon: float  # > 0: solve noise_multiplier for it; 0: use noise_multiplier
+    delta: float
+    accountant: str        # rdp | prv | gdp (Opacus accountants)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig
     encoder: EncoderConfig
@@ -96,6 +106,7 @@ class Config:
     train: TrainConfig
     central: CentralConfig
     fed: FedConfig
+    privacy: PrivacyConfig
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "Config":
@@ -169,6 +180,8 @@ _CHOICES = {
     "train.loss": ("bce", "bpr"),
     "fed.strategy": ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
     "fed.failure-kind": ("raise", "nan", "shape", "keys", "mixed"),
+    "privacy.mode": ("none", "sample", "user"),
+    "privacy.accountant": ("rdp", "prv", "gdp"),
 }
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
@@ -203,6 +216,11 @@ def _validate(cfg: Config) -> None:
         ("fed.poison-rate", 0.0 <= flat["fed.poison-rate"] <= 1.0, "in [0, 1]"),
         ("data.split-seed", 0 <= flat["data.split-seed"] < _SEED_MAX, "in [0, 2**63)"),
         ("train.seed", 0 <= flat["train.seed"] < _SEED_MAX, "in [0, 2**63)"),
+        ("privacy.noise-multiplier", flat["privacy.noise-multiplier"] >= 0, ">= 0"),
+        ("privacy.max-grad-norm", flat["privacy.max-grad-norm"] > 0, "> 0"),
+        ("privacy.target-epsilon", flat["privacy.target-epsilon"] >= 0,
+         ">= 0 (0 = use privacy.noise-multiplier)"),
+        ("privacy.delta", 0.0 < flat["privacy.delta"] < 1.0, "in (0, 1), below 1/number of users"),
         ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),
     ]
     for key, ok, rule in checks:

@@ -16,6 +16,7 @@ import torch
 from fedrec.config import Config
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
+from fedrec.privacy import Accountant, dp_train_epoch, noise_multiplier
 from fedrec.protocol import Split
 from fedrec.train import Histories, make_optimizer, train_epoch, user_scores
 
@@ -73,10 +74,29 @@ def _model_and_local(cfg: Config, E: torch.Tensor, data: ClientData, arrays: dic
     return model, local
 
 
+def sample_catalog_negatives(data: ClientData, positives: np.ndarray, k: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """[rows, k] warm items other than each row's own positive: under DP a row's negatives
+    must not depend on the rest of the history (fedrec/privacy.py)."""
+    pool = np.flatnonzero(data.warm)
+    out = pool[rng.integers(0, len(pool), size=(len(positives), k))]
+    clash = out == positives[:, None]
+    while clash.any():
+        out[clash] = pool[rng.integers(0, len(pool), size=int(clash.sum()))]
+        clash = out == positives[:, None]
+    return out
+
+
 def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
-                 local_state: dict | None, seed: int, proximal_mu: float = 0.0):
+                 local_state: dict | None, seed: int, proximal_mu: float = 0.0, *,
+                 accountant: Accountant | None = None, participation: float = 1.0):
     """Train from the global federated parameters; return (new federated params,
-    new local state, metrics). Only the federated parameters are meant to leave."""
+    new local state, metrics). Only the federated parameters are meant to leave.
+
+    privacy.mode = "sample": DP-SGD (fedrec/privacy.py); `accountant` (this device's,
+    restored from context.state) is stepped in place and metrics carry its cumulative
+    "epsilon"; participation = expected fraction of rounds this device joins (to solve
+    sigma for privacy.target-epsilon). Metrics then hold no data-dependent values but ε."""
     t0 = time.perf_counter()
     E_t = torch.from_numpy(E)
     torch.manual_seed(seed)
@@ -91,6 +111,23 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         def penalty():
             return 0.5 * proximal_mu * sum(((p - s) ** 2).sum()
                                            for p, s in zip(model.parameters(), start))
+    if cfg.privacy.mode == "sample":
+        if accountant is None:
+            raise ValueError("privacy.mode = 'sample' needs the device's accountant")
+        if penalty is not None:
+            raise ValueError("privacy.mode = 'sample' does not support FedProx's proximal term")
+        sigma = noise_multiplier(cfg, len(data.history), participation)
+        for _ in range(cfg.train.local_epochs):
+            q, steps = dp_train_epoch(
+                model, local, opt, E_t, hist, cfg, rng,
+                lambda n: sample_catalog_negatives(data, data.history, cfg.train.negatives, rng),
+                sigma, cfg.privacy.max_grad_norm)
+            accountant.step(sigma, q, steps)
+        new_local = {} if local is None else {"user": local.detach().reshape(-1).numpy().copy()}
+        params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        # num-examples 1: the true count would itself reveal whether one interaction is there
+        return params, new_local, {"num-examples": 1, "noise-multiplier": sigma,
+                                   "epsilon": accountant.epsilon(cfg.privacy.delta)}
     losses = [train_epoch(model, local, opt, E_t, hist, cfg, rng,
                           lambda segs: sample_client_negatives(data, len(segs),
                                                                cfg.train.negatives, rng),

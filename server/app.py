@@ -5,6 +5,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.config import Config
+from server.dp import BudgetExhausted
 from server.run import FederatedRun
 from server.strategy import make_strategy
 
@@ -18,8 +19,14 @@ def main(grid: Grid, context: Context) -> None:
     done, arrays, server_state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
     strategy = make_strategy(cfg, run, population=run.population, done_rounds=done,
                              server_state=server_state)
-    result = strategy.start(grid=grid, initial_arrays=arrays,
-                            num_rounds=cfg.fed.num_rounds - done, timeout=cfg.fed.round_timeout,
-                            train_config=ConfigRecord(), evaluate_fn=run.evaluate_fn(done))
+    try:
+        result = strategy.start(grid=grid, initial_arrays=arrays,
+                                num_rounds=cfg.fed.num_rounds - done,
+                                timeout=cfg.fed.round_timeout, train_config=ConfigRecord(),
+                                evaluate_fn=run.evaluate_fn(done))
+    except BudgetExhausted as stop:  # user-level DP: the next round would exceed ε
+        run.log(str(stop))
+        run.finish(stop.arrays, stopped=str(stop))
+        return
     # no aggregated round (all kept the previous model, or none left): the last global one
     run.finish(result.arrays if len(result.arrays) else arrays)

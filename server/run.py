@@ -20,7 +20,8 @@ Layout (every file written to a temp name, then renamed):
 A killed run resumes (fed.resume = true, `fedrec simulate --resume RUN_DIR`) from the
 last round results.json holds: its checkpoint, server state and records; the rounds
 after it are run again, numbered on. What is not restored: a privacy accountant's state
-(none is kept yet; one must be saved with each checkpoint the same way), and a real
+(devices keep theirs in context.state; the server's per-device ε table for
+"epsilon-max"/"epsilon-mean" starts empty again), and a real
 device's user-local state (context.state ends with its SuperNode).
 """
 
@@ -43,6 +44,8 @@ from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
 from fedrec.model import build_model
 from fedrec.pipeline import prepare
+from fedrec.privacy import describe
+from fedrec.privacy import label as privacy_label
 from fedrec.protocol import evaluate
 from fedrec.results import write_json
 from fedrec.train import Histories, user_scores
@@ -174,6 +177,9 @@ class FederatedRun:
             t = r["train"]
             parts.append(f"clients {int(t['clients'])} (failed {int(t['failures'])}) "
                          f"loss {t.get('train-loss', float('nan')):.4f}")
+            if "epsilon-max" in t:
+                parts.append(f"{privacy_label(self.cfg)} max {t['epsilon-max']:.3f} "
+                             f"mean {t['epsilon-mean']:.3f}")
         for key, label in (("federated", "fed"), ("server", "server")):
             if key in r:
                 parts.append(f"{label} HR@10 {r[key]['sampled/hr@10']:.4f} "
@@ -193,6 +199,9 @@ class FederatedRun:
     def flush(self, status: str) -> None:
         rows = [self.rounds[k] for k in sorted(self.rounds)]
         write_json(self.dir / "results.json", {"status": status, "config": self.cfg.to_flat(),
+                                               "privacy": describe(self.cfg),
+                                               **({"stopped": self.stopped}
+                                                  if getattr(self, "stopped", "") else {}),
                                                "seconds": time.time() - self.t0,
                                                "rounds": rows, "summary": self.summary()})
         flat = [{"round": r["round"], **{f"{sec}/{k}": v
@@ -207,10 +216,12 @@ class FederatedRun:
         tmp.write_text(buf.getvalue())
         os.replace(tmp, self.dir / "metrics.csv")
 
-    def finish(self, arrays: ArrayRecord) -> None:
+    def finish(self, arrays: ArrayRecord, stopped: str = "") -> None:
+        """stopped: why training ended early (status "stopped", the reason in results.json)."""
         if len(arrays):
             _save(self.dir / "final.safetensors", arrays)
-        self.flush("completed")
+        self.stopped = stopped
+        self.flush("stopped" if stopped else "completed")
         self.log(f"run directory: {self.dir}")
 
 

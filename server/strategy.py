@@ -81,6 +81,7 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             super().__init__(**kw)
             self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
             self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
+            self.epsilon: dict[int, float] = {}  # node -> its cumulative DP-SGD ε
 
         def _configure(self, kind, server_round, arrays, config, grid):
             rnd = server_round + done_rounds
@@ -112,6 +113,11 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                         float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
                 stats["upload-bytes"] = sum(a.numpy().nbytes
                                             for a in ok[0].content["arrays"].values())
+            if ok and "epsilon" in ok[0].content["metrics"]:  # sample-level DP (privacy.py)
+                for m in ok:
+                    self.epsilon[m.metadata.src_node_id] = float(m.content["metrics"]["epsilon"])
+                eps = list(self.epsilon.values())  # every device that has trained so far
+                stats["epsilon-max"], stats["epsilon-mean"] = max(eps), sum(eps) / len(eps)
             # update norms (before any bounding): what fed.max-update-norm should be set from
             bound = f.max_update_norm
             norms = [bound_update(m, self.sent, bound) if bound > 0 else update_norm(m, self.sent)
@@ -153,4 +159,8 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                 if key.startswith(name + "/")}
         if part:
             setattr(strategy, name, part)
+    if cfg.privacy.mode == "user":  # DP-FedAvg around it (server/dp.py)
+        from server.dp import wrap_user_dp
+
+        return wrap_user_dp(cfg, strategy, run, population, k, done_rounds)
     return strategy

@@ -1,0 +1,215 @@
+"""Sample-level DP (fedrec/privacy.py): DP-SGD invariants, cumulative accounting through
+context.state, the noise solved for a target ε, and ε in every train reply."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from test_clientapp import context, global_state, message
+
+import clients.app
+from fedrec.federated import ClientData, _histories, local_update
+from fedrec.model import build_model
+from fedrec.privacy import Accountant, dp_train_epoch, local_plan, noise_multiplier, per_row_grads
+from fedrec.train import row_loss, row_scores, train_epoch
+from tiny import run_inprocess, tiny_config
+
+pytestmark = pytest.mark.usefixtures("isolated")
+DP = {"privacy.mode": "sample", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 1.0}
+
+
+def _setup(cfg, prepared, user=0, local=True):
+    torch.manual_seed(0)
+    model = build_model(cfg, prepared.item_emb.shape[1], prepared.split.n_items)
+    loc = torch.randn(1, cfg.model.dim).mul(0.1).requires_grad_() if local else None
+    data = ClientData.from_split(prepared.split, user)
+    negs = np.random.default_rng(1).integers(0, prepared.split.n_items,
+                                             size=(len(data.history), cfg.train.negatives))
+    return model, loc, data, negs
+
+
+@pytest.mark.parametrize("kind", ["text", "fedmf"])
+def test_per_row_gradients_average_to_the_batch_gradient(tiny_root, kind):
+    from fedrec.pipeline import prepare
+
+    cfg = tiny_config(tiny_root, {"model.kind": kind})
+    prepared = prepare(cfg, with_text=kind == "text")
+    model, loc, data, negs = _setup(cfg, prepared)
+    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
+    rows = np.array([0, 2, 3, 5])
+    g, gl = per_row_grads(model, loc, E, hist, rows, negs[rows], cfg.train.loss)
+    cand = torch.from_numpy(np.concatenate([data.history[rows, None], negs[rows]], axis=1))
+    loss = row_loss(row_scores(model, E, hist, loc, torch.zeros(len(rows), dtype=torch.long),
+                               cand), cfg.train.loss)
+    names = [k for k, _ in model.named_parameters()]
+    want = torch.autograd.grad(loss, [p for _, p in model.named_parameters()] + [loc])
+    for name, w in zip(names, want):
+        assert torch.allclose(g[name].mean(0), w, atol=1e-6), name
+    assert torch.allclose(gl.mean(0), want[-1].reshape(-1), atol=1e-6)
+
+
+def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepared):
+    # batch-size >= history: Poisson rate 1, one step per epoch = plain training's one batch
+    cfg = cfg.override(**{"train.batch-size": 64})
+    E = torch.from_numpy(prepared.item_emb)
+    out = []
+    for dp in (False, True):
+        model, loc, data, negs = _setup(cfg, prepared)
+        # SGD, not Adam: Adam rescales a gradient that is mathematically zero (the attention
+        # output bias: softmax ignores a shared shift) so float rounding alone would differ.
+        hist, opt = _histories(data), torch.optim.SGD(list(model.parameters()) + [loc], lr=0.5)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            if dp:
+                q, steps = dp_train_epoch(model, loc, opt, E, hist, cfg, rng,
+                                          lambda n, negs=negs: negs,
+                                          noise_multiplier=0.0, max_grad_norm=1e6)
+                assert (q, steps) == (1.0, 1)
+            else:
+                train_epoch(model, loc, opt, E, hist, cfg, rng, lambda segs, negs=negs: negs)
+        out.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
+                    loc.detach().clone()))
+    (plain, plain_loc), (private, private_loc) = out
+    moved = max((plain[k] - _setup(cfg, prepared)[0].state_dict()[k]).abs().max() for k in plain)
+    assert moved > 1e-3  # training did something
+    for k in plain:
+        assert torch.allclose(plain[k], private[k], atol=1e-5), k
+    assert torch.allclose(plain_loc, private_loc, atol=1e-5)
+
+
+def test_clipping_and_noise_change_the_update(cfg, prepared):
+    E = torch.from_numpy(prepared.item_emb)
+    results = []
+    for sigma, clip in ((0.0, 1e6), (0.0, 1e-3), (1.0, 1e6)):
+        model, loc, data, negs = _setup(cfg, prepared)
+        opt = torch.optim.SGD(list(model.parameters()) + [loc], lr=0.1)
+        torch.manual_seed(5)
+        dp_train_epoch(model, loc, opt, E, _histories(data), cfg, np.random.default_rng(0),
+                       lambda n, negs=negs: negs, noise_multiplier=sigma, max_grad_norm=clip)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(results[0], results[1])
+    assert not torch.allclose(results[0], results[2])
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_solved_noise_lands_at_or_just_below_the_target(cfg, accountant):
+    target = 2.0
+    c = cfg.override(**DP, **{"privacy.target-epsilon": target, "privacy.accountant": accountant})
+    n, participation = 11, 0.3
+    sigma = noise_multiplier(c, n, participation)
+    q, per_round, rounds = local_plan(c, n, participation)
+    acc = Accountant(accountant)
+    for _ in range(rounds):
+        acc.step(sigma, q, per_round)
+    eps = acc.epsilon(c.privacy.delta)
+    assert 0.98 * target <= eps <= target
+    assert rounds == 2  # ceil(6 rounds x 0.3)
+
+
+def test_accountant_round_trips_through_a_config_record():
+    acc = Accountant("rdp")
+    acc.step(1.1, 0.5, 4)
+    acc.step(1.1, 0.5, 4)  # same mechanism: merged
+    acc.step(0.9, 0.25, 8)
+    record = ConfigRecord(acc.to_state())
+    back = Accountant.from_state(record, "rdp")
+    assert back.history == [(1.1, 0.5, 8), (0.9, 0.25, 8)]
+    assert back.epsilon(1e-4) == acc.epsilon(1e-4) > 0
+    with pytest.raises(ValueError, match="accountant 'rdp' differs"):
+        Accountant.from_state(record, "prv")
+
+
+def test_epsilon_grows_over_rounds_joined_and_stays_put_in_rounds_skipped(cfg, prepared):
+    c = cfg.override(**DP)
+    n = prepared.split.n_users
+    ctx = context(c, 0, n)
+    state = global_state(c, prepared)
+    eps = []
+    for rnd, kind in ((1, "train"), (2, "evaluate"), (3, "evaluate"), (4, "train"),
+                      (5, "train")):
+        reply = clients.app.app(message(kind, state, rnd), ctx)
+        assert not reply.has_error(), reply.error if reply.has_error() else ""
+        stored = Accountant.from_state(ctx.state["privacy-accountant"], "rdp")
+        eps.append(stored.epsilon(c.privacy.delta))
+        if kind == "train":
+            metrics = reply.content["metrics"]
+            assert metrics["epsilon"] == pytest.approx(eps[-1])
+            assert metrics["num-examples"] == 1 and "train-loss" not in metrics
+    assert 0 < eps[0] == eps[1] == eps[2] < eps[3] < eps[4]
+    # a fresh context (a new ClientApp process restoring the state) continues the count
+    ctx2 = context(c, 0, n)
+    ctx2.state = RecordDict({"privacy-accountant": ctx.state["privacy-accountant"]})
+    reply = clients.app.app(message("train", state, 6), ctx2)
+    assert reply.content["metrics"]["epsilon"] > eps[-1]
+
+
+def test_local_update_in_sample_mode_needs_an_accountant(cfg, prepared):
+    c = cfg.override(**DP)
+    data = ClientData.from_split(prepared.split, 0)
+    with pytest.raises(ValueError, match="needs the device's accountant"):
+        local_update(c, prepared.item_emb, data, global_state(c, prepared), None, seed=0)
+
+
+def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared):
+    c = cfg.override(**DP, **{"fed.num-rounds": 3, "fed.clients-per-round": 4})
+    _, results = run_inprocess(c)
+    assert results["privacy"] == {"mode": "sample", "unit": "interaction", "accountant": "rdp",
+                                  "delta": 1e-4, "assumes": "history pool public"}
+    trains = [r["train"] for r in results["rounds"] if "train" in r]
+    assert len(trains) == 3 and all(t["clients"] == 4 and t["failures"] == 0 for t in trains)
+    maxes = [t["epsilon-max"] for t in trains]
+    assert all(t["epsilon-mean"] <= t["epsilon-max"] for t in trains)
+    assert 0 < maxes[0] <= maxes[1] <= maxes[2]
+
+
+# -- user-level DP (server/dp.py) -------------------------------------------------------
+
+USER = {"privacy.mode": "user", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 0.5}
+
+
+def test_user_mode_clips_the_update_on_the_device_and_reports_equal_weights(cfg, prepared):
+    from flwr.app import ArrayRecord, Message
+
+    c = cfg.override(**USER)
+    state = global_state(c, prepared)
+    content = RecordDict({"arrays": ArrayRecord(state),
+                          "config": ConfigRecord({"server-round": 1, "clipping_norm": 1e-3})})
+    reply = clients.app.app(Message(content, dst_node_id=7, message_type="train"),
+                            context(c, 0, prepared.split.n_users))
+    assert not reply.has_error()
+    got = reply.content["arrays"]
+    norm = np.sqrt(sum(((got[k].numpy() - v.numpy()) ** 2).sum() for k, v in state.items()))
+    assert 0 < norm <= 1e-3 * (1 + 1e-5)
+    assert dict(reply.content["metrics"]) == {"num-examples": 1}
+
+
+def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prepared):
+    from server.dp import user_epsilon
+
+    k, n = 4, prepared.split.n_users
+    q = k / n
+    c = cfg.override(**USER, **{"fed.num-rounds": 6, "fed.clients-per-round": k})
+    e2, e3 = user_epsilon(c, 2, q), user_epsilon(c, 3, q)
+    c = c.override(**{"privacy.target-epsilon": (e2 + e3) / 2})
+    _, results = run_inprocess(c)
+    assert results["status"] == "stopped"
+    assert results["stopped"].startswith("privacy budget exhausted: round 3 would bring "
+                                         "ε (user; rdp, δ=0.0001) to")
+    trained = [r for r in results["rounds"] if "train" in r]
+    assert [r["round"] for r in trained] == [1, 2]
+    assert [r["train"]["epsilon-max"] for r in trained] == pytest.approx(
+        [user_epsilon(c, 1, q), e2])
+    assert results["privacy"]["unit"] == "user"
+    assert (Path(c.fed.run_dir) / "final.safetensors").is_file()  # the last (noised) model
+
+
+def test_user_mode_rejects_a_non_mean_aggregator_and_a_large_delta(cfg):
+    from fedrec.errors import FedrecError
+    from server.dp import wrap_user_dp
+
+    with pytest.raises(FedrecError, match="needs fed.strategy fedavg or fedprox"):
+        wrap_user_dp(cfg.override(**USER, **{"fed.strategy": "fedmedian"}), None, None, 13, 4)
+    with pytest.raises(FedrecError, match="'privacy.delta' must be below 1/13 users"):
+        wrap_user_dp(cfg.override(**USER, **{"privacy.delta": 0.1}), None, None, 13, 4)
