@@ -47,8 +47,8 @@ def main() -> None:
         for f in args.central:
             res = json.loads(Path(f).read_text())
             ax.axhline(res["summary"]["best"][metric]["mean"], ls="--", lw=1, color="gray")
-            ax.annotate(res["method"], (0, res["summary"]["best"][metric]["mean"]),
-                        fontsize=8, color="gray", va="bottom")
+            ax.text(0.01, res["summary"]["best"][metric]["mean"], res["method"], fontsize=8,
+                    color="gray", va="bottom", transform=ax.get_yaxis_transform())
         ax.set_xlabel("round")
         ax.set_ylabel(f"test {metric} (federated evaluation)")
         ax.grid(alpha=0.3)
