@@ -126,6 +126,17 @@ def interpretation() -> str:
                  f"{r['fed-text']['config']['fed.clients-per-round']} users) the text model "
                  f"reaches {m('fed-text'):.3f}, {m('fed-text') / m('central-text'):.0%} of its "
                  "centralized accuracy: far from the 95% target, and the open problem.")
+        if r.get("fed-fedmf") is None:
+            r["fed-fedmf"] = _load("fed-fedmf.json")
+        if r["fed-fedmf"]:
+            below = max(m("fed-text"), m("fed-fedmf")) < m("popularity")
+            c = r["fed-text"]["config"]
+            passes = c["fed.num-rounds"] * c["fed.clients-per-round"] / r["fed-text"]["summary"][
+                "best"]["users"]["mean"]
+            text += (f" FedMF under the same apps and rounds reaches {m('fed-fedmf'):.3f}"
+                     + (", and both stay below popularity: these rounds cover about "
+                        f"{passes:.1f} passes over the users, and FedAvg over locally-Adam-"
+                        "trained clients learns slowly (see the curves)." if below else "."))
     return text
 
 
