@@ -106,8 +106,9 @@ def interpretation() -> str:
         return r[name]["summary"]["best"][key]["mean"]
 
     text = (
-        f"Popularity lands at sampled HR@10 {m('popularity', 'warm/hr@10'):.3f} on users whose "
-        f"test item is warm (DESIGN.md's protocol check: 0.335) and {m('popularity'):.3f} over "
+        f"Popularity lands at sampled HR@10 {m('popularity', 'warm/hr@10'):.3f} / NDCG@10 "
+        f"{m('popularity', 'warm/ndcg@10'):.3f} on users whose test item is warm (DESIGN.md's "
+        f"protocol check: 0.335 / 0.173) and {m('popularity'):.3f} over "
         "all users, where it can never rank a cold item; full-ranking HR@10 "
         f"{m('popularity', 'full/hr@10'):.3f}. The frozen-PLM model trained centrally reaches "
         f"{m('central-text'):.3f} ({m('central-text') / m('popularity'):.2f}x popularity), the "
