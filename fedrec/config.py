@@ -51,6 +51,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    optimizer: str
     lr: float
     batch_size: int
     negatives: int
@@ -178,6 +179,7 @@ _CHOICES = {
     "model.kind": ("text", "fedmf"),
     "model.pooling": ("attention", "mean"),
     "train.loss": ("bce", "bpr"),
+    "train.optimizer": ("adam", "sgd"),
     "fed.strategy": ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
     "fed.failure-kind": ("raise", "nan", "shape", "keys", "mixed"),
     "privacy.mode": ("none", "sample", "user"),

@@ -106,6 +106,8 @@ def make_optimizer(model, local, cfg: Config) -> torch.optim.Optimizer:
     groups = [{"params": list(model.parameters()), "weight_decay": cfg.train.weight_decay}]
     if local is not None:
         groups.append({"params": [local], "weight_decay": 0.0})
+    if cfg.train.optimizer == "sgd":  # plain steps keep gradient magnitudes for averaging
+        return torch.optim.SGD(groups, lr=cfg.train.lr)
     return torch.optim.Adam(groups, lr=cfg.train.lr)
 
 
