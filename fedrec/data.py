@@ -195,9 +195,18 @@ def read_atomic(root: Path, name: str) -> Dataset:
 def read_generic(root: Path) -> Dataset:
     inter_path = root / "interactions.csv"
     rows, idx, _ = _header(inter_path, _rows(inter_path, ","), ("user", "item", "timestamp"), ",")
+    item_path = root / ("items.jsonl" if (root / "items.jsonl").is_file() else "items.csv")
+    ids, fields = read_item_file(item_path)
+    return _build(root.resolve().name, inter_path, rows, idx, item_path, ids, fields)
+
+
+def read_item_file(item_path: Path) -> tuple[list[tuple[int, str]], list[dict[str, str]]]:
+    """A generic-layout catalog (items.csv or items.jsonl) -> ([(line, item id)], fields).
+
+    Every item must have the same fields; list values in JSONL are joined with ", ".
+    """
     ids, fields = [], []
-    if (root / "items.jsonl").is_file():
-        item_path = root / "items.jsonl"
+    if item_path.suffix == ".jsonl":
         # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends.
         for line, raw in enumerate(_open_text(item_path).split("\n"), 1):
             if not raw.strip():
@@ -210,23 +219,22 @@ def read_generic(root: Path) -> Dataset:
             if not isinstance(obj, dict) or "item" not in obj:
                 raise FedrecError(f"{item_path}:{line}: each line needs an object with key "
                                   "'item', e.g. {\"item\": \"42\", \"title\": \"...\"}")
-            ids.append((line, _as_text(obj.pop("item"))))
+            ids.append((line, _as_text(obj.pop("item")).strip()))
             fields.append({k: _as_text(v) for k, v in obj.items()})
     else:
-        item_path = root / "items.csv"
         irows, (iid,), icols = _header(item_path, _rows(item_path, ","), ("item",), ",")
         for line, r in irows:
             if len(r) != len(icols):
                 raise FedrecError(f"{item_path}:{line}: expected {len(icols)} fields, found "
                                   f"{len(r)}; quote fields that contain commas")
-            ids.append((line, r[iid]))
+            ids.append((line, r[iid].strip()))
             fields.append({c: v for c, v in zip(icols, r) if c != "item"})
     for (line, iid), f in zip(ids, fields):
         if set(f) != set(fields[0]):
             raise FedrecError(f"{item_path}:{line}: item '{_show(iid)}' has fields "
                               f"{sorted(f)}, expected {sorted(fields[0])}; "
                               "give every item the same fields")
-    return _build(root.resolve().name, inter_path, rows, idx, item_path, ids, fields)
+    return ids, fields
 
 
 def _show(text: str, limit: int = 60) -> str:

@@ -42,13 +42,11 @@ import torch
 
 from fedrec.config import Config
 from fedrec.data import (
-    _as_text,
-    _header,
     _id_order,
     _open_text,
-    _rows,
     _show,
     load_dataset,
+    read_item_file,
     render_texts,
 )
 from fedrec.encoder import (
@@ -102,28 +100,7 @@ def read_catalog(spec: str | Path, cache_dir: str = "") -> Catalog:
     if found is None:
         ds = load_dataset(str(spec), cache_dir)
         return Catalog(ds.item_ids, ds.item_fields, np.zeros(ds.n_items, bool), ds.source)
-    ids, fields = [], []
-    if found.suffix == ".jsonl":
-        for line, raw in enumerate(_open_text(found).split("\n"), 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise FedrecError(f"{found}:{line}: not valid JSON ({exc}); "
-                                  "write one JSON object per line") from None
-            if not isinstance(obj, dict) or "item" not in obj:
-                raise FedrecError(f"{found}:{line}: each line needs an object with key 'item'")
-            ids.append((line, _as_text(obj.pop("item")).strip()))
-            fields.append({k: _as_text(v) for k, v in obj.items()})
-    else:
-        rows, (iid,), cols = _header(found, _rows(found, ","), ("item",), ",")
-        for line, r in rows:
-            if len(r) != len(cols):
-                raise FedrecError(f"{found}:{line}: expected {len(cols)} fields, found "
-                                  f"{len(r)}; quote fields that contain commas")
-            ids.append((line, r[iid].strip()))
-            fields.append({c: v for c, v in zip(cols, r) if c != "item"})
+    ids, fields = read_item_file(found)
     if not ids:
         raise FedrecError(f"{found}: lists no items; add one row per item")
     by_id: dict[str, int] = {}
@@ -132,9 +109,6 @@ def read_catalog(spec: str | Path, cache_dir: str = "") -> Catalog:
             raise FedrecError(f"{found}:{line}: empty item id")
         if iid in by_id:
             raise FedrecError(f"{found}:{line}: item id '{_show(iid)}' is listed twice")
-        if set(fields[k]) != set(fields[0]):
-            raise FedrecError(f"{found}:{line}: item '{_show(iid)}' has fields "
-                              f"{sorted(fields[k])}, expected {sorted(fields[0])}")
         by_id[iid] = k
     order = _id_order(by_id)  # the same internal ids as fedrec.data's readers
     fields = [fields[by_id[i]] for i in order]
