@@ -4,10 +4,14 @@ Not autouse: test modules opt in with `pytestmark = pytest.mark.usefixtures("iso
 so slow integration tests that use the real cache are untouched.
 """
 
+import sys
+
 import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
+from rich.console import Console
 
+import fedrec.cli
 import fedrec.encoder
 import fedrec.federated
 from fedrec.pipeline import prepare
@@ -42,3 +46,21 @@ def cfg(tiny_root):
 @pytest.fixture(scope="module")
 def prepared(cfg):
     return prepare(cfg)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `fedrec ARGS...` in-process: (exit code, console text, stderr); with_stdout
+    appends what went to stdout directly (a simulation's server lines)."""
+    def run(*args: str, with_stdout: bool = False) -> tuple[int, str, str]:
+        record = Console(width=300, record=True)
+        monkeypatch.setattr(fedrec.cli, "console", record)
+        monkeypatch.setattr(sys, "argv", ["fedrec", *args])
+        code = 0
+        try:
+            fedrec.cli.main()
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return code, record.export_text() + (captured.out if with_stdout else ""), captured.err
+    return run

@@ -1,16 +1,13 @@
 """fedrec recommend: unseen items only, best first, explained by history items; every
 user mistake is one line on stderr with exit code 2."""
 
-import sys
 
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 from safetensors.numpy import save_file
 
 import tiny
-from fedrec import cli
 from fedrec.device import CACHE_DIR, read_catalog, read_history, write_device_dir
 from fedrec.errors import FedrecError
 from fedrec.model import build_model
@@ -89,21 +86,9 @@ def test_history_without_timestamps_uses_file_order(setup, tmp_path):
     assert [cat.item_ids[i] for i in read_history(tmp_path / "history.csv", cat)] == ["7", "3"]
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    record = Console(width=300, record=True)
-    monkeypatch.setattr(cli, "console", record)
-    monkeypatch.setattr(sys, "argv", ["fedrec", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code
-    return code, record.export_text(), capsys.readouterr().err
-
-
-def test_cli_prints_a_table_with_reasons(setup, monkeypatch, capsys):
+def test_cli_prints_a_table_with_reasons(setup, run_cli):
     _, run, dev, _ = setup
-    code, out, err = run_cli(monkeypatch, capsys, "recommend", "--history",
+    code, out, err = run_cli("recommend", "--history",
                              str(dev / "history.csv"), "--model", str(run), "-k", "5")
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.strip().startswith("│")]
@@ -123,7 +108,7 @@ def test_cli_prints_a_table_with_reasons(setup, monkeypatch, capsys):
     ("no-final", "has no final.safetensors"),
     ("k", "-k must be >= 1"),
 ])
-def test_cli_errors_are_one_line_exit_2(setup, monkeypatch, capsys, tmp_path, case, message):
+def test_cli_errors_are_one_line_exit_2(setup, run_cli, tmp_path, case, message):
     _, run, dev, _ = setup
     history, model, k = dev / "history.csv", run, "3"
     if case == "missing":
@@ -140,7 +125,7 @@ def test_cli_errors_are_one_line_exit_2(setup, monkeypatch, capsys, tmp_path, ca
         (model / "run_config.json").write_bytes((run / "run_config.json").read_bytes())
     else:
         k = "0"
-    code, out, err = run_cli(monkeypatch, capsys, "recommend", "--history", str(history),
+    code, out, err = run_cli("recommend", "--history", str(history),
                              "--model", str(model), "-k", k, "--catalog", str(dev))
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert "Traceback" not in err and not out.strip()

@@ -3,15 +3,12 @@ exactly N rounds, none repeated, and the same parameters and metrics as a run th
 never interrupted (the in-process engine is deterministic given the seeds)."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
-from rich.console import Console
 from safetensors.numpy import load_file
 
 import clients.app
-from fedrec import cli
 from fedrec.errors import FedrecError
 from fedrec.inprocess import InProcessGrid
 from fedrec.pipeline import prepare
@@ -158,32 +155,19 @@ def test_a_fresh_run_forgets_an_earlier_runs_device_state(tiny_root, tmp_path):
     assert not (run_dir / "devices").exists()
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    record = Console(width=300, record=True)
-    monkeypatch.setattr(cli, "console", record)
-    monkeypatch.setattr(sys, "argv", ["fedrec", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()  # the server's own lines go to stdout
-    return code, record.export_text() + captured.out, captured.err
-
-
-def test_fedrec_simulate_resume(tiny_root, tmp_path, uninterrupted, monkeypatch, capsys):
+def test_fedrec_simulate_resume(tiny_root, tmp_path, uninterrupted, run_cli):
     whole_dir, whole = uninterrupted("fedavg")
     run_dir = tmp_path / "seed-0"
     interrupted(tiny_root, run_dir, ("evaluate", 2))
 
-    code, _, err = run_cli(monkeypatch, capsys, "simulate", "--resume", str(run_dir),
+    code, _, err = run_cli("simulate", "--resume", str(run_dir),
                            "--run-config", "train.lr=0.1")
     assert code == 2 and "leave out --config and --run-config" in err
-    code, _, err = run_cli(monkeypatch, capsys, "simulate", "--resume", str(tmp_path / "nowhere"))
+    code, _, err = run_cli("simulate", "--resume", str(tmp_path / "nowhere"))
     assert code == 2 and "has no run_config.json" in err
 
-    code, out, err = run_cli(monkeypatch, capsys, "simulate", "--resume", str(run_dir),
-                             "--engine", "inprocess")
+    code, out, err = run_cli("simulate", "--resume", str(run_dir),
+                             "--engine", "inprocess", with_stdout=True)
     assert code == 0, err
     assert "resuming" in out and "after round 1 of 4" in out
     results = json.loads((run_dir / "results.json").read_text())
@@ -192,6 +176,6 @@ def test_fedrec_simulate_resume(tiny_root, tmp_path, uninterrupted, monkeypatch,
     final, want = (load_file(str(d / "final.safetensors")) for d in (run_dir, whole_dir))
     assert all(np.array_equal(final[k], want[k]) for k in want)
 
-    code, out, _ = run_cli(monkeypatch, capsys, "simulate", "--resume", str(run_dir),
-                           "--engine", "inprocess")
+    code, out, _ = run_cli("simulate", "--resume", str(run_dir),
+                           "--engine", "inprocess", with_stdout=True)
     assert code == 0 and "nothing to resume" in out
