@@ -1,9 +1,8 @@
 """The `fedrec` command. Every user-fixable error is one line on stderr and exit code 2."""
 
 import sys
-from pathlib import Path
 import time
-from typing import Optional
+from pathlib import Path
 
 import numpy as np
 import typer
@@ -12,7 +11,7 @@ from rich.table import Table
 
 from fedrec.config import Config, load_config, parse_overrides
 from fedrec.errors import FedrecError
-from fedrec.results import HEADLINE, command_line, fmt, machine, summarize, write_json
+from fedrec.results import HEADLINE, command_line, fmt, machine, run_dir_for, summarize, write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated recommendation with a frozen PLM.")
@@ -33,7 +32,7 @@ SeedsOpt = typer.Option("0,1,2", "--seeds", help="comma-separated training seeds
 JsonOpt = typer.Option(None, "--json", help="write metrics, config and command to this JSON file")
 
 
-def _config(config: Optional[str], run_config: str) -> Config:
+def _config(config: str | None, run_config: str) -> Config:
     return load_config(parse_overrides(run_config), config)
 
 
@@ -71,7 +70,7 @@ def data_fetch(name: str = typer.Argument("ml-100k"),
 
 
 @data_app.command("stats")
-def data_stats(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt):
+def data_stats(config: str | None = ConfigOpt, run_config: str = RunConfigOpt):
     """Users, items, interactions and the protocol split of the configured dataset."""
     from fedrec.pipeline import prepare
 
@@ -96,10 +95,10 @@ def data_stats(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt
 
 
 @baseline_app.command("popularity")
-def baseline_popularity(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
+def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                         split_seeds: str = typer.Option("0", "--split-seeds",
                                                         help="protocol split seeds (popularity is deterministic given a split)"),
-                        json_path: Optional[str] = JsonOpt):
+                        json_path: str | None = JsonOpt):
     """Rank items by training popularity (cold items score zero)."""
     from fedrec.pipeline import prepare
     from fedrec.protocol import evaluate
@@ -122,8 +121,8 @@ def baseline_popularity(config: Optional[str] = ConfigOpt, run_config: str = Run
 
 
 @app.command("train-central")
-def train_central_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
-                      seeds: str = SeedsOpt, json_path: Optional[str] = JsonOpt,
+def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
+                      seeds: str = SeedsOpt, json_path: str | None = JsonOpt,
                       quiet: bool = typer.Option(False, help="no per-epoch lines")):
     """Centralized training of the same model on all users' data (the accuracy ceiling)."""
     from fedrec.pipeline import prepare
@@ -168,19 +167,18 @@ def _run_inprocess(cfg: Config, run_dir, log) -> dict:
 
 
 @app.command("simulate")
-def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
-                 seeds: str = SeedsOpt, json_path: Optional[str] = JsonOpt,
-                 runs_dir: Optional[str] = typer.Option(None, "--runs-dir",
+def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
+                 seeds: str = SeedsOpt, json_path: str | None = JsonOpt,
+                 runs_dir: str | None = typer.Option(None, "--runs-dir",
                                                         help="parent of the per-seed run directories"),
                  engine: str = typer.Option("flower", help="flower (flwr run, one virtual SuperNode "
                                             "per user) | inprocess (Ray-free, same apps)"),
-                 resume: Optional[str] = typer.Option(None, "--resume", help="continue this killed "
+                 resume: str | None = typer.Option(None, "--resume", help="continue this killed "
                                                       "run directory (e.g. <runs>/seed-0) from its last "
                                                       "completed round, with its own config")):
     """Federated simulation of the whole user population on this machine."""
     from pathlib import Path
 
-    from fedrec.data import data_home
     from fedrec.pipeline import prepare
     from fedrec.simulate import run_simulation
 
@@ -193,8 +191,7 @@ def simulate_cmd(config: Optional[str] = ConfigOpt, run_config: str = RunConfigO
         cfg, jobs = _resumed(Path(resume).expanduser().resolve())
     else:
         cfg = _config(config, run_config)
-        base = Path(runs_dir or cfg.fed.run_dir or data_home(cfg.data.cache_dir) / "runs" /
-                    f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}").expanduser().resolve()
+        base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
         jobs = [(cfg.override(**{"train.seed": seed}), base / f"seed-{seed}")
                 for seed in _seeds(seeds)]
     if jobs:
@@ -260,8 +257,13 @@ def certs_create(out: str = typer.Option(..., "--out", help="directory for the c
     """CA, SuperLink certificate (SANs: --hosts plus 127.0.0.1, localhost), SuperNode keys."""
     import shlex
 
-    from fedrec.deploy import (CONNECTION, SUPERLINK_PORT, connection_toml, superlink_args,
-                               supernode_args)
+    from fedrec.deploy import (
+        CONNECTION,
+        SUPERLINK_PORT,
+        connection_toml,
+        superlink_args,
+        supernode_args,
+    )
     from fedrec.transport import check_node_key, check_server_credentials, create_credentials
 
     names = [h.strip() for h in hosts.split(",") if h.strip()]
@@ -304,7 +306,7 @@ def certs_create(out: str = typer.Option(..., "--out", help="directory for the c
 @device_app.command("prepare")
 def device_prepare(out: str = typer.Option(..., "--out", help="device directory to write"),
                    user: str = typer.Option(..., "--user", help="user id in data.dataset"),
-                   config: Optional[str] = ConfigOpt, run_config: str = RunConfigOpt,
+                   config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                    encode: bool = typer.Option(True, help="also cache the catalog embeddings")):
     """A device directory for one user of a dataset: history.csv, items.csv, cache/."""
     from fedrec.data import load_dataset
@@ -332,12 +334,12 @@ def recommend_cmd(history: str = typer.Option(..., "--history", help="the user's
                   model: str = typer.Option(..., "--model", help="run directory with "
                                             "final.safetensors and run_config.json"),
                   k: int = typer.Option(10, "-k", "--top-k", help="how many items"),
-                  catalog: Optional[str] = typer.Option(None, "--catalog", help="catalog file "
+                  catalog: str | None = typer.Option(None, "--catalog", help="catalog file "
                                                         "or directory (default: beside the "
                                                         "history, else the run's dataset)"),
                   model_dir: str = typer.Option("", "--model-dir", help="PLM directory "
                                                 "(default: the run's encoder.model-dir)"),
-                  cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="embedding "
+                  cache_dir: str | None = typer.Option(None, "--cache-dir", help="embedding "
                                                           "cache (default: <history dir>/cache)")):
     """On-device top-K for one user's local history, with the history items behind each."""
     from fedrec.recommend import recommend

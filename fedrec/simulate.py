@@ -38,6 +38,7 @@ import fedrec
 from fedrec.config import Config, load_defaults
 from fedrec.data import data_home, load_dataset
 from fedrec.errors import FedrecError
+from fedrec.results import run_dir_for
 
 PROJECT_DIR = Path(fedrec.__file__).resolve().parents[1]  # holds pyproject.toml
 OVERRIDES_FILE = "overrides.toml"
@@ -281,8 +282,7 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
     if overrides:
         cfg = cfg.override(**dict(overrides))
     if run_dir is None:
-        run_dir = cfg.fed.run_dir or (data_home(cfg.data.cache_dir) / "runs" /
-                                      f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}")
+        run_dir = run_dir_for(cfg)
     run_dir = Path(run_dir).expanduser().resolve()
     n_users = load_dataset(cfg.data.dataset, cfg.data.cache_dir).n_users
     if num_supernodes is None:

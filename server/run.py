@@ -39,7 +39,6 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 from safetensors.numpy import load_file, save_file
 
 from fedrec.config import Config
-from fedrec.data import data_home
 from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
 from fedrec.model import build_model
@@ -47,20 +46,16 @@ from fedrec.pipeline import prepare
 from fedrec.privacy import describe
 from fedrec.privacy import label as privacy_label
 from fedrec.protocol import evaluate
-from fedrec.results import write_json
+from fedrec.results import run_dir_for, write_json
 from fedrec.train import Histories, user_scores
 
 SELECT = "val/sampled/hr@10"  # model selection: validation only
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return data_home(cfg.data.cache_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}"
-
-
 class FederatedRun:
     def __init__(self, cfg: Config, log=print):
         self.cfg, self.log = cfg, log
-        self.dir = Path(cfg.fed.run_dir).expanduser() if cfg.fed.run_dir else default_run_dir(cfg)
+        self.dir = run_dir_for(cfg)
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "run_config.json", cfg.to_flat())
         if not cfg.fed.resume:  # a fresh run: no earlier run's device state may leak in
