@@ -111,8 +111,9 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                 if "update-seconds" in ok[0].content["metrics"]:  # same keys in every reply
                     stats["update-seconds-mean"] = sum(
                         float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
-                stats["upload-bytes"] = sum(a.numpy().nbytes
-                                            for a in ok[0].content["arrays"].values())
+                stats["upload-bytes"] = sum(  # from metadata: no need to deserialise
+                    int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                    for a in ok[0].content["arrays"].values())
             if ok and "epsilon" in ok[0].content["metrics"]:  # sample-level DP (privacy.py)
                 for m in ok:
                     self.epsilon[m.metadata.src_node_id] = float(m.content["metrics"]["epsilon"])
