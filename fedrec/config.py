@@ -124,7 +124,7 @@ class Config:
             if key not in flat:
                 raise FedrecError(f"config: missing key '{key}'; add it to the run config")
             sections.setdefault(section, {})[field.name] = _coerce(key, flat[key], field.type)
-        cfg = cls(**{f.name: f.type(**sections[f.name]) for f in _sections()})
+        cfg = cls(**{f.name: f.type(**sections[f.name]) for f in fields(Config)})
         _validate(cfg)
         return cfg
 
@@ -134,10 +134,6 @@ class Config:
     def override(self, **changes: Any) -> "Config":
         """Return a copy with dotted keys changed: cfg.override(**{"train.lr": 0.01})."""
         return Config.from_flat({**self.to_flat(), **changes})
-
-
-def _sections() -> tuple[dataclasses.Field, ...]:
-    return fields(Config)
 
 
 def _schema() -> list[tuple[str, str, dataclasses.Field]]:
