@@ -100,6 +100,15 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecaggConfig:  # secure aggregation (SecAgg+, fedrec/secagg.py)
+    enabled: bool
+    num_shares: int                # odd, >= 3: an even number crashes Flower's SecAgg+ round
+    reconstruction_threshold: int  # in [2, num_shares)
+    clipping_range: float          # masked values are clipped to [-r, r] before quantisation
+    quantization_range: int        # integer levels over [-r, r]
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig
     encoder: EncoderConfig
@@ -108,6 +117,7 @@ class Config:
     central: CentralConfig
     fed: FedConfig
     privacy: PrivacyConfig
+    secagg: SecaggConfig
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "Config":
@@ -220,6 +230,16 @@ def _validate(cfg: Config) -> None:
          ">= 0 (0 = use privacy.noise-multiplier)"),
         ("privacy.delta", 0.0 < flat["privacy.delta"] < 1.0, "in (0, 1), below 1/number of users"),
         ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),
+        # -- secure aggregation (fedrec/secagg.py) --
+        ("secagg.num-shares",
+         flat["secagg.num-shares"] >= 3 and flat["secagg.num-shares"] % 2 == 1,
+         "odd and >= 3 (Flower's SecAgg+ crashes on an even number), e.g. 3 or 5"),
+        ("secagg.reconstruction-threshold",
+         2 <= flat["secagg.reconstruction-threshold"] < flat["secagg.num-shares"],
+         f">= 2 and < secagg.num-shares ({flat['secagg.num-shares']})"),
+        ("secagg.clipping-range", flat["secagg.clipping-range"] > 0, "> 0"),
+        ("secagg.quantization-range", 2 <= flat["secagg.quantization-range"] < 2**32,
+         "in [2, 2**32), e.g. 4194304 (2**22)"),
     ]
     for key, ok, rule in checks:
         if not ok:
