@@ -76,6 +76,9 @@ def train(msg: Message, context: Context) -> Message:
     """privacy.mode = "user": Flower's fixedclipping_mod clips this device's update. It is
     applied here, by config, rather than in @app.train(mods=...), which is fixed at import
     time and would fail every message without a clipping norm."""
+    if context.run_config.get("secagg.enabled"):  # hook: SecAgg+ (fedrec/secagg.py)
+        from fedrec.secagg import client_app
+        return client_app()(msg, context)
     if Config.from_flat(context.run_config).privacy.mode == "user":
         return fixedclipping_mod(msg, context, _train)
     return _train(msg, context)
@@ -111,6 +114,9 @@ def _train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if context.run_config.get("secagg.enabled"):  # hook: SecAgg+ (fedrec/secagg.py)
+        from fedrec.secagg import client_app
+        return client_app()(msg, context)
     j = _load(msg, context, False)
     metrics = local_evaluate(j.cfg, j.E, j.data, j.arrays, j.local, j.seed)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -5,7 +5,9 @@ handlers exchange real Flower Messages, without the Simulation Engine. A client 
 raises becomes an error reply, as in Flower's runtime.
 """
 
+import copy
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
@@ -28,8 +30,8 @@ class InProcessGrid(Grid):
         pass
 
     @property
-    def run(self):
-        return None
+    def run(self):  # Flower's legacy workflows (fedrec/secagg.py) read run.run_id only
+        return SimpleNamespace(run_id=self._run_id)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
@@ -40,6 +42,9 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def _call(self, msg: Message) -> Message:
+        # Each node gets its own copy, as over a real transport: Flower's legacy SecAgg+
+        # workflow sends one content object to many nodes, and its client mod mutates it.
+        msg = copy.deepcopy(msg)
         try:
             return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as exc:  # noqa: BLE001 - mirrors Flower's runtime

@@ -16,6 +16,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = Config.from_flat(context.run_config)
     run = FederatedRun(cfg)
+    if cfg.secagg.enabled:  # hook: SecAgg+ runs on Flower's legacy path (fedrec/secagg.py)
+        from fedrec.secagg import serve
+        return serve(grid, context, cfg, run)
     done, arrays, server_state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
     strategy = make_strategy(cfg, run, population=run.population, done_rounds=done,
                              server_state=server_state)

@@ -1,0 +1,394 @@
+"""Secure aggregation (SecAgg+, `secagg.enabled = true`): the server learns only the sum.
+
+Flower 1.42 has SecAgg+ only on its legacy path, so everything legacy lives in this
+module: the server runs `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` with a
+legacy FedAvg inside a `LegacyContext` (`serve`, called by server/app.py), and each device
+answers through a NumPyClient-style legacy ClientApp with `secaggplus_mod` (`client_app`,
+to which clients/app.py hands every message when the config says so). Rounds are recorded
+into server.run.FederatedRun exactly like the Message API path (results.json, metrics.csv,
+checkpoints, final.safetensors), and devices keep their user-local state in context.state.
+
+A round, per device: it trains with fedrec.federated.local_update, computes its update
+d = trained - global (federated parameters only), under privacy.mode = "user" clips it to
+L2 norm privacy.max-grad-norm C, then hands [d, weight] to Flower's secaggplus_mod, which
+scales d by weight / max_weight, clips every value to [-r, r] (secagg.clipping-range),
+quantises it stochastically onto secagg.quantization-range levels and adds a private mask
+plus pairwise masks with its neighbours (uniform mod 2**32; the pairwise ones cancel in
+the sum). The masks' secrets are Shamir-shared among secagg.num-shares devices; the server
+removes the surviving devices' private masks and the dropped devices' pairwise masks from
+secagg.reconstruction-threshold shares each, and so obtains sum(w_i d_i) and sum(w_i) of
+the devices whose masked vector arrived: the weighted mean update, which it adds to the
+global model (FedAvg on updates = FedAvg on parameters). Quantisation error per value of
+the mean is below n * 2r / levels / sum(w_i / max_weight) (n devices; tests measure it).
+
+What the server sees from one device: two public keys, key shares encrypted for other
+devices, its masked vector (uniformly random on its own), the shares it holds of its
+neighbours' secrets, and the plaintext reply metadata: a status, the weight zeroed by
+`hide_weight_mod` (it travels only inside the masked vector), and metrics that are empty
+but for the device's own ε under privacy.mode = "sample". Weights: the history length
+(as plain FedAvg), or 1 under either DP mode (as the DP paths do).
+
+With privacy.mode = "user" the server adds N(0, (sigma C / n)^2) to the mean of the n
+masked updates (n <= clients per round, so never less noise than DP-FedAvg's sigma C / k)
+and accounts ε as server/dp.py does, stopping before a round that would exceed
+privacy.target-epsilon. With privacy.mode = "sample" devices run DP-SGD as without SecAgg.
+
+Not protected by SecAgg+: who takes part in a round; federated evaluation replies
+(per-device hits, sent in the clear as without SecAgg); a server that also controls
+enough devices (threshold - 1 colluding neighbours plus the server can unmask a device);
+and poisoned updates, which the server can no longer inspect (so fed.max-update-norm,
+fedmedian/fedtrimmedavg and the simulated faults are refused here). A device that drops
+after uploading its masked vector is still in the sum; one that drops before is left out
+(its neighbours' shares remove its pairwise masks); a round in which some device keeps
+fewer than secagg.reconstruction-threshold live neighbours aggregates nothing and keeps
+the previous global model (recorded as "kept-previous").
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.client import NumPyClient
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAvg
+
+from fedrec.config import Config
+from fedrec.device import DATA_DIR, load_device_client
+from fedrec.errors import FedrecError
+from fedrec.federated import (
+    aggregate_client_metrics,
+    client_seed,
+    load_simulated_client,
+    local_evaluate,
+    local_update,
+)
+from fedrec.local_store import load_local, save_local
+from fedrec.model import build_model
+from fedrec.privacy import Accountant
+
+LOCAL = "user-local"  # context.state key of the user-local parameters (as clients/app.py)
+PRIVACY = "privacy-accountant"  # context.state key of the DP-SGD accountant history
+DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
+MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check(cfg: Config, k: int, population: int) -> None:
+    """Refuse what SecAgg+ cannot do, with one line naming the key and the fix.
+    k: devices sampled per round."""
+    s = cfg.secagg
+    if cfg.fed.strategy != "fedavg":
+        raise FedrecError("config: secagg.enabled needs fed.strategy = 'fedavg' (the server "
+                          f"sees only the sum of the updates); got {cfg.fed.strategy!r}")
+    if cfg.fed.max_update_norm > 0:
+        raise FedrecError("config: with secagg.enabled the server cannot bound single updates; "
+                          "set fed.max-update-norm = 0 (clip on the devices: privacy.mode = "
+                          "'user')")
+    if cfg.fed.failure_rate > 0 or cfg.fed.poison_rate > 0:
+        raise FedrecError("config: simulated faults are not wired into SecAgg+; set "
+                          "fed.failure-rate and fed.poison-rate to 0 with secagg.enabled")
+    if k < s.reconstruction_threshold:
+        raise FedrecError(f"config: secagg.enabled needs at least secagg.reconstruction-"
+                          f"threshold ({s.reconstruction_threshold}) devices per round; got {k} "
+                          "(raise fed.clients-per-round)")
+    if k * s.quantization_range >= MODULUS:
+        raise FedrecError(f"config: {k} devices per round x secagg.quantization-range "
+                          f"{s.quantization_range} must stay below 2**32 (the masking modulus); "
+                          f"set secagg.quantization-range <= {(MODULUS - 1) // k}")
+    if cfg.privacy.mode == "user" and cfg.privacy.delta >= 1.0 / population:
+        raise FedrecError(f"config: 'privacy.delta' must be below 1/{population} users for "
+                          f"user-level DP; got {cfg.privacy.delta:g}")
+
+
+# ----------------------------------------------------------------------------- device
+
+def _names(cfg: Config, E: np.ndarray, n_items: int, parameters: list[np.ndarray]) -> list[str]:
+    """The federated parameters' names, in the order the server sends them (the model's
+    state_dict order, as FederatedRun.initial_arrays); shapes are checked."""
+    shapes = {k: tuple(v.shape) for k, v in build_model(cfg, E.shape[1], n_items)
+              .state_dict().items()}
+    got = [tuple(p.shape) for p in parameters]
+    if list(shapes.values()) != got:
+        raise ValueError(f"the server sent {len(got)} arrays of shapes {got[:3]}...; this "
+                         f"device's model has {len(shapes)} ({list(shapes.values())[:3]}...)")
+    return list(shapes)
+
+
+class Device(NumPyClient):
+    """One user's device on the legacy path: fedrec.federated does the work; the
+    user-local parameters (and the DP-SGD accountant) stay in context.state."""
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def _load(self, parameters, config, training: bool):
+        ctx = self.context
+        simulated = DATA_DIR not in ctx.node_config
+        if simulated:
+            user = int(ctx.node_config["partition-id"])
+            cfg, E, data = load_simulated_client(ctx.run_config, user)
+        else:  # a real device: its own files only
+            cfg, E, data = load_device_client(ctx.run_config, ctx.node_config)
+            user = ctx.node_id
+        rnd = int(config["server-round"])
+        arrays = dict(zip(_names(cfg, E, data.n_items, parameters), parameters))
+        local = None
+        if LOCAL in ctx.state:
+            local = {k: a.numpy() for k, a in ctx.state[LOCAL].items()}
+        elif simulated and cfg.fed.resume and cfg.fed.run_dir:  # a restarted simulation
+            local = load_local(cfg.fed.run_dir, user, rnd if training else rnd + 1)
+        return cfg, E, data, arrays, local, client_seed(cfg, user, rnd), user, rnd, simulated
+
+    def fit(self, parameters, config):
+        cfg, E, data, arrays, local, seed, user, rnd, simulated = self._load(parameters, config,
+                                                                             True)
+        ctx, acc = self.context, None
+        if cfg.privacy.mode == "sample":  # this device's cumulative accountant
+            acc = Accountant.from_state(ctx.state.get(PRIVACY), cfg.privacy.accountant)
+        population = int(ctx.node_config.get("num-partitions", 0)) or cfg.fed.min_nodes
+        k = cfg.fed.clients_per_round
+        participation = 1.0 if not k or not population else min(1.0, k / population)
+        params, new_local, metrics = local_update(cfg, E, data, arrays, local, seed,
+                                                  accountant=acc, participation=participation)
+        if acc is not None:
+            ctx.state[PRIVACY] = ConfigRecord(acc.to_state())
+        if new_local:
+            ctx.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
+            if simulated and cfg.fed.run_dir:
+                save_local(cfg.fed.run_dir, user, rnd, new_local)
+        update = [np.asarray(params[k], np.float64) - np.asarray(a, np.float64)
+                  for k, a in arrays.items()]
+        if cfg.privacy.mode == "user":  # client-side clipping before masking (DP-FedAvg)
+            update = clip_update(update, cfg.privacy.max_grad_norm)
+        if cfg.privacy.mode == "none":  # the mean training loss, securely aggregated too
+            update.append(np.array([metrics["train-loss"]], np.float64))
+        weight = 1 if cfg.privacy.mode != "none" else int(metrics["num-examples"])
+        if not simulated:
+            weight = min(weight, DEVICE_MAX_WEIGHT)
+        # the plaintext reply carries no data-dependent value but the device's own ε
+        return update, weight, ({"epsilon": float(metrics["epsilon"])} if acc is not None else {})
+
+    def evaluate(self, parameters, config):
+        cfg, E, data, arrays, local, seed, *_ = self._load(parameters, config, False)
+        metrics = local_evaluate(cfg, E, data, arrays, local, seed)
+        return 0.0, 1, {k: float(v) for k, v in metrics.items()}
+
+
+def clip_update(update: list[np.ndarray], max_norm: float) -> list[np.ndarray]:
+    """Scale the whole update to L2 norm <= max_norm (Flower's fixed clipping rule)."""
+    norm = math.sqrt(sum(float(np.sum(np.square(u))) for u in update))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return [u * scale for u in update]
+
+
+def hide_weight_mod(msg: Message, context: Context, call_next) -> Message:
+    """Outermost mod: secaggplus_mod has already put the weight inside the masked vector;
+    zero its plaintext copy in the reply, so no single device's history length shows."""
+    reply = call_next(msg, context)
+    if reply.has_content() and "fitres.num_examples" in reply.content.metric_records:
+        reply.content.metric_records["fitres.num_examples"]["num_examples"] = 0
+    return reply
+
+
+@cache
+def client_app():
+    """The device side: a legacy ClientApp over `Device` with secaggplus_mod."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    return ClientApp(client_fn=lambda context: Device(context).to_client(),
+                     mods=[hide_weight_mod, secaggplus_mod])
+
+
+# ----------------------------------------------------------------------------- server
+
+def _record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in zip(names, arrays)})
+
+
+class SecAggFedAvg(FedAvg):
+    """Legacy FedAvg under SecAggPlusWorkflow. Every result it is handed carries the same
+    securely aggregated mean update; it adds that (plus DP noise) to the global model and
+    records every round into the run like server/strategy.py does."""
+
+    def __init__(self, cfg: Config, run, names: list[str], initial: list[np.ndarray],
+                 population: int, k: int, done_rounds: int):
+        self.cfg, self.run, self.names, self.done = cfg, run, names, done_rounds
+
+        def on_config(server_round: int) -> dict:
+            return {"server-round": server_round + done_rounds}
+
+        super().__init__(fraction_fit=1.0 if k == population else 1e-9, min_fit_clients=k,
+                         fraction_evaluate=1.0, min_evaluate_clients=population,
+                         min_available_clients=population,
+                         initial_parameters=ndarrays_to_parameters(initial),
+                         on_fit_config_fn=on_config, on_evaluate_config_fn=on_config)
+        self.q = k / population  # user-level DP: sampling rate for the accountant
+        self.sent = list(initial)  # the global arrays sent this round
+        self.expected = {"train": 0, "evaluate": 0}
+        self.epsilon: dict[int, float] = {}  # sample-level DP: node -> its cumulative ε
+        self.stopped = ""  # why training stopped early (privacy budget)
+        self.pending = None  # (server round, arrays): server-side evaluation still to run
+        self.server_eval = run.evaluate_fn(done_rounds)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from server.dp import user_epsilon
+        from server.strategy import _seeded_sampling
+
+        rnd = server_round + self.done
+        p = self.cfg.privacy
+        if not self.stopped and p.mode == "user" and p.target_epsilon > 0:
+            eps = user_epsilon(self.cfg, rnd, self.q)
+            if eps > p.target_epsilon:
+                from fedrec.privacy import label
+
+                spent = user_epsilon(self.cfg, rnd - 1, self.q) if rnd > 1 else 0.0
+                self.stopped = (f"privacy budget exhausted: round {rnd} would bring "
+                                f"{label(self.cfg)} to {eps:.3f} > privacy.target-epsilon "
+                                f"{p.target_epsilon:g} (spent after round {rnd - 1}: "
+                                f"{spent:.3f}); stopped before it")
+                self.run.log(self.stopped)
+        if self.stopped:  # the workflow halts this round and runs the rest as no-ops
+            return []
+        self.sent = parameters_to_ndarrays(parameters)
+        with _seeded_sampling(self.cfg.train.seed, rnd):
+            instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.expected["train"] = len(instructions)
+        return instructions
+
+    def aggregate_fit(self, server_round, results, failures):
+        rnd = server_round + self.done
+        n, p = len(results), self.cfg.privacy
+        stats = {"clients": n, "failures": self.expected["train"] - n}
+        arrays = None
+        if n and n >= self.cfg.fed.min_replies:
+            mean = parameters_to_ndarrays(results[0][1].parameters)  # the same in every result
+            if p.mode == "none":  # devices append their training loss (Device.fit)
+                stats["train-loss"] = float(mean.pop()[0])
+            if p.mode == "user" and p.noise_multiplier > 0:  # DP-FedAvg's noise, on the mean
+                std = p.noise_multiplier * p.max_grad_norm / n
+                rng = np.random.default_rng()
+                mean = [m + rng.normal(0.0, std, m.shape) for m in mean]
+            arrays = [(np.asarray(s, np.float64) + m).astype(s.dtype)
+                      for s, m in zip(self.sent, mean)]
+            if p.mode == "user":
+                from server.dp import user_epsilon
+
+                stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
+        if n and "epsilon" in results[0][1].metrics:  # sample-level DP: devices' own ε
+            for proxy, res in results:
+                self.epsilon[proxy.node_id] = float(res.metrics["epsilon"])
+            eps = list(self.epsilon.values())
+            stats["epsilon-max"], stats["epsilon-mean"] = max(eps), sum(eps) / len(eps)
+        stats["kept-previous"] = int(arrays is None)
+        self.run.on_train(rnd, dict(zip(self.names, arrays if arrays is not None else self.sent)),
+                          stats)
+        if arrays is None:
+            return None, {}
+        self.sent = arrays
+        return ndarrays_to_parameters(arrays), {}
+
+    def evaluate(self, server_round, parameters):
+        """Server-side evaluation; run after the federated one, as the Message API
+        strategies order them (so a round's log line shows both)."""
+        rnd = server_round + self.done
+        if self.stopped:
+            return
+        if server_round > 0 and "train" not in self.run.rounds.get(rnd, {}):
+            # SecAgg+ halted (too few live neighbours): nothing aggregated, model kept
+            self.run.on_train(rnd, dict(zip(self.names, self.sent)),
+                              {"clients": 0, "failures": self.expected["train"],
+                               "kept-previous": 1, "secagg-halted": 1})
+        self.pending = (server_round, _record(self.names, parameters_to_ndarrays(parameters)))
+        if server_round == 0:
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        if self.pending is not None:
+            server_round, arrays = self.pending
+            self.pending = None
+            self.server_eval(server_round, arrays)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        if self.stopped or not self.run.is_eval_round(server_round + self.done):
+            self.flush_pending()
+            return []
+        instructions = super().configure_evaluate(server_round, parameters, client_manager)
+        self.expected["evaluate"] = len(instructions)
+        return instructions
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        rnd = server_round + self.done
+        self.run.record(rnd, "evaluate", {"clients": len(results),
+                                          "failures": self.expected["evaluate"] - len(results)})
+        metrics = aggregate_client_metrics([{k: float(v) for k, v in res.metrics.items()}
+                                            for _, res in results])
+        if metrics:
+            self.run.record(rnd, "federated", metrics)
+        self.flush_pending()
+        return None, metrics
+
+
+class _Timeout:
+    """The grid with fed.round-timeout as its default wait: Flower's legacy evaluate round
+    would otherwise wait for ever for a device that never answers."""
+
+    def __init__(self, grid, timeout: float):
+        self._grid, self._timeout = grid, timeout
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self._grid.send_and_receive(
+            messages, timeout=self._timeout if timeout is None else timeout)
+
+
+def max_weight(cfg: Config, run) -> float:
+    """Largest weight a device can send: 1 under DP (equal weights), else the longest
+    history (simulation; the server holds the split) or DEVICE_MAX_WEIGHT (deployment).
+    Tight is better: each device's values are scaled by weight / max_weight before
+    quantisation."""
+    if cfg.privacy.mode != "none":
+        return 1.0
+    if run.deployed:
+        return float(DEVICE_MAX_WEIGHT)
+    return float(max(1, int(np.diff(run.prepared.split.train_ptr).max())))
+
+
+def serve(grid, context: Context, cfg: Config, run) -> None:
+    """The ServerApp's main under secagg.enabled: the run (a server.run.FederatedRun)
+    trains fed.num-rounds rounds of SecAgg+ FedAvg and is finished (or resumed) as usual."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.default_workflows import default_evaluate_workflow
+
+    population = run.population
+    k = cfg.fed.clients_per_round or population
+    if k > population:
+        raise ValueError(f"fed.clients-per-round={k} exceeds the {population} available devices")
+    check(cfg, k, population)
+    done, arrays, _ = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
+    names = list(arrays.keys())
+    strategy = SecAggFedAvg(cfg, run, names, [arrays[n].numpy() for n in names], population,
+                            k, done)
+    s, timeout = cfg.secagg, cfg.fed.round_timeout
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=s.num_shares, reconstruction_threshold=s.reconstruction_threshold,
+            max_weight=max_weight(cfg, run), clipping_range=s.clipping_range,
+            quantization_range=s.quantization_range, modulus_range=MODULUS, timeout=timeout),
+        evaluate_workflow=lambda g, c: default_evaluate_workflow(_Timeout(g, timeout), c))
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.fed.num_rounds - done,
+                                                        round_timeout=timeout),
+                           strategy=strategy)
+    run.log(f"secure aggregation: SecAgg+ over {k} devices per round, {s.num_shares} shares, "
+            f"threshold {s.reconstruction_threshold}, values clipped to "
+            f"±{s.clipping_range:g} on {s.quantization_range} levels")
+    workflow(grid, legacy)
+    strategy.flush_pending()
+    run.finish(_record(names, strategy.sent), stopped=strategy.stopped)
