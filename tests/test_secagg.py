@@ -24,6 +24,7 @@ from fedrec.pipeline import prepare
 from tiny import run_inprocess, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
+FEDAVG = {"fed.strategy": "fedavg"}  # SecAgg+ runs FedAvg; named so default changes don't matter
 USER_DP = {"privacy.mode": "user", "privacy.noise-multiplier": 0.0,
            "privacy.max-grad-norm": 0.05}  # small enough that every update is clipped
 SAMPLE_DP = {"privacy.mode": "sample", "privacy.noise-multiplier": 1.0}
@@ -49,7 +50,7 @@ class Grid(InProcessGrid):
 def _run(root, tmp_path, name, fail=None, **overrides):
     """One in-process run of the real apps (every user, one round by default): (cfg,
     grid, results.json, the global arrays after round 1)."""
-    cfg = tiny_config(root, {"fed.clients-per-round": 0, "fed.num-rounds": 1,
+    cfg = tiny_config(root, {**FEDAVG, "fed.clients-per-round": 0, "fed.num-rounds": 1,
                              "fed.run-dir": str(tmp_path / name), **overrides})
     grid = Grid(clients.app.app, cfg.to_flat(), prepare(cfg).split.n_users, fail=fail)
     _, results = run_inprocess(cfg, grid)
@@ -165,7 +166,7 @@ def test_user_level_dp_noise_is_added_to_the_masked_mean(tiny_root, tmp_path):
 def test_privacy_budget_stops_before_the_round_that_would_exceed_it(tiny_root, tmp_path):
     from server.dp import user_epsilon
 
-    cfg = tiny_config(tiny_root, {**USER_DP, "privacy.noise-multiplier": 1.0})
+    cfg = tiny_config(tiny_root, {**FEDAVG, **USER_DP, "privacy.noise-multiplier": 1.0})
     eps1, eps2 = user_epsilon(cfg, 1, 1.0), user_epsilon(cfg, 2, 1.0)
     _, _, res, _ = _run(tiny_root, tmp_path, "secagg", **{
         **USER_DP, "secagg.enabled": True, "privacy.noise-multiplier": 1.0,
@@ -193,7 +194,7 @@ def test_bad_secagg_config_is_refused_with_one_line(key, value, match):
 def test_secagg_defaults_are_off_and_valid():
     cfg = Config.from_flat(load_defaults())
     assert not cfg.secagg.enabled and cfg.secagg.num_shares % 2 == 1
-    secagg.check(cfg.override(**{"secagg.enabled": True}), k=94, population=943)
+    secagg.check(cfg.override(**{**FEDAVG, "secagg.enabled": True}), k=94, population=943)
     assert load_config({"secagg.num-shares": 5, "secagg.reconstruction-threshold": 4})
 
 
@@ -207,7 +208,7 @@ def test_secagg_defaults_are_off_and_valid():
     ({"privacy.mode": "user", "privacy.delta": 0.01}, 94, "'privacy.delta' must be below 1/943"),
 ])
 def test_what_secagg_cannot_do_is_refused(overrides, k, match):
-    cfg = load_config({"secagg.enabled": True, **overrides})
+    cfg = load_config({**FEDAVG, "secagg.enabled": True, **overrides})
     with pytest.raises(FedrecError, match=match):
         secagg.check(cfg, k=k, population=943)
 
@@ -234,7 +235,7 @@ def test_flwr_run_with_secagg_equals_fedavg_of_the_same_updates(tmp_path):
         "data.dataset": str(data_dir), "data.cache-dir": str(tmp_path / "cache"),
         "data.eval-negatives": 20, "model.kind": "fedmf", "model.dim": 8,
         "fed.num-rounds": 2, "fed.clients-per-round": 0, "fed.eval-every": 1,
-        "train.batch-size": 32, "secagg.enabled": True})
+        "train.batch-size": 32, "secagg.enabled": True, **FEDAVG})
     split = prepare(cfg, with_text=False).split
     run_dir = tmp_path / "run"
     res = run_simulation(cfg, None, run_dir, num_supernodes=4, log=lambda _: None, timeout=300)
