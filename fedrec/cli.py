@@ -355,6 +355,58 @@ def recommend_cmd(history: str = typer.Option(..., "--history", help="the user's
     console.print(t)
 
 
+@app.command("audit")
+def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
+              params: str | None = typer.Option(None, "--params", help="global federated "
+                                                 "parameters the round starts from (a run's "
+                                                 "final.safetensors); default a fresh model"),
+              users: int = typer.Option(200, "--users", help="target users (random, seed "
+                                        "train.seed)"),
+              epsilons: str = typer.Option("inf,8", "--epsilons", help="inf = no DP; a number "
+                                           "= sample-level DP-SGD with that target ε"),
+              json_path: str | None = JsonOpt):
+    """Membership inference from one device update (fedrec/audit.py): the AUC of telling a
+    user's training items from other catalog items, per attack statistic and ε."""
+    import math
+
+    from fedrec import audit
+    from fedrec.pipeline import prepare
+    from fedrec.privacy import describe
+
+    cfg = _config(config, run_config)
+    if users < 1:
+        raise FedrecError(f"--users must be >= 1, got {users}")
+    if params is not None and not Path(params).expanduser().is_file():
+        raise FedrecError(f"--params: '{params}' is not a file; give a run's final.safetensors")
+    settings = audit.privacy_settings(cfg, epsilons)
+    p = prepare(cfg, progress=True, with_text=cfg.model.kind == "text")
+    arrays = audit.global_params(cfg, p.item_emb.shape[1], p.split.n_items,
+                                 params and str(Path(params).expanduser()))
+    chosen = audit.targets(p.split, users, cfg.train.seed)
+    rows = []
+    for eps, c in settings:
+        console.print(f"[bold]audit: ε {eps:g} ({describe(c)['unit']}), {len(chosen)} users[/bold]")
+        r = audit.audit(c, p.item_emb, p.split, arrays, chosen, log=console.print)
+        if math.isinf(eps):  # no DP: no ε (JSON has no infinity)
+            r["epsilon_spent"] = None
+        rows.append({"epsilon": None if math.isinf(eps) else eps, "privacy": describe(c), **r})
+    t = Table(title=f"membership inference from one update (AUC, mean over {len(chosen)} users)")
+    for col in ("ε", "unit", "ε spent", "σ", *audit.STATS, "best"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        spent = r["epsilon_spent"]
+        t.add_row("∞" if r["epsilon"] is None else f"{r['epsilon']:g}", r["privacy"]["unit"],
+                  "-" if spent is None else f"{spent['max']:.2f}",
+                  f"{r['noise_multiplier_mean']:.3f}", *(f"{r['auc'][s]:.3f}" for s in audit.STATS),
+                  f"{r['best']['auc']:.3f} ({r['best']['statistic']})")
+    console.print(t)
+    if json_path:
+        write_json(json_path, {"method": "audit", "command": command_line(),
+                               "config": cfg.to_flat(), "params": params or
+                               f"fresh model (train.seed {cfg.train.seed})", "rows": rows,
+                               "machine": machine()})
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
