@@ -28,14 +28,16 @@ neighbours' secrets, and the plaintext reply metadata: a status, the weight zero
 but for the device's own ε under privacy.mode = "sample". Weights: the history length
 (as plain FedAvg), or 1 under either DP mode (as the DP paths do).
 
-With privacy.mode = "user" the server adds N(0, (sigma C / n)^2) to the mean of the n
-masked updates (n <= clients per round, so never less noise than DP-FedAvg's sigma C / k)
+With privacy.mode = "user" the server adds N(0, (sigma C / n)^2) to the unmasked mean of
+the n updates (n <= clients per round, so never less noise than DP-FedAvg's sigma C / k)
 and accounts ε as server/dp.py does, stopping before a round that would exceed
 privacy.target-epsilon. With privacy.mode = "sample" devices run DP-SGD as without SecAgg.
 
 Not protected by SecAgg+: who takes part in a round; federated evaluation replies
 (per-device hits, sent in the clear as without SecAgg); a server that also controls
-enough devices (threshold - 1 colluding neighbours plus the server can unmask a device);
+enough devices (reconstruction-threshold colluding neighbours can unmask a device); a
+server that brute-forces masks (Flower expands each from a 32-bit seed with numpy's
+Mersenne Twister, so a device's masked vector rests on num-shares - 1 such seeds);
 and poisoned updates, which the server can no longer inspect (so fed.max-update-norm,
 fedmedian/fedtrimmedavg and the simulated faults are refused here). A device that drops
 after uploading its masked vector is still in the sum; one that drops before is left out
