@@ -180,7 +180,6 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
     from pathlib import Path
 
     from fedrec.pipeline import prepare
-    from fedrec.simulate import run_simulation
 
     if engine not in ("flower", "inprocess"):
         raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
@@ -202,14 +201,7 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
         console.print(f"[bold]federated {cfg.model.kind} ({cfg.fed.strategy}), seed {seed}[/bold]"
                       f" -> {run_dir}")
         t0 = time.time()
-        if engine == "flower":
-            res = run_simulation(c, run_dir=run_dir, log=console.print)
-        else:
-            res = _run_inprocess(c, run_dir, console.print)
-        summ = res["summary"]
-        if not summ:
-            raise FedrecError(f"{run_dir}/results.json: no evaluated round; set fed.eval-every "
-                              "<= fed.num-rounds")
+        summ = _run_federated(c, run_dir, engine)["summary"]
         runs.append({"seed": seed, "best": summ["best"], "final": summ["final"],
                      "best_round": summ["best_round"], "run_dir": str(run_dir),
                      "seconds": time.time() - t0})
@@ -222,6 +214,80 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
         write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
                                "seed_kind": "train.seed", "runs": runs, "summary": summary,
                                "machine": machine()})
+
+
+@app.command("privacy-sweep")
+def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
+                      seeds: str = SeedsOpt,
+                      epsilons: str = typer.Option("inf,8,4,2,1", help="target ε grid; inf = no DP"),
+                      units: str = typer.Option("interaction,user", help="units of privacy: "
+                                                "interaction (DP-SGD) and/or user (DP-FedAvg)"),
+                      engine: str = typer.Option("inprocess", help="inprocess | flower"),
+                      runs_dir: str | None = typer.Option(None, "--runs-dir", help="parent of the "
+                                                           "runs (one per unit, ε and seed)"),
+                      json_path: str | None = JsonOpt,
+                      plot_path: str | None = typer.Option(None, "--plot", help="write the "
+                                                            "privacy-utility plot (PNG) here")):
+    """Accuracy against ε for each unit of privacy (fedrec/sweep.py)."""
+    import math
+
+    from fedrec import sweep
+    from fedrec.pipeline import prepare
+
+    cfg = _config(config, run_config)
+    try:
+        eps_grid = sweep.parse_epsilons(epsilons)
+    except ValueError as exc:
+        raise FedrecError(str(exc)) from None
+    unit_list = [u.strip() for u in units.split(",") if u.strip()]
+    bad = [u for u in unit_list if u not in sweep.MODES]
+    if bad or not unit_list:
+        raise FedrecError(f"--units: '{units}' must name interaction and/or user")
+    if engine not in ("flower", "inprocess"):
+        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    seed_list = _seeds(seeds)
+    population = prepare(cfg, progress=True, with_text=cfg.model.kind == "text").split.n_users
+    base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
+    rows = []
+    for unit, eps in sweep.cells(unit_list, eps_grid):
+        c = sweep.plan(cfg, unit, eps, population)
+        results = []
+        for seed in seed_list:
+            run_dir = base / f"{unit}-eps{eps:g}" / f"seed-{seed}"
+            console.print(f"[bold]privacy sweep: unit {unit}, ε {eps:g}, seed {seed}[/bold] -> {run_dir}")
+            results.append(_run_federated(c.override(**{"train.seed": seed}), run_dir, engine))
+        rows.append(sweep.row(c, unit, eps, results))
+    t = Table(title="privacy sweep (test at best-validation round)")
+    for col in ("unit", "ε", "ε spent", "δ", "σ", "C", "rounds", "HR@10", "NDCG@10"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["unit"], "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}",
+                  "-" if r["epsilon-spent-max"] is None else f"{r['epsilon-spent-max']:.2f}",
+                  "-" if r["delta"] is None else f"{r['delta']:g}",
+                  "-" if r["sigma"] is None else f"{r['sigma']:.3f}",
+                  "-" if r["max-grad-norm"] is None else f"{r['max-grad-norm']:g}",
+                  str(r["rounds"]), fmt(r["sampled/hr@10"]), fmt(r["sampled/ndcg@10"]))
+    console.print(t)
+    if json_path:
+        write_json(json_path, {"method": "privacy-sweep", "command": command_line(),
+                               "config": cfg.to_flat(), "seed_kind": "train.seed", "rows": rows,
+                               "machine": machine()})
+    if plot_path:
+        sweep.plot(rows, plot_path)
+
+
+def _run_federated(cfg: Config, run_dir: Path, engine: str) -> dict:
+    """One federated run (flwr run or in-process); its results.json, evaluated."""
+    from fedrec.simulate import run_simulation
+
+    if engine == "flower":
+        res = run_simulation(cfg, run_dir=run_dir, log=console.print)
+    else:
+        res = _run_inprocess(cfg, run_dir, console.print)
+    if not res["summary"]:
+        raise FedrecError(f"{run_dir}/results.json: no evaluated round; set fed.eval-every "
+                          "<= fed.num-rounds")
+    return res
 
 
 def _resumed(run_dir: Path) -> tuple[Config, list]:

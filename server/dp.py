@@ -12,9 +12,14 @@ approximation of that, not an exact bound for fixed-size sampling. Before each r
 server checks the ε that round would bring; if it exceeds privacy.target-epsilon (> 0),
 training stops before that round (BudgetExhausted) and the run ends with the last model.
 What devices release besides the clipped update (num-examples = 1, no loss) does not
-depend on their data. Requires fedavg or fedprox: the noise is calibrated to a mean.
+depend on their data. Works with fedavg, fedprox and fedadam (the noise is calibrated to a
+mean): with fedadam the noise goes on the mean update BEFORE the server's Adam step
+(server/strategy.py), so the Adam moments only post-process noised means; Flower's
+wrapper, which would noise the model after that step, then adds none.
 """
 
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from fedrec.errors import FedrecError
@@ -37,8 +42,9 @@ def user_epsilon(cfg, rounds: int, sample_rate: float) -> float:
 
 def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int = 0):
     p = cfg.privacy
-    if cfg.fed.strategy not in ("fedavg", "fedprox"):
-        raise FedrecError("config: privacy.mode = 'user' needs fed.strategy fedavg or fedprox "
+    if cfg.fed.strategy not in ("fedavg", "fedprox", "fedadam"):
+        raise FedrecError("config: privacy.mode = 'user' needs fed.strategy fedavg, fedprox or "
+                          "fedadam "
                           f"(the noise is calibrated to a mean); got {cfg.fed.strategy!r}")
     if p.delta >= 1.0 / population:
         raise FedrecError(f"config: 'privacy.delta' must be below 1/{population} users for "
@@ -66,5 +72,16 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
                 run.on_train(rnd, arrays, stats, strategy.server_state())  # the noised model
             return arrays, metrics
 
-    return UserDP(strategy, noise_multiplier=p.noise_multiplier,
+    sigma = p.noise_multiplier
+    if cfg.fed.strategy == "fedadam":  # noise the mean before Adam, not the model after it
+        strategy.mean_noise_std, sigma = sigma * p.max_grad_norm / k, 0.0
+    return UserDP(strategy, noise_multiplier=sigma,
                   clipping_norm=p.max_grad_norm, num_sampled_clients=k)
+
+
+def add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:
+    """arrays + N(0, std^2) per coordinate (float32 noise, as Flower's wrapper adds)."""
+    rng = np.random.default_rng()
+    return ArrayRecord({k: Array(np.asarray(a.numpy() + rng.normal(0.0, std, a.shape)
+                                            .astype(a.numpy().dtype)))
+                        for k, a in arrays.items()})

@@ -15,12 +15,13 @@ import random
 from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from fedrec.config import Config
 from fedrec.errors import FedrecError
 from fedrec.federated import aggregate_client_metrics
+from server.dp import add_noise
 from server.replies import (
     bound_update,
     evaluate_problem,
@@ -82,6 +83,7 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
             self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
             self.epsilon: dict[int, float] = {}  # node -> its cumulative DP-SGD ε
+            self.mean_noise_std = 0.0  # user-level DP with FedAdam (server/dp.py)
 
         def _configure(self, kind, server_round, arrays, config, grid):
             rnd = server_round + done_rounds
@@ -131,6 +133,9 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             arrays, metrics = None, None
             if len(ok) >= f.min_replies:
                 arrays, metrics = super().aggregate_train(rnd, ok)
+                if arrays is not None:  # FedAdam's step computes in float64: keep the dtype sent
+                    arrays = ArrayRecord({k: Array(a.numpy().astype(self.sent[k].dtype, copy=False))
+                                          for k, a in arrays.items()})
             stats["kept-previous"] = int(arrays is None)
             run.on_train(rnd, arrays if arrays is not None else self.sent,
                          {**(metrics or {}), **stats}, self.server_state())
@@ -147,6 +152,13 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             if metrics:
                 run.record(rnd, "federated", metrics)
             return metrics
+
+        def _compute_deltat_and_mt(self, aggregated):  # FedAdam's step (FedOpt) only
+            """User-level DP with FedAdam (server/dp.py): noise on the mean update, before
+            the server optimizer sees it, so Adam's moments are post-processing."""
+            if self.mean_noise_std > 0:
+                aggregated = add_noise(aggregated, self.mean_noise_std)
+            return super()._compute_deltat_and_mt(aggregated)
 
         def server_state(self) -> dict[str, np.ndarray]:
             """Server-side optimizer state a resumed run needs (FedAdam's moments)."""

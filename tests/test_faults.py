@@ -23,7 +23,9 @@ pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def config(tiny_root, tmp_path, **overrides):
-    return tiny_config(tiny_root, {"fed.run-dir": str(tmp_path / "run"), **overrides})
+    """FedAvg unless told otherwise: these tests check the aggregate against a plain mean."""
+    return tiny_config(tiny_root, {"fed.run-dir": str(tmp_path / "run"), "fed.strategy": "fedavg",
+                                   **overrides})
 
 
 class Recording(InProcessGrid):

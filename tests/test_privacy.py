@@ -209,7 +209,30 @@ def test_user_mode_rejects_a_non_mean_aggregator_and_a_large_delta(cfg):
     from fedrec.errors import FedrecError
     from server.dp import wrap_user_dp
 
-    with pytest.raises(FedrecError, match="needs fed.strategy fedavg or fedprox"):
+    with pytest.raises(FedrecError, match="needs fed.strategy fedavg, fedprox or fedadam"):
         wrap_user_dp(cfg.override(**USER, **{"fed.strategy": "fedmedian"}), None, None, 13, 4)
     with pytest.raises(FedrecError, match="'privacy.delta' must be below 1/13 users"):
         wrap_user_dp(cfg.override(**USER, **{"privacy.delta": 0.1}), None, None, 13, 4)
+
+
+def test_user_mode_with_fedadam_noises_the_mean_before_the_server_step(cfg, prepared):
+    """Adam's moments must only see noised means: the noise moves inside, before the step."""
+    from server.run import FederatedRun
+    from server.strategy import make_strategy
+
+    k, n = 4, prepared.split.n_users
+    c = cfg.override(**USER, **{"fed.strategy": "fedadam", "fed.num-rounds": 2,
+                                "fed.clients-per-round": k})
+    s = make_strategy(c, FederatedRun(c, log=lambda *_: None), population=n)
+    assert s.noise_multiplier == 0.0  # Flower's wrapper would noise the model after Adam
+    assert s.strategy.mean_noise_std == pytest.approx(1.0 * 0.5 / k)  # sigma C / k
+    from flwr.app import Array, ArrayRecord
+
+    mean = {"w": Array(np.zeros(1000, np.float32))}
+    s.strategy.current_arrays = {"w": np.zeros(1000, np.float32)}
+    delta, _, _ = s.strategy._compute_deltat_and_mt(ArrayRecord(mean))
+    assert np.std(delta["w"]) == pytest.approx(0.5 / k, rel=0.1)  # Adam got the noised mean
+    _, results = run_inprocess(c)
+    trains = [r["train"] for r in results["rounds"] if "train" in r]
+    assert results["status"] == "completed" and len(trains) == 2
+    assert all(t["epsilon-max"] > 0 for t in trains)

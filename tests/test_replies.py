@@ -140,7 +140,9 @@ class FakeRun:
 
 
 def strategy(**overrides):
-    cfg = Config.from_flat({**load_defaults(), "fed.clients-per-round": N, **overrides})
+    """FedAvg unless told otherwise: the tests compare the aggregate with a plain mean."""
+    cfg = Config.from_flat({**load_defaults(), "fed.clients-per-round": N, "fed.strategy": "fedavg",
+                            **overrides})
     run = FakeRun()
     s = make_strategy(cfg, run, population=N)
     grid = InProcessGrid(None, cfg.to_flat(), N)

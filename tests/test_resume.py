@@ -109,7 +109,7 @@ def test_without_the_devices_state_a_resumed_run_differs(tiny_root, tmp_path, un
     the resume start from fresh user residuals, and the model ends elsewhere."""
     import shutil
 
-    whole_dir, _ = uninterrupted("fedavg")
+    whole_dir, _ = uninterrupted("fedadam")
     run_dir = tmp_path / "run"
     cfg = interrupted(tiny_root, run_dir, ("train", 3))
     shutil.rmtree(run_dir / "devices")
@@ -122,7 +122,7 @@ def test_without_the_devices_state_a_resumed_run_differs(tiny_root, tmp_path, un
 def test_killed_after_its_last_round_a_run_only_finishes(tiny_root, tmp_path, uninterrupted):
     import shutil
 
-    whole_dir, whole = uninterrupted("fedavg")
+    whole_dir, whole = uninterrupted("fedadam")
     run_dir = tmp_path / "run"
     shutil.copytree(whole_dir, run_dir)
     results = json.loads((run_dir / "results.json").read_text())
@@ -156,7 +156,7 @@ def test_a_fresh_run_forgets_an_earlier_runs_device_state(tiny_root, tmp_path):
 
 
 def test_fedrec_simulate_resume(tiny_root, tmp_path, uninterrupted, run_cli):
-    whole_dir, whole = uninterrupted("fedavg")
+    whole_dir, whole = uninterrupted("fedadam")
     run_dir = tmp_path / "seed-0"
     interrupted(tiny_root, run_dir, ("evaluate", 2))
 

@@ -1,0 +1,122 @@
+"""Privacy-budget experiments: accuracy against ε, for each unit of privacy.
+
+`fedrec privacy-sweep` runs one federated configuration at every target ε of a grid
+(inf = no DP), for each unit of privacy and each seed, and writes one table row per
+(unit, ε) with the privacy parameters that produced it and HR@10 / NDCG@10 mean ± std
+(federated evaluation, test at the best-validation round, as `fedrec simulate`).
+
+- unit "interaction" (privacy.mode = sample, DP-SGD on each device): each device solves
+  its own σ so that its ε over fed.num-rounds at the expected participation stays <= the
+  target (fedrec/privacy.py); the row's σ is the mean over the devices that trained, and
+  "ε spent" is the largest cumulative ε any device reported.
+- unit "user" (privacy.mode = user, DP-FedAvg / DP-FedAdam): σ is solved here so that
+  fed.num-rounds rounds at sample rate q = clients-per-round / users spend exactly the
+  target; the same target is the run's hard budget (server/dp.py).
+The ε = inf row is the same run without DP, once per seed (it has no unit).
+"""
+
+import math
+from pathlib import Path
+
+from fedrec.config import Config
+from fedrec.privacy import UNIT, solve_noise_multiplier
+from fedrec.results import summarize
+
+MODES = {"interaction": "sample", "user": "user"}
+METRICS = ("sampled/hr@10", "sampled/ndcg@10")
+
+
+def parse_epsilons(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            eps = math.inf if part in ("inf", "∞") else float(part)
+        except ValueError:
+            eps = -1.0
+        if not eps > 0:
+            raise ValueError(f"--epsilons: '{part}' is not a positive number or inf "
+                             "(e.g. inf,8,4,2,1)")
+        out.append(eps)
+    return out
+
+
+def user_sigma(cfg: Config, epsilon: float, population: int) -> float:
+    """σ of DP-FedAvg that spends exactly `epsilon` over fed.num-rounds rounds."""
+    k = cfg.fed.clients_per_round or population
+    return solve_noise_multiplier(target_epsilon=epsilon, delta=cfg.privacy.delta,
+                                  sample_rate=k / population, steps=cfg.fed.num_rounds,
+                                  accountant=cfg.privacy.accountant)
+
+
+def plan(cfg: Config, unit: str, epsilon: float, population: int) -> Config:
+    """The run's config for one (unit, ε) cell."""
+    if math.isinf(epsilon):
+        return cfg.override(**{"privacy.mode": "none", "privacy.target-epsilon": 0.0})
+    over = {"privacy.mode": MODES[unit], "privacy.target-epsilon": epsilon}
+    if unit == "user":
+        over["privacy.noise-multiplier"] = user_sigma(cfg, epsilon, population)
+    return cfg.override(**over)
+
+
+def cells(units: list[str], epsilons: list[float]) -> list[tuple[str, float]]:
+    """(unit, ε) pairs to run; the non-private run once, as unit "none"."""
+    out = [("none", math.inf)] if any(math.isinf(e) for e in epsilons) else []
+    return out + [(u, e) for u in units for e in epsilons if not math.isinf(e)]
+
+
+def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
+    """One table row from the cell's per-seed results (results.json of each run)."""
+    trains = [[r["train"] for r in res["rounds"] if "train" in r] for res in runs]
+    sigmas = [t["noise-multiplier"] for ts in trains for t in ts if "noise-multiplier" in t]
+    if unit == "user":
+        sigmas = [cfg.privacy.noise_multiplier]
+    spent = [ts[-1].get("epsilon-max", math.nan) for ts in trains if ts]
+    best = summarize([res["summary"]["best"] for res in runs])
+    return {"unit": UNIT.get(MODES.get(unit, ""), "none"), "epsilon": epsilon,
+            "epsilon-spent-max": max(spent) if spent and unit != "none" else None,
+            "delta": cfg.privacy.delta if unit != "none" else None,
+            "accountant": cfg.privacy.accountant if unit != "none" else None,
+            "assumes": ("history pool public"
+                        if unit == "interaction" and cfg.model.kind == "text" else None),
+            "sigma": sum(sigmas) / len(sigmas) if sigmas else None,
+            "max-grad-norm": cfg.privacy.max_grad_norm if unit != "none" else None,
+            "rounds": max(len(ts) for ts in trains), "planned-rounds": cfg.fed.num_rounds,
+            "clients-per-round": cfg.fed.clients_per_round,
+            "seeds": [res["config"]["train.seed"] for res in runs],
+            **{m: best[m] for m in METRICS}}
+
+
+def plot(rows: list[dict], path: str | Path) -> Path:
+    """HR@10 against ε, one line per unit, the non-private run as a horizontal band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["unit"] == "none":
+            m, s = r["sampled/hr@10"]["mean"], r["sampled/hr@10"]["std"]
+            ax.axhline(m, color="k", lw=1, label="no DP (ε = ∞)")
+            ax.axhspan(m - s, m + s, color="k", alpha=0.1)
+            ax.axhline(0.9 * m, color="k", lw=1, ls=":", label="0.9 × no DP")
+    for unit, marker in (("interaction", "o"), ("user", "s")):
+        pts = sorted((r["epsilon"], r["sampled/hr@10"]) for r in rows if r["unit"] == unit)
+        if pts:
+            ax.errorbar([e for e, _ in pts], [v["mean"] for _, v in pts],
+                        yerr=[v["std"] for _, v in pts], marker=marker, capsize=3,
+                        label=f"unit: one {unit}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("target ε (δ in the table)")
+    ax.set_ylabel("test sampled HR@10")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
