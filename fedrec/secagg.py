@@ -17,9 +17,12 @@ plus pairwise masks with its neighbours (uniform mod 2**32; the pairwise ones ca
 the sum). The masks' secrets are Shamir-shared among secagg.num-shares devices; the server
 removes the surviving devices' private masks and the dropped devices' pairwise masks from
 secagg.reconstruction-threshold shares each, and so obtains sum(w_i d_i) and sum(w_i) of
-the devices whose masked vector arrived: the weighted mean update, which it adds to the
-global model (FedAvg on updates = FedAvg on parameters). Quantisation error per value of
-the mean is below n * 2r / levels / sum(w_i / max_weight) (n devices; tests measure it).
+the devices whose masked vector arrived: the weighted mean update. fedavg and fedprox add
+it to the global model (FedAvg on updates = FedAvg on parameters; fedprox devices train
+with the proximal term); fedadam takes it as the pseudo-gradient of Flower's FedAdam step
+(same hyperparameters and bias correction as server/strategy.py). Quantisation error per
+value of the mean is below n * 2r / levels / sum(w_i / max_weight) (n devices; tests
+measure it); FedAdam's step scales it by at most eta_norm (1 - beta_1) / tau.
 
 What the server sees from one device: two public keys, key shares encrypted for other
 devices, its masked vector (uniformly random on its own), the shares it holds of its
@@ -75,6 +78,8 @@ LOCAL = "user-local"  # context.state key of the user-local parameters (as clien
 PRIVACY = "privacy-accountant"  # context.state key of the DP-SGD accountant history
 DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
 MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
+STRATEGIES = ("fedavg", "fedprox", "fedadam")  # what the mean update alone supports
+OPTIMIZER_STATE = ("m_t", "v_t")  # FedAdam's moments, saved as server/strategy.py saves them
 
 
 # ----------------------------------------------------------------------------- checks
@@ -83,9 +88,10 @@ def check(cfg: Config, k: int, population: int) -> None:
     """Refuse what SecAgg+ cannot do, with one line naming the key and the fix.
     k: devices sampled per round."""
     s = cfg.secagg
-    if cfg.fed.strategy != "fedavg":
-        raise FedrecError("config: secagg.enabled needs fed.strategy = 'fedavg' (the server "
-                          f"sees only the sum of the updates); got {cfg.fed.strategy!r}")
+    if cfg.fed.strategy not in STRATEGIES:
+        raise FedrecError("config: secagg.enabled needs fed.strategy fedavg, fedprox or fedadam "
+                          "(the server sees only the mean update; robust aggregators need "
+                          f"single updates); got {cfg.fed.strategy!r}")
     if cfg.fed.max_update_norm > 0:
         raise FedrecError("config: with secagg.enabled the server cannot bound single updates; "
                           "set fed.max-update-norm = 0 (clip on the devices: privacy.mode = "
@@ -154,7 +160,8 @@ class Device(NumPyClient):
         population = int(ctx.node_config.get("num-partitions", 0)) or cfg.fed.min_nodes
         k = cfg.fed.clients_per_round
         participation = 1.0 if not k or not population else min(1.0, k / population)
-        params, new_local, metrics = local_update(cfg, E, data, arrays, local, seed,
+        mu = float(config.get("proximal-mu", 0.0))  # fedprox
+        params, new_local, metrics = local_update(cfg, E, data, arrays, local, seed, mu,
                                                   accountant=acc, participation=participation)
         if acc is not None:
             ctx.state[PRIVACY] = ConfigRecord(acc.to_state())
@@ -214,21 +221,26 @@ def _record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
 
 class SecAggFedAvg(FedAvg):
     """Legacy FedAvg under SecAggPlusWorkflow. Every result it is handed carries the same
-    securely aggregated mean update; it adds that (plus DP noise) to the global model and
-    records every round into the run like server/strategy.py does."""
+    securely aggregated mean update; it adds that (plus DP noise) to the global model, or
+    takes a FedAdam step with it (fed.strategy = "fedadam"), and records every round into
+    the run like server/strategy.py does."""
 
     def __init__(self, cfg: Config, run, names: list[str], initial: list[np.ndarray],
-                 population: int, k: int, done_rounds: int):
+                 population: int, k: int, done_rounds: int, server_state: dict | None = None):
         self.cfg, self.run, self.names, self.done = cfg, run, names, done_rounds
 
         def on_config(server_round: int) -> dict:
             return {"server-round": server_round + done_rounds}
 
+        def on_fit_config(server_round: int) -> dict:
+            mu = {"proximal-mu": cfg.fed.proximal_mu} if cfg.fed.strategy == "fedprox" else {}
+            return {**on_config(server_round), **mu}
+
         super().__init__(fraction_fit=1.0 if k == population else 1e-9, min_fit_clients=k,
                          fraction_evaluate=1.0, min_evaluate_clients=population,
                          min_available_clients=population,
                          initial_parameters=ndarrays_to_parameters(initial),
-                         on_fit_config_fn=on_config, on_evaluate_config_fn=on_config)
+                         on_fit_config_fn=on_fit_config, on_evaluate_config_fn=on_config)
         self.q = k / population  # user-level DP: sampling rate for the accountant
         self.sent = list(initial)  # the global arrays sent this round
         self.expected = {"train": 0, "evaluate": 0}
@@ -236,6 +248,16 @@ class SecAggFedAvg(FedAvg):
         self.stopped = ""  # why training stopped early (privacy budget)
         self.pending = None  # (server round, arrays): server-side evaluation still to run
         self.server_eval = run.evaluate_fn(done_rounds)
+        self.adam, self.m_t, self.v_t = None, None, None  # fedadam: Flower's FedAdam, moments
+        if cfg.fed.strategy == "fedadam":  # built as server/strategy.py builds it
+            from flwr.serverapp.strategy import FedAdam as MessageFedAdam
+
+            self.adam = MessageFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr)
+            for name in OPTIMIZER_STATE:  # a resumed run's moments
+                part = {key.split("/", 1)[1]: v for key, v in (server_state or {}).items()
+                        if key.startswith(name + "/")}
+                if part:
+                    setattr(self, name, [part[n] for n in names])
 
     def configure_fit(self, server_round, parameters, client_manager):
         from server.dp import user_epsilon
@@ -275,8 +297,11 @@ class SecAggFedAvg(FedAvg):
                 std = p.noise_multiplier * p.max_grad_norm / n
                 rng = np.random.default_rng()
                 mean = [m + rng.normal(0.0, std, m.shape) for m in mean]
-            arrays = [(np.asarray(s, np.float64) + m).astype(s.dtype)
-                      for s, m in zip(self.sent, mean)]
+            if self.adam is not None:
+                arrays = self._adam_step(rnd, mean)
+            else:
+                arrays = [(np.asarray(s, np.float64) + m).astype(s.dtype)
+                          for s, m in zip(self.sent, mean)]
             if p.mode == "user":
                 from server.dp import user_epsilon
 
@@ -288,11 +313,30 @@ class SecAggFedAvg(FedAvg):
             stats["epsilon-max"], stats["epsilon-mean"] = max(eps), sum(eps) / len(eps)
         stats["kept-previous"] = int(arrays is None)
         self.run.on_train(rnd, dict(zip(self.names, arrays if arrays is not None else self.sent)),
-                          stats)
+                          stats, self.server_state())
         if arrays is None:
             return None, {}
         self.sent = arrays
         return ndarrays_to_parameters(arrays), {}
+
+    def _adam_step(self, rnd: int, mean: list[np.ndarray]) -> list[np.ndarray]:
+        """Flower's FedAdam step (its aggregate_train after averaging) with the (noised)
+        secure mean update as delta_t; bias-corrected with the global round number."""
+        a = self.adam
+        delta = [m.astype(s.dtype) for s, m in zip(self.sent, mean)]
+        zeros = [np.zeros_like(d) for d in delta]
+        self.m_t = [a.beta_1 * m + (1 - a.beta_1) * d for m, d in zip(self.m_t or zeros, delta)]
+        self.v_t = [a.beta_2 * v + (1 - a.beta_2) * d ** 2
+                    for v, d in zip(self.v_t or zeros, delta)]
+        eta_norm = (a.eta * np.sqrt(1 - np.power(a.beta_2, rnd + 1.0))
+                    / (1 - np.power(a.beta_1, rnd + 1.0)))
+        return [(x + eta_norm * m / (np.sqrt(v) + a.tau)).astype(x.dtype)
+                for x, m, v in zip(self.sent, self.m_t, self.v_t)]
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """FedAdam's moments, for a resumed run (as server/strategy.py saves them)."""
+        return {f"{name}/{k}": v for name in OPTIMIZER_STATE
+                for k, v in zip(self.names, getattr(self, name) or [])}
 
     def evaluate(self, server_round, parameters):
         """Server-side evaluation; run after the federated one, as the Message API
@@ -374,10 +418,12 @@ def serve(grid, context: Context, cfg: Config, run) -> None:
     if k > population:
         raise ValueError(f"fed.clients-per-round={k} exceeds the {population} available devices")
     check(cfg, k, population)
-    done, arrays, _ = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
-    names = list(arrays.keys())
+    done, arrays, state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
+    # legacy parameters are a list: send them in the model's state_dict order, which devices
+    # expect (a resumed checkpoint comes back in alphabetical order)
+    names = list((run.initial_arrays() if cfg.fed.resume else arrays).keys())
     strategy = SecAggFedAvg(cfg, run, names, [arrays[n].numpy() for n in names], population,
-                            k, done)
+                            k, done, state)
     s, timeout = cfg.secagg, cfg.fed.round_timeout
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
