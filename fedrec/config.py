@@ -77,6 +77,7 @@ class FedConfig:
     eval_every: int
     proximal_mu: float
     server_lr: float
+    server_tau: float
     run_dir: str
     min_nodes: int  # > 0: a real deployment (the server holds the catalog only)
     round_timeout: float
@@ -195,7 +196,7 @@ _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
              "train.lr", "train.batch-size", "train.local-epochs", "central.epochs",
              "central.patience", "central.batch-size", "central.lr", "data.eval-negatives", "fed.num-rounds", "fed.eval-every",
-             "fed.server-lr", "fed.round-timeout")
+             "fed.server-lr", "fed.server-tau", "fed.round-timeout")
 
 
 def _validate(cfg: Config) -> None:

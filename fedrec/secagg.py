@@ -252,7 +252,8 @@ class SecAggFedAvg(FedAvg):
         if cfg.fed.strategy == "fedadam":  # built as server/strategy.py builds it
             from flwr.serverapp.strategy import FedAdam as MessageFedAdam
 
-            self.adam = MessageFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr)
+            self.adam = MessageFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr,
+                                       tau=cfg.fed.server_tau)
             for name in OPTIMIZER_STATE:  # a resumed run's moments
                 part = {key.split("/", 1)[1]: v for key, v in (server_state or {}).items()
                         if key.startswith(name + "/")}

@@ -72,7 +72,7 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
     if base is FedProx:
         kwargs["proximal_mu"] = cfg.fed.proximal_mu
     if base is FedAdam:
-        kwargs.update(eta=cfg.fed.server_lr, eta_l=cfg.train.lr)
+        kwargs.update(eta=cfg.fed.server_lr, eta_l=cfg.train.lr, tau=cfg.fed.server_tau)
     if base is FedTrimmedAvg:
         kwargs["beta"] = cfg.fed.trim_beta
     f = cfg.fed

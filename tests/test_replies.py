@@ -229,3 +229,10 @@ def test_a_poisoned_update_moves_plain_fedavg_but_not_the_defences(defence, limi
     if limit:  # every update clipped to the bound: the mean moves at most that far
         assert moved(arrays) <= limit + 1e-5
         assert run.train[1]["clipped"] == 1  # only the attacker (honest norms ~2.8)
+
+
+def test_fedadam_takes_the_configured_server_lr_and_tau():
+    """Flower's FedAdam defaults to tau = 1e-3, which stalls training on mean updates of
+    ~1e-4 per value: the config's tau must reach the strategy."""
+    s, _ = strategy(**{"fed.strategy": "fedadam", "fed.server-lr": 0.02, "fed.server-tau": 1e-7})
+    assert (s.eta, s.tau) == (0.02, 1e-7)
