@@ -125,7 +125,7 @@ def interpretation() -> str:
     if r["fed-text"]:
         c = r["fed-text"]["config"]
         ratio = m("fed-text") / m("central-text")
-        text += (f" Federated ({c['fed.strategy']} with local {c['train.optimizer']}, "
+        text += (f" Federated ({c['fed.strategy']} with local {c.get('train.optimizer', 'adam')}, "
                  f"{c['fed.num-rounds']} rounds of {c['fed.clients-per-round']} users) the text "
                  f"model reaches {m('fed-text'):.3f}, {ratio:.0%} of its centralized accuracy ("
                  + ("meets" if ratio >= 0.95 else "misses") + " the 95% target).")
@@ -140,6 +140,101 @@ def interpretation() -> str:
                      f"cold items it scores {ct:.3f} against FedMF's {cm:.3f}, which cannot "
                      "score an item it never trained on.")
     return text
+
+
+RELIABILITY = (("clean", "no failures (reference)"), ("failures-30", "30% of clients fail (mixed)"),
+               ("poison-undefended", "5% poisoned, no defence"),
+               ("poison-bounded", "5% poisoned, update-norm bounding"),
+               ("resumed", "killed (SIGKILL) half-way, resumed"))
+
+
+def reliability_table() -> str:
+    """README "Failure behaviour": final test HR@10 of each run next to the clean one."""
+    runs = {name: _load(f"reliability-{name}.json") for name, _ in RELIABILITY}
+    if not runs["clean"]:
+        return ""
+    clean = runs["clean"]["summary"]["final"]["sampled/hr@10"]["mean"]
+    rows = ["| run | final sampled HR@10 | vs clean | final NDCG@10 | rounds | dropped replies "
+            "| command |", "|---|---|---|---|---|---|---|"]
+    for name, label in RELIABILITY:
+        res = runs[name]
+        if not res:
+            continue
+        run = res["runs"][0]
+        rounds = json.loads((Path(run["run_dir"]) / "results.json").read_text())["rounds"]
+        trains = [r["train"] for r in rounds if "train" in r]
+        dropped = sum(t["failures"] for t in trains)
+        hr = res["summary"]["final"]["sampled/hr@10"]["mean"]
+        rows.append(f"| {label} | {hr:.4f} | {hr / clean - 1:+.1%} | "
+                    f"{res['summary']['final']['sampled/ndcg@10']['mean']:.4f} | "
+                    f"{len(trains)} | {dropped} | `{res['command']}` |")
+    cfg = runs["clean"]["config"]
+    rows.append(f"\nml-100k, seed {cfg['train.seed']}, {cfg['fed.strategy']}, "
+                f"{cfg['fed.clients-per-round']} clients per round, test metrics at the final "
+                "round (federated evaluation); all runs from `simulations/reliability.sh`.")
+    return "\n".join(rows)
+
+
+def sweep_table() -> str:
+    res = _load("privacy_sweep.json")
+    if not res:
+        return ""
+    rows = ["| unit of privacy | target ε | ε spent (max) | δ | accountant | σ | C | rounds | "
+            "clients/round | sampled HR@10 | sampled NDCG@10 | HR@10 / no DP |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = next((r["sampled/hr@10"]["mean"] for r in res["rows"] if r["unit"] == "none"), None)
+    for r in res["rows"]:
+        unit = {"none": "none (no DP)", "interaction": "one interaction"
+                + (" (history pool public)" if r.get("assumes") else ""),
+                "user": "one user (whole history)"}[r["unit"]]
+        opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        eps = "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}"
+        hr = r["sampled/hr@10"]["mean"]
+        rows.append(f"| {unit} | {eps} | {opt(r['epsilon-spent-max'], '.2f')} | "
+                    f"{opt(r['delta'], 'g')} | {r['accountant'] or '-'} | {opt(r['sigma'], '.3f')} | "
+                    f"{opt(r['max-grad-norm'], 'g')} | {r['rounds']} | {r['clients-per-round']} | "
+                    f"{fmt(r['sampled/hr@10'])} | {fmt(r['sampled/ndcg@10'])} | "
+                    f"{'-' if not base else format(hr / base, '.2f')} |")
+    seeds = ",".join(str(s) for s in res["rows"][0]["seeds"])
+    rows.append(f"\nSeeds {seeds} (train.seed); `{res['command']}`")
+    return "\n".join(rows)
+
+
+def audit_table() -> str:
+    res = _load("audit.json")
+    if not res:
+        return ""
+    stats = list(res["rows"][0]["auc"])
+    rows = ["| privacy | ε (target) | ε spent by the update (max) | " + " | ".join(
+        f"AUC {s}" for s in stats) + " | best |", "|---" * (len(stats) + 4) + "|"]
+    for r in res["rows"]:
+        unit = r["privacy"]["unit"]
+        spent = r.get("epsilon_spent") or {}
+        rows.append(f"| {'no DP' if unit == 'none' else 'DP-SGD, unit: one ' + unit} | "
+                    f"{'∞' if r['epsilon'] is None else format(r['epsilon'], 'g')} | "
+                    f"{format(spent['max'], '.2f') if spent else '-'} | "
+                    + " | ".join(f"{r['auc'][s]:.3f}" for s in stats)
+                    + f" | {r['best']['statistic']} {r['best']['auc']:.3f} |")
+    r0 = res["rows"][0]
+    rows.append(f"\n{r0['users']} users, {r0['members']} member and {r0['nonmembers']} "
+                f"non-member items; `{res['command']}`")
+    return "\n".join(rows)
+
+
+def bench_dp_table() -> str:
+    res = _load("bench_dp.json")
+    if not res:
+        return ""
+    per_row = res.get("per_row_grads_batch_seconds", {})
+    return "\n".join([
+        "| client update | mean s | ratio |", "|---|---|---|",
+        f"| plain local SGD | {res['plain_seconds_mean']:.4f} | 1 |",
+        f"| DP-SGD (per-row gradients, clipping, noise, accountant) | "
+        f"{res['dp_seconds_mean']:.4f} | {res['ratio_dp_over_plain']:.2f} |",
+        f"\n{len(res['users'])} ml-100k users (mean history {res['history_length_mean']:.0f}), "
+        f"{res['repeats']} interleaved repeats; per-row gradients of one batch: torch.func "
+        f"{per_row.get('torch.func', float('nan')):.4f} s, Opacus hooks "
+        f"{per_row.get('opacus', float('nan')):.4f} s. `{res['command']}`"])
 
 
 def config_table() -> str:
@@ -165,6 +260,9 @@ def main() -> None:
         text = replace_block(text, name, table(files))
     text = replace_block(text, "config", config_table())
     text = replace_block(text, "interpretation", interpretation())
+    for name, make in (("reliability", reliability_table), ("privacy-sweep", sweep_table),
+                       ("audit", audit_table), ("bench-dp", bench_dp_table)):
+        text = replace_block(text, name, make())
     for name, body in bench_tables().items():
         text = replace_block(text, name, body)
     readme.write_text(text)
