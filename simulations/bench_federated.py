@@ -10,6 +10,7 @@ would upload). Writes results/bench_federated.json (temp file, then rename).
 """
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -76,7 +77,8 @@ def bench(cfg, k: int, rounds: int, out: Path) -> dict:
                 [r["train"]["update-seconds-mean"] for r in train])),
             "peak_rss_bytes": sampler.peak,
             "upload_bytes_per_client": int(train[-1]["train"]["upload-bytes"]),
-            "failures": int(sum(r["train"]["failures"] for r in train))}
+            "failures": int(sum(r["train"]["failures"] for r in train)),
+            "load_average_after": os.getloadavg()[0]}
 
 
 def main() -> None:

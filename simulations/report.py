@@ -87,7 +87,9 @@ def bench_tables() -> dict[str, str]:
                         f"{r['client_update_seconds_mean']:.4f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
                         f"{r['upload_bytes_per_client'] / 1024:.1f} | {r['plm_bytes'] / 2**20:.1f} | "
                         f"{r['upload_over_plm']:.2%} |")
-        rows.append(f"\n`{fed['command']}`")
+        load = [r["load_average_after"] for r in fed["rows"] if "load_average_after" in r]
+        rows.append(f"\n`{fed['command']}`" + (f"; 1-min load average after each size: "
+                                                 + ", ".join(f"{x:.1f}" for x in load) if load else ""))
         out["bench-federated"] = "\n".join(rows)
     rec = ROOT / "results" / "recommend_example.txt"
     if rec.is_file():
