@@ -184,7 +184,7 @@ def _short(value: Any) -> str:
 
 _CHOICES = {
     "model.kind": ("text", "fedmf"),
-    "model.pooling": ("attention", "mean"),
+    "model.pooling": ("attention", "mean", "none"),
     "train.loss": ("bce", "bpr"),
     "train.optimizer": ("adam", "sgd"),
     "fed.strategy": ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
@@ -245,6 +245,11 @@ def _validate(cfg: Config) -> None:
     for key, ok, rule in checks:
         if not ok:
             raise FedrecError(f"config: '{key}' must be {rule}; got {_short(flat[key])}")
+    if (flat["model.kind"] == "text" and flat["model.pooling"] == "none"
+            and not flat["model.user-embedding"]):
+        raise FedrecError("config: 'model.pooling' = 'none' needs model.user-embedding = true "
+                          "(the user vector is then the user-local embedding alone); set "
+                          "model.user-embedding=true or model.pooling to attention or mean")
     _check_template(flat["data.item-template"])
 
 

@@ -69,7 +69,7 @@ def _model_and_local(cfg: Config, E: torch.Tensor, data: ClientData, arrays: dic
             local = torch.as_tensor(local_state["user"], dtype=torch.float32).reshape(1, -1).clone()
         else:
             g = torch.Generator().manual_seed(seed)
-            local = init_local_users(1, cfg.model.dim, cfg.model.kind, g)
+            local = init_local_users(1, cfg.model.dim, cfg.model.kind, g, cfg.model.pooling)
         local.requires_grad_(True)
     return model, local
 

@@ -1,4 +1,5 @@
-"""Models: frozen-PLM item adapters with a history-pooled user tower, and FedMF.
+"""Models: frozen-PLM item adapters with a history-pooled user tower (or, with pooling
+"none", the user-local embedding as the user vector), and FedMF.
 
 Both answer the same questions (RecBole style):
   items(E, idx)           -> h_i [N, d], b_i [N], attention logit a_i [N]
@@ -45,12 +46,16 @@ class Adapter(nn.Module):
 class TextRec(nn.Module):
     """Item side from frozen text embeddings; user side pooled from the user's history.
 
+    pooling "none": no user tower at all (no attention, no user adapter): h_u is the
+    user-local embedding alone, trained on the device and never uploaded, as in FedMF,
+    while items are still scored from their text (cold items included). The user vector
+    then does not read the history, so sample-level DP-SGD holds as stated
+    (fedrec/privacy.py); it needs model.user-embedding = true.
+
     id_embeddings adds a learned per-item vector and bias (a hybrid item side): it helps
     warm items, but its update rows name the items a user touched, so it must be protected
     by DP or SecAgg (DESIGN.md, privacy model).
     """
-
-    uses_history = True
 
     def __init__(self, text_dim: int, n_items: int, dim: int = 64, hidden: int = 256,
                  dropout: float = 0.1, pooling: str = "attention", id_embeddings: bool = False):
@@ -59,13 +64,15 @@ class TextRec(nn.Module):
         self.item_bias = nn.Linear(text_dim, 1)  # its bias is the global b of the score
         nn.init.zeros_(self.item_bias.weight)
         nn.init.zeros_(self.item_bias.bias)
+        self.uses_history = pooling != "none"  # instance-level: pooling none reads no history
         self.attention = (nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
                           if pooling == "attention" else None)
-        self.user_adapter = Adapter(dim, hidden, dim, dropout)
-        # No federated bias on h_u: the user-local residual is added right there, so such
-        # a bias would get exactly the residual's gradient and its uploaded update would
-        # equal the residual's (a copy of a user-local parameter leaving the device).
-        self.user_adapter.mlp[-1].register_parameter("bias", None)
+        self.user_adapter = Adapter(dim, hidden, dim, dropout) if self.uses_history else None
+        if self.user_adapter is not None:
+            # No federated bias on h_u: the user-local residual is added right there, so
+            # such a bias would get exactly the residual's gradient and its uploaded update
+            # would equal the residual's (a copy of a user-local parameter leaving the device).
+            self.user_adapter.mlp[-1].register_parameter("bias", None)
         self.id_emb = nn.Embedding(n_items, dim) if id_embeddings else None
         self.id_bias = nn.Embedding(n_items, 1) if id_embeddings else None
         if id_embeddings:
@@ -82,7 +89,9 @@ class TextRec(nn.Module):
         a = self.attention(h).squeeze(-1) if self.attention is not None else torch.zeros_like(b)
         return h, b, a
 
-    def users(self, pooled: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
+    def users(self, pooled: torch.Tensor | None, local: torch.Tensor | None) -> torch.Tensor:
+        if self.user_adapter is None:  # pooling "none": the user-local embedding alone
+            return local
         h = self.user_adapter(pooled)
         return h if local is None else h + local
 
@@ -118,9 +127,19 @@ def uses_local_user(cfg) -> bool:
     return cfg.model.kind == "fedmf" or cfg.model.user_embedding
 
 
-def init_local_users(n: int, dim: int, kind: str, generator: torch.Generator | None = None):
-    """User-local vectors: random for MF (breaks symmetry), zero residuals for TextRec."""
-    if kind == "fedmf":
+def reads_history(cfg) -> bool:
+    """Whether the user vector is computed from the history by federated layers (TextRec
+    with attention/mean pooling). Otherwise (FedMF, TextRec pooling "none") it is the
+    user-local embedding alone: only the device has it, so the server cannot evaluate,
+    `fedrec recommend` cannot rank, and sample-level DP needs no "history pool public"."""
+    return cfg.model.kind == "text" and cfg.model.pooling != "none"
+
+
+def init_local_users(n: int, dim: int, kind: str, generator: torch.Generator | None = None,
+                     pooling: str = "attention"):
+    """User-local vectors: random where they are the whole user vector (MF, TextRec with
+    pooling "none"; breaks symmetry), zero residuals on a history-pooled TextRec."""
+    if kind == "fedmf" or pooling == "none":
         return torch.randn(n, dim, generator=generator) * 0.1
     return torch.zeros(n, dim)
 

@@ -78,6 +78,10 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, np.ndarray]]:
     if cfg.model.kind != "text":
         raise FedrecError(f"--model: the run trained model.kind '{cfg.model.kind}', whose user "
                           "vectors stay on the devices; recommend needs a text model")
+    if cfg.model.pooling == "none":
+        raise FedrecError("--model: the run trained model.pooling 'none', whose user vectors "
+                          "are the devices' user-local embeddings, not in the run directory; "
+                          "recommend needs a history-pooled text model (attention or mean)")
     return cfg, params
 
 

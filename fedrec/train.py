@@ -124,7 +124,8 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
     model = build_model(cfg, E.shape[1], split.n_items)
     local = None
     if uses_local_user(cfg):
-        local = init_local_users(split.n_users, cfg.model.dim, cfg.model.kind).requires_grad_()
+        local = init_local_users(split.n_users, cfg.model.dim, cfg.model.kind,
+                                 pooling=cfg.model.pooling).requires_grad_()
     hist = Histories.from_split(split)
     opt = make_optimizer(model, local, cfg)
 

@@ -41,7 +41,7 @@ from safetensors.numpy import load_file, save_file
 from fedrec.config import Config
 from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
-from fedrec.model import build_model
+from fedrec.model import build_model, reads_history
 from fedrec.pipeline import prepare
 from fedrec.privacy import describe
 from fedrec.privacy import label as privacy_label
@@ -149,9 +149,11 @@ class FederatedRun:
 
         User vectors come from each history through the federated user tower; user-local
         residuals live on the devices, so they are absent here (see federated metrics).
+        Models whose user vector is the user-local embedding alone (FedMF, TextRec with
+        pooling "none") have no user vector here: only the devices evaluate them.
         """
         out = None
-        if (not self.deployed and self.cfg.model.kind == "text"
+        if (not self.deployed and reads_history(self.cfg)
                 and (rnd == 0 or self.is_eval_round(rnd))):
             model = build_model(self.cfg, self.prepared.item_emb.shape[1], self.prepared.split.n_items)
             model.load_state_dict({k: torch.as_tensor(a.numpy(), dtype=torch.float32)

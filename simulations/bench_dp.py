@@ -1,14 +1,21 @@
 """Cost of sample-level DP-SGD on a device: one client update with and without it.
 
     OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py [--users 50] [--repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py --run-config \
+        "model.pooling='none'" --json results/bench_dp_nopool.json
 
 On ml-100k, for the same users, global parameters and seeds, times `local_update` under
-privacy.mode=none and privacy.mode=sample (DP-SGD, per-row gradients via torch.func),
-both with train.optimizer=sgd and the same local epochs and batch size, interleaved
-(user by user, order alternating) and repeated; prints the mean per-update times and the
-ratio DP / plain (target <= 2). For reference it also times one batch of per-row
-gradients with torch.func (fedrec/privacy.py) and with Opacus' default hook-based
-GradSampleModule on the same model and loss. Writes results/bench_dp.json.
+privacy.mode=none and privacy.mode=sample (DP-SGD), both with train.optimizer=sgd and the
+same local epochs and batch size, interleaved (user by user, order alternating) and
+repeated, after one untimed warm-up update of each kind (imports and first-call set-up,
+which a long-running device pays once; the accountant's per-(q, sigma) cache is emptied
+again after it); prints the mean per-update times and the ratio DP / plain (target <= 2).
+Per-row gradients come from torch.func for history-pooled models and from the direct
+ghost-norm path for models whose rows share nothing (model.pooling='none', fedmf;
+fedrec/privacy.py). For reference it also times one batch of per-row gradients with
+torch.func (fedrec/privacy.py), with Opacus' default hook-based GradSampleModule on the
+same model and loss, and (where it applies) the direct path's clipped sum. --run-config
+passes more config overrides; writes --json (default results/bench_dp.json).
 """
 
 import argparse
@@ -27,14 +34,21 @@ from fedrec.config import load_config, parse_overrides
 from fedrec.federated import ClientData, _histories, local_update
 from fedrec.model import build_model
 from fedrec.pipeline import prepare
-from fedrec.privacy import Accountant, per_row_grads
+from fedrec.privacy import (
+    Accountant,
+    _rdp_per_step,
+    clipped_grad_sum,
+    direct_path_ok,
+    per_row_grads,
+)
 from fedrec.results import machine, write_json
 from fedrec.train import row_loss
 
 
 class OpacusRows(torch.nn.Module):
     """The same per-row loss as fedrec.privacy._Row, batched with rows first (what Opacus'
-    hooks need): each row pools its own leave-one-out copy of the history."""
+    hooks need): each row pools its own leave-one-out copy of the history (pooling 'none':
+    the user vector is the user-local one alone)."""
 
     def __init__(self, model, dim):
         super().__init__()
@@ -44,11 +58,12 @@ class OpacusRows(torch.nn.Module):
 
     def forward(self, E_hist, keep, cand_emb):  # [B, L, D], [B, L] bool, [B, 1+K, D]
         m = self.m
-        h = m.item_adapter(E_hist)
-        a = m.attention(h).squeeze(-1)
-        w = torch.softmax(a.masked_fill(~keep, -torch.inf), dim=1)
-        hu = m.user_adapter((w[..., None] * h).sum(1)) + self.local(
-            torch.zeros(len(keep), dtype=torch.long))
+        hu = self.local(torch.zeros(len(keep), dtype=torch.long))
+        if m.uses_history:
+            h = m.item_adapter(E_hist)
+            a = m.attention(h).squeeze(-1)
+            w = torch.softmax(a.masked_fill(~keep, -torch.inf), dim=1)
+            hu = m.user_adapter((w[..., None] * h).sum(1)) + hu
         hc, bc = m.item_adapter(cand_emb), m.item_bias(cand_emb).squeeze(-1)
         return torch.einsum("bd,bcd->bc", hu, hc) + bc
 
@@ -84,6 +99,10 @@ def main() -> None:
     model = build_model(base, E.shape[1], split.n_items)
     arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     times = {k: np.zeros((args.repeats, len(users))) for k in cfgs}
+    for name in cfgs:  # warm-up, untimed: imports and first-call set-up
+        local_update(cfgs[name], E, clients[users[0]], arrays, None, seed=0,
+                     accountant=Accountant(base.privacy.accountant))
+    _rdp_per_step.cache_clear()  # every user's first ε is computed inside the timing
     for r in range(args.repeats):
         for j, u in enumerate(users):
             order = list(cfgs) if (r + j) % 2 == 0 else list(cfgs)[::-1]
@@ -99,6 +118,7 @@ def main() -> None:
            "dp_seconds_mean": float(times["dp"].mean()), "ratio_dp_over_plain": ratio,
            "ratio_per_repeat": (times["dp"].sum(1) / times["plain"].sum(1)).tolist(),
            "history_length_mean": float(np.mean([len(c.history) for c in clients.values()]))}
+    out["per_row_path"] = "direct" if direct_path_ok(model, torch.zeros(1)) else "torch.func"
     print(f"client update: plain {out['plain_seconds_mean']:.4f} s, DP-SGD "
           f"{out['dp_seconds_mean']:.4f} s, ratio DP/plain {ratio:.2f} (target <= 2)")
 
@@ -109,18 +129,27 @@ def main() -> None:
                                           base.model.dim))
         gsm._module.m.load_state_dict(model.state_dict())  # torch.func runs `model`, hook-free
         E_t, loc = torch.from_numpy(E), torch.zeros(1, base.model.dim, requires_grad=True)
+        if not model.uses_history:  # the user vector is loc alone: not a zero vector
+            loc = (torch.randn(1, base.model.dim) * 0.1).requires_grad_()
         rng, t = np.random.default_rng(0), {"torch.func": [], "opacus": []}
+        if direct_path_ok(model, loc):
+            t["direct (clipped sum)"] = []
+        with torch.no_grad():
+            gsm._module.local.weight.copy_(loc)
         for u in users:
             hist = _histories(clients[u])
             b = min(base.train.batch_size, len(hist.items))
             rows = rng.choice(len(hist.items), b, replace=False)
             negs = rng.integers(0, split.n_items, (b, base.train.negatives))
-            for name in (("torch.func", "opacus") if u % 2 else ("opacus", "torch.func")):
+            for name in (list(t) if u % 2 else list(t)[::-1]):
                 t0 = time.perf_counter()
                 if name == "opacus":
                     opacus_batch(gsm, E_t, hist, rows, negs, base.train.loss)
-                else:
+                elif name == "torch.func":
                     per_row_grads(model, loc, E_t, hist, rows, negs, base.train.loss)
+                else:
+                    clipped_grad_sum(model, loc, E_t, hist, rows, negs, base.train.loss,
+                                     base.privacy.max_grad_norm, "direct")
                 t[name].append(time.perf_counter() - t0)
         out["per_row_grads_batch_seconds"] = {k: float(np.mean(v)) for k, v in t.items()}
         print("per-row gradients of one batch: " + ", ".join(
