@@ -99,8 +99,8 @@ def main() -> None:
     model = build_model(base, E.shape[1], split.n_items)
     arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     times = {k: np.zeros((args.repeats, len(users))) for k in cfgs}
-    for name in cfgs:  # warm-up, untimed: imports and first-call set-up
-        local_update(cfgs[name], E, clients[users[0]], arrays, None, seed=0,
+    for c in cfgs.values():  # warm-up, untimed: imports and first-call set-up
+        local_update(c, E, clients[users[0]], arrays, None, seed=0,
                      accountant=Accountant(base.privacy.accountant))
     _rdp_per_step.cache_clear()  # every user's first ε is computed inside the timing
     for r in range(args.repeats):

@@ -66,10 +66,13 @@ def test_train_reply_holds_the_federated_parameters_and_num_examples(cfg, prepar
     assert not np.array_equal(ctx.state["user-local"]["user"].numpy(), user)
 
 
+@pytest.mark.parametrize("pooling", ["attention", "none"])
 @pytest.mark.parametrize("user", [0, 1])
-def test_train_reply_carries_no_plm_no_user_vector_no_user_local_state(cfg, prepared, user):
+def test_train_reply_carries_no_plm_no_user_vector_no_user_local_state(cfg, prepared, user,
+                                                                       pooling):
     from transformers import AutoModel
 
+    cfg = cfg.override(**{"model.pooling": pooling})
     split, E = prepared.split, prepared.item_emb
     state = global_state(cfg, prepared)
     ctx = context(cfg, user, split.n_users)
@@ -112,6 +115,9 @@ def test_train_reply_carries_no_plm_no_user_vector_no_user_local_state(cfg, prep
     assert np.abs(hu).max() > 1e-3
     assert not holding(got, hu) and not holding(update, hu)
     assert not holding(got, pooled[0].numpy())
+    if pooling == "none":  # h_u is the local vector; no user tower is uploaded at all
+        np.testing.assert_array_equal(hu, local)
+        assert not [k for k in got if k.startswith(("user_adapter.", "attention."))]
 
 
 def test_evaluate_reply_has_the_metric_keys(cfg, prepared):
@@ -217,3 +223,38 @@ def test_in_process_federated_run_learns(cfg, tmp_path, seed):
     assert last["server"]["sampled/hr@10"] > initial, (initial, last["server"])
     assert last["federated"]["sampled/hr@10"] > initial, (initial, last["federated"])
     assert results["summary"]["final_round"] == R
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_in_process_federated_run_learns_without_pooling(tiny_root, tmp_path, seed):
+    """model.pooling = "none": h_u is each device's own user-local vector. The server has
+    no user vectors, so only the devices evaluate (no "server" record, as for FedMF)."""
+    from fedrec.federated import ClientData, client_seed, local_evaluate
+    from tiny import tiny_config
+
+    cfg, run_dir, calls, grid = run_federated(
+        tiny_config(tiny_root, {"model.pooling": "none"}), tmp_path, seed)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    rounds = {r["round"]: r for r in results["rounds"]}
+    R = cfg.fed.num_rounds
+    assert sorted(rounds) == list(range(1, R + 1))
+    assert not [r for r in rounds.values() if "server" in r]
+    assert all(rounds[r]["train"]["clients"] == cfg.fed.clients_per_round for r in rounds)
+    trained_ever = {node for kind, _, node in calls if kind == "train"}
+    assert {n for n, c in grid.contexts.items() if "user-local" in c.state} == trained_ever
+    final = load_file(str(run_dir / "final.safetensors"))
+    p = prepare(cfg)
+    assert set(final) == set(global_state(cfg, p))
+    assert all(k.startswith(("item_adapter.", "item_bias.")) for k in final), sorted(final)
+
+    # the initial model as a device evaluates it before it ever trained: the initial
+    # global parameters and a fresh (random) user-local vector
+    start = {k: v.numpy() for k, v in global_state(cfg, p, seed=seed).items()}
+    users = [u for u in range(p.split.n_users) if p.split.test[u] >= 0]
+    initial = np.mean([local_evaluate(cfg, p.item_emb, ClientData.from_split(p.split, u), start,
+                                      None, client_seed(cfg, u, 1))["sampled/hr@10"]
+                       for u in users])
+    best, last = rounds[results["summary"]["best_round"]]["federated"], rounds[R]["federated"]
+    assert best["sampled/hr@10"] >= initial + 0.15, (initial, best)
+    assert last["sampled/hr@10"] > initial, (initial, last)

@@ -82,6 +82,19 @@ def test_bad_values_name_the_key(key, value, match):
         Config.from_flat({**DEFAULTS, key: value})
 
 
+def test_pooling_none_needs_the_user_embedding():
+    ok = Config.from_flat({**DEFAULTS, "model.pooling": "none"})
+    assert ok.model.pooling == "none" and ok.model.user_embedding
+    with pytest.raises(FedrecError, match=r"'model.pooling' = 'none' needs "
+                                          r"model.user-embedding = true.*set "
+                                          r"model.user-embedding=true") as exc:
+        Config.from_flat({**DEFAULTS, "model.pooling": "none", "model.user-embedding": False})
+    assert "\n" not in str(exc.value)
+    # FedMF ignores model.pooling; its user vector is always the local one
+    Config.from_flat({**DEFAULTS, "model.kind": "fedmf", "model.pooling": "none",
+                      "model.user-embedding": False})
+
+
 def test_missing_key_is_named():
     flat = dict(DEFAULTS)
     del flat["train.seed"]

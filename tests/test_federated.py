@@ -34,10 +34,13 @@ def global_arrays(cfg, E, n_items, seed=0):
     return {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind", ["text", "fedmf"])
+KINDS = {"text": {}, "fedmf": {"model.kind": "fedmf"}, "text-nopool": {"model.pooling": "none"}}
+
+
+@pytest.mark.parametrize("kind", ["text", "fedmf", "text-nopool"])
 def test_local_update_returns_exactly_the_federated_parameters(tiny_root, kind):
-    cfg = tiny_config(tiny_root, {"model.kind": kind})
-    p = prepare(cfg, with_text=kind == "text")
+    cfg = tiny_config(tiny_root, KINDS[kind])
+    p = prepare(cfg, with_text=cfg.model.kind == "text")
     E, split = p.item_emb, p.split
     start = global_arrays(cfg, E, split.n_items)
     model = build_model(cfg, E.shape[1], split.n_items)
@@ -65,10 +68,10 @@ def test_no_user_local_state_without_a_user_embedding(cfg, prepared):
     assert local == {}
 
 
-@pytest.mark.parametrize("kind", ["text", "fedmf"])
+@pytest.mark.parametrize("kind", ["text", "fedmf", "text-nopool"])
 def test_user_local_state_round_trips(tiny_root, kind):
-    cfg = tiny_config(tiny_root, {"model.kind": kind})
-    p = prepare(cfg, with_text=kind == "text")
+    cfg = tiny_config(tiny_root, KINDS[kind])
+    p = prepare(cfg, with_text=cfg.model.kind == "text")
     E, data = p.item_emb, ClientData.from_split(p.split, 3)
     start = global_arrays(cfg, E, p.split.n_items)
     _, first, _ = local_update(cfg, E, data, start, None, seed=1)

@@ -22,8 +22,8 @@ def textrec(pooling="attention", id_embeddings=False):
 
 @pytest.mark.parametrize("model", [
     textrec("attention", False), textrec("attention", True), textrec("mean", False),
-    textrec("mean", True), FedMF(N_ITEMS, DIM)],
-    ids=["attn", "attn-id", "mean", "mean-id", "fedmf"])
+    textrec("mean", True), textrec("none", False), FedMF(N_ITEMS, DIM)],
+    ids=["attn", "attn-id", "mean", "mean-id", "none", "fedmf"])
 def test_opacus_accepts_every_model(model):
     # strict=True raises UnsupportedModuleError on any layer DP-SGD cannot handle.
     assert ModuleValidator.validate(model, strict=True) == []
@@ -118,6 +118,22 @@ def test_textrec_shapes(pooling, id_embeddings):
     assert ("id_emb.weight" in names) == id_embeddings
 
 
+@pytest.mark.parametrize("id_embeddings", [False, True])
+def test_textrec_without_pooling_has_no_user_tower(id_embeddings):
+    """pooling "none": h_u is the user-local vector; nothing of a user tower is uploaded."""
+    model = textrec("none", id_embeddings)
+    assert model.uses_history is False and textrec("mean").uses_history is True
+    assert model.attention is None and model.user_adapter is None
+    names = {n for n, _ in model.named_parameters()}
+    assert all(n.startswith(("item_adapter.", "item_bias.", "id_emb.", "id_bias."))
+               for n in names), names
+    idx = torch.tensor([0, 4, 8])
+    h, b, a = model.items(torch.randn(len(idx), TEXT_DIM), idx)
+    assert h.shape == (3, DIM) and b.shape == (3,) and torch.equal(a, torch.zeros(3))
+    local = torch.randn(2, DIM)
+    assert model.users(None, local) is local
+
+
 def test_fedmf_shapes_and_user_vector_is_the_local_one():
     model = FedMF(N_ITEMS, DIM)
     idx = torch.tensor([1, 1, 7])
@@ -134,3 +150,6 @@ def test_init_local_users():
     mf = init_local_users(4, DIM, "fedmf", g)
     assert mf.shape == (4, DIM) and mf.abs().sum() > 0 and mf.std() < 0.2
     assert torch.equal(init_local_users(4, DIM, "text"), torch.zeros(4, DIM))
+    # pooling "none": the local vector is the whole user vector, random like FedMF's
+    none = init_local_users(4, DIM, "text", torch.Generator().manual_seed(0), pooling="none")
+    assert torch.equal(none, mf)

@@ -30,12 +30,16 @@ def _setup(cfg, prepared, user=0, local=True):
     return model, loc, data, negs
 
 
-@pytest.mark.parametrize("kind", ["text", "fedmf"])
+MODELS = {"text": {}, "fedmf": {"model.kind": "fedmf"}, "text-nopool": {"model.pooling": "none"},
+          "text-nopool-id": {"model.pooling": "none", "model.id-embeddings": True}}
+
+
+@pytest.mark.parametrize("kind", ["text", "fedmf", "text-nopool"])
 def test_per_row_gradients_average_to_the_batch_gradient(tiny_root, kind):
     from fedrec.pipeline import prepare
 
-    cfg = tiny_config(tiny_root, {"model.kind": kind})
-    prepared = prepare(cfg, with_text=kind == "text")
+    cfg = tiny_config(tiny_root, MODELS[kind])
+    prepared = prepare(cfg, with_text=cfg.model.kind == "text")
     model, loc, data, negs = _setup(cfg, prepared)
     E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
     rows = np.array([0, 2, 3, 5])
@@ -50,9 +54,11 @@ def test_per_row_gradients_average_to_the_batch_gradient(tiny_root, kind):
     assert torch.allclose(gl.mean(0), want[-1].reshape(-1), atol=1e-6)
 
 
-def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepared):
+@pytest.mark.parametrize("pooling", ["attention", "none"])
+def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepared, pooling):
     # batch-size >= history: Poisson rate 1, one step per epoch = plain training's one batch
-    cfg = cfg.override(**{"train.batch-size": 64})
+    # (pooling "none" takes the direct per-row path, attention the torch.func one)
+    cfg = cfg.override(**{"train.batch-size": 64, "model.pooling": pooling})
     E = torch.from_numpy(prepared.item_emb)
     out = []
     for dp in (False, True):
@@ -77,6 +83,71 @@ def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepare
     for k in plain:
         assert torch.allclose(plain[k], private[k], atol=1e-5), k
     assert torch.allclose(plain_loc, private_loc, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["text-nopool", "text-nopool-id", "fedmf"])
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+def test_direct_per_row_path_equals_the_torch_func_path(tiny_root, kind, loss):
+    """Ghost norms and the clipped sum without per-row gradients: the same numbers as
+    clipping torch.func's per-row gradients, with some rows clipped and none clipped."""
+    from fedrec.pipeline import prepare
+    from fedrec.privacy import clipped_grad_sum, direct_path_ok
+
+    cfg = tiny_config(tiny_root, {**MODELS[kind], "train.loss": loss})
+    prepared = prepare(cfg, with_text=cfg.model.kind == "text")
+    model, loc, data, negs = _setup(cfg, prepared)
+    with torch.no_grad():  # away from the init (zero last layers) so every gradient is live
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert direct_path_ok(model, loc)
+    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
+    rows = np.array([0, 1, 3, 4, 6])
+    negs = negs.copy()
+    negs[1, 1] = negs[1, 0]  # a negative drawn twice in one row (embedding rows coincide)
+    negs[3, 0] = data.history[0]  # another row's positive as a negative
+    g, gl = per_row_grads(model, loc, E, hist, rows, negs[rows], cfg.train.loss)
+    norms = torch.cat([v.reshape(len(rows), -1) for v in g.values()] + [gl], 1).norm(dim=1)
+    for clip in (1e6, float(norms.median())):
+        direct = clipped_grad_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss,
+                                  clip, "direct")
+        vmapped = clipped_grad_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss,
+                                   clip, "vmap")
+        torch.testing.assert_close(direct[2], norms, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(direct[2], vmapped[2], rtol=1e-5, atol=1e-5)
+        assert set(direct[0]) == {n for n, _ in model.named_parameters()}
+        for name, want in vmapped[0].items():
+            torch.testing.assert_close(direct[0][name], want, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(direct[1], vmapped[1], rtol=1e-5, atol=1e-5)
+    assert (norms > clip).any() and (norms < clip).any()  # the second clip clipped some rows
+    pooled = build_model(tiny_config(tiny_root), 8, prepared.split.n_items)
+    assert not direct_path_ok(pooled, loc)  # a history pool: rows share it
+
+
+def test_vectorised_rdp_equals_opacus():
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from fedrec.privacy import _RDP_ORDERS, _sampled_gaussian_rdp
+
+    orders = np.array(_RDP_ORDERS, dtype=float)
+    for q in (1e-3, 0.043, 0.25, 0.5, 0.9, 1.0):
+        for sigma in (0.3, 0.8, 1.0, 2.5, 10.0):
+            want = np.array(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_RDP_ORDERS))
+            got = _sampled_gaussian_rdp(q, sigma, orders)
+            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12, err_msg=f"{q} {sigma}")
+    assert (_sampled_gaussian_rdp(0.3, 0.0, orders) == np.inf).all()
+    assert (_sampled_gaussian_rdp(0.0, 1.0, orders) == 0).all()
+
+
+def test_describe_assumes_a_public_pool_only_for_history_pooled_models(cfg):
+    from fedrec.privacy import describe, label
+
+    c = cfg.override(**DP)
+    assert describe(c)["assumes"] == "history pool public"
+    assert "history pool public" in label(c)
+    for other in ({"model.pooling": "none"}, {"model.kind": "fedmf"}):
+        d = describe(c.override(**other))
+        assert "assumes" not in d and d["unit"] == "interaction"
+        assert label(c.override(**other)) == "ε (interaction; rdp, δ=0.0001)"
 
 
 def test_clipping_and_noise_change_the_update(cfg, prepared):
@@ -152,11 +223,15 @@ def test_local_update_in_sample_mode_needs_an_accountant(cfg, prepared):
         local_update(c, prepared.item_emb, data, global_state(c, prepared), None, seed=0)
 
 
-def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared):
-    c = cfg.override(**DP, **{"fed.num-rounds": 3, "fed.clients-per-round": 4})
+@pytest.mark.parametrize("pooling", ["attention", "none"])
+def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared, pooling):
+    c = cfg.override(**DP, **{"fed.num-rounds": 3, "fed.clients-per-round": 4,
+                              "model.pooling": pooling})
     _, results = run_inprocess(c)
-    assert results["privacy"] == {"mode": "sample", "unit": "interaction", "accountant": "rdp",
-                                  "delta": 1e-4, "assumes": "history pool public"}
+    clean = {"mode": "sample", "unit": "interaction", "accountant": "rdp", "delta": 1e-4}
+    # pooling "none": no history pool, so the ε holds as stated (fedrec/privacy.py)
+    assert results["privacy"] == (clean if pooling == "none"
+                                  else {**clean, "assumes": "history pool public"})
     trains = [r["train"] for r in results["rounds"] if "train" in r]
     assert len(trains) == 3 and all(t["clients"] == 4 and t["failures"] == 0 for t in trains)
     maxes = [t["epsilon-max"] for t in trains]

@@ -148,3 +148,20 @@ def test_library_rejects_parameters_of_another_catalog(setup, tmp_path):
     write_json(cfg_run / "run_config.json", cfg.to_flat())
     with pytest.raises(FedrecError, match="do not fit this catalog"):
         recommend(small_dev / "history.csv", cfg_run, k=3)
+
+
+def test_a_run_without_pooling_is_refused_in_one_line(setup, run_cli, tmp_path):
+    """model.pooling = "none": h_u is each device's user-local vector, not in RUN_DIR."""
+    root, _, dev, _ = setup
+    cfg = tiny.tiny_config(root, {"model.pooling": "none"})
+    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
+    run = tmp_path / "nopool"
+    run.mkdir()
+    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
+              str(run / "final.safetensors"))
+    write_json(run / "run_config.json", cfg.to_flat())
+    with pytest.raises(FedrecError, match="model.pooling 'none'"):
+        recommend(dev / "history.csv", run)
+    code, out, err = run_cli("recommend", "--history", str(dev / "history.csv"),
+                             "--model", str(run), "--catalog", str(dev))
+    assert code == 2 and "model.pooling 'none'" in err and err.count("\n") == 1, err

@@ -93,6 +93,31 @@ def test_train_central_is_deterministic(cfg, prepared):
     assert [c["loss"] for c in a["curve"]] == [c["loss"] for c in b["curve"]]
 
 
+def test_pooling_none_central_training_beats_the_untrained_model(tiny_root):
+    """h_u = the user-local embedding alone (random at first), items from text."""
+    from fedrec.model import init_local_users
+
+    # each user vector starts random and is learned from its ~10 interactions alone:
+    # more, larger steps than the history-pooled model needs
+    cfg = tiny_config(tiny_root, {"model.pooling": "none", "central.batch-size": 8,
+                                  "central.lr": 0.1})
+    p = prepare(cfg)
+    split, E = p.split, p.item_emb
+    torch.manual_seed(cfg.train.seed)  # train_central's own initialisation, in its order
+    model = build_model(cfg, E.shape[1], split.n_items)
+    local = init_local_users(split.n_users, cfg.model.dim, "text", pooling="none")
+    assert not model.uses_history and local.abs().sum() > 0
+    untrained = val_hr(model, split, E, local)
+    out = train_central(cfg, split, E, log=lambda _: None)
+    curve = [c["val/sampled/hr@10"] for c in out["curve"]]
+    assert max(curve) >= untrained + 0.25, (untrained, curve)
+    assert out["curve"][-1]["loss"] < out["curve"][0]["loss"]
+    assert {n for n, _ in out["model"].named_parameters()} == {
+        "item_adapter.mlp.0.weight", "item_adapter.mlp.0.bias", "item_adapter.mlp.3.weight",
+        "item_adapter.mlp.3.bias", "item_adapter.skip.weight", "item_bias.weight",
+        "item_bias.bias"}
+
+
 def test_fedmf_central_training_lowers_the_loss(tiny_root):
     cfg = tiny_config(tiny_root, {"model.kind": "fedmf", "central.epochs": 5})
     p = prepare(cfg, with_text=False)
