@@ -165,3 +165,4 @@ def test_a_run_without_pooling_is_refused_in_one_line(setup, run_cli, tmp_path):
     code, out, err = run_cli("recommend", "--history", str(dev / "history.csv"),
                              "--model", str(run), "--catalog", str(dev))
     assert code == 2 and "model.pooling 'none'" in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out.strip()
