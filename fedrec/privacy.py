@@ -304,7 +304,8 @@ def direct_path_ok(model, local) -> bool:
     for m in model.modules():
         own = list(m.parameters(recurse=False))
         if isinstance(m, torch.nn.Embedding):
-            if m.max_norm is not None or m.scale_grad_by_freq or m.sparse:
+            if (m.padding_idx is not None or m.max_norm is not None or m.scale_grad_by_freq
+                    or m.sparse):
                 return False
         elif not isinstance(m, torch.nn.Linear) and own:
             return False
@@ -347,6 +348,10 @@ def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs
             handle.remove()
     if twice:
         raise RuntimeError(f"direct per-row gradients: layer {layers[twice[0]]} ran twice")
+    flat_in = [m for m, (a, _) in taps.items() if a.shape[0] != b * c or a.dim() > 2]
+    if flat_in:  # one input row per candidate, as model.items gives (E rows, item ids)
+        raise RuntimeError(f"direct per-row gradients: layer {layers[flat_in[0]]} got input "
+                           f"of shape {tuple(taps[flat_in[0]][0].shape)}")
     loc = local.detach().reshape(-1)
     scores = h.view(b, c, -1) @ loc + bias.view(b, c)
     mods = list(taps)
