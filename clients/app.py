@@ -16,12 +16,11 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from fedrec.config import Config
-from fedrec.device import DATA_DIR, load_device_client
+from fedrec.device import load_client
 from fedrec.faults import InjectedFailure, corrupt, planned_fault
 from fedrec.federated import (
     ClientData,
     client_seed,
-    load_simulated_client,
     local_evaluate,
     local_update,
 )
@@ -46,13 +45,7 @@ class Job(NamedTuple):
 
 
 def _load(msg: Message, context: Context, training: bool) -> Job:
-    simulated = DATA_DIR not in context.node_config
-    if simulated:
-        user = int(context.node_config["partition-id"])
-        cfg, E, data = load_simulated_client(context.run_config, user)
-    else:  # a real device: its own files only
-        cfg, E, data = load_device_client(context.run_config, context.node_config)
-        user = context.node_id  # stable per registered SuperNode
+    cfg, E, data, user, simulated = load_client(context)
     rnd = int(msg.content["config"]["server-round"])
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
     local = None

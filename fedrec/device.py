@@ -275,3 +275,15 @@ def write_device_dir(out: Path, catalog: Catalog, items: list[str], times: list[
                                                                  catalog.item_fields))
     (out / "items.csv").write_text(buf.getvalue())
     return out
+
+
+def load_client(context) -> tuple[Config, np.ndarray, ClientData, int, bool]:
+    """(config, catalog embeddings, the user's data, user id, simulated) for a ClientApp's
+    Context: a virtual SuperNode's partition (user index), or a real device's own files."""
+    from fedrec.federated import load_simulated_client
+
+    if DATA_DIR not in context.node_config:
+        user = int(context.node_config["partition-id"])
+        return (*load_simulated_client(context.run_config, user), user, True)
+    cfg, E, data = load_device_client(context.run_config, context.node_config)
+    return cfg, E, data, context.node_id, False  # node id: stable per registered SuperNode

@@ -61,12 +61,11 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
 from fedrec.config import Config
-from fedrec.device import DATA_DIR, load_device_client
+from fedrec.device import load_client
 from fedrec.errors import FedrecError
 from fedrec.federated import (
     aggregate_client_metrics,
     client_seed,
-    load_simulated_client,
     local_evaluate,
     local_update,
 )
@@ -135,13 +134,7 @@ class Device(NumPyClient):
 
     def _load(self, parameters, config, training: bool):
         ctx = self.context
-        simulated = DATA_DIR not in ctx.node_config
-        if simulated:
-            user = int(ctx.node_config["partition-id"])
-            cfg, E, data = load_simulated_client(ctx.run_config, user)
-        else:  # a real device: its own files only
-            cfg, E, data = load_device_client(ctx.run_config, ctx.node_config)
-            user = ctx.node_id
+        cfg, E, data, user, simulated = load_client(ctx)
         rnd = int(config["server-round"])
         arrays = dict(zip(_names(cfg, E, data.n_items, parameters), parameters))
         local = None

@@ -136,7 +136,7 @@ TINY = {
     "model.hidden": 32,
     "model.dropout": 0.0,
     "train.lr": 0.3,  # local SGD on a tiny model takes larger steps
-    "fed.server-lr": 0.1,  # FedAdam: a few rounds must move the model visibly
+    "fed.server-lr": 0.05,  # FedAdam: a few rounds must move the model visibly
     "train.batch-size": 8,  # a few optimizer steps per device and round
     "train.negatives": 4,
     "train.local-epochs": 2,
