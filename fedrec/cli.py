@@ -46,6 +46,14 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _model_name(cfg: Config) -> str:
+    """text, text+id, text-nopool (user vector = the user-local embedding only), fedmf."""
+    m = cfg.model
+    if m.kind != "text":
+        return m.kind
+    return "text" + ("-nopool" if m.pooling == "none" else "") + ("+id" if m.id_embeddings else "")
+
+
 def _table(title: str, rows: dict[str, dict]) -> None:
     t = Table(title=title)
     t.add_column("method")
@@ -140,7 +148,7 @@ def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
                      "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
                      "seconds": time.time() - t0, "curve": r["curve"]})
     summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
-    name = f"central-{cfg.model.kind}" + ("+id" if cfg.model.id_embeddings else "")
+    name = f"central-{_model_name(cfg)}"
     _table(f"{name} (test at best-validation epoch)", {name: summary["best"]})
     if json_path:
         write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
@@ -208,7 +216,7 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
     if not runs:
         return
     summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
-    name = f"fed-{cfg.model.kind}" + ("+id" if cfg.model.id_embeddings else "") + f" ({cfg.fed.strategy})"
+    name = f"fed-{_model_name(cfg)} ({cfg.fed.strategy})"
     _table(f"{name} (test at best-validation round)", {name: summary["best"]})
     if json_path:
         write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),

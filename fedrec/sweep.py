@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from fedrec.config import Config
-from fedrec.privacy import UNIT, solve_noise_multiplier
+from fedrec.privacy import UNIT, describe, solve_noise_multiplier
 from fedrec.results import summarize
 
 MODES = {"interaction": "sample", "user": "user"}
@@ -77,8 +77,7 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
             "epsilon-spent-max": max(spent) if spent and unit != "none" else None,
             "delta": cfg.privacy.delta if unit != "none" else None,
             "accountant": cfg.privacy.accountant if unit != "none" else None,
-            "assumes": ("history pool public"
-                        if unit == "interaction" and cfg.model.kind == "text" else None),
+            "assumes": describe(cfg).get("assumes") if unit == "interaction" else None,
             "sigma": sum(sigmas) / len(sigmas) if sigmas else None,
             "max-grad-norm": cfg.privacy.max_grad_norm if unit != "none" else None,
             "rounds": max(len(ts) for ts in trains), "planned-rounds": cfg.fed.num_rounds,
