@@ -199,6 +199,13 @@ def sweep_table() -> str:
                     f"{'-' if not base else format(hr / base, '.2f')} |")
     seeds = ",".join(str(s) for s in res["rows"][0]["seeds"])
     rows.append(f"\nSeeds {seeds} (train.seed); `{res['command']}`")
+    for unit in ("interaction", "user"):
+        at8 = [r for r in res["rows"] if r["unit"] == unit and r["epsilon"] == 8]
+        if base and at8:
+            ratio = at8[0]["sampled/hr@10"]["mean"] / base
+            rows.append(f"At ε = 8, unit one {unit}: {ratio:.2f} x the non-private HR@10 ("
+                        + ("meets" if ratio >= 0.9 else "misses") + " the 0.9 x target).")
+    rows.append("\n![privacy-utility](results/privacy_sweep.png)")
     return "\n".join(rows)
 
 
@@ -224,19 +231,19 @@ def audit_table() -> str:
 
 
 def bench_dp_table() -> str:
-    res = _load("bench_dp.json")
-    if not res:
-        return ""
-    per_row = res.get("per_row_grads_batch_seconds", {})
-    return "\n".join([
-        "| client update | mean s | ratio |", "|---|---|---|",
-        f"| plain local SGD | {res['plain_seconds_mean']:.4f} | 1 |",
-        f"| DP-SGD (per-row gradients, clipping, noise, accountant) | "
-        f"{res['dp_seconds_mean']:.4f} | {res['ratio_dp_over_plain']:.2f} |",
-        f"\n{len(res['users'])} ml-100k users (mean history {res['history_length_mean']:.0f}), "
-        f"{res['repeats']} interleaved repeats; per-row gradients of one batch: torch.func "
-        f"{per_row.get('torch.func', float('nan')):.4f} s, Opacus hooks "
-        f"{per_row.get('opacus', float('nan')):.4f} s. `{res['command']}`"])
+    rows = ["| model | plain local SGD s/update | DP-SGD s/update | DP / plain | per-row gradients "
+            "of one batch | users (mean history) | command |", "|---|---|---|---|---|---|---|"]
+    for name, label in (("bench_dp.json", "text, history-pooled user tower (default)"),
+                        ("bench_dp_nopool.json", "text, `model.pooling = \"none\"`")):
+        res = _load(name)
+        if not res:
+            continue
+        per_row = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in
+                            res.get("per_row_grads_batch_seconds", {}).items())
+        rows.append(f"| {label} | {res['plain_seconds_mean']:.4f} | {res['dp_seconds_mean']:.4f} | "
+                    f"{res['ratio_dp_over_plain']:.2f} | {per_row} | {len(res['users'])} "
+                    f"({res['history_length_mean']:.0f}) | `{res['command']}` |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def config_table() -> str:
