@@ -165,7 +165,7 @@ def reliability_table() -> str:
         run = res["runs"][0]
         rounds = json.loads((Path(run["run_dir"]) / "results.json").read_text())["rounds"]
         trains = [r["train"] for r in rounds if "train" in r]
-        dropped = sum(t["failures"] for t in trains)
+        dropped = int(sum(t["failures"] for t in trains))
         hr = res["summary"]["final"]["sampled/hr@10"]["mean"]
         rows.append(f"| {label} | {hr:.4f} | {hr / clean - 1:+.1%} | "
                     f"{res['summary']['final']['sampled/ndcg@10']['mean']:.4f} | "
