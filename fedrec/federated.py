@@ -16,7 +16,7 @@ import torch
 from fedrec.config import Config
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
-from fedrec.privacy import Accountant, dp_train_epoch, noise_multiplier
+from fedrec.privacy import Accountant, dp_train_epoch, local_plan, noise_multiplier
 from fedrec.protocol import Split
 from fedrec.train import Histories, make_optimizer, train_epoch, user_scores
 
@@ -117,6 +117,7 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         if penalty is not None:
             raise ValueError("privacy.mode = 'sample' does not support FedProx's proximal term")
         sigma = noise_multiplier(cfg, len(data.history), participation)
+        check_device_budget(cfg, accountant, sigma, len(data.history), participation)
         for _ in range(cfg.train.local_epochs):
             q, steps = dp_train_epoch(
                 model, local, opt, E_t, hist, cfg, rng,
@@ -137,6 +138,31 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
     params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return params, new_local, {"train-loss": float(losses[-1]), "num-examples": len(data.history),
                                "update-seconds": time.perf_counter() - t0}
+
+
+class DeviceBudgetExhausted(RuntimeError):
+    """This device's next round would take its ε past privacy.target-epsilon."""
+
+
+def check_device_budget(cfg: Config, accountant: Accountant, sigma: float, n: int,
+                        participation: float) -> None:
+    """Refuse a round that would bring this device's cumulative ε above the target.
+
+    sigma is solved for the *expected* participation; a device sampled more often than
+    that would otherwise overspend. It declines instead (its reply is an error the server
+    drops and counts), so every device's ε stays <= privacy.target-epsilon."""
+    target = cfg.privacy.target_epsilon
+    if target <= 0:
+        return
+    q, per_round, _ = local_plan(cfg, n, participation)
+    ahead = Accountant.from_state(accountant.to_state(), cfg.privacy.accountant)
+    ahead.step(sigma, q, per_round)
+    eps = ahead.epsilon(cfg.privacy.delta)
+    if eps > target:
+        raise DeviceBudgetExhausted(
+            f"privacy budget exhausted on this device: this round would bring ε to {eps:.3f} "
+            f"> privacy.target-epsilon {target:g} (spent {accountant.epsilon(cfg.privacy.delta):.3f}); "
+            "it declines to train")
 
 
 def local_evaluate(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,

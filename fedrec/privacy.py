@@ -40,9 +40,10 @@ What the guarantee covers, honestly:
   no training loss is reported. Timing (how long the update took) is not protected.
 - The accountant composes over every local step of every round the device joined: its
   history (noise_multiplier, sample_rate, steps) lives in context.state (to_state /
-  from_state), so ε is cumulative. A device sampled more often than the expected
-  participation used to solve sigma for a target ε ends above that target; its reported ε
-  is the true cumulative one.
+  from_state), so ε is cumulative. sigma is solved for the expected participation; a
+  device sampled more often declines the round that would take it past the target
+  (fedrec.federated.check_device_budget: an error reply the server drops and counts), so
+  no device's ε exceeds privacy.target-epsilon.
 """
 
 import math

@@ -311,3 +311,20 @@ def test_user_mode_with_fedadam_noises_the_mean_before_the_server_step(cfg, prep
     trains = [r["train"] for r in results["rounds"] if "train" in r]
     assert results["status"] == "completed" and len(trains) == 2
     assert all(t["epsilon-max"] > 0 for t in trains)
+
+
+def test_a_device_declines_a_round_that_would_exceed_its_budget(cfg, prepared):
+    """sigma is solved for the expected participation; a device sampled more often stops
+    at its budget instead of overspending (the server then drops and counts its reply)."""
+    from fedrec.federated import DeviceBudgetExhausted
+
+    c = cfg.override(**DP, **{"privacy.target-epsilon": 2.0, "fed.num-rounds": 4})
+    data = ClientData.from_split(prepared.split, 0)
+    acc, arrays, done = Accountant("rdp"), global_state(c, prepared), 0
+    with pytest.raises(DeviceBudgetExhausted, match="privacy budget exhausted on this device"):
+        for seed in range(10):
+            local_update(c, prepared.item_emb, data, arrays, None, seed=seed, accountant=acc,
+                         participation=1.0)
+            done += 1
+    assert done == 4  # every planned round, and not one more
+    assert 0.98 * 2.0 <= acc.epsilon(1e-4) <= 2.0
