@@ -1,5 +1,6 @@
 """The `fedrec` command. Every user-fixable error is one line on stderr and exit code 2."""
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -181,9 +182,11 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                                                         help="parent of the per-seed run directories"),
                  engine: str = typer.Option("flower", help="flower (flwr run, one virtual SuperNode "
                                             "per user) | inprocess (Ray-free, same apps)"),
-                 resume: str | None = typer.Option(None, "--resume", help="continue this killed "
-                                                      "run directory (e.g. <runs>/seed-0) from its last "
-                                                      "completed round, with its own config")):
+                 resume: str | None = typer.Option(None, "--resume", help="continue these killed "
+                                                      "run directories (comma-separated, e.g. "
+                                                      "<runs>/seed-0) from their last completed round, "
+                                                      "with their own config; completed ones are "
+                                                      "summarized with the others")):
     """Federated simulation of the whole user population on this machine."""
     from pathlib import Path
 
@@ -195,8 +198,20 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
         if config or run_config:
             raise FedrecError("--resume continues a run with its own config (run_config.json); "
                               "leave out --config and --run-config")
-        cfg, jobs = _resumed(Path(resume).expanduser().resolve())
+        cfg, jobs, done = None, [], []
+        for d in [Path(x).expanduser().resolve() for x in resume.split(",") if x.strip()]:
+            c, job = _resumed(d)
+            if cfg is not None and _experiment(c) != _experiment(cfg):
+                raise FedrecError(f"--resume: {d} is another experiment than the first directory "
+                                  "(configs differ beyond train.seed); resume them separately")
+            cfg = cfg or c
+            jobs += job
+            done += [] if job else [(c, d)]
+        if cfg is None:
+            raise FedrecError("--resume: give at least one run directory")
+        cfg = cfg.override(**{"fed.resume": False, "fed.run-dir": ""})
     else:
+        done = []
         cfg = _config(config, run_config)
         base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
         jobs = [(cfg.override(**{"train.seed": seed}), base / f"seed-{seed}")
@@ -204,17 +219,21 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
     if jobs:
         prepare(cfg, progress=True, with_text=cfg.model.kind == "text")  # encode once, up front
     runs = []
+    for c, run_dir in done:  # completed earlier: summarized as they are
+        res = json.loads((run_dir / "results.json").read_text())
+        runs.append({"seed": c.train.seed, **_run_summary(res["summary"]), "run_dir": str(run_dir),
+                     "seconds": res.get("seconds")})
     for c, run_dir in jobs:
         seed = c.train.seed
         console.print(f"[bold]federated {cfg.model.kind} ({cfg.fed.strategy}), seed {seed}[/bold]"
                       f" -> {run_dir}")
         t0 = time.time()
         summ = _run_federated(c, run_dir, engine)["summary"]
-        runs.append({"seed": seed, "best": summ["best"], "final": summ["final"],
-                     "best_round": summ["best_round"], "run_dir": str(run_dir),
+        runs.append({"seed": seed, **_run_summary(summ), "run_dir": str(run_dir),
                      "seconds": time.time() - t0})
     if not runs:
         return
+    runs.sort(key=lambda r: r["seed"])
     summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
     name = f"fed-{_model_name(cfg)} ({cfg.fed.strategy})"
     _table(f"{name} (test at best-validation round)", {name: summary["best"]})
@@ -296,6 +315,18 @@ def _run_federated(cfg: Config, run_dir: Path, engine: str) -> dict:
         raise FedrecError(f"{run_dir}/results.json: no evaluated round; set fed.eval-every "
                           "<= fed.num-rounds")
     return res
+
+
+def _run_summary(summ: dict) -> dict:
+    return {"best": summ["best"], "final": summ["final"], "best_round": summ["best_round"]}
+
+
+def _experiment(cfg: Config) -> dict:
+    """A run's config without what differs between the seeds of one experiment."""
+    flat = cfg.to_flat()
+    for key in ("train.seed", "fed.run-dir", "fed.resume"):
+        flat.pop(key)
+    return flat
 
 
 def _resumed(run_dir: Path) -> tuple[Config, list]:

@@ -179,3 +179,25 @@ def test_fedrec_simulate_resume(tiny_root, tmp_path, uninterrupted, run_cli):
     code, out, _ = run_cli("simulate", "--resume", str(run_dir),
                            "--engine", "inprocess", with_stdout=True)
     assert code == 0 and "nothing to resume" in out
+
+
+def test_fedrec_simulate_resume_summarizes_completed_and_continued_runs(
+        tiny_root, tmp_path, uninterrupted, run_cli):
+    """--resume DIR,DIR: the killed run continues, the completed one is summarized as it
+    is, and one result file covers both (the seeds of one experiment)."""
+    whole_dir, whole = uninterrupted("fedadam")
+    run_dir = tmp_path / "seed-0"
+    interrupted(tiny_root, run_dir, ("train", 3))
+    out = tmp_path / "all.json"
+    code, _, err = run_cli("simulate", "--resume", f"{whole_dir},{run_dir}",
+                           "--engine", "inprocess", "--json", str(out))
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert sorted(r["run_dir"] for r in res["runs"]) == sorted([str(whole_dir), str(run_dir)])
+    assert all(r["best"] == whole["summary"]["best"] for r in res["runs"])  # same seed, same run
+    assert res["config"]["fed.resume"] is False and "--resume" in res["command"]
+
+    other = tmp_path / "other"
+    interrupted(tiny_root, other, ("train", 2), **{"train.lr": 0.2})
+    code, _, err = run_cli("simulate", "--resume", f"{whole_dir},{other}")
+    assert code == 2 and "is another experiment than the first directory" in err
