@@ -226,7 +226,11 @@ def audit_table() -> str:
                     + f" | {r['best']['statistic']} {r['best']['auc']:.3f} |")
     r0 = res["rows"][0]
     rows.append(f"\n{r0['users']} users, {r0['members']} member and {r0['nonmembers']} "
-                f"non-member items; `{res['command']}`")
+                f"non-member items; `{res['command']}`. The best statistic's distance from "
+                "0.5 (either side) is what the attacker gets: "
+                + "; ".join(f"{'no DP' if r['epsilon'] is None else 'ε = ' + format(r['epsilon'], 'g')}"
+                            f" {max(abs(v - 0.5) for v in r['auc'].values()):.3f}"
+                            for r in res["rows"]) + ".")
     return "\n".join(rows)
 
 
