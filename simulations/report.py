@@ -170,6 +170,14 @@ def reliability_table() -> str:
         rows.append(f"| {label} | {hr:.4f} | {hr / clean - 1:+.1%} | "
                     f"{res['summary']['final']['sampled/ndcg@10']['mean']:.4f} | "
                     f"{len(trains)} | {dropped} | `{res['command']}` |")
+    if runs["resumed"]:
+        from safetensors.numpy import load_file
+
+        a, b = (load_file(str(Path(runs[n]["runs"][0]["run_dir"]) / "final.safetensors"))
+                for n in ("clean", "resumed"))
+        diff = max(float(abs(a[k].astype(float) - b[k]).max()) for k in a)
+        rows.append(f"\nKilled and resumed vs uninterrupted: largest difference between the final "
+                    f"parameters {diff:.1e} (0 = bit for bit).")
     cfg = runs["clean"]["config"]
     rows.append(f"\nml-100k, seed {cfg['train.seed']}, {cfg['fed.strategy']}, "
                 f"{cfg['fed.clients-per-round']} clients per round, test metrics at the final "
