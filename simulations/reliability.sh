@@ -20,12 +20,12 @@ run() {  # name, seeds, extra args...
     --json "results/reliability-$name.json" "$@"
 }
 
-# clean vs 30% failures over 3 seeds: single-run noise at round 100 is of the order of the
-# 2% target
+# clean, 30% failures and the bounded defence over 3 seeds: single-run noise at round 100
+# is larger than the 2% target
 run clean 0,1,2
 run failures-30 0,1,2 --config simulations/configs/failures-30.toml
 run poison-undefended 0 --config simulations/configs/poison-5-undefended.toml
-run poison-bounded 0 --config simulations/configs/poison-5-bounded.toml
+run poison-bounded 0,1,2 --config simulations/configs/poison-5-bounded.toml
 
 # Killed at about half-way (SIGKILL: no clean-up), then resumed from its last round.
 rm -rf "$RUNS/resumed"
