@@ -159,8 +159,6 @@ def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
 
 def _run_inprocess(cfg: Config, run_dir, log) -> dict:
     """The same ServerApp and ClientApp, Ray-free: real Messages through an in-process Grid."""
-    import json
-
     from flwr.app import Context, RecordDict
 
     import clients.app
@@ -331,8 +329,6 @@ def _experiment(cfg: Config) -> dict:
 
 def _resumed(run_dir: Path) -> tuple[Config, list]:
     """(config, [(config, run_dir)]) to continue a killed run; no job if it completed."""
-    import json
-
     files = {}
     for name in ("run_config.json", "results.json"):
         try:

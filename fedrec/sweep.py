@@ -68,9 +68,8 @@ def cells(units: list[str], epsilons: list[float]) -> list[tuple[str, float]]:
 def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
     """One table row from the cell's per-seed results (results.json of each run)."""
     trains = [[r["train"] for r in res["rounds"] if "train" in r] for res in runs]
-    sigmas = [t["noise-multiplier"] for ts in trains for t in ts if "noise-multiplier" in t]
-    if unit == "user":
-        sigmas = [cfg.privacy.noise_multiplier]
+    sigmas = ([cfg.privacy.noise_multiplier] if unit == "user" else  # one σ for all devices
+              [t["noise-multiplier"] for ts in trains for t in ts if "noise-multiplier" in t])
     spent = [ts[-1].get("epsilon-max", math.nan) for ts in trains if ts]
     best = summarize([res["summary"]["best"] for res in runs])
     return {"unit": UNIT.get(MODES.get(unit, ""), "none"), "epsilon": epsilon,

@@ -18,9 +18,9 @@ mean): with fedadam the noise goes on the mean update BEFORE the server's Adam s
 wrapper, which would noise the model after that step, then adds none.
 """
 
-import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from fedrec.errors import FedrecError
 from fedrec.privacy import Accountant, label
@@ -74,14 +74,13 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
 
     sigma = p.noise_multiplier
     if cfg.fed.strategy == "fedadam":  # noise the mean before Adam, not the model after it
-        strategy.mean_noise_std, sigma = sigma * p.max_grad_norm / k, 0.0
+        strategy.mean_noise_std, sigma = compute_stdv(sigma, p.max_grad_norm, k), 0.0
     return UserDP(strategy, noise_multiplier=sigma,
                   clipping_norm=p.max_grad_norm, num_sampled_clients=k)
 
 
 def add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:
-    """arrays + N(0, std^2) per coordinate (float32 noise, as Flower's wrapper adds)."""
-    rng = np.random.default_rng()
-    return ArrayRecord({k: Array(np.asarray(a.numpy() + rng.normal(0.0, std, a.shape)
-                                            .astype(a.numpy().dtype)))
-                        for k, a in arrays.items()})
+    """arrays + N(0, std^2) per value, with the noise Flower's DP wrappers add."""
+    values = [a.numpy().copy() for a in arrays.values()]
+    add_gaussian_noise_inplace(values, std)
+    return ArrayRecord({k: Array(v) for k, v in zip(arrays.keys(), values)})
