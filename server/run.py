@@ -19,10 +19,12 @@ Layout (every file written to a temp name, then renamed):
 
 A killed run resumes (fed.resume = true, `fedrec simulate --resume RUN_DIR`) from the
 last round results.json holds: its checkpoint, server state and records; the rounds
-after it are run again, numbered on. What is not restored: a privacy accountant's state
-(devices keep theirs in context.state; the server's per-device ε table for
-"epsilon-max"/"epsilon-mean" starts empty again), and a real
-device's user-local state (context.state ends with its SuperNode).
+after it are run again, numbered on. Simulated devices restore their user-local state and
+DP-SGD accountant history from their own disk (clients/app.py, fedrec/local_store.py), so
+each device's ε continues. What is not restored: the server's per-device ε table for
+"epsilon-max"/"epsilon-mean" (it starts empty again and fills as devices train), a real
+device's user-local state (context.state ends with its SuperNode), and the accountant of a
+device on the SecAgg+ path (fedrec/secagg.py keeps it in context.state only).
 """
 
 import csv

@@ -328,3 +328,20 @@ def test_a_device_declines_a_round_that_would_exceed_its_budget(cfg, prepared):
             done += 1
     assert done == 4  # every planned round, and not one more
     assert 0.98 * 2.0 <= acc.epsilon(1e-4) <= 2.0
+
+
+def test_a_resumed_simulated_device_continues_its_epsilon(cfg, prepared, tmp_path):
+    """A killed simulation loses context.state; the device's disk keeps its accountant
+    history with its user-local state, so after --resume ε continues, not restarts."""
+    c = cfg.override(**DP, **{"fed.run-dir": str(tmp_path / "run")})
+    n, state = prepared.split.n_users, global_state(c, prepared)
+    ctx = context(c, 0, n)
+    eps1 = clients.app.app(message("train", state, 1), ctx).content["metrics"]["epsilon"]
+    whole = clients.app.app(message("train", state, 2), ctx).content["metrics"]["epsilon"]
+    restarted = context(c.override(**{"fed.resume": True}), 0, n)  # fresh context.state
+    reply = clients.app.app(message("train", state, 2), restarted)
+    assert not reply.has_error()
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(whole) and whole > eps1
+    fresh = context(c.override(**{"fed.run-dir": str(tmp_path / "other")}), 0, n)
+    assert clients.app.app(message("train", state, 2), fresh).content["metrics"][
+        "epsilon"] == pytest.approx(eps1)  # without the disk: one round's ε (the old failure)
