@@ -214,8 +214,11 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
         base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
         jobs = [(cfg.override(**{"train.seed": seed}), base / f"seed-{seed}")
                 for seed in _seeds(seeds)]
-    if jobs:
-        prepare(cfg, progress=True, with_text=cfg.model.kind == "text")  # encode once, up front
+    if jobs:  # encode once, up front; refuse a sample larger than the population first
+        from server.strategy import clients_per_round
+
+        clients_per_round(cfg, prepare(cfg, progress=True,
+                                       with_text=cfg.model.kind == "text").split.n_users)
     runs = []
     for c, run_dir in done:  # completed earlier: summarized as they are
         res = json.loads((run_dir / "results.json").read_text())

@@ -407,10 +407,10 @@ def serve(grid, context: Context, cfg: Config, run) -> None:
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.default_workflows import default_evaluate_workflow
 
+    from server.strategy import clients_per_round
+
     population = run.population
-    k = cfg.fed.clients_per_round or population
-    if k > population:
-        raise ValueError(f"fed.clients-per-round={k} exceeds the {population} available devices")
+    k = clients_per_round(cfg, population)
     check(cfg, k, population)
     done, arrays, state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
     # legacy parameters are a list: send them in the model's state_dict order, which devices

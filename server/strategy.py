@@ -52,14 +52,21 @@ def _seeded_sampling(seed: int, server_round: int):
         random.setstate(outer)
 
 
+def clients_per_round(cfg: Config, population: int) -> int:
+    """fed.clients-per-round (0 = every device), refused when above the population."""
+    k = cfg.fed.clients_per_round or population
+    if k > population:
+        raise FedrecError(f"config: 'fed.clients-per-round' must be <= the {population} users "
+                          f"(devices); got {k}. Use {population} or fewer, or 0 for every user")
+    return k
+
+
 def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: int = 0,
                   server_state: dict | None = None):
     """population: devices expected online (every user in simulation). done_rounds and
     server_state: where a resumed run continues (FederatedRun.resume)."""
     base = BASES[cfg.fed.strategy]
-    k = cfg.fed.clients_per_round or population
-    if k > population:
-        raise ValueError(f"fed.clients-per-round={k} exceeds the {population} available devices")
+    k = clients_per_round(cfg, population)
     if cfg.fed.min_replies > k:
         raise FedrecError(f"config: 'fed.min-replies' must be <= the {k} clients per round; "
                           f"got {cfg.fed.min_replies}")

@@ -236,3 +236,10 @@ def test_fedadam_takes_the_configured_server_lr_and_tau():
     ~1e-4 per value: the config's tau must reach the strategy."""
     s, _ = strategy(**{"fed.strategy": "fedadam", "fed.server-lr": 0.02, "fed.server-tau": 1e-7})
     assert (s.eta, s.tau) == (0.02, 1e-7)
+
+
+def test_more_clients_per_round_than_users_is_one_clear_config_error():
+    from fedrec.errors import FedrecError
+
+    with pytest.raises(FedrecError, match=r"'fed.clients-per-round' must be <= the 6 users"):
+        strategy(**{"fed.clients-per-round": N + 1})
