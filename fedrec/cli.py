@@ -184,7 +184,10 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                                                       "run directories (comma-separated, e.g. "
                                                       "<runs>/seed-0) from their last completed round, "
                                                       "with their own config; completed ones are "
-                                                      "summarized with the others")):
+                                                      "summarized with the others"),
+                 rounds: int | None = typer.Option(None, "--rounds", help="with --resume: run to "
+                                                   "this many rounds in all, extending killed or "
+                                                   "completed non-private runs")):
     """Federated simulation of the whole user population on this machine."""
     from pathlib import Path
 
@@ -192,13 +195,16 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
 
     if engine not in ("flower", "inprocess"):
         raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    if rounds is not None and not resume:
+        raise FedrecError("--rounds extends runs given with --resume; for a new run set "
+                          "--run-config \"fed.num-rounds=N\"")
     if resume:
         if config or run_config:
             raise FedrecError("--resume continues a run with its own config (run_config.json); "
                               "leave out --config and --run-config")
         cfg, jobs, done = None, [], []
         for d in [Path(x).expanduser().resolve() for x in resume.split(",") if x.strip()]:
-            c, job = _resumed(d)
+            c, job = _resumed(d, rounds)
             if cfg is not None and _experiment(c) != _experiment(cfg):
                 raise FedrecError(f"--resume: {d} is another experiment than the first directory "
                                   "(configs differ beyond train.seed); resume them separately")
@@ -273,6 +279,9 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
         raise FedrecError(f"--units: '{units}' must name interaction and/or user")
     if engine not in ("flower", "inprocess"):
         raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    if rounds is not None and not resume:
+        raise FedrecError("--rounds extends runs given with --resume; for a new run set "
+                          "--run-config \"fed.num-rounds=N\"")
     seed_list = _seeds(seeds)
     population = prepare(cfg, progress=True, with_text=cfg.model.kind == "text").split.n_users
     base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
@@ -330,8 +339,9 @@ def _experiment(cfg: Config) -> dict:
     return flat
 
 
-def _resumed(run_dir: Path) -> tuple[Config, list]:
-    """(config, [(config, run_dir)]) to continue a killed run; no job if it completed."""
+def _resumed(run_dir: Path, rounds: int | None = None) -> tuple[Config, list]:
+    """(config, [(config, run_dir)]) to continue a killed run, or to extend it (killed or
+    completed) to `rounds` rounds in all; no job if it has completed them."""
     files = {}
     for name in ("run_config.json", "results.json"):
         try:
@@ -343,6 +353,15 @@ def _resumed(run_dir: Path) -> tuple[Config, list]:
             raise FedrecError(f"--resume: cannot read {run_dir / name} ({exc})") from None
     cfg = Config.from_flat(files["run_config.json"]).override(
         **{"fed.resume": True, "fed.run-dir": str(run_dir)})
+    if rounds is not None and rounds != cfg.fed.num_rounds:
+        if rounds < cfg.fed.num_rounds:
+            raise FedrecError(f"--rounds: {rounds} is fewer than the {cfg.fed.num_rounds} "
+                              f"rounds {run_dir} plans; runs are extended, never cut short")
+        if cfg.privacy.mode != "none":
+            raise FedrecError(f"--rounds: {run_dir} is a private run; its noise was set for "
+                              f"{cfg.fed.num_rounds} rounds, so it cannot be extended")
+        cfg = cfg.override(**{"fed.num-rounds": rounds})
+        return cfg, [(cfg, run_dir)]
     if files["results.json"].get("status") == "completed":
         console.print(f"{run_dir} already completed its {cfg.fed.num_rounds} rounds; "
                       "nothing to resume")

@@ -19,7 +19,9 @@ Layout (every file written to a temp name, then renamed):
 
 A killed run resumes (fed.resume = true, `fedrec simulate --resume RUN_DIR`) from the
 last round results.json holds: its checkpoint, server state and records; the rounds
-after it are run again, numbered on. Simulated devices restore their user-local state and
+after it are run again, numbered on. A non-private run, killed or completed, can also be
+extended to more rounds (`--resume RUN_DIR --rounds N`): nothing but DP noise depends on
+the planned number of rounds, so it ends exactly where a fresh N-round run would. Simulated devices restore their user-local state and
 DP-SGD accountant history from their own disk (clients/app.py, fedrec/local_store.py), so
 each device's ε continues. What is not restored: the server's per-device ε table for
 "epsilon-max"/"epsilon-mean" (it starts empty again and fills as devices train), a real
@@ -114,6 +116,13 @@ class FederatedRun:
         ignore = ("fed.resume", "fed.run-dir")
         then = {k: v for k, v in res.get("config", {}).items() if k not in ignore}
         now = {k: v for k, v in self.cfg.to_flat().items() if k not in ignore}
+        rounds = "fed.num-rounds"
+        if then.get(rounds, 0) < now[rounds]:  # extended: the same run, more rounds ahead
+            if self.cfg.privacy.mode != "none":
+                raise FedrecError(f"{self.dir}: a private run cannot be extended past its "
+                                  f"planned {then[rounds]} rounds (its noise was set for them); "
+                                  "start a new run with more fed.num-rounds")
+            then[rounds] = now[rounds]
         if then != now:
             diff = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
             raise FedrecError(f"{self.dir}: cannot resume with a different config "

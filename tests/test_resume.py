@@ -201,3 +201,36 @@ def test_fedrec_simulate_resume_summarizes_completed_and_continued_runs(
     interrupted(tiny_root, other, ("train", 2), **{"train.lr": 0.2})
     code, _, err = run_cli("simulate", "--resume", f"{whole_dir},{other}")
     assert code == 2 and "is another experiment than the first directory" in err
+
+
+def test_an_extended_run_equals_a_longer_one(tiny_root, tmp_path, run_cli):
+    """`--resume DIR --rounds M`: a completed N-round run continued to M rounds ends with
+    the parameters and records of a fresh M-round run (nothing but DP noise depends on
+    the planned rounds); private runs and fewer rounds are refused."""
+    import shutil
+
+    longer = tmp_path / "longer"
+    _, want = run_inprocess(config(tiny_root, longer, **{"fed.num-rounds": N + 2}))
+    run_dir = tmp_path / "seed-0"
+    run_inprocess(config(tiny_root, run_dir))
+    private = tmp_path / "private"
+    shutil.copytree(run_dir, private)
+    flat = json.loads((private / "run_config.json").read_text())
+    (private / "run_config.json").write_text(json.dumps({**flat, "privacy.mode": "user"}))
+
+    code, _, err = run_cli("simulate", "--resume", str(private), "--rounds", str(N + 2))
+    assert code == 2 and "private run" in err and "cannot be extended" in err
+    code, _, err = run_cli("simulate", "--resume", str(run_dir), "--rounds", str(N - 1))
+    assert code == 2 and "never cut short" in err
+    code, _, err = run_cli("simulate", "--rounds", str(N + 2))
+    assert code == 2 and "--resume" in err
+
+    code, out, err = run_cli("simulate", "--resume", str(run_dir), "--rounds", str(N + 2),
+                             "--engine", "inprocess", with_stdout=True)
+    assert code == 0, err
+    assert f"after round {N} of {N + 2}" in out
+    got = json.loads((run_dir / "results.json").read_text())
+    assert got["status"] == "completed" and got["config"]["fed.num-rounds"] == N + 2
+    assert comparable(got) == comparable(want) and got["summary"] == want["summary"]
+    final, ref = (load_file(str(d / "final.safetensors")) for d in (run_dir, longer))
+    assert all(np.array_equal(final[k], ref[k]) for k in ref)
