@@ -279,9 +279,6 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
         raise FedrecError(f"--units: '{units}' must name interaction and/or user")
     if engine not in ("flower", "inprocess"):
         raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
-    if rounds is not None and not resume:
-        raise FedrecError("--rounds extends runs given with --resume; for a new run set "
-                          "--run-config \"fed.num-rounds=N\"")
     seed_list = _seeds(seeds)
     population = prepare(cfg, progress=True, with_text=cfg.model.kind == "text").split.n_users
     base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
