@@ -261,14 +261,23 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
                                                            "runs (one per unit, ε and seed)"),
                       json_path: str | None = JsonOpt,
                       plot_path: str | None = typer.Option(None, "--plot", help="write the "
-                                                            "privacy-utility plot (PNG) here")):
-    """Accuracy against ε for each unit of privacy (fedrec/sweep.py)."""
+                                                            "privacy-utility plot (PNG) here"),
+                      interaction_config: str = typer.Option(
+                          "", "--interaction-run-config", help="more overrides for the "
+                          "interaction cells only (e.g. privacy.max-grad-norm=1.0)"),
+                      user_config: str = typer.Option(
+                          "", "--user-run-config", help="more overrides for the user cells "
+                          "only (e.g. privacy.max-grad-norm=0.03: C bounds a whole update)")):
+    """Accuracy against ε for each unit of privacy (fedrec/sweep.py). A cell whose run
+    directory already holds a finished run of the same config is reused, not run again."""
     import math
 
     from fedrec import sweep
     from fedrec.pipeline import prepare
 
     cfg = _config(config, run_config)
+    per_unit = {"interaction": parse_overrides(interaction_config),
+                "user": parse_overrides(user_config)}
     try:
         eps_grid = sweep.parse_epsilons(epsilons)
     except ValueError as exc:
@@ -284,12 +293,15 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
     base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
     rows = []
     for unit, eps in sweep.cells(unit_list, eps_grid):
-        c = sweep.plan(cfg, unit, eps, population)
+        c = sweep.plan(cfg.override(**per_unit.get(unit, {})), unit, eps, population)
         results = []
         for seed in seed_list:
             run_dir = base / f"{unit}-eps{eps:g}" / f"seed-{seed}"
-            console.print(f"[bold]privacy sweep: unit {unit}, ε {eps:g}, seed {seed}[/bold] -> {run_dir}")
-            results.append(_run_federated(c.override(**{"train.seed": seed}), run_dir, engine))
+            cs = c.override(**{"train.seed": seed})
+            done = sweep.finished(run_dir, cs)
+            console.print(f"[bold]privacy sweep: unit {unit}, ε {eps:g}, seed {seed}[/bold] -> "
+                          f"{run_dir}{' (finished earlier: reused)' if done else ''}")
+            results.append(done or _run_federated(cs, run_dir, engine))
         rows.append(sweep.row(c, unit, eps, results))
     t = Table(title="privacy sweep (test at best-validation round)")
     for col in ("unit", "ε", "ε spent", "δ", "σ", "C", "rounds", "HR@10", "NDCG@10"):

@@ -65,6 +65,23 @@ def cells(units: list[str], epsilons: list[float]) -> list[tuple[str, float]]:
     return out + [(u, e) for u in units for e in epsilons if not math.isinf(e)]
 
 
+def finished(run_dir: Path, cfg: Config) -> dict | None:
+    """results.json of a run of exactly this config that ended (all rounds, or stopped by
+    its privacy budget) in run_dir, or None: such a cell need not run again, so a killed
+    sweep continues and sweeps run side by side (one per unit) combine into one table."""
+    import json
+
+    try:
+        res = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ignore = ("fed.resume", "fed.run-dir")
+    same = ({k: v for k, v in res.get("config", {}).items() if k not in ignore}
+            == {k: v for k, v in cfg.to_flat().items() if k not in ignore})
+    return res if same and res.get("status") in ("completed", "stopped") and res.get(
+        "summary") else None
+
+
 def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
     """One table row from the cell's per-seed results (results.json of each run)."""
     trains = [[r["train"] for r in res["rounds"] if "train" in r] for res in runs]

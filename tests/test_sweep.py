@@ -68,3 +68,29 @@ def test_cli_rejects_a_bad_grid_in_one_line(run_cli):
     assert code == 2 and err.strip().count("\n") == 0 and "--epsilons" in err
     code, _, err = run_cli("privacy-sweep", "--units", "item")
     assert code == 2 and "--units" in err
+
+
+def test_per_unit_overrides_and_finished_cells_are_reused(cfg, run_cli, tmp_path):
+    """--user-run-config reaches the user cells only; a second sweep over the same runs
+    directory reuses every finished cell (same config) and runs only what is new."""
+    flat = cfg.override(**{"fed.num-rounds": 2, "fed.clients-per-round": 4,
+                           "fed.eval-every": 1}).to_flat()
+    toml = write_overrides(tmp_path / "tiny.toml", flat)
+    runs, out_json = tmp_path / "runs", tmp_path / "sweep.json"
+    args = ["privacy-sweep", "--config", str(toml), "--seeds", "0", "--runs-dir", str(runs),
+            "--user-run-config", "privacy.max-grad-norm=0.25", "--json", str(out_json)]
+    code, out, err = run_cli(*args, "--epsilons", "inf,8", "--units", "user")
+    assert code == 0, err
+    first = json.loads((runs / "user-eps8" / "seed-0" / "results.json").read_text())
+    assert first["config"]["privacy.max-grad-norm"] == 0.25
+    code, out, err = run_cli(*args, "--epsilons", "inf,8", "--units", "interaction,user",
+                             "--interaction-run-config", "privacy.max-grad-norm=2.0")
+    assert code == 0, err
+    assert out.count("reused") == 2  # the ε = ∞ and the user cell
+    rows = {r["unit"]: r for r in json.loads(out_json.read_text())["rows"]}
+    assert rows["user"]["max-grad-norm"] == 0.25 and rows["interaction"]["max-grad-norm"] == 2.0
+    again = json.loads((runs / "user-eps8" / "seed-0" / "results.json").read_text())
+    assert again["seconds"] == first["seconds"]  # not run again
+    code, out, err = run_cli(*args, "--epsilons", "8", "--units", "user",
+                             "--user-run-config", "privacy.max-grad-norm=0.5")
+    assert code == 0 and "reused" not in out  # another config: run, not reused
