@@ -11,7 +11,7 @@ simulation asks it to (fedrec.faults).
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
@@ -24,12 +24,10 @@ from fedrec.federated import (
     local_evaluate,
     local_update,
 )
-from fedrec.local_store import load_local, save_local
+from fedrec.local_store import keep, restore
 from fedrec.privacy import Accountant
 
 app = ClientApp()
-LOCAL = "user-local"  # context.state key of the user-local parameters
-PRIVACY = "privacy-accountant"  # context.state key of the DP-SGD accountant history
 
 
 class Job(NamedTuple):
@@ -45,22 +43,11 @@ class Job(NamedTuple):
     accountant: dict | None  # this device's DP-SGD accountant history (privacy.py), if any
 
 
-ACCOUNTANT_ON_DISK = ("noise-multiplier", "sample-rate", "steps")  # "privacy/<key>" arrays
-
-
 def _load(msg: Message, context: Context, training: bool) -> Job:
     cfg, E, data, user, simulated = load_client(context)
     rnd = int(msg.content["config"]["server-round"])
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-    local, acc = None, context.state.get(PRIVACY)
-    if LOCAL in context.state:
-        local = {k: a.numpy() for k, a in context.state[LOCAL].items()}
-    elif simulated and cfg.fed.resume and cfg.fed.run_dir:  # a restarted simulation
-        disk = load_local(cfg.fed.run_dir, user, rnd if training else rnd + 1) or {}
-        local = {k: v for k, v in disk.items() if not k.startswith("privacy/")} or None
-        if acc is None and "privacy/steps" in disk:  # ε continues rather than restarting
-            acc = {"accountant": cfg.privacy.accountant,
-                   **{k: disk[f"privacy/{k}"].tolist() for k in ACCOUNTANT_ON_DISK}}
+    local, acc = restore(context, cfg, user, rnd, training, simulated)
     seed = client_seed(cfg, user, rnd)
     return Job(cfg, E, data, arrays, local, seed, user, rnd, simulated, acc)
 
@@ -98,17 +85,9 @@ def _train(msg: Message, context: Context) -> Message:
         acc = Accountant.from_state(j.accountant, j.cfg.privacy.accountant)
     params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu,
                                               accountant=acc, participation=_participation(j, context))
-    disk = dict(new_local)  # what a simulated device keeps on its own disk
-    if acc is not None:
-        context.state[PRIVACY] = ConfigRecord(acc.to_state())
-        disk.update({f"privacy/{k}": np.asarray(v) for k, v in acc.to_state().items()
-                     if k in ACCOUNTANT_ON_DISK})
+    keep(context, j.cfg, j.user, j.round, j.simulated, new_local, acc)
     if j.cfg.privacy.mode == "user":  # equal weights, nothing data-dependent but the update
         metrics = {"num-examples": 1}
-    if new_local:
-        context.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
-    if disk and j.simulated and f.run_dir:
-        save_local(f.run_dir, j.user, j.round, disk)
     if fault:
         params = corrupt(fault, j.arrays, params)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in params.items()}),

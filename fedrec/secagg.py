@@ -6,7 +6,9 @@ legacy FedAvg inside a `LegacyContext` (`serve`, called by server/app.py), and e
 answers through a NumPyClient-style legacy ClientApp with `secaggplus_mod` (`client_app`,
 to which clients/app.py hands every message when the config says so). Rounds are recorded
 into server.run.FederatedRun exactly like the Message API path (results.json, metrics.csv,
-checkpoints, final.safetensors), and devices keep their user-local state in context.state.
+checkpoints, final.safetensors), and devices keep their user-local state and DP-SGD
+accountant in context.state and, simulated, on their disk (fedrec.local_store), so a
+resumed run continues both.
 
 A round, per device: it trains with fedrec.federated.local_update, computes its update
 d = trained - global (federated parameters only), under privacy.mode = "user" clips it to
@@ -55,7 +57,7 @@ import math
 from functools import cache
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.client import NumPyClient
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
@@ -69,12 +71,10 @@ from fedrec.federated import (
     local_evaluate,
     local_update,
 )
-from fedrec.local_store import load_local, save_local
+from fedrec.local_store import keep, restore
 from fedrec.model import build_model
 from fedrec.privacy import Accountant
 
-LOCAL = "user-local"  # context.state key of the user-local parameters (as clients/app.py)
-PRIVACY = "privacy-accountant"  # context.state key of the DP-SGD accountant history
 DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
 MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
 STRATEGIES = ("fedavg", "fedprox", "fedadam")  # what the mean update alone supports
@@ -127,7 +127,8 @@ def _names(cfg: Config, E: np.ndarray, n_items: int, parameters: list[np.ndarray
 
 class Device(NumPyClient):
     """One user's device on the legacy path: fedrec.federated does the work; the
-    user-local parameters (and the DP-SGD accountant) stay in context.state."""
+    user-local parameters and the DP-SGD accountant stay on the device
+    (fedrec.local_store.restore / keep)."""
 
     def __init__(self, context: Context):
         self.context = context
@@ -137,31 +138,22 @@ class Device(NumPyClient):
         cfg, E, data, user, simulated = load_client(ctx)
         rnd = int(config["server-round"])
         arrays = dict(zip(_names(cfg, E, data.n_items, parameters), parameters))
-        local = None
-        if LOCAL in ctx.state:
-            local = {k: a.numpy() for k, a in ctx.state[LOCAL].items()}
-        elif simulated and cfg.fed.resume and cfg.fed.run_dir:  # a restarted simulation
-            local = load_local(cfg.fed.run_dir, user, rnd if training else rnd + 1)
-        return cfg, E, data, arrays, local, client_seed(cfg, user, rnd), user, rnd, simulated
+        local, acc = restore(ctx, cfg, user, rnd, training, simulated)
+        return cfg, E, data, arrays, local, acc, client_seed(cfg, user, rnd), user, rnd, simulated
 
     def fit(self, parameters, config):
-        cfg, E, data, arrays, local, seed, user, rnd, simulated = self._load(parameters, config,
-                                                                             True)
+        cfg, E, data, arrays, local, acc_state, seed, user, rnd, simulated = self._load(
+            parameters, config, True)
         ctx, acc = self.context, None
         if cfg.privacy.mode == "sample":  # this device's cumulative accountant
-            acc = Accountant.from_state(ctx.state.get(PRIVACY), cfg.privacy.accountant)
+            acc = Accountant.from_state(acc_state, cfg.privacy.accountant)
         population = int(ctx.node_config.get("num-partitions", 0)) or cfg.fed.min_nodes
         k = cfg.fed.clients_per_round
         participation = 1.0 if not k or not population else min(1.0, k / population)
         mu = float(config.get("proximal-mu", 0.0))  # fedprox
         params, new_local, metrics = local_update(cfg, E, data, arrays, local, seed, mu,
                                                   accountant=acc, participation=participation)
-        if acc is not None:
-            ctx.state[PRIVACY] = ConfigRecord(acc.to_state())
-        if new_local:
-            ctx.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
-            if simulated and cfg.fed.run_dir:
-                save_local(cfg.fed.run_dir, user, rnd, new_local)
+        keep(ctx, cfg, user, rnd, simulated, new_local, acc)
         update = [np.asarray(params[k], np.float64) - np.asarray(a, np.float64)
                   for k, a in arrays.items()]
         if cfg.privacy.mode == "user":  # client-side clipping before masking (DP-FedAvg)
@@ -175,7 +167,7 @@ class Device(NumPyClient):
         return update, weight, ({"epsilon": float(metrics["epsilon"])} if acc is not None else {})
 
     def evaluate(self, parameters, config):
-        cfg, E, data, arrays, local, seed, *_ = self._load(parameters, config, False)
+        cfg, E, data, arrays, local, _, seed, *_ = self._load(parameters, config, False)
         metrics = local_evaluate(cfg, E, data, arrays, local, seed)
         return 0.0, 1, {k: float(v) for k, v in metrics.items()}
 

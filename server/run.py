@@ -24,9 +24,10 @@ extended to more rounds (`--resume RUN_DIR --rounds N`): nothing but DP noise de
 the planned number of rounds, so it ends exactly where a fresh N-round run would. Simulated devices restore their user-local state and
 DP-SGD accountant history from their own disk (clients/app.py, fedrec/local_store.py), so
 each device's ε continues. What is not restored: the server's per-device ε table for
-"epsilon-max"/"epsilon-mean" (it starts empty again and fills as devices train), a real
-device's user-local state (context.state ends with its SuperNode), and the accountant of a
-device on the SecAgg+ path (fedrec/secagg.py keeps it in context.state only).
+"epsilon-max"/"epsilon-mean" (it starts empty again and fills as devices train) and a real
+device's user-local state (context.state ends with its SuperNode). Both client paths
+(clients/app.py, the SecAgg+ one in fedrec/secagg.py) keep their device state through
+fedrec.local_store.restore / keep.
 """
 
 import csv

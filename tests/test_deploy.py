@@ -39,6 +39,7 @@ from fedrec.device import (
     write_device_dir,
 )
 from fedrec.errors import FedrecError
+from fedrec.local_store import LOCAL
 from fedrec.simulate import (
     PROJECT_DIR,
     config_overrides,
@@ -176,7 +177,7 @@ def test_clientapp_device_path_uploads_only_federated_parameters(world, tmp_path
     reply = clients.app.train(msg, ctx)
     assert list(reply.content["arrays"]) == list(init)  # federated keys only, same order
     assert reply.content["metrics"]["num-examples"] > 0
-    assert clients.app.LOCAL in ctx.state  # the user-local residual stays on the device
+    assert LOCAL in ctx.state  # the user-local residual stays on the device
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in reply.content["arrays"].items()})
     ev = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                  dst_node_id=7, message_type="evaluate")

@@ -345,3 +345,23 @@ def test_a_resumed_simulated_device_continues_its_epsilon(cfg, prepared, tmp_pat
     fresh = context(c.override(**{"fed.run-dir": str(tmp_path / "other")}), 0, n)
     assert clients.app.app(message("train", state, 2), fresh).content["metrics"][
         "epsilon"] == pytest.approx(eps1)  # without the disk: one round's ε (the old failure)
+
+
+def test_a_resumed_secagg_device_continues_its_epsilon(cfg, prepared, tmp_path):
+    """The SecAgg+ path (fedrec/secagg.py's legacy Device) keeps its accountant the same
+    way: a device whose context.state is new after --resume reads it from its disk."""
+    from fedrec.secagg import Device
+
+    c = cfg.override(**DP, **{"fed.run-dir": str(tmp_path / "run"), "secagg.enabled": True})
+    n, state = prepared.split.n_users, global_state(c, prepared)
+    params = [a.numpy() for a in state.values()]
+
+    def fit(ctx, rnd):
+        return Device(ctx).fit(params, {"server-round": rnd})[2]["epsilon"]
+
+    ctx = context(c, 0, n)
+    eps1, whole = fit(ctx, 1), fit(ctx, 2)
+    restarted = context(c.override(**{"fed.resume": True}), 0, n)  # fresh context.state
+    assert fit(restarted, 2) == pytest.approx(whole) and whole > eps1
+    fresh = context(c.override(**{"fed.run-dir": str(tmp_path / "other")}), 0, n)
+    assert fit(fresh, 2) == pytest.approx(eps1)
