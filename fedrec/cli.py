@@ -118,7 +118,7 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
         c = cfg.override(**{"data.split-seed": seed})
         split = prepare(c, with_text=False).split
         pop = split.item_popularity().astype(np.float64)
-        runs.append({"seed": seed, "test": evaluate(lambda u: np.tile(pop, (len(u), 1)), split)})
+        runs.append({"seed": seed, "test": evaluate(lambda u, p=pop: np.tile(p, (len(u), 1)), split)})
     summary = summarize([r["test"] for r in runs])
     _table("popularity (test)", {"popularity": summary})
     if json_path:

@@ -70,12 +70,12 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
     if cfg.fed.min_replies > k:
         raise FedrecError(f"config: 'fed.min-replies' must be <= the {k} clients per round; "
                           f"got {cfg.fed.min_replies}")
-    kwargs = dict(
+    kwargs = {
         # fraction ~0 makes the sample size exactly min_train_nodes; waiting for the whole
         # population first avoids round-1 under-sampling while virtual nodes register.
-        fraction_train=1.0 if k == population else 1e-9, min_train_nodes=k,
-        fraction_evaluate=1.0, min_evaluate_nodes=population, min_available_nodes=population,
-        evaluate_metrics_aggr_fn=_aggregate_eval)
+        "fraction_train": 1.0 if k == population else 1e-9, "min_train_nodes": k,
+        "fraction_evaluate": 1.0, "min_evaluate_nodes": population, "min_available_nodes": population,
+        "evaluate_metrics_aggr_fn": _aggregate_eval}
     if base is FedProx:
         kwargs["proximal_mu"] = cfg.fed.proximal_mu
     if base is FedAdam:

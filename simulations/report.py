@@ -56,13 +56,13 @@ def bench_tables() -> dict[str, str]:
         out["bench-encoder"] = "\n".join([
             "| encoder | texts/s | fedrec / sentence-transformers | max abs diff | warm-cache forward passes |",
             "|---|---|---|---|---|",
-            f"| fedrec `TextEncoder` | {enc['texts_per_s']['fedrec']:.1f} | {enc['ratio']:.3f} | "
-            f"{enc['max_abs_diff']:.1e} | {enc['cache']['warm_forward_passes']} |",
-            f"| sentence-transformers `encode` | {enc['texts_per_s']['sentence-transformers']:.1f} | "
-            "1 | | |",
-            f"\n`{enc['command']}` — {enc['texts']} ml-100k item texts, batch {enc['batch_size']}, "
+            (f"| fedrec `TextEncoder` | {enc['texts_per_s']['fedrec']:.1f} | {enc['ratio']:.3f} | "
+            f"{enc['max_abs_diff']:.1e} | {enc['cache']['warm_forward_passes']} |"),
+            (f"| sentence-transformers `encode` | {enc['texts_per_s']['sentence-transformers']:.1f} | "
+            "1 | | |"),
+            (f"\n`{enc['command']}` — {enc['texts']} ml-100k item texts, batch {enc['batch_size']}, "
             f"{enc['repeats']} interleaved repeats, {enc['machine']['cores']} cores, "
-            f"load average {enc['machine']['load_average'][0]:.1f} during the run."])
+            f"load average {enc['machine']['load_average'][0]:.1f} during the run.")])
     dev = _load("bench_device.json")
     if dev:
         rows = ["| user (history) | message | wall s | peak RSS MB |", "|---|---|---|---|"]
@@ -80,15 +80,15 @@ def bench_tables() -> dict[str, str]:
         out["bench-device"] = "\n".join(rows)
     fed = _load("bench_federated.json")
     if fed:
-        rows = ["| clients/round | s/round | client update s | peak RSS GiB | upload KiB/client | "
-                "full PLM MiB | upload / PLM |", "|---|---|---|---|---|---|---|"]
+        rows = [("| clients/round | s/round | client update s | peak RSS GiB | upload KiB/client | "
+                "full PLM MiB | upload / PLM |"), "|---|---|---|---|---|---|---|"]
         for r in fed["rows"]:
             rows.append(f"| {r['clients_per_round']} | {r['round_seconds_mean']:.2f} | "
                         f"{r['client_update_seconds_mean']:.4f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
                         f"{r['upload_bytes_per_client'] / 1024:.1f} | {r['plm_bytes'] / 2**20:.1f} | "
                         f"{r['upload_over_plm']:.2%} |")
         load = [r["load_average_after"] for r in fed["rows"] if "load_average_after" in r]
-        rows.append(f"\n`{fed['command']}`" + (f"; 1-min load average after each size: "
+        rows.append(f"\n`{fed['command']}`" + ("; 1-min load average after each size: "
                                                  + ", ".join(f"{x:.1f}" for x in load) if load else ""))
         out["bench-federated"] = "\n".join(rows)
     rec = ROOT / "results" / "recommend_example.txt"
@@ -157,8 +157,8 @@ def reliability_table() -> str:
         return ""
     clean_mean = runs["clean"]["summary"]["final"]["sampled/hr@10"]["mean"]
     clean_by_seed = {r["seed"]: r["final"]["sampled/hr@10"] for r in runs["clean"]["runs"]}
-    rows = ["| run | final sampled HR@10 | vs clean (same seeds) | final NDCG@10 | seeds | rounds | dropped "
-            "replies (seed 0) | command |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("| run | final sampled HR@10 | vs clean (same seeds) | final NDCG@10 | seeds | rounds | dropped "
+            "replies (seed 0) | command |"), "|---|---|---|---|---|---|---|---|"]
     for name, label in RELIABILITY:
         res = runs[name]
         if not res:
@@ -196,20 +196,21 @@ def sweep_table() -> str:
     res = _load("privacy_sweep.json")
     if not res:
         return ""
-    rows = ["| unit of privacy | target ε | ε spent (max) | δ | accountant | σ | C | rounds | "
-            "clients/round | sampled HR@10 | sampled NDCG@10 | HR@10 / no DP |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| unit of privacy | target ε | ε spent (max) | δ | accountant | σ | C | batch x "
+            "local epochs | rounds | clients/round | sampled HR@10 | sampled NDCG@10 | "
+            "HR@10 / no DP |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = next((r["sampled/hr@10"]["mean"] for r in res["rows"] if r["unit"] == "none"), None)
     for r in res["rows"]:
         unit = {"none": "none (no DP)", "interaction": "one interaction"
                 + (" (history pool public)" if r.get("assumes") else ""),
                 "user": "one user (whole history)"}[r["unit"]]
-        opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        opt = lambda v, f: "-" if v is None else format(v, f)
         eps = "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}"
         hr = r["sampled/hr@10"]["mean"]
         rows.append(f"| {unit} | {eps} | {opt(r['epsilon-spent-max'], '.2f')} | "
                     f"{opt(r['delta'], 'g')} | {r['accountant'] or '-'} | {opt(r['sigma'], '.3f')} | "
-                    f"{opt(r['max-grad-norm'], 'g')} | {r['rounds']} | {r['clients-per-round']} | "
+                    f"{opt(r['max-grad-norm'], 'g')} | {_batch(r)} | {r['rounds']} | "
+                    f"{r['clients-per-round']} | "
                     f"{fmt(r['sampled/hr@10'])} | {fmt(r['sampled/ndcg@10'])} | "
                     f"{'-' if not base else format(hr / base, '.2f')} |")
     seeds = ",".join(str(s) for s in res["rows"][0]["seeds"])
@@ -222,6 +223,42 @@ def sweep_table() -> str:
                         + ("meets" if ratio >= 0.9 else "misses") + " the 0.9 x target).")
     rows.append("\n![privacy-utility](results/privacy_sweep.png)")
     return "\n".join(rows)
+
+
+def _batch(row: dict) -> str:
+    return f"{row['batch-size']} x {row['local-epochs']}" if "batch-size" in row else "-"
+
+
+def privacy_tuning_table() -> str:
+    """The single-seed runs that chose the sweep's per-unit settings (results/privacy-tuning)."""
+    files = sorted((ROOT / "results" / "privacy-tuning").glob("*.json"))
+    if not files:
+        return ""
+    rows = [("| unit of privacy | target ε | model.hidden | C | batch x local epochs | "
+            "sampled HR@10 (seed 0) | result file |"), "|---|---|---|---|---|---|---|"]
+    for f in files:
+        res = json.loads(f.read_text())
+        if "rows" not in res:  # one `fedrec simulate` run (e.g. clipping without noise)
+            c = res["config"]
+            what = c["privacy.mode"]
+            if what == "user" and c["privacy.noise-multiplier"] == 0:
+                what = "user, σ = 0: clipping alone (no guarantee)"
+            elif c["fed.server-lr"] < 1e-9:
+                what += f", fed.server-lr {c['fed.server-lr']:g}: global model frozen"
+            clip = "-" if c["privacy.mode"] == "none" else f"{c['privacy.max-grad-norm']:g}"
+            rows.append(f"| {what} | - | {c['model.hidden']} | {clip} | "
+                        f"{c['train.batch-size']} x {c['train.local-epochs']} | "
+                        f"{res['summary']['best']['sampled/hr@10']['mean']:.4f} | "
+                        f"`results/privacy-tuning/{f.name}` |")
+            continue
+        for r in res["rows"]:
+            eps = "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}"
+            c = "-" if r["max-grad-norm"] is None else f"{r['max-grad-norm']:g}"
+            rows.append(f"| {r['unit']} | {eps} | {res['config']['model.hidden']} | {c} | "
+                        f"{_batch(r)} | {r['sampled/hr@10']['mean']:.4f} | "
+                        f"`results/privacy-tuning/{f.name}` |")
+    return "\n".join(rows) + ("\n\nEach file holds its command; all runs: ml-100k, "
+                              "model.pooling none, 50 rounds of 94 devices, FedAdam, seed 0.")
 
 
 def audit_table() -> str:
@@ -250,8 +287,8 @@ def audit_table() -> str:
 
 
 def bench_dp_table() -> str:
-    rows = ["| model | plain local SGD s/update | DP-SGD s/update | DP / plain | per-row gradients "
-            "of one batch | users (mean history) | command |", "|---|---|---|---|---|---|---|"]
+    rows = [("| model | plain local SGD s/update | DP-SGD s/update | DP / plain | per-row gradients "
+            "of one batch | users (mean history) | command |"), "|---|---|---|---|---|---|---|"]
     for name, label in (("bench_dp.json", "text, history-pooled user tower (default)"),
                         ("bench_dp_nopool.json", "text, `model.pooling = \"none\"`")):
         res = _load(name)
@@ -289,6 +326,7 @@ def main() -> None:
     text = replace_block(text, "config", config_table())
     text = replace_block(text, "interpretation", interpretation())
     for name, make in (("reliability", reliability_table), ("privacy-sweep", sweep_table),
+                       ("privacy-tuning", privacy_tuning_table),
                        ("audit", audit_table), ("bench-dp", bench_dp_table)):
         text = replace_block(text, name, make())
     for name, body in bench_tables().items():

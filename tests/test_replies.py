@@ -187,8 +187,8 @@ def test_too_few_valid_replies_keep_the_previous_model():
     assert arrays is None and metrics is None
     assert run.train[1]["kept-previous"] == 1 and run.train[1]["clients"] == 1
     assert run.train[1]["failures/timeout"] == N - 3
-    for k in SENT:  # the round's checkpoint is the model that was sent
-        np.testing.assert_array_equal(run.kept[1][k], SENT[k])
+    for k, sent in SENT.items():  # the round's checkpoint is the model that was sent
+        np.testing.assert_array_equal(run.kept[1][k], sent)
     s, run = strategy()
     assert aggregate(s, [error_reply(n) for n in range(1, N + 1)]) == (None, None)
     assert run.train[1]["failures/error"] == N
