@@ -235,28 +235,29 @@ def privacy_tuning_table() -> str:
     if not files:
         return ""
     rows = [("| unit of privacy | target ε | model.hidden | C | batch x local epochs | "
-            "sampled HR@10 (seed 0) | result file |"), "|---|---|---|---|---|---|---|"]
+             "server lr | sampled HR@10 (seed 0) | result file |"), "|---" * 8 + "|"]
+
+    def add(what, eps, cfg, clip, batch, lr, hr, name):
+        rows.append(f"| {what} | {eps} | {cfg['model.hidden']} | {clip} | {batch} | {lr:g} | "
+                    f"{hr:.4f} | `results/privacy-tuning/{name}` |")
+
     for f in files:
         res = json.loads(f.read_text())
-        if "rows" not in res:  # one `fedrec simulate` run (e.g. clipping without noise)
-            c = res["config"]
+        c = res["config"]
+        if "rows" not in res:  # one `fedrec simulate` run
             what = c["privacy.mode"]
             if what == "user" and c["privacy.noise-multiplier"] == 0:
                 what = "user, σ = 0: clipping alone (no guarantee)"
             elif c["fed.server-lr"] < 1e-9:
-                what += f", fed.server-lr {c['fed.server-lr']:g}: global model frozen"
+                what += ": global model frozen, devices train their own vectors"
             clip = "-" if c["privacy.mode"] == "none" else f"{c['privacy.max-grad-norm']:g}"
-            rows.append(f"| {what} | - | {c['model.hidden']} | {clip} | "
-                        f"{c['train.batch-size']} x {c['train.local-epochs']} | "
-                        f"{res['summary']['best']['sampled/hr@10']['mean']:.4f} | "
-                        f"`results/privacy-tuning/{f.name}` |")
+            add(what, "-", c, clip, f"{c['train.batch-size']} x {c['train.local-epochs']}",
+                c["fed.server-lr"], res["summary"]["best"]["sampled/hr@10"]["mean"], f.name)
             continue
         for r in res["rows"]:
-            eps = "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}"
-            c = "-" if r["max-grad-norm"] is None else f"{r['max-grad-norm']:g}"
-            rows.append(f"| {r['unit']} | {eps} | {res['config']['model.hidden']} | {c} | "
-                        f"{_batch(r)} | {r['sampled/hr@10']['mean']:.4f} | "
-                        f"`results/privacy-tuning/{f.name}` |")
+            add(r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}", c,
+                "-" if r["max-grad-norm"] is None else f"{r['max-grad-norm']:g}", _batch(r),
+                r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name)
     return "\n".join(rows) + ("\n\nEach file holds its command; all runs: ml-100k, "
                               "model.pooling none, 50 rounds of 94 devices, FedAdam, seed 0.")
 
