@@ -273,7 +273,13 @@ class _Row(torch.nn.Module):
 def per_row_grads(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
                   loss: str) -> tuple[dict, torch.Tensor | None]:
     """Per-row gradients {name: [b, *shape]} of the federated parameters (and [b, d] of the
-    user-local vector, or None) for training rows `rows` of a one-user history."""
+    user-local vector, or None) for training rows `rows` of a one-user history.
+
+    Dropout draws one mask per batch, shared by its rows (vmap randomness "same"), as
+    plain training does when it pools a batch's history once: the history's forward pass
+    then runs once for the batch instead of once per row, and only the backward pass is
+    per row (simulations/bench_dp.py measures the cost). The masks never depend on the data,
+    so the guarantee is unchanged."""
     wrapper = _Row(model, loss)
     params = {f"m.{k}": v.detach() for k, v in model.named_parameters()}
     pos = torch.from_numpy(rows)
@@ -285,10 +291,10 @@ def per_row_grads(model, local, E, hist: Histories, rows: np.ndarray, negs: np.n
 
     if local is None:
         g = vmap(grad(lambda p, *a: f(p, None, *a)), in_dims=(None, 0, 0, 0),
-                 randomness="different")(params, pos, E[cand], cand)
+                 randomness="same")(params, pos, E[cand], cand)
         return {k[2:]: v for k, v in g.items()}, None
     g, gl = vmap(grad(f, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0),
-                 randomness="different")(params, local.detach().reshape(-1), pos, E[cand], cand)
+                 randomness="same")(params, local.detach().reshape(-1), pos, E[cand], cand)
     return {k[2:]: v for k, v in g.items()}, gl
 
 
