@@ -235,11 +235,13 @@ def privacy_tuning_table() -> str:
     if not files:
         return ""
     rows = [("| unit of privacy | target ε | model.hidden | C | batch x local epochs | "
-             "server lr | sampled HR@10 (seed 0) | result file |"), "|---" * 8 + "|"]
+             "device lr | server lr | sampled HR@10 (seed 0) | result file |"),
+            "|---" * 9 + "|"]
 
-    def add(what, eps, cfg, clip, batch, lr, hr, name):
-        rows.append(f"| {what} | {eps} | {cfg['model.hidden']} | {clip} | {batch} | {lr:g} | "
-                    f"{hr:.4f} | `results/privacy-tuning/{name}` |")
+    def add(what, eps, cfg, clip, batch, lr, hr, name, device_lr=None):
+        rows.append(f"| {what} | {eps} | {cfg['model.hidden']} | {clip} | {batch} | "
+                    f"{device_lr or cfg['train.lr']:g} | {lr:g} | {hr:.4f} | "
+                    f"`results/privacy-tuning/{name}` |")
 
     for f in files:
         res = json.loads(f.read_text())
@@ -257,7 +259,8 @@ def privacy_tuning_table() -> str:
         for r in res["rows"]:
             add(r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}", c,
                 "-" if r["max-grad-norm"] is None else f"{r['max-grad-norm']:g}", _batch(r),
-                r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name)
+                r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name,
+                r.get("lr"))
     return "\n".join(rows) + ("\n\nEach file holds its command; all runs: ml-100k, "
                               "model.pooling none, 50 rounds of 94 devices, FedAdam, seed 0.")
 
