@@ -235,13 +235,13 @@ def privacy_tuning_table() -> str:
     if not files:
         return ""
     rows = [("| unit of privacy | target ε | model.hidden | C | batch x local epochs | "
-             "device lr | server lr | sampled HR@10 (seed 0) | result file |"),
-            "|---" * 9 + "|"]
+             "device lr | server lr | clients/round | sampled HR@10 (seed 0) | result file |"),
+            "|---" * 10 + "|"]
 
     def add(what, eps, cfg, clip, batch, lr, hr, name, device_lr=None):
         rows.append(f"| {what} | {eps} | {cfg['model.hidden']} | {clip} | {batch} | "
-                    f"{device_lr or cfg['train.lr']:g} | {lr:g} | {hr:.4f} | "
-                    f"`results/privacy-tuning/{name}` |")
+                    f"{device_lr or cfg['train.lr']:g} | {lr:g} | "
+                    f"{cfg['fed.clients-per-round']} | {hr:.4f} | `results/privacy-tuning/{name}` |")
 
     for f in files:
         res = json.loads(f.read_text())
@@ -262,7 +262,7 @@ def privacy_tuning_table() -> str:
                 r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name,
                 r.get("lr"))
     return "\n".join(rows) + ("\n\nEach file holds its command; all runs: ml-100k, "
-                              "model.pooling none, 50 rounds of 94 devices, FedAdam, seed 0.")
+                              "model.pooling none, 50 rounds, FedAdam, seed 0.")
 
 
 def audit_table() -> str:
