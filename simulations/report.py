@@ -265,29 +265,37 @@ def privacy_tuning_table() -> str:
                               "model.pooling none, 50 rounds, FedAdam, seed 0.")
 
 
+AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
+          ("audit-nopool.json", "text, `model.pooling = \"none\"` as in the sweep, its trained model"))
+
+
 def audit_table() -> str:
-    res = _load("audit.json")
-    if not res:
+    found = [(res, what) for name, what in AUDITS if (res := _load(name))]
+    if not found:
         return ""
-    stats = list(res["rows"][0]["auc"])
-    rows = ["| privacy | ε (target) | ε spent by the update (max) | " + " | ".join(
-        f"AUC {s}" for s in stats) + " | best |", "|---" * (len(stats) + 4) + "|"]
-    for r in res["rows"]:
-        unit = r["privacy"]["unit"]
-        spent = r.get("epsilon_spent") or {}
-        rows.append(f"| {'no DP' if unit == 'none' else 'DP-SGD, unit: one ' + unit} | "
-                    f"{'∞' if r['epsilon'] is None else format(r['epsilon'], 'g')} | "
-                    f"{format(spent['max'], '.2f') if spent else '-'} | "
-                    + " | ".join(f"{r['auc'][s]:.3f}" for s in stats)
-                    + f" | {r['best']['statistic']} {r['best']['auc']:.3f} |")
-    r0 = res["rows"][0]
-    rows.append(f"\n{r0['users']} users, {r0['members']} member and {r0['nonmembers']} "
-                f"non-member items; `{res['command']}`. The best statistic's distance from "
-                "0.5 (either side) is what the attacker gets: "
-                + "; ".join(f"{'no DP' if r['epsilon'] is None else 'ε = ' + format(r['epsilon'], 'g')}"
-                            f" {max(abs(v - 0.5) for v in r['auc'].values()):.3f}"
-                            for r in res["rows"]) + ".")
-    return "\n".join(rows)
+    stats = list(found[0][0]["rows"][0]["auc"])
+    rows = ["| model | privacy | ε (target) | σ | ε spent by the update (max) | " + " | ".join(
+        f"AUC {s}" for s in stats) + " | best |", "|---" * (len(stats) + 6) + "|"]
+    notes = []
+    for res, what in found:
+        for r in res["rows"]:
+            unit = r["privacy"]["unit"]
+            spent = r.get("epsilon_spent") or {}
+            sigma = r.get("noise_multiplier_mean")
+            rows.append(f"| {what} | {'no DP' if unit == 'none' else 'DP-SGD, unit: one ' + unit} | "
+                        f"{'∞' if r['epsilon'] is None else format(r['epsilon'], 'g')} | "
+                        f"{'-' if not sigma else format(sigma, '.3f')} | "
+                        f"{format(spent['max'], '.2f') if spent else '-'} | "
+                        + " | ".join(f"{r['auc'][s]:.3f}" for s in stats)
+                        + f" | {r['best']['statistic']} {r['best']['auc']:.3f} |")
+        r0 = res["rows"][0]
+        notes.append(f"{what}: {r0['users']} users, {r0['members']} member and "
+                     f"{r0['nonmembers']} non-member items, `{res['command']}`; the best "
+                     "statistic's distance from 0.5 (either side, what the attacker gets): "
+                     + "; ".join(f"{'no DP' if r['epsilon'] is None else 'ε = ' + format(r['epsilon'], 'g')}"
+                                 f" {max(abs(v - 0.5) for v in r['auc'].values()):.3f}"
+                                 for r in res["rows"]) + ".")
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
 
 
 def bench_dp_table() -> str:
