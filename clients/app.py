@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fedrec.config import Config
 from fedrec.device import load_client
@@ -61,14 +61,17 @@ def _participation(j: Job, context: Context) -> float:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """privacy.mode = "user": Flower's fixedclipping_mod clips this device's update. It is
+    """privacy.mode = "user": Flower's fixedclipping_mod (or adaptiveclipping_mod, which also
+    reports whether it clipped) clips this device's update. It is
     applied here, by config, rather than in @app.train(mods=...), which is fixed at import
     time and would fail every message without a clipping norm."""
     if context.run_config.get("secagg.enabled"):  # hook: SecAgg+ (fedrec/secagg.py)
         from fedrec.secagg import client_app
         return client_app()(msg, context)
-    if Config.from_flat(context.run_config).privacy.mode == "user":
-        return fixedclipping_mod(msg, context, _train)
+    privacy = Config.from_flat(context.run_config).privacy
+    if privacy.mode == "user":
+        mod = adaptiveclipping_mod if privacy.clipping == "adaptive" else fixedclipping_mod
+        return mod(msg, context, _train)
     return _train(msg, context)
 
 

@@ -98,6 +98,9 @@ class PrivacyConfig:
     target_epsilon: float  # > 0: solve noise_multiplier for it; 0: use noise_multiplier
     delta: float
     accountant: str        # rdp | prv | gdp (Opacus accountants)
+    clipping: str          # user mode: fixed (C = max-grad-norm) | adaptive (C tracks a quantile)
+    clipped_quantile: float  # adaptive: target fraction of updates clipped
+    clip_norm_lr: float    # adaptive: geometric step of C per round
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ _CHOICES = {
     "fed.failure-kind": ("raise", "nan", "shape", "keys", "mixed"),
     "privacy.mode": ("none", "sample", "user"),
     "privacy.accountant": ("rdp", "prv", "gdp"),
+    "privacy.clipping": ("fixed", "adaptive"),
 }
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
@@ -227,6 +231,9 @@ def _validate(cfg: Config) -> None:
         ("train.seed", 0 <= flat["train.seed"] < _SEED_MAX, "in [0, 2**63)"),
         ("privacy.noise-multiplier", flat["privacy.noise-multiplier"] >= 0, ">= 0"),
         ("privacy.max-grad-norm", flat["privacy.max-grad-norm"] > 0, "> 0"),
+        ("privacy.clipped-quantile", 0.0 <= flat["privacy.clipped-quantile"] <= 1.0,
+         "in [0, 1]"),
+        ("privacy.clip-norm-lr", flat["privacy.clip-norm-lr"] > 0, "> 0"),
         ("privacy.target-epsilon", flat["privacy.target-epsilon"] >= 0,
          ">= 0 (0 = use privacy.noise-multiplier)"),
         ("privacy.delta", 0.0 < flat["privacy.delta"] < 1.0, "in (0, 1), below 1/number of users"),
@@ -250,6 +257,10 @@ def _validate(cfg: Config) -> None:
         raise FedrecError("config: 'model.pooling' = 'none' needs model.user-embedding = true "
                           "(the user vector is then the user-local embedding alone); set "
                           "model.user-embedding=true or model.pooling to attention or mean")
+    if flat["privacy.clipping"] == "adaptive" and flat["secagg.enabled"]:
+        raise FedrecError("config: 'privacy.clipping' = 'adaptive' does not work with "
+                          "secagg.enabled (the server would need each device's clipped bit in "
+                          "the clear); use privacy.clipping = 'fixed' with SecAgg+")
     _check_template(flat["data.item-template"])
 
 

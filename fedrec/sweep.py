@@ -96,6 +96,7 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
             "assumes": describe(cfg).get("assumes") if unit == "interaction" else None,
             "sigma": sum(sigmas) / len(sigmas) if sigmas else None,
             "max-grad-norm": cfg.privacy.max_grad_norm if unit != "none" else None,
+            "clipping": cfg.privacy.clipping if unit == "user" else None,
             "batch-size": cfg.train.batch_size, "local-epochs": cfg.train.local_epochs,
             "server-lr": cfg.fed.server_lr, "lr": cfg.train.lr,
             "rounds": max(len(ts) for ts in trains), "planned-rounds": cfg.fed.num_rounds,

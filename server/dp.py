@@ -18,8 +18,13 @@ mean): with fedadam the noise goes on the mean update BEFORE the server's Adam s
 wrapper, which would noise the model after that step, then adds none.
 """
 
+import math
+
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+)
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from fedrec.errors import FedrecError
@@ -50,8 +55,11 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
         raise FedrecError(f"config: 'privacy.delta' must be below 1/{population} users for "
                           f"user-level DP; got {p.delta:g}")
     q = k / population
+    adaptive = p.clipping == "adaptive"
+    base = (DifferentialPrivacyClientSideAdaptiveClipping if adaptive
+            else DifferentialPrivacyClientSideFixedClipping)
 
-    class UserDP(DifferentialPrivacyClientSideFixedClipping):
+    class UserDP(base):
         def configure_train(self, server_round, arrays, config, grid):
             rnd = server_round + done_rounds
             eps = user_epsilon(cfg, rnd, q)
@@ -61,22 +69,54 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
                     f"privacy budget exhausted: round {rnd} would bring {label(cfg)} to "
                     f"{eps:.3f} > privacy.target-epsilon {p.target_epsilon:g} (spent after "
                     f"round {rnd - 1}: {spent:.3f}); stopped before it", arrays)
+            if adaptive:  # this round's C: what devices clip to and the noise is scaled by
+                self.round_norm = self.clipping_norm
+                if cfg.fed.strategy == "fedadam":
+                    strategy.mean_noise_std = compute_stdv(self.model_sigma, self.round_norm, k)
             return super().configure_train(server_round, arrays, config, grid)
+
+        def _geometric_update(self, clipped_fraction):  # adaptive clipping only
+            """C <- C exp(lr (clipped fraction - target)): more clipped than the target
+            raises C (Andrew et al. 2021, with b = 1 - clipped). Flower 1.42 multiplies by
+            exp(-lr (clipped fraction - target)), which moves C away from the target
+            (measured: nothing clipped and C still grew), so the sign is fixed here."""
+            self.clipping_norm *= math.exp(
+                self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+        def _add_noise_to_aggregated_arrays(self, aggregated):
+            """Noise scaled by the C the devices clipped to this round (Flower's adaptive
+            wrapper scales it by the C already updated for the next round)."""
+            std = compute_stdv(self.noise_multiplier, self.round_norm, self.num_sampled_clients)
+            return add_noise(aggregated, std) if std > 0 else aggregated
 
         def aggregate_train(self, server_round, replies):
             arrays, metrics = super().aggregate_train(server_round, replies)
             rnd = server_round + done_rounds
             if arrays is not None and rnd in run.rounds and "train" in run.rounds[rnd]:
                 eps = user_epsilon(cfg, rnd, q)  # every user: the same worst-case bound
-                stats = {**run.rounds[rnd]["train"], "epsilon-max": eps, "epsilon-mean": eps}
+                stats = {**run.rounds[rnd]["train"], "epsilon-max": eps, "epsilon-mean": eps,
+                         "clipping-norm": self.round_norm}
                 run.on_train(rnd, arrays, stats, strategy.server_state())  # the noised model
             return arrays, metrics
 
     sigma = p.noise_multiplier
+    if adaptive:
+        try:  # sigma splits into the update's noise and the clipped count's (Andrew et al.)
+            dp = UserDP(strategy, noise_multiplier=sigma, num_sampled_clients=k,
+                        initial_clipping_norm=p.max_grad_norm,
+                        target_clipped_quantile=p.clipped_quantile, clip_norm_lr=p.clip_norm_lr)
+        except ValueError as exc:
+            raise FedrecError(f"config: privacy.clipping = 'adaptive': {exc}") from None
+        dp.model_sigma, dp.round_norm = dp.noise_multiplier, p.max_grad_norm
+        if cfg.fed.strategy == "fedadam":  # the noise goes on the mean, before Adam
+            dp.noise_multiplier = 0.0
+        return dp
     if cfg.fed.strategy == "fedadam":  # noise the mean before Adam, not the model after it
         strategy.mean_noise_std, sigma = compute_stdv(sigma, p.max_grad_norm, k), 0.0
-    return UserDP(strategy, noise_multiplier=sigma,
-                  clipping_norm=p.max_grad_norm, num_sampled_clients=k)
+    dp = UserDP(strategy, noise_multiplier=sigma, clipping_norm=p.max_grad_norm,
+                num_sampled_clients=k)
+    dp.round_norm = p.max_grad_norm  # fixed: every round's C
+    return dp
 
 
 def add_noise(arrays: ArrayRecord, std: float) -> ArrayRecord:

@@ -209,7 +209,7 @@ def sweep_table() -> str:
         hr = r["sampled/hr@10"]["mean"]
         rows.append(f"| {unit} | {eps} | {opt(r['epsilon-spent-max'], '.2f')} | "
                     f"{opt(r['delta'], 'g')} | {r['accountant'] or '-'} | {opt(r['sigma'], '.3f')} | "
-                    f"{opt(r['max-grad-norm'], 'g')} | {_batch(r)} | {r['rounds']} | "
+                    f"{'-' if r['max-grad-norm'] is None else _clip(r)} | {_batch(r)} | {r['rounds']} | "
                     f"{r['clients-per-round']} | "
                     f"{fmt(r['sampled/hr@10'])} | {fmt(r['sampled/ndcg@10'])} | "
                     f"{'-' if not base else format(hr / base, '.2f')} |")
@@ -227,6 +227,11 @@ def sweep_table() -> str:
 
 def _batch(row: dict) -> str:
     return f"{row['batch-size']} x {row['local-epochs']}" if "batch-size" in row else "-"
+
+
+def _clip(row: dict) -> str:
+    c = f"{row['max-grad-norm']:g}"
+    return f"adaptive from {c}" if row.get("clipping") == "adaptive" else c
 
 
 def privacy_tuning_table() -> str:
@@ -258,7 +263,7 @@ def privacy_tuning_table() -> str:
             continue
         for r in res["rows"]:
             add(r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}", c,
-                "-" if r["max-grad-norm"] is None else f"{r['max-grad-norm']:g}", _batch(r),
+                "-" if r["max-grad-norm"] is None else _clip(r), _batch(r),
                 r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name,
                 r.get("lr"))
     return "\n".join(rows) + ("\n\nEach file holds its command; all runs: ml-100k, "

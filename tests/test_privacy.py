@@ -290,6 +290,55 @@ def test_user_mode_rejects_a_non_mean_aggregator_and_a_large_delta(cfg):
         wrap_user_dp(cfg.override(**USER, **{"privacy.delta": 0.1}), None, None, 13, 4)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
+    """privacy.clipping = 'adaptive' (Flower's adaptive clipping wrapper and mod): C starts
+    at max-grad-norm; with every device's update far below it (none clipped, target 0.9
+    clipped) it shrinks round after round; the round's C is recorded, and ε is the bound of
+    fixed clipping at the same total σ (the update and the clipped count share it)."""
+    from server.dp import user_epsilon
+
+    k = 4
+    c = cfg.override(**{**USER, "fed.strategy": strategy, "fed.num-rounds": 3,
+                        "fed.clients-per-round": k, "privacy.clipping": "adaptive",
+                        "privacy.max-grad-norm": 10.0, "privacy.clipped-quantile": 0.9,
+                        "privacy.clip-norm-lr": 0.5, "privacy.noise-multiplier": 1e-3})
+    _, results = run_inprocess(c)
+    trains = [r["train"] for r in results["rounds"] if "train" in r]
+    assert results["status"] == "completed" and len(trains) == 3
+    norms = [t["clipping-norm"] for t in trains]
+    assert norms[0] == 10.0 and norms[2] < norms[1] < norms[0]  # nothing clipped: C falls
+    q = k / prepared_users(c)
+    assert [t["epsilon-max"] for t in trains] == pytest.approx(
+        [user_epsilon(c, r, q) for r in (1, 2, 3)])
+    tiny = c.override(**{"privacy.max-grad-norm": 1e-6, "privacy.clipped-quantile": 0.1,
+                         "fed.run-dir": str(Path(c.fed.run_dir).parent / "tiny-c")})
+    _, results = run_inprocess(tiny)  # every update clipped: C grows
+    norms = [r["train"]["clipping-norm"] for r in results["rounds"] if "train" in r]
+    assert norms[0] == 1e-6 and norms[0] < norms[1] < norms[2]
+
+
+def test_adaptive_clipping_is_refused_with_secagg_and_a_too_large_sigma(cfg):
+    from fedrec.errors import FedrecError
+    from server.dp import wrap_user_dp
+    from server.run import FederatedRun
+    from server.strategy import make_strategy
+
+    with pytest.raises(FedrecError, match="'adaptive' does not work with secagg"):
+        cfg.override(**USER, **{"privacy.clipping": "adaptive", "secagg.enabled": True})
+    c = cfg.override(**{**USER, "privacy.clipping": "adaptive", "privacy.noise-multiplier": 5.0,
+                        "fed.clients-per-round": 4})
+    with pytest.raises(FedrecError, match="privacy.clipping = 'adaptive'"):
+        make_strategy(c, FederatedRun(c, log=lambda *_: None), population=prepared_users(c))
+    assert wrap_user_dp  # the same entry point as fixed clipping
+
+
+def prepared_users(c) -> int:
+    from fedrec.pipeline import prepare
+
+    return prepare(c, with_text=False).split.n_users
+
+
 def test_user_mode_with_fedadam_noises_the_mean_before_the_server_step(cfg, prepared):
     """Adam's moments must only see noised means: the noise moves inside, before the step."""
     from server.run import FederatedRun
