@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedrec.config import Config, load_config, parse_overrides
+from fedrec.config import Config, load_config, parse_overrides, run_identity, stored_config
 from fedrec.errors import FedrecError
 from fedrec.results import HEADLINE, command_line, fmt, machine, run_dir_for, summarize, write_json
 
@@ -204,13 +204,13 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                               "leave out --config and --run-config")
         cfg, jobs, done = None, [], []
         for d in [Path(x).expanduser().resolve() for x in resume.split(",") if x.strip()]:
-            c, job = _resumed(d, rounds)
+            c, job, results = _resumed(d, rounds)
             if cfg is not None and _experiment(c) != _experiment(cfg):
                 raise FedrecError(f"--resume: {d} is another experiment than the first directory "
                                   "(configs differ beyond train.seed); resume them separately")
             cfg = cfg or c
             jobs += job
-            done += [] if job else [(c, d)]
+            done += [] if job else [(c, d, results)]
         if cfg is None:
             raise FedrecError("--resume: give at least one run directory")
         cfg = cfg.override(**{"fed.resume": False, "fed.run-dir": ""})
@@ -226,18 +226,15 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
         clients_per_round(cfg, prepare(cfg, progress=True,
                                        with_text=cfg.model.kind == "text").split.n_users)
     runs = []
-    for c, run_dir in done:  # completed earlier: summarized as they are
-        res = json.loads((run_dir / "results.json").read_text())
-        runs.append({"seed": c.train.seed, **_run_summary(res["summary"]), "run_dir": str(run_dir),
-                     "seconds": res.get("seconds")})
+    for c, run_dir, res in done:  # completed earlier: summarized as they are
+        runs.append(_run_entry(c.train.seed, res, run_dir, res.get("seconds")))
     for c, run_dir in jobs:
         seed = c.train.seed
         console.print(f"[bold]federated {cfg.model.kind} ({cfg.fed.strategy}), seed {seed}[/bold]"
                       f" -> {run_dir}")
         t0 = time.time()
-        summ = _run_federated(c, run_dir, engine)["summary"]
-        runs.append({"seed": seed, **_run_summary(summ), "run_dir": str(run_dir),
-                     "seconds": time.time() - t0})
+        res = _run_federated(c, run_dir, engine)
+        runs.append(_run_entry(seed, res, run_dir, time.time() - t0))
     if not runs:
         return
     runs.sort(key=lambda r: r["seed"])
@@ -336,21 +333,31 @@ def _run_federated(cfg: Config, run_dir: Path, engine: str) -> dict:
     return res
 
 
-def _run_summary(summ: dict) -> dict:
-    return {"best": summ["best"], "final": summ["final"], "best_round": summ["best_round"]}
+def _run_entry(seed: int, res: dict, run_dir: Path, seconds: float | None) -> dict:
+    """One run of a result file, from its results.json: the summary, the replies the
+    server dropped, and a digest of the final parameters (equal digests: bit-identical
+    runs), so reports need nothing from the run directory."""
+    import hashlib
+
+    summ = res["summary"]
+    final = run_dir / "final.safetensors"
+    return {"seed": seed, "best": summ["best"], "final": summ["final"],
+            "best_round": summ["best_round"], "run_dir": str(run_dir), "seconds": seconds,
+            "dropped-replies": int(sum(r["train"].get("failures", 0) for r in res["rounds"]
+                                       if "train" in r)),
+            "final-sha256": hashlib.sha256(final.read_bytes()).hexdigest()
+            if final.is_file() else None}
 
 
 def _experiment(cfg: Config) -> dict:
     """A run's config without what differs between the seeds of one experiment."""
-    flat = cfg.to_flat()
-    for key in ("train.seed", "fed.run-dir", "fed.resume"):
-        flat.pop(key)
-    return flat
+    return run_identity(cfg.to_flat(), "train.seed")
 
 
-def _resumed(run_dir: Path, rounds: int | None = None) -> tuple[Config, list]:
-    """(config, [(config, run_dir)]) to continue a killed run, or to extend it (killed or
-    completed) to `rounds` rounds in all; no job if it has completed them."""
+def _resumed(run_dir: Path, rounds: int | None = None) -> tuple[Config, list, dict]:
+    """(config, [(config, run_dir)], its results.json) to continue a killed run, or to
+    extend it (killed or completed) to `rounds` rounds in all; no job if it has completed
+    them."""
     files = {}
     for name in ("run_config.json", "results.json"):
         try:
@@ -360,7 +367,7 @@ def _resumed(run_dir: Path, rounds: int | None = None) -> tuple[Config, list]:
                               "run of fedrec simulate (e.g. <runs>/seed-0)") from None
         except (OSError, ValueError) as exc:
             raise FedrecError(f"--resume: cannot read {run_dir / name} ({exc})") from None
-    cfg = Config.from_flat(files["run_config.json"]).override(
+    cfg = Config.from_flat(stored_config(files["run_config.json"])).override(
         **{"fed.resume": True, "fed.run-dir": str(run_dir)})
     if rounds is not None and rounds != cfg.fed.num_rounds:
         if rounds < cfg.fed.num_rounds:
@@ -370,12 +377,12 @@ def _resumed(run_dir: Path, rounds: int | None = None) -> tuple[Config, list]:
             raise FedrecError(f"--rounds: {run_dir} is a private run; its noise was set for "
                               f"{cfg.fed.num_rounds} rounds, so it cannot be extended")
         cfg = cfg.override(**{"fed.num-rounds": rounds})
-        return cfg, [(cfg, run_dir)]
+        return cfg, [(cfg, run_dir)], files["results.json"]
     if files["results.json"].get("status") == "completed":
         console.print(f"{run_dir} already completed its {cfg.fed.num_rounds} rounds; "
                       "nothing to resume")
-        return cfg, []
-    return cfg, [(cfg, run_dir)]
+        return cfg, [], files["results.json"]
+    return cfg, [(cfg, run_dir)], files["results.json"]
 
 
 @certs_app.command("create")

@@ -290,6 +290,27 @@ def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
 _PAIR = re.compile(r"""\s*(?:([^\s=]+)=('[^']*'|"[^"]*"|\S+)|(\S+))""")
 
 
+LOCATION_KEYS = ("fed.run-dir", "fed.resume")  # where a run lives, not what it computes
+# Keys added after run directories were first written, each with the value that reproduces
+# what a run stored without it did (add every new key here).
+ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used before the key
+              "privacy.clipping": "fixed", "privacy.clipped-quantile": 0.5,
+              "privacy.clip-norm-lr": 0.2}
+
+
+def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A run directory's stored flat config, completed with ADDED_KEYS it predates, so
+    older runs can still be resumed, extended and compared."""
+    return {**ADDED_KEYS, **flat}
+
+
+def run_identity(flat: Mapping[str, Any], *more: str) -> dict[str, Any]:
+    """A (stored) flat config without LOCATION_KEYS (and `more`): equal for two runs that
+    compute the same thing, wherever their directories are and whichever keys they predate."""
+    drop = set(LOCATION_KEYS) | set(more)
+    return {k: v for k, v in stored_config(flat).items() if k not in drop}
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
     """Parse Flower-style overrides 'train.lr=0.01 model.dim=32' with TOML value syntax."""
     out: dict[str, Any] = {}

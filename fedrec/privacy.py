@@ -55,7 +55,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from fedrec.model import reads_history
-from fedrec.train import Histories, row_loss
+from fedrec.train import Histories, row_loss, row_losses
 
 UNIT = {"sample": "interaction", "user": "user"}
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -195,10 +195,8 @@ def _sampled_gaussian_rdp(q: float, sigma: float, orders: np.ndarray) -> np.ndar
             coef = special.binom(a, i)
             log_coef = np.log(np.abs(coef))
             j = a - i
-            log_e0 = math.log(0.5) + math.log(2) + special.log_ndtr(
-                -((i - z0) / (math.sqrt(2) * sigma)) * 2**0.5)
-            log_e1 = math.log(0.5) + math.log(2) + special.log_ndtr(
-                -((z0 - j) / (math.sqrt(2) * sigma)) * 2**0.5)
+            log_e0 = special.log_ndtr((z0 - i) / sigma)  # Opacus: log(erfc(x / sqrt 2) / 2)
+            log_e1 = special.log_ndtr((j - z0) / sigma)
             t0 = log_coef + i * log_q + j * log_1q + (i * i - i) / (2 * sigma**2) + log_e0
             t1 = log_coef + j * log_q + i * log_1q + (j * j - j) / (2 * sigma**2) + log_e1
             stop = np.maximum(t0, t1) < -30  # Opacus stops after the first such term
@@ -320,16 +318,6 @@ def direct_path_ok(model, local) -> bool:
     return all(id(q) in covered for q in model.parameters())
 
 
-def _row_losses(scores: torch.Tensor, loss: str) -> torch.Tensor:
-    """[B, 1 + K] -> [B]: each row's own row_loss (its mean over its columns)."""
-    if loss == "bpr":
-        return -torch.nn.functional.logsigmoid(scores[:, :1] - scores[:, 1:]).mean(1)
-    labels = torch.zeros_like(scores)
-    labels[:, 0] = 1.0
-    return torch.nn.functional.binary_cross_entropy_with_logits(
-        scores, labels, reduction="none").mean(1)
-
-
 def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
                         loss: str, max_grad_norm: float):
     """direct_path_ok models: ({name: sum of clipped per-row gradients}, that sum for the
@@ -362,7 +350,7 @@ def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs
     loc = local.detach().reshape(-1)
     scores = h.view(b, c, -1) @ loc + bias.view(b, c)
     mods = list(taps)
-    grads = torch.autograd.grad(_row_losses(scores, loss).sum(),
+    grads = torch.autograd.grad(row_losses(scores, loss).sum(),
                                 [taps[m][1] for m in mods] + [scores], allow_unused=True)
     g_scores = grads[-1]
     g_local = torch.einsum("bc,bcd->bd", g_scores, h.detach().view(b, c, -1))  # per row

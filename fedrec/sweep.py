@@ -18,7 +18,7 @@ The ε = inf row is the same run without DP, once per seed (it has no unit).
 import math
 from pathlib import Path
 
-from fedrec.config import Config
+from fedrec.config import Config, run_identity
 from fedrec.privacy import UNIT, describe, solve_noise_multiplier
 from fedrec.results import summarize
 
@@ -75,9 +75,7 @@ def finished(run_dir: Path, cfg: Config) -> dict | None:
         res = json.loads((Path(run_dir) / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    ignore = ("fed.resume", "fed.run-dir")
-    same = ({k: v for k, v in res.get("config", {}).items() if k not in ignore}
-            == {k: v for k, v in cfg.to_flat().items() if k not in ignore})
+    same = run_identity(res.get("config", {})) == run_identity(cfg.to_flat())
     return res if same and res.get("status") in ("completed", "stopped") and res.get(
         "summary") else None
 

@@ -52,13 +52,18 @@ def row_scores(model, E: torch.Tensor, hist: Histories, local: torch.Tensor | No
     return torch.einsum("bd,bcd->bc", hu, h[local_items]) + b[local_items]
 
 
-def row_loss(scores: torch.Tensor, loss: str) -> torch.Tensor:
-    """scores [B, 1 + K], positive first -> mean loss (per-row losses averaged)."""
+def row_losses(scores: torch.Tensor, loss: str) -> torch.Tensor:
+    """scores [B, 1 + K], positive first -> [B]: each row's loss (mean over its columns)."""
     if loss == "bpr":
-        return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
+        return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean(1)
     labels = torch.zeros_like(scores)
     labels[:, 0] = 1.0
-    return F.binary_cross_entropy_with_logits(scores, labels)
+    return F.binary_cross_entropy_with_logits(scores, labels, reduction="none").mean(1)
+
+
+def row_loss(scores: torch.Tensor, loss: str) -> torch.Tensor:
+    """scores [B, 1 + K], positive first -> mean loss (per-row losses averaged)."""
+    return row_losses(scores, loss).mean()
 
 
 def train_epoch(model, local, opt, E, hist: Histories, cfg: Config, rng: np.random.Generator,

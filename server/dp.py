@@ -69,11 +69,16 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
                     f"privacy budget exhausted: round {rnd} would bring {label(cfg)} to "
                     f"{eps:.3f} > privacy.target-epsilon {p.target_epsilon:g} (spent after "
                     f"round {rnd - 1}: {spent:.3f}); stopped before it", arrays)
-            if adaptive:  # this round's C: what devices clip to and the noise is scaled by
-                self.round_norm = self.clipping_norm
-                if cfg.fed.strategy == "fedadam":
-                    strategy.mean_noise_std = compute_stdv(self.model_sigma, self.round_norm, k)
+            self.start_round()
             return super().configure_train(server_round, arrays, config, grid)
+
+        def start_round(self):
+            """This round's C (fixed, or adaptive's current one): what devices clip to and
+            what the noise is scaled by; with fedadam that noise goes on the mean, before
+            the server's Adam step (server/strategy.py), and this wrapper adds none."""
+            self.round_norm = self.clipping_norm
+            if cfg.fed.strategy == "fedadam":
+                strategy.mean_noise_std = compute_stdv(self.model_sigma, self.round_norm, k)
 
         def _geometric_update(self, clipped_fraction):  # adaptive clipping only
             """C <- C exp(lr (clipped fraction - target)): more clipped than the target
@@ -99,23 +104,18 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
                 run.on_train(rnd, arrays, stats, strategy.server_state())  # the noised model
             return arrays, metrics
 
-    sigma = p.noise_multiplier
-    if adaptive:
-        try:  # sigma splits into the update's noise and the clipped count's (Andrew et al.)
-            dp = UserDP(strategy, noise_multiplier=sigma, num_sampled_clients=k,
-                        initial_clipping_norm=p.max_grad_norm,
-                        target_clipped_quantile=p.clipped_quantile, clip_norm_lr=p.clip_norm_lr)
-        except ValueError as exc:
-            raise FedrecError(f"config: privacy.clipping = 'adaptive': {exc}") from None
-        dp.model_sigma, dp.round_norm = dp.noise_multiplier, p.max_grad_norm
-        if cfg.fed.strategy == "fedadam":  # the noise goes on the mean, before Adam
-            dp.noise_multiplier = 0.0
-        return dp
-    if cfg.fed.strategy == "fedadam":  # noise the mean before Adam, not the model after it
-        strategy.mean_noise_std, sigma = compute_stdv(sigma, p.max_grad_norm, k), 0.0
-    dp = UserDP(strategy, noise_multiplier=sigma, clipping_norm=p.max_grad_norm,
-                num_sampled_clients=k)
-    dp.round_norm = p.max_grad_norm  # fixed: every round's C
+    clipping = ({"initial_clipping_norm": p.max_grad_norm, "clip_norm_lr": p.clip_norm_lr,
+                 "target_clipped_quantile": p.clipped_quantile} if adaptive
+                else {"clipping_norm": p.max_grad_norm})
+    try:  # adaptive: sigma splits into the update's noise and the clipped count's
+        dp = UserDP(strategy, noise_multiplier=p.noise_multiplier, num_sampled_clients=k,
+                    **clipping)
+    except ValueError as exc:
+        raise FedrecError(f"config: privacy.clipping = '{p.clipping}': {exc}") from None
+    dp.model_sigma = dp.noise_multiplier  # the update's noise multiplier
+    if cfg.fed.strategy == "fedadam":  # noised on the mean instead (start_round)
+        dp.noise_multiplier = 0.0
+    dp.start_round()
     return dp
 
 

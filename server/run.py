@@ -43,7 +43,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 from safetensors.numpy import load_file, save_file
 
-from fedrec.config import Config
+from fedrec.config import Config, run_identity
 from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
 from fedrec.model import build_model, reads_history
@@ -114,9 +114,7 @@ class FederatedRun:
         if not path.is_file():
             raise FedrecError(f"{self.dir}: no results.json, so no round to resume from")
         res = load_json(path)
-        ignore = ("fed.resume", "fed.run-dir")
-        then = {k: v for k, v in res.get("config", {}).items() if k not in ignore}
-        now = {k: v for k, v in self.cfg.to_flat().items() if k not in ignore}
+        then, now = run_identity(res.get("config", {})), run_identity(self.cfg.to_flat())
         rounds = "fed.num-rounds"
         if then.get(rounds, 0) < now[rounds]:  # extended: the same run, more rounds ahead
             if self.cfg.privacy.mode != "none":

@@ -234,3 +234,28 @@ def test_an_extended_run_equals_a_longer_one(tiny_root, tmp_path, run_cli):
     assert comparable(got) == comparable(want) and got["summary"] == want["summary"]
     final, ref = (load_file(str(d / "final.safetensors")) for d in (run_dir, longer))
     assert all(np.array_equal(final[k], ref[k]) for k in ref)
+
+
+def test_a_run_stored_before_a_key_existed_still_resumes(tiny_root, tmp_path, uninterrupted,
+                                                         run_cli):
+    """Run directories written before a config key was added (fedrec.config.ADDED_KEYS)
+    are completed with the value that reproduces them: still resumable and summarized."""
+    import shutil
+
+    from fedrec.config import ADDED_KEYS
+
+    whole_dir, whole = uninterrupted("fedadam")
+    run_dir = tmp_path / "seed-0"
+    shutil.copytree(whole_dir, run_dir)
+    old = {k: v for k, v in whole["config"].items() if k not in ADDED_KEYS}
+    old["fed.server-tau"] = whole["config"]["fed.server-tau"]  # this run did set it
+    (run_dir / "run_config.json").write_text(json.dumps(old))
+    (run_dir / "results.json").write_text(json.dumps({**whole, "config": old,
+                                                      "status": "running"}))
+    (run_dir / "final.safetensors").unlink()
+    code, out, err = run_cli("simulate", "--resume", str(run_dir), "--engine", "inprocess",
+                             with_stdout=True)
+    assert code == 0, err
+    again = json.loads((run_dir / "results.json").read_text())
+    assert again["status"] == "completed" and comparable(again) == comparable(whole)
+    assert again["config"]["privacy.clipping"] == "fixed"
