@@ -52,18 +52,31 @@ def row_scores(model, E: torch.Tensor, hist: Histories, local: torch.Tensor | No
     return torch.einsum("bd,bcd->bc", hu, h[local_items]) + b[local_items]
 
 
-def row_losses(scores: torch.Tensor, loss: str) -> torch.Tensor:
-    """scores [B, 1 + K], positive first -> [B]: each row's loss (mean over its columns)."""
-    if loss == "bpr":
-        return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean(1)
+def _bpr_terms(scores: torch.Tensor) -> torch.Tensor:
+    return -F.logsigmoid(scores[:, :1] - scores[:, 1:])
+
+
+def _labels(scores: torch.Tensor) -> torch.Tensor:
     labels = torch.zeros_like(scores)
     labels[:, 0] = 1.0
-    return F.binary_cross_entropy_with_logits(scores, labels, reduction="none").mean(1)
+    return labels
+
+
+def row_losses(scores: torch.Tensor, loss: str) -> torch.Tensor:
+    """scores [B, 1 + K], positive first -> [B]: each row's loss (the mean over its
+    columns), as DP-SGD clips them."""
+    if loss == "bpr":
+        return _bpr_terms(scores).mean(1)
+    return F.binary_cross_entropy_with_logits(scores, _labels(scores), reduction="none").mean(1)
 
 
 def row_loss(scores: torch.Tensor, loss: str) -> torch.Tensor:
-    """scores [B, 1 + K], positive first -> mean loss (per-row losses averaged)."""
-    return row_losses(scores, loss).mean()
+    """scores [B, 1 + K], positive first -> mean loss (the mean of row_losses). BCE keeps
+    PyTorch's fused mean reduction: its gradient differs from mean-of-rows in the last bit,
+    and plain training stays bit-reproducible with earlier runs."""
+    if loss == "bpr":
+        return _bpr_terms(scores).mean()
+    return F.binary_cross_entropy_with_logits(scores, _labels(scores))
 
 
 def train_epoch(model, local, opt, E, hist: Histories, cfg: Config, rng: np.random.Generator,
