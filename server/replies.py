@@ -13,7 +13,8 @@ arrays the server sent this round, and a failing one is dropped and counted by r
              the other replies' (the most common key set wins)
   keys       array names differ from the ones sent
   shape      an array's shape differs from the one sent
-  nonfinite  NaN or Inf in an array or a metric
+  nonfinite  NaN or Inf in an array or a metric (except ε = +inf: DP-SGD run without
+             noise, which has no guarantee and says so)
 """
 
 from collections import Counter
@@ -24,6 +25,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 REASONS = ("error", "timeout", "malformed", "keys", "shape", "nonfinite")
 WEIGHT = "num-examples"
+EPSILON = "epsilon"  # a device's cumulative sample-level ε (fedrec/federated.py)
 
 
 def _metrics_problem(msg: Message, min_weight: float) -> str | None:
@@ -33,7 +35,7 @@ def _metrics_problem(msg: Message, min_weight: float) -> str | None:
     values = dict(metrics["metrics"])
     if any(isinstance(v, (list, bool)) or not isinstance(v, (int, float)) for v in values.values()):
         return "malformed"
-    if not all(np.isfinite(v) for v in values.values()):
+    if not all(np.isfinite(v) or (k == EPSILON and v == np.inf) for k, v in values.items()):
         return "nonfinite"
     if WEIGHT not in values or values[WEIGHT] < min_weight:
         return "malformed"

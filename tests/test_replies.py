@@ -53,6 +53,9 @@ BAD_TRAIN = {
     "zero num-examples": lambda: reply(metrics={"num-examples": 0, "train-loss": 0.5}),
     "list metric": lambda: reply(metrics={"num-examples": 1, "train-loss": [0.5, 0.4]}),
     "nan metric": lambda: reply(metrics={"num-examples": 1, "train-loss": float("nan")}),
+    "inf metric": lambda: reply(metrics={"num-examples": 1, "train-loss": float("inf")}),
+    "nan epsilon": lambda: reply(metrics={"num-examples": 1, "epsilon": float("nan")}),
+    "-inf epsilon": lambda: reply(metrics={"num-examples": 1, "epsilon": -float("inf")}),
     "missing key": lambda: reply(arrays={"w": SENT["w"]}),
     "renamed key": lambda: reply(arrays={"w": SENT["w"], "bias": SENT["b"]}),
     "extra key": lambda: reply(arrays={**SENT, "x": np.zeros(1, np.float32)}),
@@ -63,7 +66,8 @@ BAD_TRAIN = {
 }
 WHY = {"error": "error", "no arrays": "malformed", "two array records": "malformed",
        "no metrics": "malformed", "no num-examples": "malformed", "zero num-examples": "malformed",
-       "list metric": "malformed", "nan metric": "nonfinite", "missing key": "keys",
+       "list metric": "malformed", "nan metric": "nonfinite", "inf metric": "nonfinite",
+       "nan epsilon": "nonfinite", "-inf epsilon": "nonfinite", "missing key": "keys",
        "renamed key": "keys", "extra key": "keys", "wrong shape": "shape", "transposed": "shape",
        "nan": "nonfinite", "inf": "nonfinite"}
 
@@ -75,6 +79,8 @@ def test_each_bad_train_reply_is_named(case):
 
 def test_a_good_train_reply_passes():
     assert train_problem(reply(), SENT) is None
+    # DP-SGD without noise (clipping only): the device's ε is +inf, said as such, not dropped
+    assert train_problem(reply(metrics={"num-examples": 1, "epsilon": float("inf")}), SENT) is None
     assert train_problem(reply(arrays={k: v.astype(np.float64) for k, v in SENT.items()}),
                          SENT) is None  # FedAdam-style float64 is still a model
 
