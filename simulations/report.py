@@ -236,26 +236,30 @@ def privacy_tuning_table() -> str:
     files = sorted((ROOT / "results" / "privacy-tuning").glob("*.json"))
     if not files:
         return ""
-    rows = [("| unit of privacy | target ε | model.hidden | C | batch x local epochs | "
-             "device lr | server lr | clients/round | sampled HR@10 (seed 0) | result file |"),
-            "|---" * 10 + "|"]
+    rows = [("| unit of privacy | target ε | model.dim | model.hidden | C | batch x local epochs | "
+             "device lr | server lr | rounds | clients/round | accountant | "
+             "sampled HR@10 (seed 0) | result file |"), "|---" * 13 + "|"]
 
     def add(what, eps, cfg, clip, batch, lr, hr, name, device_lr=None):
-        rows.append(f"| {what} | {eps} | {cfg['model.hidden']} | {clip} | {batch} | "
-                    f"{device_lr or cfg['train.lr']:g} | {lr:g} | "
-                    f"{cfg['fed.clients-per-round']} | {hr:.4f} | `results/privacy-tuning/{name}` |")
+        acc = "-" if what == "none" or what.startswith("none:") else cfg["privacy.accountant"]
+        rows.append(f"| {what} | {eps} | {cfg['model.dim']} | {cfg['model.hidden']} | {clip} | "
+                    f"{batch} | {device_lr or cfg['train.lr']:g} | {lr:g} | {cfg['fed.num-rounds']} | "
+                    f"{cfg['fed.clients-per-round']} | {acc} | {hr:.4f} | "
+                    f"`results/privacy-tuning/{name}` |")
 
     for f in files:
         res = json.loads(f.read_text())
         c = res["config"]
         if "rows" not in res:  # one `fedrec simulate` run
-            what = c["privacy.mode"]
-            if what == "user" and c["privacy.noise-multiplier"] == 0:
-                what = "user, σ = 0: clipping alone (no guarantee)"
+            what = {"sample": "interaction"}.get(c["privacy.mode"], c["privacy.mode"])
+            if what != "none" and c["privacy.noise-multiplier"] == 0 == c["privacy.target-epsilon"]:
+                what += ", σ = 0: clipping alone (no guarantee)"
             elif c["fed.server-lr"] < 1e-9:
                 what += ": global model frozen, devices train their own vectors"
             clip = "-" if c["privacy.mode"] == "none" else f"{c['privacy.max-grad-norm']:g}"
-            add(what, "-", c, clip, f"{c['train.batch-size']} x {c['train.local-epochs']}",
+            eps = ("∞" if c["privacy.mode"] == "none" else "-" if c["privacy.target-epsilon"] <= 0
+                   else f"{c['privacy.target-epsilon']:g}")
+            add(what, eps, c, clip, f"{c['train.batch-size']} x {c['train.local-epochs']}",
                 c["fed.server-lr"], res["summary"]["best"]["sampled/hr@10"]["mean"], f.name)
             continue
         for r in res["rows"]:
@@ -263,8 +267,9 @@ def privacy_tuning_table() -> str:
                 "-" if r["max-grad-norm"] is None else _clip(r), _batch(r),
                 r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name,
                 r.get("lr"))
-    return "\n".join(rows) + ("\n\nEach file holds its command; all runs: ml-100k, "
-                              "model.pooling none, 50 rounds, FedAdam, seed 0.")
+    return "\n".join(rows) + ("\n\nEach file holds its command (where that command wrote "
+                              "elsewhere, the file was copied from its --json path); all runs: "
+                              "ml-100k, model.pooling none, FedAdam, seed 0.")
 
 
 AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
