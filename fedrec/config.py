@@ -101,6 +101,7 @@ class PrivacyConfig:
     clipping: str          # user mode: fixed (C = max-grad-norm) | adaptive (C tracks a quantile)
     clipped_quantile: float  # adaptive: target fraction of updates clipped
     clip_norm_lr: float    # adaptive: geometric step of C per round
+    pool_gradient: str     # sample mode, history-pooled models: full | none (pool = row input)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ _CHOICES = {
     "privacy.mode": ("none", "sample", "user"),
     "privacy.accountant": ("rdp", "prv", "gdp"),
     "privacy.clipping": ("fixed", "adaptive"),
+    "privacy.pool-gradient": ("full", "none"),
 }
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
@@ -295,7 +297,7 @@ LOCATION_KEYS = ("fed.run-dir", "fed.resume")  # where a run lives, not what it 
 # what a run stored without it did (add every new key here).
 ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used before the key
               "privacy.clipping": "fixed", "privacy.clipped-quantile": 0.5,
-              "privacy.clip-norm-lr": 0.2}
+              "privacy.clip-norm-lr": 0.2, "privacy.pool-gradient": "full"}
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

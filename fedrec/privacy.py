@@ -19,6 +19,15 @@ sum_c outer(g_c, a_c), whose squared norm is sum_{c,c'} <g_c, g_c'><a_c, a_c'>),
 clipped sum as one matmul per layer; no per-row gradient is materialised, and the
 result equals the vmap path's (tests/test_privacy.py).
 
+History-pooled models (pooling attention/mean) choose with privacy.pool-gradient:
+- "full": each row's exact gradient, through its leave-one-out pool of the whole history
+  into the item adapter and the attention (torch.func; the shared history makes each
+  row's gradient cost ~ the history length, about 7x plain training here);
+- "none": the pool enters each row as an input, computed once per batch without gradient,
+  as the guarantee already treats it (public side information, below). Rows then share
+  nothing and take the direct path (the user adapter's inputs are one pool per row); the
+  attention, whose only gradient is through the pool, gets neither gradient nor noise.
+
 What the guarantee covers, honestly:
 - The per-row gradient bound holds for a row's *own* term. With a history-pooled user
   tower (model.kind = "text", pooling attention/mean) the interaction x also sits in the
@@ -54,7 +63,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedrec.model import reads_history
+from fedrec.model import pool_history, reads_history
 from fedrec.train import Histories, row_loss, row_losses
 
 UNIT = {"sample": "interaction", "user": "user"}
@@ -299,11 +308,14 @@ def per_row_grads(model, local, E, hist: Histories, rows: np.ndarray, negs: np.n
 _DIRECT_LAYERS = (torch.nn.Linear, torch.nn.Embedding)
 
 
-def direct_path_ok(model, local) -> bool:
+def direct_path_ok(model, local, pool_gradient: str = "full") -> bool:
     """Whether the direct (ghost-norm) path computes this model's per-row gradients: rows
-    share nothing (no history pool), the user vector is the user-local one, and every
-    parameter sits in a plain Linear or Embedding layer."""
-    if model.uses_history or local is None:
+    share nothing (no history pool, or privacy.pool-gradient = "none": the pool is each
+    row's input), there is a user vector to score with, and every parameter sits in a
+    plain Linear or Embedding layer."""
+    if model.uses_history and pool_gradient != "none":
+        return False
+    if not model.uses_history and local is None:
         return False
     covered = set()
     for m in model.modules():
@@ -318,14 +330,36 @@ def direct_path_ok(model, local) -> bool:
     return all(id(q) in covered for q in model.parameters())
 
 
+def no_gradient(model, pool_gradient: str) -> set[str]:
+    """Federated parameters whose DP-SGD gradient is zero by construction: the attention
+    when the pool is a row input (privacy.pool-gradient = "none"). They get neither
+    gradient nor noise: an update that is zero whatever the data reveals nothing."""
+    if model.uses_history and pool_gradient == "none" and model.attention is not None:
+        return {f"attention.{n}" for n, _ in model.attention.named_parameters()}
+    return set()
+
+
+def _row_pools(model, E, hist: Histories, rows: np.ndarray) -> torch.Tensor:
+    """Each row's leave-one-out history pool [b, d], as a constant input (no gradient)."""
+    with torch.no_grad():
+        h, _, a = model.items(E[hist.items], hist.items)
+        at = torch.arange(len(hist.items))
+        return pool_history(h, a, at, torch.zeros_like(at), 1,
+                            torch.zeros(len(rows), dtype=torch.long), torch.from_numpy(rows))
+
+
 def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
                         loss: str, max_grad_norm: float):
     """direct_path_ok models: ({name: sum of clipped per-row gradients}, that sum for the
-    user-local vector [d], per-row norms [b]) without materialising per-row gradients."""
+    user-local vector [d] (or None), per-row norms [b]) without materialising per-row
+    gradients. A layer sees one input per candidate (item side: b x c rows) or one per row
+    (user side, on the row's pool); either way a row's gradient of it is
+    sum_j outer(g_j, a_j) over that row's inputs j."""
     b = len(rows)
     cand = torch.from_numpy(np.concatenate([hist.items.numpy()[rows, None], negs], axis=1))
     c = cand.shape[1]
     flat = cand.reshape(-1)
+    pooled = _row_pools(model, E, hist, rows) if model.uses_history else None
     taps: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     twice: list[torch.nn.Module] = []
 
@@ -335,37 +369,40 @@ def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs
         taps[mod] = (inp[0].detach(), out)
 
     layers = {m: n for n, m in model.named_modules() if isinstance(m, _DIRECT_LAYERS)}
+    loc = None if local is None else local.detach().reshape(1, -1).repeat(b, 1).requires_grad_()
     handles = [m.register_forward_hook(tap) for m in layers]
     try:
         h, bias, _ = model.items(E[flat], flat)
+        hu = model.users(pooled, loc)
     finally:
         for handle in handles:
             handle.remove()
     if twice:
         raise RuntimeError(f"direct per-row gradients: layer {layers[twice[0]]} ran twice")
-    flat_in = [m for m, (a, _) in taps.items() if a.shape[0] != b * c or a.dim() > 2]
-    if flat_in:  # one input row per candidate, as model.items gives (E rows, item ids)
-        raise RuntimeError(f"direct per-row gradients: layer {layers[flat_in[0]]} got input "
-                           f"of shape {tuple(taps[flat_in[0]][0].shape)}")
-    loc = local.detach().reshape(-1)
-    scores = h.view(b, c, -1) @ loc + bias.view(b, c)
+    odd = [m for m, (a, _) in taps.items() if a.shape[0] not in (b, b * c) or a.dim() > 2]
+    if odd:  # one input row per candidate (model.items: E rows, item ids) or per row
+        raise RuntimeError(f"direct per-row gradients: layer {layers[odd[0]]} got input "
+                           f"of shape {tuple(taps[odd[0]][0].shape)}")
+    scores = torch.einsum("bd,bcd->bc", hu, h.view(b, c, -1)) + bias.view(b, c)
     mods = list(taps)
+    extra = [] if loc is None else [loc]
     grads = torch.autograd.grad(row_losses(scores, loss).sum(),
-                                [taps[m][1] for m in mods] + [scores], allow_unused=True)
-    g_scores = grads[-1]
-    g_local = torch.einsum("bc,bcd->bd", g_scores, h.detach().view(b, c, -1))  # per row
-    sq = g_local.pow(2).sum(1)
-    parts = []  # (module, input [b, c, ...], output grad [b, c, out])
-    for m, g in zip(mods, grads[:-1]):
+                                [taps[m][1] for m in mods] + extra, allow_unused=True)
+    g_local = grads[len(mods)] if loc is not None else None  # [b, d]: one copy per row
+    sq = torch.zeros(b) if g_local is None else g_local.pow(2).sum(1)
+    parts = []  # (module, input [b, r, ...], output grad [b, r, out]), r = c or 1
+    for m, g in zip(mods, grads[:len(mods)]):
         if g is None:
             continue
-        a, g = taps[m][0], g.reshape(b, c, -1)
+        a = taps[m][0]
+        r = a.shape[0] // b
+        g = g.reshape(b, r, -1)
         if isinstance(m, torch.nn.Embedding):
-            a = a.reshape(b, c)
+            a = a.reshape(b, r)
             same = (a[:, :, None] == a[:, None, :]).to(g.dtype)
             sq = sq + (same * (g @ g.transpose(1, 2))).sum((1, 2))
         else:
-            a = a.reshape(b, c, -1)
+            a = a.reshape(b, r, -1)
             sq = sq + ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
             if m.bias is not None:
                 sq = sq + g.sum(1).pow(2).sum(1)
@@ -374,16 +411,17 @@ def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs
     scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     sums = {n: torch.zeros_like(q) for n, q in model.named_parameters()}
     for m, a, g in parts:
-        gs = (g * scale[:, None, None]).reshape(b * c, -1)
+        r = a.shape[1]
+        gs = (g * scale[:, None, None]).reshape(b * r, -1)
         name = layers[m]
         prefix = f"{name}." if name else ""
         if isinstance(m, torch.nn.Embedding):
             sums[prefix + "weight"] = sums[prefix + "weight"].index_add(0, a.reshape(-1), gs)
         else:
-            sums[prefix + "weight"] = gs.T @ a.reshape(b * c, -1)
+            sums[prefix + "weight"] = gs.T @ a.reshape(b * r, -1)
             if m.bias is not None:
                 sums[prefix + "bias"] = gs.sum(0)
-    return sums, scale @ g_local, norms
+    return sums, (None if g_local is None else scale @ g_local), norms
 
 
 def _vmap_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
@@ -401,13 +439,18 @@ def _vmap_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: 
 
 
 def clipped_grad_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
-                     loss: str, max_grad_norm: float, method: str = "auto"):
+                     loss: str, max_grad_norm: float, method: str = "auto",
+                     pool_gradient: str = "full"):
     """Sum over rows of each row's gradient clipped to max_grad_norm (federated parameters
     and user-local vector as one vector): ({name: tensor}, local sum [d] or None, per-row
     norms [b]). method "direct" (ghost norms, direct_path_ok models), "vmap" (torch.func)
-    or "auto" (direct where it applies)."""
-    if method == "direct" or (method == "auto" and direct_path_ok(model, local)):
+    or "auto" (direct where it applies). pool_gradient "none": a history-pooled model's
+    pool is each row's input (direct path only)."""
+    if method == "direct" or (method == "auto"
+                              and direct_path_ok(model, local, pool_gradient)):
         return _direct_clipped_sum(model, local, E, hist, rows, negs, loss, max_grad_norm)
+    if model.uses_history and pool_gradient == "none":
+        raise ValueError("privacy.pool-gradient = 'none' runs on the direct path only")
     return _vmap_clipped_sum(model, local, E, hist, rows, negs, loss, max_grad_norm)
 
 
@@ -420,13 +463,16 @@ def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Ge
     q = min(1.0, cfg.train.batch_size / max(n, 1))
     steps = max(1, round(1.0 / q))
     negs = negatives(n)
-    params = dict(model.named_parameters())
-    method = "direct" if direct_path_ok(model, local) else "vmap"
+    pool_gradient = cfg.privacy.pool_gradient
+    skip = no_gradient(model, pool_gradient)
+    params = {k: p for k, p in model.named_parameters() if k not in skip}
+    method = "direct" if direct_path_ok(model, local, pool_gradient) else "vmap"
     for _ in range(steps):
         rows = np.flatnonzero(rng.random(n) < q)
         if len(rows):
             sums, sum_local, _ = clipped_grad_sum(model, local, E, hist, rows, negs[rows],
-                                                  cfg.train.loss, max_grad_norm, method)
+                                                  cfg.train.loss, max_grad_norm, method,
+                                                  pool_gradient)
         for name, p in params.items():
             s = sums[name] if len(rows) else 0 * p
             noise = torch.randn_like(p) * noise_multiplier * max_grad_norm

@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py [--users 50] [--repeats 3]
     OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py --run-config \
         "model.pooling='none'" --json results/bench_dp_nopool.json
+    OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py --run-config \
+        "privacy.pool-gradient='none'" --json results/bench_dp_poolinput.json
 
 On ml-100k, for the same users, global parameters and seeds, times `local_update` under
 privacy.mode=none and privacy.mode=sample (DP-SGD), both with train.optimizer=sgd and the
@@ -11,8 +13,10 @@ repeated, after one untimed warm-up update of each kind (imports and first-call 
 which a long-running device pays once; the accountant's per-(q, sigma) cache is emptied
 again after it); prints the mean per-update times and the ratio DP / plain (target <= 2).
 Per-row gradients come from torch.func for history-pooled models and from the direct
-ghost-norm path for models whose rows share nothing (model.pooling='none', fedmf;
-fedrec/privacy.py). For reference it also times one batch of per-row gradients with
+ghost-norm path for models whose rows share nothing (model.pooling='none', fedmf; and a
+history-pooled model with privacy.pool-gradient='none', whose pool is each row's input;
+fedrec/privacy.py). The torch.func and Opacus reference timings always compute the
+exact gradient through the pool. For reference it also times one batch of per-row gradients with
 torch.func (fedrec/privacy.py), with Opacus' default hook-based GradSampleModule on the
 same model and loss, and (where it applies) the direct path's clipped sum. --run-config
 passes more config overrides; writes --json (default results/bench_dp.json).
@@ -118,7 +122,9 @@ def main() -> None:
            "dp_seconds_mean": float(times["dp"].mean()), "ratio_dp_over_plain": ratio,
            "ratio_per_repeat": (times["dp"].sum(1) / times["plain"].sum(1)).tolist(),
            "history_length_mean": float(np.mean([len(c.history) for c in clients.values()]))}
-    out["per_row_path"] = "direct" if direct_path_ok(model, torch.zeros(1)) else "torch.func"
+    pool_gradient = base.privacy.pool_gradient
+    out["per_row_path"] = ("direct" if direct_path_ok(model, torch.zeros(1), pool_gradient)
+                           else "torch.func")
     print(f"client update: plain {out['plain_seconds_mean']:.4f} s, DP-SGD "
           f"{out['dp_seconds_mean']:.4f} s, ratio DP/plain {ratio:.2f} (target <= 2)")
 
@@ -132,7 +138,7 @@ def main() -> None:
         if not model.uses_history:  # the user vector is loc alone: not a zero vector
             loc = (torch.randn(1, base.model.dim) * 0.1).requires_grad_()
         rng, t = np.random.default_rng(0), {"torch.func": [], "opacus": []}
-        if direct_path_ok(model, loc):
+        if direct_path_ok(model, loc, pool_gradient):
             t["direct (clipped sum)"] = []
         with torch.no_grad():
             gsm._module.local.weight.copy_(loc)

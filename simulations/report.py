@@ -308,7 +308,10 @@ def audit_table() -> str:
 def bench_dp_table() -> str:
     rows = [("| model | plain local SGD s/update | DP-SGD s/update | DP / plain | per-row gradients "
             "of one batch | users (mean history) | command |"), "|---|---|---|---|---|---|---|"]
-    for name, label in (("bench_dp.json", "text, history-pooled user tower (default)"),
+    for name, label in (("bench_dp.json", "text, history-pooled user tower (default), "
+                         "exact gradient through the pool (`privacy.pool-gradient = \"full\"`)"),
+                        ("bench_dp_poolinput.json", "text, history-pooled user tower (default), "
+                         "pool as each row's input (`privacy.pool-gradient = \"none\"`)"),
                         ("bench_dp_nopool.json", "text, `model.pooling = \"none\"`")):
         res = _load(name)
         if not res:

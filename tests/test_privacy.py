@@ -414,3 +414,78 @@ def test_a_resumed_secagg_device_continues_its_epsilon(cfg, prepared, tmp_path):
     assert fit(restarted, 2) == pytest.approx(whole) and whole > eps1
     fresh = context(c.override(**{"fed.run-dir": str(tmp_path / "other")}), 0, n)
     assert fit(fresh, 2) == pytest.approx(eps1)
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+@pytest.mark.parametrize("with_local", [True, False])
+def test_pool_as_input_direct_path_equals_per_row_autograd(tiny_root, pooling, with_local):
+    """privacy.pool-gradient = "none": each row's gradient with its leave-one-out pool held
+    constant, from ghost norms (item side b x c inputs, user side one per row), equals
+    clipping row-by-row autograd gradients; the attention gets no gradient."""
+    from fedrec.model import pool_history
+    from fedrec.privacy import clipped_grad_sum, direct_path_ok, no_gradient
+
+    cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0,
+                                  "model.user-embedding": with_local})
+    from fedrec.pipeline import prepare
+
+    prepared = prepare(cfg)
+    model, loc, data, negs = _setup(cfg, prepared, local=with_local)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert direct_path_ok(model, loc, "none") and not direct_path_ok(model, loc, "full")
+    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
+    rows = np.array([0, 2, 3, 5])
+    negs = negs.copy()
+    negs[2, 0] = data.history[1]  # another row's positive (and a pooled item) as a negative
+    names = [k for k, _ in model.named_parameters()]
+    per_row = []
+    for r in rows:  # the reference: one row at a time, its pool computed and detached
+        with torch.no_grad():
+            h, _, a = model.items(E[hist.items], hist.items)
+            at = torch.arange(len(hist.items))
+            pooled = pool_history(h, a, at, torch.zeros_like(at), 1, torch.zeros(1, dtype=torch.long),
+                                  torch.tensor([r]))
+        cand = torch.from_numpy(np.concatenate([[data.history[r]], negs[r]]))
+        hc, bc, _ = model.items(E[cand], cand)
+        hu = model.users(pooled, loc)
+        loss = row_loss((hc @ hu[0] + bc)[None], cfg.train.loss)  # one row: its loss
+        wrt = [p for _, p in model.named_parameters()] + ([loc] if with_local else [])
+        g = torch.autograd.grad(loss, wrt, allow_unused=True)
+        per_row.append([torch.zeros_like(w) if x is None else x for x, w in zip(g, wrt)])
+    norms = torch.stack([torch.cat([x.flatten() for x in g]).norm() for g in per_row])
+    for clip in (1e6, float(norms.median())):
+        sums, local_sum, got = clipped_grad_sum(model, loc, E, hist, rows, negs[rows],
+                                                cfg.train.loss, clip, "auto", "none")
+        torch.testing.assert_close(got, norms, rtol=1e-5, atol=1e-6)
+        scale = (clip / (norms + 1e-6)).clamp(max=1.0)
+        for i, name in enumerate(names):
+            want = sum(s * g[i] for s, g in zip(scale, per_row))
+            torch.testing.assert_close(sums[name], want, rtol=1e-5, atol=1e-6, msg=name)
+        if with_local:
+            want = sum(s * g[-1] for s, g in zip(scale, per_row)).reshape(-1)
+            torch.testing.assert_close(local_sum, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert local_sum is None
+    skip = no_gradient(model, "none")
+    assert skip == ({n for n in names if n.startswith("attention.")} if pooling == "attention"
+                    else set())
+    for name in skip:
+        assert not sums[name].any()
+
+
+def test_pool_as_input_leaves_the_attention_alone_and_trains_the_rest(cfg, prepared):
+    """dp_train_epoch with privacy.pool-gradient = "none": no noise where no gradient can
+    be (the attention), every other federated parameter and the user vector move."""
+    cfg = cfg.override(**{"privacy.pool-gradient": "none"})
+    model, loc, data, negs = _setup(cfg, prepared)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loc0 = loc.detach().clone()
+    opt = torch.optim.SGD(list(model.parameters()) + [loc], lr=0.1)
+    dp_train_epoch(model, loc, opt, torch.from_numpy(prepared.item_emb), _histories(data), cfg,
+                   np.random.default_rng(0), lambda n, negs=negs: negs, noise_multiplier=1.0,
+                   max_grad_norm=1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) == k.startswith("attention."), k
+    assert not torch.equal(loc.detach(), loc0)
