@@ -231,18 +231,33 @@ def _clip(row: dict) -> str:
     return f"adaptive from {c}" if row.get("clipping") == "adaptive" else c
 
 
+def _user_run_epsilon(c: dict, res: dict) -> str:
+    """A `fedrec simulate` user-level run: its budget is privacy.target-epsilon, but its σ
+    is privacy.noise-multiplier (no solving), so say what its rounds spent."""
+    from fedrec.privacy import Accountant
+
+    acc = Accountant(c["privacy.accountant"])
+    users = res["summary"]["best"]["users"]["mean"]  # every device evaluates: the population
+    acc.step(c["privacy.noise-multiplier"], c["fed.clients-per-round"] / users, c["fed.num-rounds"])
+    return (f"{acc.epsilon(c['privacy.delta']):.2f} (σ {c['privacy.noise-multiplier']:g}; "
+            f"budget {c['privacy.target-epsilon']:g})")
+
+
 def privacy_tuning_table() -> str:
     """The single-seed runs that chose the sweep's per-unit settings (results/privacy-tuning)."""
     files = sorted((ROOT / "results" / "privacy-tuning").glob("*.json"))
     if not files:
         return ""
-    rows = [("| unit of privacy | target ε | model.dim | model.hidden | C | batch x local epochs | "
-             "device lr | server lr | rounds | clients/round | accountant | "
-             "sampled HR@10 (seed 0) | result file |"), "|---" * 13 + "|"]
+    rows = [("| unit of privacy | ε | model.pooling | model.dim | model.hidden | C | "
+             "batch x local epochs | device lr | server lr | rounds | clients/round | "
+             "accountant | sampled HR@10 (seed 0) | result file |"), "|---" * 14 + "|"]
 
     def add(what, eps, cfg, clip, batch, lr, hr, name, device_lr=None):
         acc = "-" if what == "none" or what.startswith("none:") else cfg["privacy.accountant"]
-        rows.append(f"| {what} | {eps} | {cfg['model.dim']} | {cfg['model.hidden']} | {clip} | "
+        pooling = cfg["model.pooling"]
+        if pooling != "none" and what.startswith("interaction"):
+            pooling += f" (pool gradient {cfg.get('privacy.pool-gradient', 'full')})"
+        rows.append(f"| {what} | {eps} | {pooling} | {cfg['model.dim']} | {cfg['model.hidden']} | {clip} | "
                     f"{batch} | {device_lr or cfg['train.lr']:g} | {lr:g} | {cfg['fed.num-rounds']} | "
                     f"{cfg['fed.clients-per-round']} | {acc} | {hr:.4f} | "
                     f"`results/privacy-tuning/{name}` |")
@@ -259,6 +274,8 @@ def privacy_tuning_table() -> str:
             clip = "-" if c["privacy.mode"] == "none" else f"{c['privacy.max-grad-norm']:g}"
             eps = ("∞" if c["privacy.mode"] == "none" else "-" if c["privacy.target-epsilon"] <= 0
                    else f"{c['privacy.target-epsilon']:g}")
+            if c["privacy.mode"] == "user" and c["privacy.target-epsilon"] > 0:
+                eps = _user_run_epsilon(c, res)
             add(what, eps, c, clip, f"{c['train.batch-size']} x {c['train.local-epochs']}",
                 c["fed.server-lr"], res["summary"]["best"]["sampled/hr@10"]["mean"], f.name)
             continue
@@ -269,7 +286,7 @@ def privacy_tuning_table() -> str:
                 r.get("lr"))
     return "\n".join(rows) + ("\n\nEach file holds its command (where that command wrote "
                               "elsewhere, the file was copied from its --json path); all runs: "
-                              "ml-100k, model.pooling none, FedAdam, seed 0.")
+                              "ml-100k, FedAdam, seed 0.")
 
 
 AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
@@ -308,10 +325,11 @@ def audit_table() -> str:
 def bench_dp_table() -> str:
     rows = [("| model | plain local SGD s/update | DP-SGD s/update | DP / plain | per-row gradients "
             "of one batch | users (mean history) | command |"), "|---|---|---|---|---|---|---|"]
-    for name, label in (("bench_dp.json", "text, history-pooled user tower (default), "
-                         "exact gradient through the pool (`privacy.pool-gradient = \"full\"`)"),
-                        ("bench_dp_poolinput.json", "text, history-pooled user tower (default), "
-                         "pool as each row's input (`privacy.pool-gradient = \"none\"`)"),
+    pooled = "text, history-pooled user tower (default), "
+    for name, label in (("bench_dp.json", pooled + "exact gradient through the pool "
+                         "(`privacy.pool-gradient = \"full\"`)"),
+                        ("bench_dp_poolinput.json", pooled + "pool as each row's input "
+                         "(`privacy.pool-gradient = \"none\"`)"),
                         ("bench_dp_nopool.json", "text, `model.pooling = \"none\"`")):
         res = _load(name)
         if not res:
