@@ -16,7 +16,13 @@ import torch
 from fedrec.config import Config
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
-from fedrec.privacy import Accountant, dp_train_epoch, local_plan, noise_multiplier
+from fedrec.privacy import (
+    Accountant,
+    dp_train_epoch,
+    local_plan,
+    noise_multiplier,
+    secret_randomness,
+)
 from fedrec.protocol import Split
 from fedrec.train import Histories, make_optimizer, train_epoch, user_scores
 
@@ -118,11 +124,12 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
             raise ValueError("privacy.mode = 'sample' does not support FedProx's proximal term")
         sigma = noise_multiplier(cfg, len(data.history), participation)
         check_device_budget(cfg, accountant, sigma, len(data.history), participation)
+        sampling, noise = secret_randomness()  # not from seeds the server knows
         for _ in range(cfg.train.local_epochs):
             q, steps = dp_train_epoch(
-                model, local, opt, E_t, hist, cfg, rng,
+                model, local, opt, E_t, hist, cfg, sampling,
                 lambda n: sample_catalog_negatives(data, data.history, cfg.train.negatives, rng),
-                sigma, cfg.privacy.max_grad_norm)
+                sigma, cfg.privacy.max_grad_norm, noise)
             accountant.step(sigma, q, steps)
         new_local = {} if local is None else {"user": local.detach().reshape(-1).numpy().copy()}
         params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}

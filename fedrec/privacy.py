@@ -44,6 +44,11 @@ What the guarantee covers, honestly:
   the history (below).
 - Negatives are drawn from the whole catalog minus the row's own positive (not minus the
   history, whose contents would otherwise shape every row's negatives).
+- The noise and the Poisson sampling come from the operating system's entropy
+  (secret_randomness), not from the seeds a device's other randomness uses: those
+  (train.seed, user, round) are known to the server, which could replay the noise.
+  Simulated DP runs therefore do not repeat bit for bit. Floating-point attacks on the
+  Gaussian sampler (Mironov, 2012) are not defended against.
 - What a reply releases besides the DP-trained parameters must not depend on the data:
   num-examples is 1 (equal weights; the true count would change with one interaction) and
   no training loss is reported. Timing (how long the update took) is not protected.
@@ -56,6 +61,7 @@ What the guarantee covers, honestly:
 """
 
 import math
+import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -454,10 +460,21 @@ def clipped_grad_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: n
     return _vmap_clipped_sum(model, local, E, hist, rows, negs, loss, max_grad_norm)
 
 
+def secret_randomness() -> tuple[np.random.Generator, torch.Generator]:
+    """Generators seeded from the operating system's entropy, for what the guarantee needs
+    kept from the server: which rows a step sampled and the noise. A device's other seeds
+    (train.seed, its user index, the round) are known to the server, which could otherwise
+    replay the noise and subtract it."""
+    return (np.random.default_rng(secrets.randbits(128)),
+            torch.Generator().manual_seed(secrets.randbits(63)))
+
+
 def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Generator,
-                   negatives, noise_multiplier: float, max_grad_norm: float) -> tuple[float, int]:
-    """One epoch of DP-SGD with Poisson sampling over a one-user history.
-    Returns (sample_rate, steps) for the accountant."""
+                   negatives, noise_multiplier: float, max_grad_norm: float,
+                   noise_generator: torch.Generator | None = None) -> tuple[float, int]:
+    """One epoch of DP-SGD with Poisson sampling (rng) over a one-user history, Gaussian
+    noise from noise_generator (None: torch's global generator; a device passes
+    secret_randomness()). Returns (sample_rate, steps) for the accountant."""
     model.train()
     n = len(hist.items)
     q = min(1.0, cfg.train.batch_size / max(n, 1))
@@ -475,11 +492,12 @@ def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Ge
                                                   pool_gradient)
         for name, p in params.items():
             s = sums[name] if len(rows) else 0 * p
-            noise = torch.randn_like(p) * noise_multiplier * max_grad_norm
+            noise = torch.randn(p.shape, generator=noise_generator) * noise_multiplier * max_grad_norm
             p.grad = (s + noise) / (q * n)
         if local is not None:
             s = sum_local if len(rows) else torch.zeros(local.numel())
-            noise = torch.randn(local.numel()) * noise_multiplier * max_grad_norm
+            noise = (torch.randn(local.numel(), generator=noise_generator) * noise_multiplier
+                     * max_grad_norm)
             local.grad = ((s + noise) / (q * n)).reshape(local.shape)
         opt.step()
     return q, steps

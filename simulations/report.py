@@ -267,6 +267,8 @@ def privacy_tuning_table() -> str:
         c = res["config"]
         if "rows" not in res:  # one `fedrec simulate` run
             what = {"sample": "interaction"}.get(c["privacy.mode"], c["privacy.mode"])
+            if what == "interaction" and c["model.kind"] == "text" and c["model.pooling"] != "none":
+                what += " (history pool public)"
             if what != "none" and c["privacy.noise-multiplier"] == 0 == c["privacy.target-epsilon"]:
                 what += ", σ = 0: clipping alone (no guarantee)"
             elif c["fed.server-lr"] < 1e-9:
@@ -290,7 +292,8 @@ def privacy_tuning_table() -> str:
 
 
 AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
-          ("audit-nopool.json", "text, `model.pooling = \"none\"` as in the sweep, its trained model"))
+          ("audit-nopool.json", ("text, `model.pooling = \"none\"`, `model.dim = 32` as in "
+                                  "the sweep, its trained model")))
 
 
 def audit_table() -> str:

@@ -489,3 +489,22 @@ def test_pool_as_input_leaves_the_attention_alone_and_trains_the_rest(cfg, prepa
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) == k.startswith("attention."), k
     assert not torch.equal(loc.detach(), loc0)
+
+
+def test_device_noise_and_sampling_do_not_come_from_seeds_the_server_knows(cfg, prepared):
+    """The server knows train.seed, the user and the round (client_seed): DP-SGD's noise and
+    Poisson sampling must not be replayable from them. Same seed, noise on: different
+    updates; noise off and every row sampled: the same update."""
+    E = prepared.item_emb
+    data = ClientData.from_split(prepared.split, 0)
+    model = build_model(cfg, E.shape[1], prepared.split.n_items)
+    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+    def update(sigma, batch):
+        c = cfg.override(**{**DP, "privacy.noise-multiplier": sigma, "train.batch-size": batch})
+        params, _, _ = local_update(c, E, data, arrays, None, seed=7,
+                                    accountant=Accountant(c.privacy.accountant))
+        return np.concatenate([v.ravel() for v in params.values()])
+
+    assert not np.array_equal(update(1.0, 64), update(1.0, 64))
+    np.testing.assert_array_equal(update(0.0, 64), update(0.0, 64))  # q = 1: all rows

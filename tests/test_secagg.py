@@ -97,10 +97,14 @@ def adam_gain(cfg: Config, rnd: int = 1) -> float:
 @pytest.mark.parametrize("mode,strategy", [
     ("none", "fedavg"), ("user", "fedavg"), ("sample", "fedavg"),
     ("none", "fedprox"), ("none", "fedadam"), ("user", "fedadam")])
-def test_secagg_aggregates_what_fedavg_aggregates(tiny_root, tmp_path, mode, strategy):
+def test_secagg_aggregates_what_fedavg_aggregates(tiny_root, tmp_path, monkeypatch, mode,
+                                                  strategy):
     """The same round as without SecAgg, up to quantisation: FedAvg (plain, or over
     updates clipped on the devices, or DP-SGD ones), FedProx, and FedAdam's step on the
-    securely aggregated mean."""
+    securely aggregated mean. DP-SGD's noise comes from the operating system's entropy on
+    a device; here it is replayed from a fixed seed so that both runs draw the same."""
+    monkeypatch.setattr("fedrec.federated.secret_randomness", lambda: (
+        np.random.default_rng(0), torch.Generator().manual_seed(0)))
     extra = {"none": {}, "user": USER_DP, "sample": SAMPLE_DP}[mode]
     extra = {**extra, "fed.strategy": strategy}
     cfg, _, plain, want = _run(tiny_root, tmp_path, "plain", **extra)
