@@ -96,7 +96,7 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
             "max-grad-norm": cfg.privacy.max_grad_norm if unit != "none" else None,
             "clipping": cfg.privacy.clipping if unit == "user" else None,
             "batch-size": cfg.train.batch_size, "local-epochs": cfg.train.local_epochs,
-            "server-lr": cfg.fed.server_lr, "lr": cfg.train.lr,
+            "server-lr": cfg.fed.server_lr, "server-tau": cfg.fed.server_tau, "lr": cfg.train.lr,
             "rounds": max(len(ts) for ts in trains), "planned-rounds": cfg.fed.num_rounds,
             "clients-per-round": cfg.fed.clients_per_round,
             "seeds": [res["config"]["train.seed"] for res in runs],

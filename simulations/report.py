@@ -252,13 +252,15 @@ def privacy_tuning_table() -> str:
              "batch x local epochs | device lr | server lr | rounds | clients/round | "
              "accountant | sampled HR@10 (seed 0) | result file |"), "|---" * 14 + "|"]
 
-    def add(what, eps, cfg, clip, batch, lr, hr, name, device_lr=None):
+    def add(what, eps, cfg, clip, batch, lr, hr, name, device_lr=None, tau=None):
+        tau = cfg["fed.server-tau"] if tau is None else tau
+        lr = f"{lr:g}" + ("" if tau == 1e-8 else f" (τ {tau:g})")  # τ: the default unless said
         acc = "-" if what == "none" or what.startswith("none:") else cfg["privacy.accountant"]
         pooling = cfg["model.pooling"]
         if pooling != "none" and what.startswith("interaction"):
             pooling += f" (pool gradient {cfg.get('privacy.pool-gradient', 'full')})"
         rows.append(f"| {what} | {eps} | {pooling} | {cfg['model.dim']} | {cfg['model.hidden']} | {clip} | "
-                    f"{batch} | {device_lr or cfg['train.lr']:g} | {lr:g} | {cfg['fed.num-rounds']} | "
+                    f"{batch} | {device_lr or cfg['train.lr']:g} | {lr} | {cfg['fed.num-rounds']} | "
                     f"{cfg['fed.clients-per-round']} | {acc} | {hr:.4f} | "
                     f"`results/privacy-tuning/{name}` |")
 
@@ -285,7 +287,7 @@ def privacy_tuning_table() -> str:
             add(r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}", c,
                 "-" if r["max-grad-norm"] is None else _clip(r), _batch(r),
                 r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name,
-                r.get("lr"))
+                r.get("lr"), r.get("server-tau"))
     return "\n".join(rows) + ("\n\nEach file holds its command (where that command wrote "
                               "elsewhere, the file was copied from its --json path); all runs: "
                               "ml-100k, FedAdam, seed 0.")
