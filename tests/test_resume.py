@@ -253,7 +253,7 @@ def test_a_run_stored_before_a_key_existed_still_resumes(tiny_root, tmp_path, un
     (run_dir / "results.json").write_text(json.dumps({**whole, "config": old,
                                                       "status": "running"}))
     (run_dir / "final.safetensors").unlink()
-    code, out, err = run_cli("simulate", "--resume", str(run_dir), "--engine", "inprocess",
+    code, _out, err = run_cli("simulate", "--resume", str(run_dir), "--engine", "inprocess",
                              with_stdout=True)
     assert code == 0, err
     again = json.loads((run_dir / "results.json").read_text())
