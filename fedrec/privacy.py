@@ -484,6 +484,7 @@ def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Ge
     skip = no_gradient(model, pool_gradient)
     params = {k: p for k, p in model.named_parameters() if k not in skip}
     method = "direct" if direct_path_ok(model, local, pool_gradient) else "vmap"
+    std = noise_multiplier * max_grad_norm
     for _ in range(steps):
         rows = np.flatnonzero(rng.random(n) < q)
         if len(rows):
@@ -492,12 +493,10 @@ def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Ge
                                                   pool_gradient)
         for name, p in params.items():
             s = sums[name] if len(rows) else 0 * p
-            noise = torch.randn(p.shape, generator=noise_generator) * noise_multiplier * max_grad_norm
-            p.grad = (s + noise) / (q * n)
+            p.grad = (s + std * torch.randn(p.shape, generator=noise_generator)) / (q * n)
         if local is not None:
             s = sum_local if len(rows) else torch.zeros(local.numel())
-            noise = (torch.randn(local.numel(), generator=noise_generator) * noise_multiplier
-                     * max_grad_norm)
+            noise = std * torch.randn(local.numel(), generator=noise_generator)
             local.grad = ((s + noise) / (q * n)).reshape(local.shape)
         opt.step()
     return q, steps

@@ -231,20 +231,29 @@ def _clip(row: dict) -> str:
     return f"adaptive from {c}" if row.get("clipping") == "adaptive" else c
 
 
-def _user_run_epsilon(c: dict, res: dict) -> str:
-    """A `fedrec simulate` user-level run: its budget is privacy.target-epsilon, but its σ
-    is privacy.noise-multiplier (no solving), so say what its rounds spent."""
-    from fedrec.privacy import Accountant
+def _simulate_epsilon(cfg, res: dict) -> str:
+    """The ε column of a single `fedrec simulate` tuning run. A user-level one's σ is
+    privacy.noise-multiplier (nothing is solved; privacy.target-epsilon is only its budget),
+    so it says what its rounds spent (server.dp.user_epsilon)."""
+    from server.dp import user_epsilon
 
-    acc = Accountant(c["privacy.accountant"])
+    p = cfg.privacy
+    if p.mode == "none":
+        return "∞"
+    if p.target_epsilon <= 0:
+        return "-"
+    if p.mode == "sample":  # devices solve σ for the target
+        return f"{p.target_epsilon:g}"
     users = res["summary"]["best"]["users"]["mean"]  # every device evaluates: the population
-    acc.step(c["privacy.noise-multiplier"], c["fed.clients-per-round"] / users, c["fed.num-rounds"])
-    return (f"{acc.epsilon(c['privacy.delta']):.2f} (σ {c['privacy.noise-multiplier']:g}; "
-            f"budget {c['privacy.target-epsilon']:g})")
+    spent = user_epsilon(cfg, cfg.fed.num_rounds, cfg.fed.clients_per_round / users)
+    return f"{spent:.2f} (σ {p.noise_multiplier:g}; budget {p.target_epsilon:g})"
 
 
 def privacy_tuning_table() -> str:
     """The single-seed runs that chose the sweep's per-unit settings (results/privacy-tuning)."""
+    from fedrec.config import Config, stored_config
+    from fedrec.privacy import UNIT, describe
+
     files = sorted((ROOT / "results" / "privacy-tuning").glob("*.json"))
     if not files:
         return ""
@@ -252,42 +261,39 @@ def privacy_tuning_table() -> str:
              "batch x local epochs | device lr | server lr | rounds | clients/round | "
              "accountant | sampled HR@10 (seed 0) | result file |"), "|---" * 14 + "|"]
 
-    def add(what, eps, cfg, clip, batch, lr, hr, name, device_lr=None, tau=None):
-        tau = cfg["fed.server-tau"] if tau is None else tau
-        lr = f"{lr:g}" + ("" if tau == 1e-8 else f" (τ {tau:g})")  # τ: the default unless said
-        acc = "-" if what == "none" or what.startswith("none:") else cfg["privacy.accountant"]
-        pooling = cfg["model.pooling"]
-        if pooling != "none" and what.startswith("interaction"):
-            pooling += f" (pool gradient {cfg.get('privacy.pool-gradient', 'full')})"
-        rows.append(f"| {what} | {eps} | {pooling} | {cfg['model.dim']} | {cfg['model.hidden']} | {clip} | "
-                    f"{batch} | {device_lr or cfg['train.lr']:g} | {lr} | {cfg['fed.num-rounds']} | "
-                    f"{cfg['fed.clients-per-round']} | {acc} | {hr:.4f} | "
-                    f"`results/privacy-tuning/{name}` |")
+    def add(cfg, what, eps, clip, batch, lr, tau, device_lr, hr, name):
+        m, lr = cfg.model, f"{lr:g}" + ("" if tau == 1e-8 else f" (τ {tau:g})")  # τ unless default
+        pooling = m.pooling
+        if what.startswith("interaction") and describe(cfg).get("assumes"):
+            pooling += f" (pool gradient {cfg.privacy.pool_gradient})"
+        acc = "-" if what.startswith("none") else cfg.privacy.accountant
+        rows.append(f"| {what} | {eps} | {pooling} | {m.dim} | {m.hidden} | {clip} | {batch} | "
+                    f"{device_lr:g} | {lr} | {cfg.fed.num_rounds} | {cfg.fed.clients_per_round} | "
+                    f"{acc} | {hr:.4f} | `results/privacy-tuning/{name}` |")
 
     for f in files:
         res = json.loads(f.read_text())
-        c = res["config"]
+        cfg = Config.from_flat(stored_config(res["config"]))  # keys added since: their old values
         if "rows" not in res:  # one `fedrec simulate` run
-            what = {"sample": "interaction"}.get(c["privacy.mode"], c["privacy.mode"])
-            if what == "interaction" and c["model.kind"] == "text" and c["model.pooling"] != "none":
-                what += " (history pool public)"
-            if what != "none" and c["privacy.noise-multiplier"] == 0 == c["privacy.target-epsilon"]:
+            p = cfg.privacy
+            what = UNIT.get(p.mode, "none")
+            if describe(cfg).get("assumes"):
+                what += f" ({describe(cfg)['assumes']})"
+            if p.mode != "none" and p.noise_multiplier == 0 == p.target_epsilon:
                 what += ", σ = 0: clipping alone (no guarantee)"
-            elif c["fed.server-lr"] < 1e-9:
+            elif cfg.fed.server_lr < 1e-9:
                 what += ": global model frozen, devices train their own vectors"
-            clip = "-" if c["privacy.mode"] == "none" else f"{c['privacy.max-grad-norm']:g}"
-            eps = ("∞" if c["privacy.mode"] == "none" else "-" if c["privacy.target-epsilon"] <= 0
-                   else f"{c['privacy.target-epsilon']:g}")
-            if c["privacy.mode"] == "user" and c["privacy.target-epsilon"] > 0:
-                eps = _user_run_epsilon(c, res)
-            add(what, eps, c, clip, f"{c['train.batch-size']} x {c['train.local-epochs']}",
-                c["fed.server-lr"], res["summary"]["best"]["sampled/hr@10"]["mean"], f.name)
+            t = cfg.train
+            add(cfg, what, _simulate_epsilon(cfg, res),
+                "-" if p.mode == "none" else f"{p.max_grad_norm:g}",
+                f"{t.batch_size} x {t.local_epochs}", cfg.fed.server_lr, cfg.fed.server_tau, t.lr,
+                res["summary"]["best"]["sampled/hr@10"]["mean"], f.name)
             continue
         for r in res["rows"]:
-            add(r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}", c,
+            add(cfg, r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}",
                 "-" if r["max-grad-norm"] is None else _clip(r), _batch(r),
-                r.get("server-lr", c["fed.server-lr"]), r["sampled/hr@10"]["mean"], f.name,
-                r.get("lr"), r.get("server-tau"))
+                r.get("server-lr", cfg.fed.server_lr), r.get("server-tau", cfg.fed.server_tau),
+                r.get("lr", cfg.train.lr), r["sampled/hr@10"]["mean"], f.name)
     return "\n".join(rows) + ("\n\nEach file holds its command (where that command wrote "
                               "elsewhere, the file was copied from its --json path); all runs: "
                               "ml-100k, FedAdam, seed 0.")
