@@ -9,9 +9,9 @@ training interactions); each row is one positive with its sampled negatives and 
 leave-one-out history pool; each row's gradient (federated parameters + user-local
 residual, as one vector) is clipped to privacy.max-grad-norm C, the clipped gradients are
 summed, Gaussian noise N(0, (sigma C)^2) is added and the sum is divided by the expected
-batch size q n (Opacus' convention). Per-row gradients come from torch.func (vmap over
-grad) on the small model; the frozen PLM never runs (E is a constant input). Models whose
-rows share nothing (no history pool: FedMF, TextRec with pooling "none") take a direct
+batch size q n (Opacus' convention). The frozen PLM never runs (E is a constant input);
+torch.func (vmap over grad) computes per-row gradients of any model, and two exact paths
+avoid materialising them (per_row_method). Models whose rows share nothing (no history pool: FedMF, TextRec with pooling "none") take a direct
 path instead: one batched forward/backward to the outputs of their Linear/Embedding
 layers, each row's gradient norm from Gram matrices of its 1+K candidates' inputs and
 output gradients (the "ghost norm": a Linear layer's per-row gradient is
@@ -21,8 +21,10 @@ result equals the vmap path's (tests/test_privacy.py).
 
 History-pooled models (pooling attention/mean) choose with privacy.pool-gradient:
 - "full": each row's exact gradient, through its leave-one-out pool of the whole history
-  into the item adapter and the attention (torch.func; the shared history makes each
-  row's gradient cost ~ the history length, about 7x plain training here);
+  into the item adapter and the attention. The text model's norms come in closed form
+  from Gram matrices over the history (fedrec/pooled_norms.py) and the clipped sum from
+  one weighted backward pass; other history-pooled models (per-item ID vectors) use
+  torch.func, whose backward pass over the history per row cost about 7x plain training;
 - "none": the pool enters each row as an input, computed once per batch without gradient,
   as the guarantee already treats it (public side information, below). Rows then share
   nothing and take the direct path (the user adapter's inputs are one pool per row); the
@@ -70,6 +72,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from fedrec.model import pool_history, reads_history
+from fedrec.pooled_norms import pooled_clipped_sum, pooled_path_ok
 from fedrec.train import Histories, row_loss, row_losses
 
 UNIT = {"sample": "interaction", "user": "user"}
@@ -446,18 +449,31 @@ def _vmap_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: 
 
 def clipped_grad_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
                      loss: str, max_grad_norm: float, method: str = "auto",
-                     pool_gradient: str = "full"):
+                     pool_gradient: str = "full", cache: dict | None = None):
     """Sum over rows of each row's gradient clipped to max_grad_norm (federated parameters
     and user-local vector as one vector): ({name: tensor}, local sum [d] or None, per-row
-    norms [b]). method "direct" (ghost norms, direct_path_ok models), "vmap" (torch.func)
-    or "auto" (direct where it applies). pool_gradient "none": a history-pooled model's
-    pool is each row's input (direct path only)."""
-    if method == "direct" or (method == "auto"
-                              and direct_path_ok(model, local, pool_gradient)):
+    norms [b]). method "direct" (ghost norms, direct_path_ok models), "pooled" (ghost
+    norms through the history pool, pooled_path_ok models), "vmap" (torch.func) or "auto"
+    (per_row_method). pool_gradient "none": a history-pooled model's pool is each row's
+    input (direct path only). cache: see pooled_clipped_sum."""
+    if method == "auto":
+        method = per_row_method(model, local, pool_gradient)
+    if method == "direct":
         return _direct_clipped_sum(model, local, E, hist, rows, negs, loss, max_grad_norm)
     if model.uses_history and pool_gradient == "none":
         raise ValueError("privacy.pool-gradient = 'none' runs on the direct path only")
+    if method == "pooled":
+        return pooled_clipped_sum(model, local, E, hist, rows, negs, loss, max_grad_norm,
+                                  cache)
     return _vmap_clipped_sum(model, local, E, hist, rows, negs, loss, max_grad_norm)
+
+
+def per_row_method(model, local, pool_gradient: str = "full") -> str:
+    """The cheapest exact way to this model's clipped per-row gradients: "direct" (rows
+    share nothing), "pooled" (the text model through its history pool) or "vmap"."""
+    if direct_path_ok(model, local, pool_gradient):
+        return "direct"
+    return "pooled" if pooled_path_ok(model) and pool_gradient == "full" else "vmap"
 
 
 def secret_randomness() -> tuple[np.random.Generator, torch.Generator]:
@@ -483,14 +499,15 @@ def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Ge
     pool_gradient = cfg.privacy.pool_gradient
     skip = no_gradient(model, pool_gradient)
     params = {k: p for k, p in model.named_parameters() if k not in skip}
-    method = "direct" if direct_path_ok(model, local, pool_gradient) else "vmap"
+    method = per_row_method(model, local, pool_gradient)
     std = noise_multiplier * max_grad_norm
+    cache = {}
     for _ in range(steps):
         rows = np.flatnonzero(rng.random(n) < q)
         if len(rows):
             sums, sum_local, _ = clipped_grad_sum(model, local, E, hist, rows, negs[rows],
                                                   cfg.train.loss, max_grad_norm, method,
-                                                  pool_gradient)
+                                                  pool_gradient, cache)
         for name, p in params.items():
             s = sums[name] if len(rows) else 0 * p
             p.grad = (s + std * torch.randn(p.shape, generator=noise_generator)) / (q * n)

@@ -12,13 +12,13 @@ same local epochs and batch size, interleaved (user by user, order alternating) 
 repeated, after one untimed warm-up update of each kind (imports and first-call set-up,
 which a long-running device pays once; the accountant's per-(q, sigma) cache is emptied
 again after it); prints the mean per-update times and the ratio DP / plain (target <= 2).
-Per-row gradients come from torch.func for history-pooled models and from the direct
-ghost-norm path for models whose rows share nothing (model.pooling='none', fedmf; and a
-history-pooled model with privacy.pool-gradient='none', whose pool is each row's input;
-fedrec/privacy.py). The torch.func and Opacus reference timings always compute the
-exact gradient through the pool. For reference it also times one batch of per-row gradients with
-torch.func (fedrec/privacy.py), with Opacus' default hook-based GradSampleModule on the
-same model and loss, and (where it applies) the direct path's clipped sum. --run-config
+The clipped per-row gradients come from the path DP-SGD takes (fedrec.privacy.per_row_method):
+ghost norms through the history pool for the default text model (fedrec/pooled_norms.py),
+the direct ghost-norm path for models whose rows share nothing (model.pooling='none',
+fedmf; and a history-pooled model with privacy.pool-gradient='none', whose pool is each
+row's input), torch.func otherwise. For reference it also times one batch of per-row
+gradients with torch.func and with Opacus' default hook-based GradSampleModule on the same
+model and loss (both always exact through the pool), and that path's clipped sum. --run-config
 passes more config overrides; writes --json (default results/bench_dp.json).
 """
 
@@ -42,8 +42,8 @@ from fedrec.privacy import (
     Accountant,
     _rdp_per_step,
     clipped_grad_sum,
-    direct_path_ok,
     per_row_grads,
+    per_row_method,
 )
 from fedrec.results import machine, write_json
 from fedrec.train import row_loss
@@ -123,8 +123,9 @@ def main() -> None:
            "ratio_per_repeat": (times["dp"].sum(1) / times["plain"].sum(1)).tolist(),
            "history_length_mean": float(np.mean([len(c.history) for c in clients.values()]))}
     pool_gradient = base.privacy.pool_gradient
-    out["per_row_path"] = ("direct" if direct_path_ok(model, torch.zeros(1), pool_gradient)
-                           else "torch.func")
+    method = per_row_method(model, torch.zeros(1), pool_gradient)
+    out["per_row_path"] = {"direct": "direct", "pooled": "pooled ghost norms",
+                           "vmap": "torch.func"}[method]
     print(f"client update: plain {out['plain_seconds_mean']:.4f} s, DP-SGD "
           f"{out['dp_seconds_mean']:.4f} s, ratio DP/plain {ratio:.2f} (target <= 2)")
 
@@ -138,8 +139,8 @@ def main() -> None:
         if not model.uses_history:  # the user vector is loc alone: not a zero vector
             loc = (torch.randn(1, base.model.dim) * 0.1).requires_grad_()
         rng, t = np.random.default_rng(0), {"torch.func": [], "opacus": []}
-        if direct_path_ok(model, loc, pool_gradient):
-            t["direct (clipped sum)"] = []
+        if method != "vmap":
+            t[f"{method} (clipped sum)"] = []
         with torch.no_grad():
             gsm._module.local.weight.copy_(loc)
         for u in users:
@@ -155,7 +156,7 @@ def main() -> None:
                     per_row_grads(model, loc, E_t, hist, rows, negs, base.train.loss)
                 else:
                     clipped_grad_sum(model, loc, E_t, hist, rows, negs, base.train.loss,
-                                     base.privacy.max_grad_norm, "direct")
+                                     base.privacy.max_grad_norm, method, pool_gradient)
                 t[name].append(time.perf_counter() - t0)
         out["per_row_grads_batch_seconds"] = {k: float(np.mean(v)) for k, v in t.items()}
         print("per-row gradients of one batch: " + ", ".join(

@@ -57,7 +57,7 @@ def test_per_row_gradients_average_to_the_batch_gradient(tiny_root, kind):
 @pytest.mark.parametrize("pooling", ["attention", "none"])
 def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepared, pooling):
     # batch-size >= history: Poisson rate 1, one step per epoch = plain training's one batch
-    # (pooling "none" takes the direct per-row path, attention the torch.func one)
+    # (pooling "none" takes the direct per-row path, attention the pooled ghost norms)
     cfg = cfg.override(**{"train.batch-size": 64, "model.pooling": pooling})
     E = torch.from_numpy(prepared.item_emb)
     out = []
@@ -121,6 +121,64 @@ def test_direct_per_row_path_equals_the_torch_func_path(tiny_root, kind, loss):
     assert (norms > clip).any() and (norms < clip).any()  # the second clip clipped some rows
     pooled = build_model(tiny_config(tiny_root), 8, prepared.split.n_items)
     assert not direct_path_ok(pooled, loc)  # a history pool: rows share it
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+@pytest.mark.parametrize("with_local", [True, False])
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+def test_pooled_ghost_norms_equal_the_torch_func_path(tiny_root, pooling, with_local, loss):
+    """privacy.pool-gradient = "full" without per-row gradients (fedrec/pooled_norms.py):
+    per-row norms and the clipped sum through each row's leave-one-out pool of the whole
+    history equal torch.func's, with some rows clipped and none clipped; including a row
+    whose positive carries nearly all the attention (the second weight profile)."""
+    from fedrec.pipeline import prepare
+    from fedrec.pooled_norms import pooled_clipped_sum, pooled_path_ok
+    from fedrec.privacy import clipped_grad_sum, per_row_method
+
+    cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0,
+                                  "model.user-embedding": with_local, "train.loss": loss})
+    prepared = prepare(cfg)
+    model, loc, data, negs = _setup(cfg, prepared, local=with_local)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert pooled_path_ok(model) and per_row_method(model, loc) == "pooled"
+    assert per_row_method(model, loc, "none") == "direct"
+    assert per_row_method(build_model(cfg.override(**{"model.id-embeddings": True}), 8,
+                                      prepared.split.n_items), loc) == "vmap"
+    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
+    rows = np.arange(min(6, len(data.history)))
+    negs = negs.copy()
+    negs[2, 0] = data.history[1]  # another row's positive (and a pooled item) as a negative
+    cases = [None]
+    if pooling == "attention":  # then sharpen the attention until one item dominates
+        cases.append(0)
+    for boost in cases:
+        if boost is not None:
+            with torch.no_grad():
+                a = model.items(E[hist.items], hist.items)[2]
+                model.attention[2].weight.mul_(30.0 / (a.max() - a.min()).clamp_min(1e-3))
+                a = model.items(E[hist.items], hist.items)[2]
+            rows = np.array([int(a.argmax())] + [r for r in range(6) if r != int(a.argmax())][:4])
+            assert torch.exp(a - a.max()).sum() - 1 < 0.5  # the rest: under half the top's weight
+        g, gl = per_row_grads(model, loc, E, hist, rows, negs[rows], cfg.train.loss)
+        flat = [v.reshape(len(rows), -1) for v in g.values()] + ([] if gl is None else [gl])
+        norms = torch.cat(flat, 1).norm(dim=1)
+        cache = {}  # the history's text Gram, computed at the first call and then reused
+        for clip in (1e6, float(norms.median())):
+            got = pooled_clipped_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss, clip,
+                                     cache)
+            assert cache["K_x"][0] is hist.items
+            want = clipped_grad_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss,
+                                    clip, "vmap")
+            torch.testing.assert_close(got[2], norms, rtol=1e-4, atol=1e-5)
+            for name, w_ in want[0].items():
+                torch.testing.assert_close(got[0][name], w_, rtol=1e-4, atol=1e-5, msg=name)
+            if with_local:
+                torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+            else:
+                assert got[1] is None
+        assert (norms > clip).any() and (norms < clip).any()
 
 
 def test_vectorised_rdp_equals_opacus():
