@@ -38,7 +38,7 @@ from torch.func import functional_call, grad, vmap
 from fedrec.errors import FedrecError
 from fedrec.federated import ClientData, client_seed, local_update
 from fedrec.model import build_model
-from fedrec.privacy import Accountant
+from fedrec.privacy import EPSILON_METRIC, Accountant
 
 STATS = ("bias", "item-vector", "score", "grad-align")
 
@@ -189,7 +189,7 @@ def audit(cfg, E: np.ndarray, split, arrays: dict, target_list, log=print) -> di
                                        client_seed(cfg, u, 1),
                                        accountant=Accountant(cfg.privacy.accountant),
                                        participation=participation)
-        eps.append(metrics.get("epsilon", float("inf")))
+        eps.append(metrics.get(EPSILON_METRIC, float("inf")))
         sigma.append(metrics.get("noise-multiplier", 0.0))
         scores = attack_scores(cfg, E, arrays, new, np.concatenate([members, non]))
         for s, v in scores.items():

@@ -17,6 +17,7 @@ from fedrec.config import Config
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
 from fedrec.privacy import (
+    EPSILON_METRIC,
     Accountant,
     dp_train_epoch,
     local_plan,
@@ -135,7 +136,7 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         # num-examples 1: the true count would itself reveal whether one interaction is there
         return params, new_local, {"num-examples": 1, "noise-multiplier": sigma,
-                                   "epsilon": accountant.epsilon(cfg.privacy.delta)}
+                                   EPSILON_METRIC: accountant.epsilon(cfg.privacy.delta)}
     losses = [train_epoch(model, local, opt, E_t, hist, cfg, rng,
                           lambda segs: sample_client_negatives(data, len(segs),
                                                                cfg.train.negatives, rng),

@@ -76,6 +76,7 @@ from fedrec.pooled_norms import pooled_clipped_sum, pooled_path_ok
 from fedrec.train import Histories, row_loss, row_losses
 
 UNIT = {"sample": "interaction", "user": "user"}
+EPSILON_METRIC = "epsilon"  # a device's cumulative sample-level ε in every train reply
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 

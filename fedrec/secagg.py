@@ -73,7 +73,7 @@ from fedrec.federated import (
 )
 from fedrec.local_store import keep, restore
 from fedrec.model import build_model
-from fedrec.privacy import Accountant
+from fedrec.privacy import EPSILON_METRIC, Accountant
 
 DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
 MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
@@ -164,7 +164,7 @@ class Device(NumPyClient):
         if not simulated:
             weight = min(weight, DEVICE_MAX_WEIGHT)
         # the plaintext reply carries no data-dependent value but the device's own ε
-        return update, weight, ({"epsilon": float(metrics["epsilon"])} if acc is not None else {})
+        return update, weight, ({EPSILON_METRIC: float(metrics[EPSILON_METRIC])} if acc is not None else {})
 
     def evaluate(self, parameters, config):
         cfg, E, data, arrays, local, _, seed, *_ = self._load(parameters, config, False)
@@ -292,9 +292,9 @@ class SecAggFedAvg(FedAvg):
                 from server.dp import user_epsilon
 
                 stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
-        if n and "epsilon" in results[0][1].metrics:  # sample-level DP: devices' own ε
+        if n and EPSILON_METRIC in results[0][1].metrics:  # sample-level DP: devices' own ε
             for proxy, res in results:
-                self.epsilon[proxy.node_id] = float(res.metrics["epsilon"])
+                self.epsilon[proxy.node_id] = float(res.metrics[EPSILON_METRIC])
             eps = list(self.epsilon.values())
             stats["epsilon-max"], stats["epsilon-mean"] = max(eps), sum(eps) / len(eps)
         stats["kept-previous"] = int(arrays is None)

@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from fedrec.privacy import EPSILON_METRIC
+
 REASONS = ("error", "timeout", "malformed", "keys", "shape", "nonfinite")
 WEIGHT = "num-examples"
-EPSILON = "epsilon"  # a device's cumulative sample-level ε (fedrec/federated.py)
 
 
 def _metrics_problem(msg: Message, min_weight: float) -> str | None:
@@ -35,7 +36,7 @@ def _metrics_problem(msg: Message, min_weight: float) -> str | None:
     values = dict(metrics["metrics"])
     if any(isinstance(v, (list, bool)) or not isinstance(v, (int, float)) for v in values.values()):
         return "malformed"
-    if not all(np.isfinite(v) or (k == EPSILON and v == np.inf) for k, v in values.items()):
+    if not all(np.isfinite(v) or (k == EPSILON_METRIC and v == np.inf) for k, v in values.items()):
         return "nonfinite"
     if WEIGHT not in values or values[WEIGHT] < min_weight:
         return "malformed"

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from fedrec.config import Config
 from fedrec.errors import FedrecError
 from fedrec.federated import aggregate_client_metrics
+from fedrec.privacy import EPSILON_METRIC
 from server.dp import add_noise
 from server.replies import (
     bound_update,
@@ -123,9 +124,9 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                 stats["upload-bytes"] = sum(  # from metadata: no need to deserialise
                     int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                     for a in ok[0].content["arrays"].values())
-            if ok and "epsilon" in ok[0].content["metrics"]:  # sample-level DP (privacy.py)
+            if ok and EPSILON_METRIC in ok[0].content["metrics"]:  # sample-level DP (privacy.py)
                 for m in ok:
-                    self.epsilon[m.metadata.src_node_id] = float(m.content["metrics"]["epsilon"])
+                    self.epsilon[m.metadata.src_node_id] = float(m.content["metrics"][EPSILON_METRIC])
                 eps = list(self.epsilon.values())  # every device that has trained so far
                 stats["epsilon-max"], stats["epsilon-mean"] = max(eps), sum(eps) / len(eps)
             # update norms (before any bounding): what fed.max-update-norm should be set from
