@@ -76,13 +76,17 @@ def _tower_sq(xx, xa, K, g_inst, q, P, ctx) -> torch.Tensor:
     (adapter input layer), "O" (P = I) or None (attention, P = 0)."""
     delta, y, eta, lam, W, profiles, prof, mu = (ctx[k] for k in (
         "delta", "y", "eta", "lam", "W", "profiles", "prof", "mu"))
+    # |sum_i outer(g_ri, x_ri)|^2: the row's own instances
     sq = (xx * (g_inst @ g_inst.transpose(1, 2))).sum((1, 2))
+    # 2 lam_r sum_i <outer(g_ri, x_ri), M_r> = 2 lam_r sum_ij w_j <psi_rj, g_ri> <A_j, x_ri>
     pg = eta[:, None] * torch.einsum("bik,jk->bij", g_inst, q)
     if P == "I":
         pg = pg + torch.einsum("bik,jk->bij", y[:, None] * g_inst, mu)
     elif P == "O":
         pg = pg + (delta[:, None] * g_inst).sum(-1, keepdim=True)
     sq = sq + 2 * lam * (W[:, None] * xa * pg).sum((1, 2))
+    # lam_r^2 |M_r|^2 = lam_r^2 sum_jj' w_j w_j' K_jj' <psi_rj, psi_rj'>, psi = P delta + eta q:
+    # the eta-eta part, then (P "I" / "O") the delta-delta and the two delta-eta parts
     kqq = K * (q @ q.T)
     m2 = torch.zeros_like(lam)
     for k, w in enumerate(profiles):  # Omega = diag(w) K diag(w), never formed

@@ -181,6 +181,35 @@ def test_pooled_ghost_norms_equal_the_torch_func_path(tiny_root, pooling, with_l
         assert (norms > clip).any() and (norms < clip).any()
 
 
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_pooled_ghost_norms_on_the_shortest_histories(tiny_root, pooling):
+    """One history item (its row's pool is empty) and two or three: the same clipped sums
+    and norms as torch.func."""
+    from fedrec.pipeline import prepare
+    from fedrec.privacy import clipped_grad_sum
+    from fedrec.train import Histories
+
+    cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0})
+    prepared = prepare(cfg)
+    E = torch.from_numpy(prepared.item_emb)
+    torch.manual_seed(0)
+    model = build_model(cfg, E.shape[1], prepared.split.n_items)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    loc = torch.randn(1, cfg.model.dim) * 0.1
+    for n in (1, 2, 3):
+        hist = Histories(torch.arange(n) + 3, torch.zeros(n, dtype=torch.long), 1)
+        rows = np.arange(n)
+        negs = np.random.default_rng(n).integers(0, prepared.split.n_items, (n, 4))
+        got, want = (clipped_grad_sum(model, loc, E, hist, rows, negs, "bce", 0.5, method)
+                     for method in ("pooled", "vmap"))
+        torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-5)
+        for name, w in want[0].items():
+            torch.testing.assert_close(got[0][name], w, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
 def test_vectorised_rdp_equals_opacus():
     from opacus.accountants.analysis.rdp import compute_rdp
 
