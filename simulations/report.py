@@ -249,8 +249,16 @@ def _simulate_epsilon(cfg, res: dict) -> str:
     return f"{spent:.2f} (σ {p.noise_multiplier:g}; budget {p.target_epsilon:g})"
 
 
+def _hr(stat: dict, seeds: list) -> str:
+    """A tuning run's HR@10: the value (seed 0), or mean ± std with its seeds."""
+    if len(seeds) == 1:
+        return f"{stat['mean']:.4f}" + ("" if seeds[0] == 0 else f" (seed {seeds[0]})")
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f} (seeds {','.join(map(str, seeds))})"
+
+
 def privacy_tuning_table() -> str:
-    """The single-seed runs that chose the sweep's per-unit settings (results/privacy-tuning)."""
+    """The runs that chose the sweep's per-unit settings (results/privacy-tuning): one seed
+    each, except where a file holds several (mean ± std over them)."""
     from fedrec.config import Config, stored_config
     from fedrec.privacy import UNIT, describe
 
@@ -259,7 +267,8 @@ def privacy_tuning_table() -> str:
         return ""
     rows = [("| unit of privacy | ε | model.pooling | model.dim | model.hidden | C | "
              "batch x local epochs | device lr | server lr | rounds | clients/round | "
-             "accountant | sampled HR@10 (seed 0) | result file |"), "|---" * 14 + "|"]
+             "accountant | sampled HR@10 (seed 0, or mean ± std over the seeds shown) | "
+             "result file |"), "|---" * 14 + "|"]
 
     def add(cfg, what, eps, clip, batch, lr, tau, device_lr, hr, name):
         m, lr = cfg.model, f"{lr:g}" + ("" if tau == 1e-8 else f" (τ {tau:g})")  # τ unless default
@@ -269,7 +278,7 @@ def privacy_tuning_table() -> str:
         acc = "-" if what.startswith("none") else cfg.privacy.accountant
         rows.append(f"| {what} | {eps} | {pooling} | {m.dim} | {m.hidden} | {clip} | {batch} | "
                     f"{device_lr:g} | {lr} | {cfg.fed.num_rounds} | {cfg.fed.clients_per_round} | "
-                    f"{acc} | {hr:.4f} | `results/privacy-tuning/{name}` |")
+                    f"{acc} | {hr} | `results/privacy-tuning/{name}` |")
 
     for f in files:
         res = json.loads(f.read_text())
@@ -287,16 +296,17 @@ def privacy_tuning_table() -> str:
             add(cfg, what, _simulate_epsilon(cfg, res),
                 "-" if p.mode == "none" else f"{p.max_grad_norm:g}",
                 f"{t.batch_size} x {t.local_epochs}", cfg.fed.server_lr, cfg.fed.server_tau, t.lr,
-                res["summary"]["best"]["sampled/hr@10"]["mean"], f.name)
+                _hr(res["summary"]["best"]["sampled/hr@10"], [r["seed"] for r in res["runs"]]),
+                f.name)
             continue
         for r in res["rows"]:
             add(cfg, r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}",
                 "-" if r["max-grad-norm"] is None else _clip(r), _batch(r),
                 r.get("server-lr", cfg.fed.server_lr), r.get("server-tau", cfg.fed.server_tau),
-                r.get("lr", cfg.train.lr), r["sampled/hr@10"]["mean"], f.name)
+                r.get("lr", cfg.train.lr), _hr(r["sampled/hr@10"], r.get("seeds", [0])), f.name)
     return "\n".join(rows) + ("\n\nEach file holds its command (where that command wrote "
                               "elsewhere, the file was copied from its --json path); all runs: "
-                              "ml-100k, FedAdam, seed 0.")
+                              "ml-100k, FedAdam.")
 
 
 AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
