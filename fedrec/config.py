@@ -74,6 +74,7 @@ class FedConfig:
     strategy: str
     num_rounds: int
     clients_per_round: int
+    sampling: str  # uniform | balanced (server/strategy.py)
     eval_every: int
     proximal_mu: float
     server_lr: float
@@ -197,6 +198,7 @@ _CHOICES = {
     "privacy.accountant": ("rdp", "prv", "gdp"),
     "privacy.clipping": ("fixed", "adaptive"),
     "privacy.pool-gradient": ("full", "none"),
+    "fed.sampling": ("uniform", "balanced"),
 }
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
@@ -263,6 +265,14 @@ def _validate(cfg: Config) -> None:
         raise FedrecError("config: 'privacy.clipping' = 'adaptive' does not work with "
                           "secagg.enabled (the server would need each device's clipped bit in "
                           "the clear); use privacy.clipping = 'fixed' with SecAgg+")
+    if flat["fed.sampling"] == "balanced" and flat["privacy.mode"] == "user":
+        raise FedrecError("config: 'fed.sampling' = 'balanced' does not work with privacy.mode "
+                          "= 'user' (its accountant's ε assumes each round samples devices at "
+                          "random); use fed.sampling = 'uniform'")
+    if flat["fed.sampling"] == "balanced" and flat["secagg.enabled"]:
+        raise FedrecError("config: 'fed.sampling' = 'balanced' does not work with "
+                          "secagg.enabled (Flower's legacy SecAgg+ path samples devices "
+                          "itself); use fed.sampling = 'uniform'")
     _check_template(flat["data.item-template"])
 
 
@@ -297,7 +307,8 @@ LOCATION_KEYS = ("fed.run-dir", "fed.resume")  # where a run lives, not what it 
 # what a run stored without it did (add every new key here).
 ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used before the key
               "privacy.clipping": "fixed", "privacy.clipped-quantile": 0.5,
-              "privacy.clip-norm-lr": 0.2, "privacy.pool-gradient": "full"}
+              "privacy.clip-norm-lr": 0.2, "privacy.pool-gradient": "full",
+              "fed.sampling": "uniform"}
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

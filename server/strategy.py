@@ -5,6 +5,7 @@ the run.
 Around the chosen Flower strategy, every round:
 - sampling is seeded by (train.seed, round), so a resumed run samples what the
   uninterrupted one would have (given the same node ids, as in the in-process engine);
+  fed.sampling = "balanced" trains the devices in a seeded order, k at a time in turn;
 - replies are checked before Flower sees them (server/replies.py): bad ones are dropped
   and counted, updates are norm-bounded when fed.max-update-norm > 0, and with fewer
   than fed.min-replies valid replies the round keeps the previous global model;
@@ -12,7 +13,7 @@ Around the chosen Flower strategy, every round:
 """
 
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
@@ -51,6 +52,31 @@ def _seeded_sampling(seed: int, server_round: int):
         yield
     finally:
         random.setstate(outer)
+
+
+@contextmanager
+def _balanced_sampling(seed: int, server_round: int):
+    """fed.sampling = "balanced": a seeded order of the connected devices, taken k at a
+    time in turn (round t trains positions (t - 1) k .. t k - 1, wrapping around), so every
+    device joins the same number of rounds, +-1, and none more than ceil(T k / N): the
+    participation sample-level DP solves sigma for. Flower's configure_train samples with
+    its module's sample_nodes, which this replaces for one call (it still waits for the
+    devices as Flower does)."""
+    import flwr.serverapp.strategy.fedavg as flower_fedavg
+
+    flower_sample = flower_fedavg.sample_nodes
+
+    def in_turn(grid, min_available_nodes: int, sample_size: int):
+        _, nodes = flower_sample(grid, min_available_nodes, sample_size)
+        order = np.asarray(sorted(nodes))[np.random.default_rng([seed, 1]).permutation(len(nodes))]
+        start = (server_round - 1) * sample_size
+        return [int(order[(start + i) % len(order)]) for i in range(sample_size)], nodes
+
+    flower_fedavg.sample_nodes = in_turn
+    try:
+        yield
+    finally:
+        flower_fedavg.sample_nodes = flower_sample
 
 
 def clients_per_round(cfg: Config, population: int) -> int:
@@ -96,7 +122,9 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
         def _configure(self, kind, server_round, arrays, config, grid):
             rnd = server_round + done_rounds
             parent = getattr(super(), f"configure_{kind}")
-            with _seeded_sampling(cfg.train.seed, rnd):
+            balanced = kind == "train" and cfg.fed.sampling == "balanced"
+            with _seeded_sampling(cfg.train.seed, rnd), (
+                    _balanced_sampling(cfg.train.seed, rnd) if balanced else nullcontext()):
                 messages = list(parent(rnd, arrays, config, grid))
             self.expected[kind] = len(messages)
             return messages

@@ -12,6 +12,9 @@
 # - interaction (DP-SGD on the device): C = 1 on each row's gradient (about the median
 #   per-row norm); batch 256 with 1 local epoch, i.e. one full-history step per round
 #   (as good as batches of 32 for 2 epochs at a sixth of the DP-SGD work); server lr 0.01;
+#   fed.sampling = 'balanced': devices train in a seeded order, k at a time in turn, so
+#   each joins the ceil(T k / N) rounds its sigma is solved for and none declines a round
+#   for lack of budget (with uniform sampling about half of a late round's devices did);
 # - user (DP-FedAvg): 5 local epochs, C = 0.03 on each whole update (about 0.6 of the
 #   non-private run's median update norm, its results.json "update-norm-median");
 #   server lr 0.1: FedAdam's steps are normalised by the noise, so larger ones pay off.
@@ -22,11 +25,11 @@
 # cell and writes the one table (results/privacy_sweep.json) and plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-$HOME/.cache/fedrec/runs/privacy-sweep-d32}
+RUNS=${RUNS:-$HOME/.cache/fedrec/runs/privacy-sweep-d32b}
 export OMP_NUM_THREADS=1
 sweep() {
   .venv/bin/fedrec privacy-sweep --run-config "model.pooling='none' model.dim=32 fed.num-rounds=50 fed.eval-every=25 train.local-epochs=5 fed.server-lr=0.03 privacy.accountant='prv'" \
-    --interaction-run-config "privacy.max-grad-norm=1.0 train.batch-size=256 train.local-epochs=1 fed.server-lr=0.01" \
+    --interaction-run-config "privacy.max-grad-norm=1.0 train.batch-size=256 train.local-epochs=1 fed.server-lr=0.01 fed.sampling='balanced'" \
     --user-run-config "privacy.max-grad-norm=0.03 fed.server-lr=0.1" --runs-dir "$RUNS" "$@"
 }
 sweep --units user --epsilons inf,8,4,2,1 --seeds 0,1,2 > "$RUNS.a.log" 2>&1 &

@@ -82,6 +82,17 @@ def test_bad_values_name_the_key(key, value, match):
         Config.from_flat({**DEFAULTS, key: value})
 
 
+def test_balanced_sampling_is_refused_where_random_sampling_is_assumed():
+    ok = Config.from_flat({**DEFAULTS, "fed.sampling": "balanced", "privacy.mode": "sample"})
+    assert ok.fed.sampling == "balanced"
+    for extra, match in (({"privacy.mode": "user"}, r"privacy.mode = 'user'.*use fed.sampling"),
+                         ({"secagg.enabled": True}, r"secagg.enabled.*use fed.sampling")):
+        with pytest.raises(FedrecError, match=r"'fed.sampling' = 'balanced' does not work "
+                                              r"with " + match) as exc:
+            Config.from_flat({**DEFAULTS, "fed.sampling": "balanced", **extra})
+        assert "\n" not in str(exc.value)
+
+
 def test_pooling_none_needs_the_user_embedding():
     ok = Config.from_flat({**DEFAULTS, "model.pooling": "none"})
     assert ok.model.pooling == "none" and ok.model.user_embedding

@@ -466,6 +466,38 @@ def test_a_device_declines_a_round_that_would_exceed_its_budget(cfg, prepared):
     assert 0.98 * 2.0 <= acc.epsilon(1e-4) <= 2.0
 
 
+def test_balanced_sampling_spends_every_budget_without_declined_rounds(cfg, prepared):
+    """fed.sampling = "balanced": 6 rounds of 4 of the 13 devices train each device in 1 or
+    2 rounds (the planned ceil(6 x 4 / 13) = 2), so no device declines; uniform sampling
+    with the same seed asks some device a third time and it declines."""
+    from fedrec.inprocess import InProcessGrid
+
+    class Counting(InProcessGrid):
+        def _call(self, msg):
+            if msg.metadata.message_type == "train":
+                self.trained.append(msg.metadata.dst_node_id)
+            return super()._call(msg)
+
+    out = {}
+    for sampling in ("balanced", "uniform"):
+        c = cfg.override(**DP, **{"privacy.target-epsilon": 4.0, "fed.num-rounds": 6,
+                                  "fed.clients-per-round": 4, "fed.eval-every": 6,
+                                  "fed.sampling": sampling})
+        grid = Counting(clients.app.app, c.to_flat(), prepared.split.n_users)
+        grid.trained = []
+        _, results = run_inprocess(c, grid)
+        counts = np.bincount(grid.trained, minlength=prepared.split.n_users + 1)[1:]
+        trains = [r["train"] for r in results["rounds"] if "train" in r]
+        out[sampling] = (counts, sum(t["failures"] for t in trains), trains)
+    counts, failures, trains = out["balanced"]
+    assert prepared.split.n_users == 13 and counts.sum() == 24
+    assert set(counts) == {1, 2} and failures == 0
+    assert all(t["clients"] == 4 for t in trains)
+    assert max(t["epsilon-max"] for t in trains) <= 4.0
+    counts, failures, _ = out["uniform"]
+    assert counts.max() > 2 and failures == (counts - 2).clip(0).sum()
+
+
 def test_a_resumed_simulated_device_continues_its_epsilon(cfg, prepared, tmp_path):
     """A killed simulation loses context.state; the device's disk keeps its accountant
     history with its user-local state, so after --resume ε continues, not restarts."""
