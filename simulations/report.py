@@ -292,6 +292,8 @@ def privacy_tuning_table() -> str:
                 what += ", σ = 0: clipping alone (no guarantee)"
             elif cfg.fed.server_lr < 1e-9:
                 what += ": global model frozen, devices train their own vectors"
+            if cfg.fed.sampling != "uniform":
+                what += f", {cfg.fed.sampling} sampling"
             t = cfg.train
             add(cfg, what, _simulate_epsilon(cfg, res),
                 "-" if p.mode == "none" else f"{p.max_grad_norm:g}",
