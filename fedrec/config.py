@@ -256,23 +256,28 @@ def _validate(cfg: Config) -> None:
     for key, ok, rule in checks:
         if not ok:
             raise FedrecError(f"config: '{key}' must be {rule}; got {_short(flat[key])}")
-    if (flat["model.kind"] == "text" and flat["model.pooling"] == "none"
-            and not flat["model.user-embedding"]):
-        raise FedrecError("config: 'model.pooling' = 'none' needs model.user-embedding = true "
-                          "(the user vector is then the user-local embedding alone); set "
-                          "model.user-embedding=true or model.pooling to attention or mean")
-    if flat["privacy.clipping"] == "adaptive" and flat["secagg.enabled"]:
-        raise FedrecError("config: 'privacy.clipping' = 'adaptive' does not work with "
-                          "secagg.enabled (the server would need each device's clipped bit in "
-                          "the clear); use privacy.clipping = 'fixed' with SecAgg+")
-    if flat["fed.sampling"] == "balanced" and flat["privacy.mode"] == "user":
-        raise FedrecError("config: 'fed.sampling' = 'balanced' does not work with privacy.mode "
-                          "= 'user' (its accountant's ε assumes each round samples devices at "
-                          "random); use fed.sampling = 'uniform'")
-    if flat["fed.sampling"] == "balanced" and flat["secagg.enabled"]:
-        raise FedrecError("config: 'fed.sampling' = 'balanced' does not work with "
-                          "secagg.enabled (Flower's legacy SecAgg+ path samples devices "
-                          "itself); use fed.sampling = 'uniform'")
+    balanced = flat["fed.sampling"] == "balanced"
+    conflicts = [  # (settings that do not go together, the message naming the fix)
+        (flat["model.kind"] == "text" and flat["model.pooling"] == "none"
+         and not flat["model.user-embedding"],
+         ("'model.pooling' = 'none' needs model.user-embedding = true (the user vector is then "
+          "the user-local embedding alone); set model.user-embedding=true or model.pooling to "
+          "attention or mean")),
+        (flat["privacy.clipping"] == "adaptive" and flat["secagg.enabled"],
+         ("'privacy.clipping' = 'adaptive' does not work with secagg.enabled (the server would "
+          "need each device's clipped bit in the clear); use privacy.clipping = 'fixed' with "
+          "SecAgg+")),
+        (balanced and flat["privacy.mode"] == "user",
+         ("'fed.sampling' = 'balanced' does not work with privacy.mode = 'user' (its "
+          "accountant's ε assumes each round samples devices at random); use fed.sampling = "
+          "'uniform'")),
+        (balanced and flat["secagg.enabled"],
+         ("'fed.sampling' = 'balanced' does not work with secagg.enabled (Flower's legacy "
+          "SecAgg+ path samples devices itself); use fed.sampling = 'uniform'")),
+    ]
+    for conflict, message in conflicts:
+        if conflict:
+            raise FedrecError(f"config: {message}")
     _check_template(flat["data.item-template"])
 
 
