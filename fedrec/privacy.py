@@ -11,8 +11,8 @@ residual, as one vector) is clipped to privacy.max-grad-norm C, the clipped grad
 summed, Gaussian noise N(0, (sigma C)^2) is added and the sum is divided by the expected
 batch size q n (Opacus' convention). The frozen PLM never runs (E is a constant input);
 torch.func (vmap over grad) computes per-row gradients of any model, and two exact paths
-avoid materialising them (per_row_method). Models whose rows share nothing (no history pool: FedMF, TextRec with pooling "none") take a direct
-path instead: one batched forward/backward to the outputs of their Linear/Embedding
+avoid materialising them (per_row_method). Models whose rows share nothing (no history
+pool: FedMF, TextRec with pooling "none") take a direct path: one batched forward/backward to the outputs of their Linear/Embedding
 layers, each row's gradient norm from Gram matrices of its 1+K candidates' inputs and
 output gradients (the "ghost norm": a Linear layer's per-row gradient is
 sum_c outer(g_c, a_c), whose squared norm is sum_{c,c'} <g_c, g_c'><a_c, a_c'>), and the
@@ -22,8 +22,8 @@ result equals the vmap path's (tests/test_privacy.py).
 History-pooled models (pooling attention/mean) choose with privacy.pool-gradient:
 - "full": each row's exact gradient, through its leave-one-out pool of the whole history
   into the item adapter and the attention. The text model's norms come in closed form
-  from Gram matrices over the history (fedrec/pooled_norms.py) and the clipped sum from
-  one weighted backward pass; other history-pooled models (per-item ID vectors) use
+  from Gram matrices over the history (fedrec/pooled_norms.py) and the clipped sum by
+  book-keeping (one matmul per layer); other history-pooled models (per-item ID vectors) use
   torch.func, whose backward pass over the history per row cost about 7x plain training;
 - "none": the pool enters each row as an input, computed once per batch without gradient,
   as the guarantee already treats it (public side information, below). Rows then share
