@@ -12,9 +12,9 @@ summed, Gaussian noise N(0, (sigma C)^2) is added and the sum is divided by the 
 batch size q n (Opacus' convention). The frozen PLM never runs (E is a constant input);
 torch.func (vmap over grad) computes per-row gradients of any model, and two exact paths
 avoid materialising them (per_row_method). Models whose rows share nothing (no history
-pool: FedMF, TextRec with pooling "none") take a direct path: one batched forward/backward to the outputs of their Linear/Embedding
-layers, each row's gradient norm from Gram matrices of its 1+K candidates' inputs and
-output gradients (the "ghost norm": a Linear layer's per-row gradient is
+pool: FedMF, TextRec with pooling "none") take a direct path: one batched forward/
+backward pass to the outputs of their Linear/Embedding layers, each row's gradient norm
+from Gram matrices of its 1+K candidates' inputs and output gradients (the "ghost norm": a Linear layer's per-row gradient is
 sum_c outer(g_c, a_c), whose squared norm is sum_{c,c'} <g_c, g_c'><a_c, a_c'>), and the
 clipped sum as one matmul per layer; no per-row gradient is materialised, and the
 result equals the vmap path's (tests/test_privacy.py).
