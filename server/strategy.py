@@ -68,9 +68,10 @@ def _balanced_sampling(seed: int, server_round: int):
 
     def in_turn(grid, min_available_nodes: int, sample_size: int):
         _, nodes = flower_sample(grid, min_available_nodes, sample_size)
-        order = np.asarray(sorted(nodes))[np.random.default_rng([seed, 1]).permutation(len(nodes))]
+        ids = sorted(nodes)  # Python ints: node ids use all 64 bits, beyond numpy's int64
+        order = [ids[i] for i in np.random.default_rng([seed, 1]).permutation(len(ids))]
         start = (server_round - 1) * sample_size
-        return [int(order[(start + i) % len(order)]) for i in range(sample_size)], nodes
+        return [order[(start + i) % len(order)] for i in range(sample_size)], nodes
 
     flower_fedavg.sample_nodes = in_turn
     try:

@@ -498,6 +498,29 @@ def test_balanced_sampling_spends_every_budget_without_declined_rounds(cfg, prep
     assert counts.max() > 2 and failures == (counts - 2).clip(0).sum()
 
 
+def test_balanced_sampling_keeps_64_bit_node_ids_and_takes_each_device_in_turn():
+    """Flower's node ids use all 64 bits (a SuperLink's are random); the balanced order
+    must hand back exactly those ids, k at a time, each once per pass over the devices."""
+    import flwr.serverapp.strategy.fedavg as flower_fedavg
+
+    from server.strategy import _balanced_sampling
+
+    class Grid:
+        def get_node_ids(self):
+            # as a SuperLink's random ids: some above 2**63, some below, none exact in float
+            return [2**64 - 1 - 7 * i for i in range(5)] + [2**62 + 3 * i for i in range(5)]
+
+    ids, seen = set(Grid().get_node_ids()), []
+    for rnd in range(1, 6):  # 5 rounds of 4 of 10 devices: two passes
+        with _balanced_sampling(seed=3, server_round=rnd):
+            picked, nodes = flower_fedavg.sample_nodes(Grid(), 10, 4)
+        assert set(nodes) == ids and len(set(picked)) == 4 and set(picked) <= ids
+        seen += picked
+    assert seen[:10] != sorted(seen[:10])  # a seeded order, not the sorted one
+    assert sorted(seen[:10]) == sorted(ids) == sorted(seen[10:])
+    assert flower_fedavg.sample_nodes.__name__ == "sample_nodes"  # Flower's own, restored
+
+
 def test_a_resumed_simulated_device_continues_its_epsilon(cfg, prepared, tmp_path):
     """A killed simulation loses context.state; the device's disk keeps its accountant
     history with its user-local state, so after --resume ε continues, not restarts."""
