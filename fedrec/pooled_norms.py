@@ -203,14 +203,20 @@ def pooled_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs:
         # Grams of the tower's inputs: item text x (K_x fixed for a device's history, so
         # cached across steps), the adapter's hidden activations d1, and the bias' constant 1
         cached = None if cache is None else cache.get("K_x")
-        gx = _grams(inst(xC, xH), xH, cached[1] if cached and cached[0] is hist.items else None)
+        gx = _grams(xC.view(b, c, -1), xH, cached[1] if cached and cached[0] is hist.items else None)
         if cache is not None:
             cache["K_x"] = (hist.items, gx[2])
-        gd = _grams(inst(d1C, d1H), d1H)
         q_in = mu * (v @ W2)
-        sq = _tower_sq(*(t + 1 for t in gx),
-                       torch.cat([gz1C.view(b, c, -1), left_out("I", q_in)], 1), q_in, "I", ctx)
-        # the adapter's output layer and its skip share P = I and q = v: one Gram sum
+        # the adapter's first layer reads the text alone, and the left-out item's text is the
+        # positive candidate's: one instance with both output gradients
+        g_in = gz1C.view(b, c, -1).clone()
+        g_in[:, 0] += left_out("I", q_in)[:, 0]
+        sq = _tower_sq(*(t + 1 for t in gx), g_in, q_in, "I", ctx)
+        # the adapter's output layer and its skip share P = I and q = v: one Gram sum over
+        # c + 1 instances (the hidden activations differ between the two passes)
+        again = torch.tensor([*range(c), 0])
+        gx = (gx[0][:, again][:, :, again], gx[1][:, again], gx[2])
+        gd = _grams(inst(d1C, d1H), d1H)
         sq = sq + _tower_sq(*(s + t + 1 for s, t in zip(gx, gd)),
                             torch.cat([ghC.view(b, c, -1), left_out("O", v)], 1), v, "O", ctx)
         if att is not None:
