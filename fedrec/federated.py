@@ -126,11 +126,12 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         sigma = noise_multiplier(cfg, len(data.history), participation)
         check_device_budget(cfg, accountant, sigma, len(data.history), participation)
         sampling, noise = secret_randomness()  # not from seeds the server knows
+        cache = {}  # what DP-SGD computes once per history (fedrec/pooled_norms.py)
         for _ in range(cfg.train.local_epochs):
             q, steps = dp_train_epoch(
                 model, local, opt, E_t, hist, cfg, sampling,
                 lambda n: sample_catalog_negatives(data, data.history, cfg.train.negatives, rng),
-                sigma, cfg.privacy.max_grad_norm, noise)
+                sigma, cfg.privacy.max_grad_norm, noise, cache)
             accountant.step(sigma, q, steps)
         new_local = {} if local is None else {"user": local.detach().reshape(-1).numpy().copy()}
         params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}

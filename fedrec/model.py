@@ -144,6 +144,14 @@ def init_local_users(n: int, dim: int, kind: str, generator: torch.Generator | N
     return torch.zeros(n, dim)
 
 
+def pool_leave_one_out(h: torch.Tensor, a: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """One user's history (h [L, d], a [L], its items in history order) pooled once per
+    row, row r leaving out history position exclude[r]: [len(exclude), d]."""
+    at = torch.arange(len(a))
+    return pool_history(h, a, at, torch.zeros_like(at), 1,
+                        torch.zeros(len(exclude), dtype=torch.long), exclude)
+
+
 def pool_history(h: torch.Tensor, a: torch.Tensor, hist_items: torch.Tensor,
                  hist_seg: torch.Tensor, n_seg: int, rows_seg: torch.Tensor,
                  exclude: torch.Tensor | None = None) -> torch.Tensor:

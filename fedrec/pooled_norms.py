@@ -46,7 +46,7 @@ simulations/bench_dp.py measures the cost.
 import numpy as np
 import torch
 
-from fedrec.model import TextRec, pool_history
+from fedrec.model import TextRec, pool_leave_one_out
 from fedrec.train import Histories, row_losses
 
 
@@ -61,8 +61,9 @@ def _ones(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1)
 
 
-def _inst_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """|sum_i outer(g_ri, x_ri)|^2 per row: inputs x [b, n, in], output gradients g [b, n, out]."""
+def instance_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """|sum_i outer(g_ri, x_ri)|^2 per row (the ghost norm of a Linear layer whose row r
+    sees inputs x_ri): inputs x [b, n, in], output gradients g [b, n, out]."""
     return ((x @ x.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
 
 
@@ -129,8 +130,10 @@ def _profiles(a: torch.Tensor, pos: torch.Tensor) -> dict:
         prof[alone] = 1
         lam = torch.where(alone, 1.0 / z1 if z1 > 0 else 0.0, lam)  # 0: an empty pool
         nu = torch.where(alone, 0.0, nu)
-    return {"profiles": profiles, "prof": prof, "lam": lam, "nu": nu,
-            "W": torch.stack(profiles)[prof]}
+    W = torch.stack(profiles)[prof]
+    # alpha_rj = lam_r W_rj for j != p_r (profile 1 already has 0 at its left-out item)
+    return {"profiles": profiles, "prof": prof, "lam": lam, "nu": nu, "W": W,
+            "alpha": lam[:, None] * W * keep}
 
 
 def pooled_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
@@ -162,8 +165,7 @@ def pooled_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs:
     else:
         a = torch.zeros(L)
     bias = model.item_bias(xC)
-    at = torch.arange(L)
-    u = pool_history(hH, a, at, torch.zeros_like(at), 1, torch.zeros(b, dtype=torch.long), pos)
+    u = pool_leave_one_out(hH, a, pos)
     zu = ua.mlp[0](u)
     du = ua.mlp[2](ua.mlp[1](zu))
     hu = ua.mlp[3](du) + ua.skip(u)
@@ -223,13 +225,13 @@ def pooled_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs:
             for A, q in ((_ones(hH), tau), (_ones(tt), torch.ones(L, 1))):
                 sq = sq + _tower_sq(*_grams(A[pos][:, None], A), left_out(None, q), q, None, ctx)
         # the layers a row uses alone: the item bias on its candidates, the user adapter
-        sq = sq + _inst_sq(_ones(xC).view(b, c, -1), gbias.view(b, c, 1))
+        sq = sq + instance_sq(_ones(xC).view(b, c, -1), gbias.view(b, c, 1))
         u1 = _ones(u)
         sq = sq + u1.pow(2).sum(1) * gzu.pow(2).sum(1)
         sq = sq + (du.pow(2).sum(1) + u.pow(2).sum(1) + (0 if loc is None else 1)) * ghu.pow(2).sum(1)
         norms = sq.clamp_min(0).sqrt()
         scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    saved = {"pos": pos, "c": c, "a": a, "eta": eta, "delta": delta, "mu": mu, "v": v,
+    saved = {"c": c, "alpha": ctx["alpha"], "eta": eta, "delta": delta, "mu": mu, "v": v,
              "tau": tau if att is not None else None, "xC": xC, "xH": xH, "d1C": d1C,
              "d1H": d1H, "hH": hH, "tt": tt if att is not None else None, "u": u, "du": du,
              "gz1C": gz1C, "ghC": ghC, "gbias": gbias, "gzu": gzu, "ghu": ghu}
@@ -242,13 +244,9 @@ def _clipped_sums(model, s: torch.Tensor, v: dict) -> dict:
     (output gradients)^T (inputs) over the candidates (their gradients scaled by their
     row's s_r) and the history items (output gradient sum_r s_r alpha_rj psi_rj, with
     alpha the rows' exact leave-one-out attention weights); no second backward pass."""
-    pos, c = v["pos"], v["c"]
-    b, L = len(pos), len(v["a"])
+    c = v["c"]
     ad, att = model.item_adapter, model.attention
-    a = v["a"].detach()
-    keep = torch.arange(L)[None] != pos[:, None]
-    alpha = torch.softmax(a[None].expand(b, L).masked_fill(~keep, -torch.inf), 1).nan_to_num(0.0)
-    cs = s[:, None] * alpha
+    cs = s[:, None] * v["alpha"]
     beta = (cs * v["eta"]).sum(0)  # [L]: sum_r s_r dL_r/da_j
     g_out = cs.T @ v["delta"] + beta[:, None] * v["v"]  # [L, d] at the adapter's output
     g_in = v["mu"] * (g_out @ ad.mlp[3].weight)  # [L, hidden] at its first layer

@@ -14,9 +14,9 @@ torch.func (vmap over grad) computes per-row gradients of any model, and two exa
 avoid materialising them (per_row_method). Models whose rows share nothing (no history
 pool: FedMF, TextRec with pooling "none") take a direct path: one batched forward/
 backward pass to the outputs of their Linear/Embedding layers, each row's gradient norm
-from Gram matrices of its 1+K candidates' inputs and output gradients (the "ghost norm": a Linear layer's per-row gradient is
-sum_c outer(g_c, a_c), whose squared norm is sum_{c,c'} <g_c, g_c'><a_c, a_c'>), and the
-clipped sum as one matmul per layer; no per-row gradient is materialised, and the
+from Gram matrices of its 1+K candidates' inputs and output gradients (the "ghost norm":
+a Linear layer's per-row gradient is sum_c outer(g_c, a_c), whose squared norm is
+sum_{c,c'} <g_c, g_c'><a_c, a_c'>), and the clipped sum as one matmul per layer; no per-row gradient is materialised, and the
 result equals the vmap path's (tests/test_privacy.py).
 
 History-pooled models (pooling attention/mean) choose with privacy.pool-gradient:
@@ -71,8 +71,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedrec.model import pool_history, reads_history
-from fedrec.pooled_norms import pooled_clipped_sum, pooled_path_ok
+from fedrec.model import pool_leave_one_out, reads_history
+from fedrec.pooled_norms import instance_sq, pooled_clipped_sum, pooled_path_ok
 from fedrec.train import Histories, row_loss, row_losses
 
 UNIT = {"sample": "interaction", "user": "user"}
@@ -353,9 +353,7 @@ def _row_pools(model, E, hist: Histories, rows: np.ndarray) -> torch.Tensor:
     """Each row's leave-one-out history pool [b, d], as a constant input (no gradient)."""
     with torch.no_grad():
         h, _, a = model.items(E[hist.items], hist.items)
-        at = torch.arange(len(hist.items))
-        return pool_history(h, a, at, torch.zeros_like(at), 1,
-                            torch.zeros(len(rows), dtype=torch.long), torch.from_numpy(rows))
+        return pool_leave_one_out(h, a, torch.from_numpy(rows))
 
 
 def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs: np.ndarray,
@@ -413,7 +411,7 @@ def _direct_clipped_sum(model, local, E, hist: Histories, rows: np.ndarray, negs
             sq = sq + (same * (g @ g.transpose(1, 2))).sum((1, 2))
         else:
             a = a.reshape(b, r, -1)
-            sq = sq + ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
+            sq = sq + instance_sq(a, g)
             if m.bias is not None:
                 sq = sq + g.sum(1).pow(2).sum(1)
         parts.append((m, a, g))
@@ -488,10 +486,12 @@ def secret_randomness() -> tuple[np.random.Generator, torch.Generator]:
 
 def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Generator,
                    negatives, noise_multiplier: float, max_grad_norm: float,
-                   noise_generator: torch.Generator | None = None) -> tuple[float, int]:
+                   noise_generator: torch.Generator | None = None,
+                   cache: dict | None = None) -> tuple[float, int]:
     """One epoch of DP-SGD with Poisson sampling (rng) over a one-user history, Gaussian
     noise from noise_generator (None: torch's global generator; a device passes
-    secret_randomness()). Returns (sample_rate, steps) for the accountant."""
+    secret_randomness()). cache: kept across a device's epochs over the same history
+    (pooled_clipped_sum). Returns (sample_rate, steps) for the accountant."""
     model.train()
     n = len(hist.items)
     q = min(1.0, cfg.train.batch_size / max(n, 1))
@@ -502,7 +502,7 @@ def dp_train_epoch(model, local, opt, E, hist: Histories, cfg, rng: np.random.Ge
     params = {k: p for k, p in model.named_parameters() if k not in skip}
     method = per_row_method(model, local, pool_gradient)
     std = noise_multiplier * max_grad_norm
-    cache = {}
+    cache = {} if cache is None else cache
     for _ in range(steps):
         rows = np.flatnonzero(rng.random(n) < q)
         if len(rows):

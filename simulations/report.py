@@ -259,9 +259,10 @@ def _hr(stat: dict, seeds: list) -> str:
 def privacy_tuning_table() -> str:
     """The runs that chose the sweep's per-unit settings (results/privacy-tuning): one seed
     each, except where a file holds several (mean ± std over them)."""
-    from fedrec.config import Config, stored_config
+    from fedrec.config import Config, load_defaults, stored_config
     from fedrec.privacy import UNIT, describe
 
+    default_tau = load_defaults()["fed.server-tau"]
     files = sorted((ROOT / "results" / "privacy-tuning").glob("*.json"))
     if not files:
         return ""
@@ -271,7 +272,7 @@ def privacy_tuning_table() -> str:
              "result file |"), "|---" * 14 + "|"]
 
     def add(cfg, what, eps, clip, batch, lr, tau, device_lr, hr, name):
-        m, lr = cfg.model, f"{lr:g}" + ("" if tau == 1e-8 else f" (τ {tau:g})")  # τ unless default
+        m, lr = cfg.model, f"{lr:g}" + ("" if tau == default_tau else f" (τ {tau:g})")
         pooling = m.pooling
         if what.startswith("interaction") and describe(cfg).get("assumes"):
             pooling += f" (pool gradient {cfg.privacy.pool_gradient})"
@@ -286,8 +287,9 @@ def privacy_tuning_table() -> str:
         if "rows" not in res:  # one `fedrec simulate` run
             p = cfg.privacy
             what = UNIT.get(p.mode, "none")
-            if describe(cfg).get("assumes"):
-                what += f" ({describe(cfg)['assumes']})"
+            assumes = describe(cfg).get("assumes")
+            if assumes:
+                what += f" ({assumes})"
             if p.mode != "none" and p.noise_multiplier == 0 == p.target_epsilon:
                 what += ", σ = 0: clipping alone (no guarantee)"
             elif cfg.fed.server_lr < 1e-9:

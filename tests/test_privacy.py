@@ -30,6 +30,14 @@ def _setup(cfg, prepared, user=0, local=True):
     return model, loc, data, negs
 
 
+def _away_from_init(model, scale: float = 0.1) -> None:
+    """Perturb every parameter (the adapters start with zero last layers), so every gradient
+    in a per-row comparison is live."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
 MODELS = {"text": {}, "fedmf": {"model.kind": "fedmf"}, "text-nopool": {"model.pooling": "none"},
           "text-nopool-id": {"model.pooling": "none", "model.id-embeddings": True}}
 
@@ -96,9 +104,7 @@ def test_direct_per_row_path_equals_the_torch_func_path(tiny_root, kind, loss):
     cfg = tiny_config(tiny_root, {**MODELS[kind], "train.loss": loss})
     prepared = prepare(cfg, with_text=cfg.model.kind == "text")
     model, loc, data, negs = _setup(cfg, prepared)
-    with torch.no_grad():  # away from the init (zero last layers) so every gradient is live
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    _away_from_init(model)
     assert direct_path_ok(model, loc)
     E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
     rows = np.array([0, 1, 3, 4, 6])
@@ -139,9 +145,7 @@ def test_pooled_ghost_norms_equal_the_torch_func_path(tiny_root, pooling, with_l
                                   "model.user-embedding": with_local, "train.loss": loss})
     prepared = prepare(cfg)
     model, loc, data, negs = _setup(cfg, prepared, local=with_local)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    _away_from_init(model)
     assert pooled_path_ok(model) and per_row_method(model, loc) == "pooled"
     assert per_row_method(model, loc, "none") == "direct"
     assert per_row_method(build_model(cfg.override(**{"model.id-embeddings": True}), 8,
@@ -194,9 +198,7 @@ def test_pooled_ghost_norms_on_the_shortest_histories(tiny_root, pooling):
     E = torch.from_numpy(prepared.item_emb)
     torch.manual_seed(0)
     model = build_model(cfg, E.shape[1], prepared.split.n_items)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    _away_from_init(model, 0.3)
     loc = torch.randn(1, cfg.model.dim) * 0.1
     for n in (1, 2, 3):
         hist = Histories(torch.arange(n) + 3, torch.zeros(n, dtype=torch.long), 1)
@@ -573,9 +575,7 @@ def test_pool_as_input_direct_path_equals_per_row_autograd(tiny_root, pooling, w
 
     prepared = prepare(cfg)
     model, loc, data, negs = _setup(cfg, prepared, local=with_local)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    _away_from_init(model)
     assert direct_path_ok(model, loc, "none") and not direct_path_ok(model, loc, "full")
     E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
     rows = np.array([0, 2, 3, 5])
