@@ -10,9 +10,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedrec.config import Config, load_config, parse_overrides, run_identity, stored_config
+from fedrec.config import (
+    Config,
+    load_config,
+    parse_overrides,
+    run_identity,
+    stored_config,
+    uses_text,
+)
 from fedrec.errors import FedrecError
-from fedrec.results import HEADLINE, command_line, fmt, machine, run_dir_for, summarize, write_json
+from fedrec.results import (
+    CURVE_KEYS,
+    HEADLINE,
+    command_line,
+    fmt,
+    machine,
+    run_dir_for,
+    summarize,
+    write_json,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated recommendation with a frozen PLM.")
@@ -48,8 +64,11 @@ def _seeds(text: str) -> list[int]:
 
 
 def _model_name(cfg: Config) -> str:
-    """text, text+id, text-nopool (user vector = the user-local embedding only), fedmf."""
+    """seq (text items), seq+id (text + ID items), seq-id (SASRec over IDs); text, text+id,
+    text-nopool (user vector = the user-local embedding only); fedmf."""
     m = cfg.model
+    if m.kind == "seq":
+        return "seq" + ("" if m.item_text else "-id") + ("+id" if m.item_text and m.id_embeddings else "")
     if m.kind != "text":
         return m.kind
     return "text" + ("-nopool" if m.pooling == "none" else "") + ("+id" if m.id_embeddings else "")
@@ -118,7 +137,7 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
         c = cfg.override(**{"data.split-seed": seed})
         split = prepare(c, with_text=False).split
         pop = split.item_popularity().astype(np.float64)
-        runs.append({"seed": seed, "test": evaluate(lambda u, p=pop: np.tile(p, (len(u), 1)), split)})
+        runs.append({"seed": seed, "test": evaluate(lambda u, _, p=pop: np.tile(p, (len(u), 1)), split)})
     summary = summarize([r["test"] for r in runs])
     _table("popularity (test)", {"popularity": summary})
     if json_path:
@@ -126,6 +145,31 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
         write_json(json_path, {"method": name, "command": command_line(),
                                "config": cfg.to_flat(), "seed_kind": "data.split-seed",
                                "runs": runs, "summary": {"best": summary, "final": summary},
+                               "machine": machine()})
+
+
+@baseline_app.command("text-similarity")
+def baseline_text_similarity(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
+                             json_path: str | None = JsonOpt):
+    """The untrained content model: cosine of each item's frozen PLM embedding with the mean
+    embedding of the input's last model.max-len items (no training, cold items included)."""
+    from fedrec.pipeline import prepare
+    from fedrec.protocol import evaluate
+
+    cfg = _config(config, run_config)
+    p = prepare(cfg, progress=True)
+    E, L = p.item_emb.astype(np.float64), cfg.model.max_len
+    E = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+
+    def score(users, inputs):
+        return np.stack([E[h[-L:]].mean(0) for h in inputs]) @ E.T
+    summary = summarize([evaluate(score, p.split)])
+    _table("text similarity (test)", {"text-similarity": summary})
+    if json_path:
+        write_json(json_path, {"method": "text-similarity", "command": command_line(),
+                               "config": cfg.to_flat(), "seed_kind": "none (deterministic)",
+                               "runs": [{"seed": 0, "test": summary}],
+                               "summary": {"best": summary, "final": summary},
                                "machine": machine()})
 
 
@@ -138,7 +182,7 @@ def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
     from fedrec.train import train_central
 
     cfg = _config(config, run_config)
-    p = prepare(cfg, progress=True, with_text=cfg.model.kind == "text")
+    p = prepare(cfg, progress=True, with_text=uses_text(cfg))
     runs = []
     for seed in _seeds(seeds):
         c = cfg.override(**{"train.seed": seed})
@@ -224,7 +268,7 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
         from server.strategy import clients_per_round
 
         clients_per_round(cfg, prepare(cfg, progress=True,
-                                       with_text=cfg.model.kind == "text").split.n_users)
+                                       with_text=uses_text(cfg)).split.n_users)
     runs = []
     for c, run_dir, res in done:  # completed earlier: summarized as they are
         runs.append(_run_entry(c.train.seed, res, run_dir, res.get("seconds")))
@@ -286,7 +330,7 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
     if engine not in ("flower", "inprocess"):
         raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
     seed_list = _seeds(seeds)
-    population = prepare(cfg, progress=True, with_text=cfg.model.kind == "text").split.n_users
+    population = prepare(cfg, progress=True, with_text=uses_text(cfg)).split.n_users
     base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
     rows = []
     for unit, eps in sweep.cells(unit_list, eps_grid):
@@ -343,10 +387,26 @@ def _run_entry(seed: int, res: dict, run_dir: Path, seconds: float | None) -> di
     final = run_dir / "final.safetensors"
     return {"seed": seed, "best": summ["best"], "final": summ["final"],
             "best_round": summ["best_round"], "run_dir": str(run_dir), "seconds": seconds,
+            "curve": round_curve(res["rounds"]),
             "dropped-replies": int(sum(r["train"].get("failures", 0) for r in res["rounds"]
                                        if "train" in r)),
             "final-sha256": hashlib.sha256(final.read_bytes()).hexdigest()
             if final.is_file() else None}
+
+
+def round_curve(rounds: list[dict]) -> list[dict]:
+    """Per round: seconds, train loss, and the evaluated metrics (federated = the devices'
+    own test and val ranking; server = the global model on every user, simulation only)."""
+    keys = [*CURVE_KEYS, *(f"val/{k}" for k in CURVE_KEYS), "cold/hr@10"]
+    out = []
+    for r in rounds:
+        row = {"round": r["round"], "t": r.get("t")}
+        if "train" in r:
+            row["train-loss"] = r["train"].get("train-loss")
+        for sec in ("federated", "server"):
+            row.update({f"{sec}/{k}": r[sec][k] for k in keys if k in r.get(sec, {})})
+        out.append(row)
+    return out
 
 
 def _experiment(cfg: Config) -> dict:
@@ -518,7 +578,7 @@ def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
     if params is not None and not Path(params).expanduser().is_file():
         raise FedrecError(f"--params: '{params}' is not a file; give a run's final.safetensors")
     settings = audit.privacy_settings(cfg, epsilons)
-    p = prepare(cfg, progress=True, with_text=cfg.model.kind == "text")
+    p = prepare(cfg, progress=True, with_text=uses_text(cfg))
     arrays = audit.global_params(cfg, p.item_emb.shape[1], p.split.n_items,
                                  params and str(Path(params).expanduser()))
     chosen = audit.targets(p.split, users, cfg.train.seed)

@@ -47,6 +47,10 @@ class ModelConfig:
     pooling: str
     id_embeddings: bool
     user_embedding: bool
+    item_text: bool   # seq: items carry adapter(PLM text); false = ID-only (SASRec over IDs)
+    layers: int       # seq: self-attention blocks
+    heads: int        # seq: attention heads (divide model.dim)
+    max_len: int      # seq: history items the encoder reads
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CentralConfig:
+    optimizer: str  # its own optimizer: a device default never changes the reference
     epochs: int
     patience: int
     batch_size: int
@@ -152,6 +157,11 @@ class Config:
         return Config.from_flat({**self.to_flat(), **changes})
 
 
+def uses_text(cfg: Config) -> bool:
+    """Whether the model reads the frozen PLM item table (else it needs no encoding)."""
+    return cfg.model.kind == "text" or (cfg.model.kind == "seq" and cfg.model.item_text)
+
+
 def _schema() -> list[tuple[str, str, dataclasses.Field]]:
     """(dotted key, section name, field) for every leaf of the config."""
     return [(f"{sec.name}.{f.name.replace('_', '-')}", sec.name, f)
@@ -188,10 +198,11 @@ def _short(value: Any) -> str:
 
 
 _CHOICES = {
-    "model.kind": ("text", "fedmf"),
+    "model.kind": ("seq", "text", "fedmf"),
     "model.pooling": ("attention", "mean", "none"),
     "train.loss": ("bce", "bpr"),
     "train.optimizer": ("adam", "sgd"),
+    "central.optimizer": ("adam", "sgd"),
     "fed.strategy": ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
     "fed.failure-kind": ("raise", "nan", "shape", "keys", "mixed"),
     "privacy.mode": ("none", "sample", "user"),
@@ -201,7 +212,7 @@ _CHOICES = {
     "fed.sampling": ("uniform", "balanced"),
 }
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
-_POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden",
+_POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden", "model.layers", "model.heads", "model.max-len",
              "train.lr", "train.batch-size", "train.local-epochs", "central.epochs",
              "central.patience", "central.batch-size", "central.lr", "data.eval-negatives", "fed.num-rounds", "fed.eval-every",
              "fed.server-lr", "fed.server-tau", "fed.round-timeout")
@@ -257,7 +268,22 @@ def _validate(cfg: Config) -> None:
         if not ok:
             raise FedrecError(f"config: '{key}' must be {rule}; got {_short(flat[key])}")
     balanced = flat["fed.sampling"] == "balanced"
+    seq = flat["model.kind"] == "seq"
     conflicts = [  # (settings that do not go together, the message naming the fix)
+        (seq and not (flat["model.item-text"] or flat["model.id-embeddings"]),
+         "model.kind = 'seq' needs model.item-text = true, model.id-embeddings = true or both"),
+        (seq and flat["model.dim"] % flat["model.heads"] != 0,
+         f"'model.heads' ({flat['model.heads']}) must divide model.dim ({flat['model.dim']})"),
+        (seq and flat["model.user-embedding"],
+         ("model.kind = 'seq' reads the user from the history and has no user-local "
+          "embedding; set model.user-embedding = false")),
+        (seq and flat["privacy.mode"] == "sample",
+         ("privacy.mode = 'sample' (per-interaction DP-SGD) is not available for "
+          "model.kind = 'seq': a causal encoder shares each history prefix between rows, so "
+          "per-row clipping would not bound one interaction's influence; use privacy.mode = "
+          "'user' or model.kind = 'text'")),
+        (not seq and not flat["model.item-text"],
+         "model.item-text = false (ID-only items) is for model.kind = 'seq'"),
         (flat["model.kind"] == "text" and flat["model.pooling"] == "none"
          and not flat["model.user-embedding"],
          ("'model.pooling' = 'none' needs model.user-embedding = true (the user vector is then "
@@ -313,7 +339,10 @@ LOCATION_KEYS = ("fed.run-dir", "fed.resume")  # where a run lives, not what it 
 ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used before the key
               "privacy.clipping": "fixed", "privacy.clipped-quantile": 0.5,
               "privacy.clip-norm-lr": 0.2, "privacy.pool-gradient": "full",
-              "fed.sampling": "uniform"}
+              "fed.sampling": "uniform",
+              # v2 (recommender-v2): the keys of the seq model and central training
+              "model.item-text": True, "model.layers": 2, "model.heads": 1,
+              "model.max-len": 50, "central.optimizer": "adam"}
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

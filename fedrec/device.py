@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrec.config import Config
+from fedrec.config import Config, uses_text
 from fedrec.data import (
     _id_order,
     _open_text,
@@ -197,7 +197,7 @@ def item_embeddings(cfg: Config, catalog: Catalog, cache_root: Path, model_dir: 
                     progress: bool = False) -> np.ndarray:
     """float32 [n_items, text_dim] from the on-disk cache (the PLM runs only on a miss);
     [n_items, 0] for ID-based models, which never read text."""
-    if cfg.model.kind != "text":
+    if not uses_text(cfg):
         return np.zeros((catalog.n_items, 0), np.float32)
     texts = catalog.texts(cfg.data.item_template)
     path = resolve_model_dir(model_dir or cfg.encoder.model_dir)
@@ -248,7 +248,7 @@ def load_device_client(run_config: dict, node_config: dict):
 
 def text_dim(cfg: Config) -> int:
     """Width of the PLM's embeddings, read from its config (the server never runs it)."""
-    if cfg.model.kind != "text":
+    if not uses_text(cfg):
         return 0
     path = resolve_model_dir(cfg.encoder.model_dir)
     conf = json.loads((path / "config.json").read_text())

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedrec.config import Config
+from fedrec.config import Config, uses_text
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
 from fedrec.privacy import (
@@ -25,7 +25,15 @@ from fedrec.privacy import (
     secret_randomness,
 )
 from fedrec.protocol import Split
-from fedrec.train import Histories, make_optimizer, train_epoch, user_scores
+from fedrec.seqrec import SeqRec, windows
+from fedrec.train import (
+    Histories,
+    make_optimizer,
+    score_histories,
+    seq_train_epoch,
+    train_epoch,
+    windows_per_step,
+)
 
 
 @dataclass(frozen=True)
@@ -37,16 +45,21 @@ class ClientData:
     test: int
     val_negatives: np.ndarray    # int64 [K] sampled-ranking candidates (-1 = padding)
     test_negatives: np.ndarray
-    warm: np.ndarray             # bool [n_items]: in the catalog at training time (negatives pool)
+    warm: np.ndarray             # bool [n_items]: released at training time (negatives, softmax)
     test_is_cold: bool
 
     @classmethod
     def from_split(cls, split: Split, u: int) -> "ClientData":
         test = int(split.test[u])
-        # Cold items stay in the catalog (DESIGN.md): they may be drawn as negatives.
+        # Cold items are not released yet: never a negative, never in a training softmax.
         return cls(split.history(u).copy(), int(split.val[u]), test, split.val_negatives[u],
-                   split.test_negatives[u], np.ones(split.n_items, bool),
+                   split.test_negatives[u], split.released.copy(),
                    bool(test >= 0 and split.cold[test]))
+
+    def eval_history(self, stage: str) -> np.ndarray:
+        """The input when ranking for `stage` (the protocol's Split.eval_history)."""
+        h = self.history
+        return np.append(h, self.val) if stage == "test" and self.val >= 0 else h
 
     @property
     def n_items(self) -> int:
@@ -118,7 +131,13 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         def penalty():
             return 0.5 * proximal_mu * sum(((p - s) ** 2).sum()
                                            for p, s in zip(model.parameters(), start))
-    if cfg.privacy.mode == "sample":
+    if isinstance(model, SeqRec):
+        rows = windows(data.history, model.max_len)
+        allowed = torch.from_numpy(data.warm)
+        per_step = windows_per_step(cfg.train.batch_size, model.max_len)
+        losses = [seq_train_epoch(model, opt, E_t, rows, allowed, per_step, rng, penalty)
+                  for _ in range(cfg.train.local_epochs)]
+    elif cfg.privacy.mode == "sample":
         if accountant is None:
             raise ValueError("privacy.mode = 'sample' needs the device's accountant")
         if penalty is not None:
@@ -138,11 +157,12 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         # num-examples 1: the true count would itself reveal whether one interaction is there
         return params, new_local, {"num-examples": 1, "noise-multiplier": sigma,
                                    EPSILON_METRIC: accountant.epsilon(cfg.privacy.delta)}
-    losses = [train_epoch(model, local, opt, E_t, hist, cfg, rng,
-                          lambda segs: sample_client_negatives(data, len(segs),
-                                                               cfg.train.negatives, rng),
-                          penalty)
-              for _ in range(cfg.train.local_epochs)]
+    else:
+        losses = [train_epoch(model, local, opt, E_t, hist, cfg, rng,
+                              lambda segs: sample_client_negatives(data, len(segs),
+                                                                   cfg.train.negatives, rng),
+                              penalty)
+                  for _ in range(cfg.train.local_epochs)]
     new_local = {} if local is None else {"user": local.detach().reshape(-1).numpy().copy()}
     params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return params, new_local, {"train-loss": float(losses[-1]), "num-examples": len(data.history),
@@ -189,14 +209,15 @@ def local_evaluate(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
                                         for m in ("users", f"hr@{k}", f"ndcg@{k}")]
     if data.test < 0 or data.val < 0 or len(data.history) == 0:
         return {"num-examples": 0, **dict.fromkeys(keys, 0.0)}  # same keys in every reply
-    scores = user_scores(model, E_t, _histories(data), local, np.zeros(1, np.int64))[0]
     out: dict[str, float] = {"num-examples": 1}
-    for stage, target, negs in (("val", data.val, data.val_negatives),
-                                ("test", data.test, data.test_negatives)):
+    inputs = [data.eval_history("val"), data.eval_history("test")]
+    both = score_histories(model, E_t, inputs, None if local is None else local.expand(2, -1))
+    stages = (("val", data.val, data.val_negatives), ("test", data.test, data.test_negatives))
+    for (stage, target, negs), seen, scores in zip(stages, inputs, both):
         pos = scores[[target]]
         samp = np.where(negs >= 0, scores[np.maximum(negs, 0)], -np.inf)[None]
         full = scores.copy()
-        full[data.history] = -np.inf
+        full[seen] = -np.inf
         full[target] = -np.inf
         prefix = "" if stage == "test" else "val/"
         for name, cand in (("sampled", samp), ("full", full[None])):
@@ -238,7 +259,7 @@ def _population(flat: tuple) -> tuple[Config, Split, np.ndarray]:
     # default thread pool oversubscribes the cores (measured ~40x slower client updates).
     torch.set_num_threads(1)
     cfg = Config.from_flat(dict(flat))
-    p = prepare(cfg, with_text=cfg.model.kind == "text")
+    p = prepare(cfg, with_text=uses_text(cfg))
     return cfg, p.split, p.item_emb
 
 

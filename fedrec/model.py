@@ -118,13 +118,19 @@ class FedMF(nn.Module):
 
 def build_model(cfg, text_dim: int, n_items: int) -> nn.Module:
     m = cfg.model
+    if m.kind == "seq":
+        from fedrec.seqrec import SeqRec
+
+        return SeqRec(text_dim, n_items, dim=m.dim, hidden=m.hidden, layers=m.layers,
+                      heads=m.heads, max_len=m.max_len, dropout=m.dropout,
+                      item_text=m.item_text, id_embeddings=m.id_embeddings)
     if m.kind == "fedmf":
         return FedMF(n_items, m.dim)
     return TextRec(text_dim, n_items, m.dim, m.hidden, m.dropout, m.pooling, m.id_embeddings)
 
 
 def uses_local_user(cfg) -> bool:
-    return cfg.model.kind == "fedmf" or cfg.model.user_embedding
+    return cfg.model.kind == "fedmf" or (cfg.model.kind == "text" and cfg.model.user_embedding)
 
 
 def reads_history(cfg) -> bool:
@@ -132,7 +138,7 @@ def reads_history(cfg) -> bool:
     with attention/mean pooling). Otherwise (FedMF, TextRec pooling "none") it is the
     user-local embedding alone: only the device has it, so the server cannot evaluate,
     `fedrec recommend` cannot rank, and sample-level DP needs no "history pool public"."""
-    return cfg.model.kind == "text" and cfg.model.pooling != "none"
+    return cfg.model.kind == "seq" or (cfg.model.kind == "text" and cfg.model.pooling != "none")
 
 
 def init_local_users(n: int, dim: int, kind: str, generator: torch.Generator | None = None,

@@ -2,13 +2,17 @@
 
 - Leave-one-out by time: last interaction = test, second-to-last = validation, rest =
   train; users with fewer than 3 interactions train only.
-- Cold-start items: a fixed fraction of items loses all its training interactions (they
-  stay in the catalog, so they can be drawn as training negatives, as DESIGN.md says).
-- Training negatives: uniform over catalog items not in the user's *training* items. The
-  validation/test items may be drawn (a device does not know its future).
+- Cold-start items: a fixed fraction of items is not yet released at training time: all
+  its interactions are removed from training, and it is never a training negative nor in
+  a training softmax (a device cannot know an item that does not exist yet). At
+  evaluation it is a candidate like any other.
+- Training negatives: uniform over released items not in the user's *training* items.
+  The validation/test items may be drawn (a device does not know its future).
+- Evaluation input: the training history at validation; the training history plus the
+  validation item at test (it lies in the past then). Every method gets the same input.
 - Sampled ranking: the held-out item vs `eval-negatives` items the user never touched,
-  drawn once with the split seed and stored. Full ranking: vs every item but the user's
-  training items.
+  drawn once with the split seed and stored. Full ranking: vs every item but the
+  evaluation input's items.
 The split is computed once per (dataset, cold fraction, seed, negatives) and cached.
 """
 
@@ -42,6 +46,18 @@ class Split:
 
     def history(self, u: int) -> np.ndarray:
         return self.train_items[self.train_ptr[u]:self.train_ptr[u + 1]]
+
+    @property
+    def released(self) -> np.ndarray:
+        """bool [n_items]: items that exist at training time (all but the cold ones)."""
+        return ~self.cold
+
+    def eval_history(self, u: int, stage: str) -> np.ndarray:
+        """The model's input when ranking for `stage`: the training history, plus the
+        validation item at test (time order)."""
+        h = self.history(u)
+        v = int(self.val[u])
+        return np.append(h, v) if stage == "test" and v >= 0 else h
 
     @property
     def train_users(self) -> np.ndarray:
@@ -139,9 +155,9 @@ def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Spli
 
 def sample_negatives(split: Split, users: np.ndarray, per_positive: int,
                      rng: np.random.Generator) -> np.ndarray:
-    """[len(users), per_positive] catalog items outside each user's training items."""
+    """[len(users), per_positive] released items outside each user's training items."""
     users = np.asarray(users, np.int64)
-    warm = np.arange(split.n_items)  # the whole catalog, cold items included
+    warm = np.flatnonzero(split.released)  # unreleased (cold) items cannot be negatives
     out = warm[rng.integers(0, len(warm), size=(len(users), per_positive))]
     for _ in range(20):  # rejection sampling: uniform over the allowed items
         bad = split.in_train(users[:, None], out)
@@ -159,13 +175,16 @@ def sample_negatives(split: Split, users: np.ndarray, per_positive: int,
     return out
 
 
-Scorer = Callable[[np.ndarray], np.ndarray]  # users [B] -> scores [B, n_items]
+# users [B], their evaluation inputs (item arrays, time order) -> scores [B, n_items]
+Scorer = Callable[[np.ndarray, list[np.ndarray]], np.ndarray]
 
 
 def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
              chunk: int = 512) -> dict[str, float]:
-    """Sampled, full and cold-start ranking metrics with the DESIGN.md keys.
+    """Sampled, full and cold-start ranking metrics with the protocol's keys.
 
+    The scorer gets each user's evaluation input (Split.eval_history): the training
+    history at "val", plus the validation item at "test".
     Users are scored `chunk` at a time and only per-user ranks are kept, so memory stays
     at one [chunk, n_items] block however many users there are. With no eval users every
     metric is NaN (the keys are still present).
@@ -177,7 +196,8 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
     aucs: dict[str, list] = {"sampled": [], "full": []}
     for start in range(0, len(users), chunk):
         ub = users[start:start + chunk]
-        s = np.asarray(score(ub), dtype=np.float64)
+        inputs = [split.eval_history(u, stage) for u in ub]
+        s = np.asarray(score(ub, inputs), dtype=np.float64)
         if s.shape != (len(ub), split.n_items):
             raise ValueError(f"scorer returned shape {s.shape}, expected "
                              f"{(len(ub), split.n_items)} (users x items)")
@@ -186,8 +206,8 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
         neg = negatives[ub]
         samp = np.where(neg >= 0, s[rows[:, None], np.maximum(neg, 0)], -np.inf)
         full = s.copy()  # np.asarray may alias the scorer's own array: never write to it
-        for r, u in enumerate(ub):
-            full[r, split.history(u)] = -np.inf  # training items are not candidates
+        for r, seen in enumerate(inputs):
+            full[r, seen] = -np.inf  # the input's items are not candidates
         full[rows, target[ub]] = -np.inf         # the positive is scored separately
         for name, cand in (("sampled", samp), ("full", full)):
             ranks[name].append(rank_of_positive(pos, cand))

@@ -39,6 +39,7 @@ from fedrec.device import (
 )
 from fedrec.errors import FedrecError
 from fedrec.model import build_model, pool_history
+from fedrec.seqrec import SeqRec, batch_inputs
 
 FINAL, RUN_CONFIG = "final.safetensors", "run_config.json"
 MAX_REASONS = 3
@@ -75,10 +76,10 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, np.ndarray]]:
                           f"it needs {RUN_CONFIG} and {FINAL} from one run") from None
     defaults = load_defaults()  # keys added since the run keep their defaults
     cfg = Config.from_flat({**defaults, **{k: v for k, v in saved.items() if k in defaults}})
-    if cfg.model.kind != "text":
+    if cfg.model.kind == "fedmf":
         raise FedrecError(f"--model: the run trained model.kind '{cfg.model.kind}', whose user "
-                          "vectors stay on the devices; recommend needs a text model")
-    if cfg.model.pooling == "none":
+                          "vectors stay on the devices; recommend needs a seq or text model")
+    if cfg.model.kind == "text" and cfg.model.pooling == "none":
         raise FedrecError("--model: the run trained model.pooling 'none', whose user vectors "
                           "are the devices' user-local embeddings, not in the run directory; "
                           "recommend needs a history-pooled text model (attention or mean)")
@@ -130,8 +131,10 @@ def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
 def rank_items(model, E: torch.Tensor, seq: np.ndarray, cat: Catalog, template: str,
                k: int) -> list[Recommendation]:
     """Top-k of the catalog minus `seq`, each with the history items whose removal would
-    lower its score most (leave-one-out pools, as in training: pool_history's exclude)."""
+    lower its score most (leave-one-out: the input without that item, re-scored)."""
     model.eval()
+    if isinstance(model, SeqRec):
+        return _rank_seq(model, E, seq, cat, template, k)
     h, b, a = model.items(E, torch.arange(E.shape[0]))
     hist = torch.from_numpy(seq)
     n = len(seq)
@@ -144,6 +147,29 @@ def rank_items(model, E: torch.Tensor, seq: np.ndarray, cat: Catalog, template: 
     # Row j pools the history without item j: [n, d] -> scores of the top items [n, k].
     without = pool_history(h, a, hist, seg, 1, seg, exclude=hist)
     drop = scores[top][None] - (model.users(without, None) @ h[top].T + b[top])
+    return _explained(cat, template, seq, top, scores, drop)
+
+
+def _rank_seq(model: SeqRec, E: torch.Tensor, seq: np.ndarray, cat: Catalog, template: str,
+              k: int) -> list[Recommendation]:
+    """SeqRec: the model reads the last max_len items; reasons are among those, each found
+    by scoring the input with that one item removed (a batch of its leave-one-out inputs)."""
+    tail = seq[-model.max_len:]
+    scores = model.score_all(E, batch_inputs([seq], model.max_len))[0]
+    scores[torch.from_numpy(seq)] = -torch.inf
+    k = min(k, cat.n_items - len(np.unique(seq)))
+    top = torch.topk(scores, k).indices if k > 0 else torch.zeros(0, dtype=torch.long)
+    # Row j: the input without tail item j (seq's other items shift in from the left).
+    rows = [np.delete(seq, len(seq) - len(tail) + j) for j in range(len(tail))]
+    without = model.score_pairs(E, batch_inputs(rows, model.max_len), top.expand(len(rows), -1))
+    drop = scores[top][None] - without
+    return _explained(cat, template, tail, top, scores, drop)
+
+
+def _explained(cat: Catalog, template: str, seq: np.ndarray, top: torch.Tensor,
+               scores: torch.Tensor, drop: torch.Tensor) -> list[Recommendation]:
+    """Recommendations for the top items; drop [len(seq), k]: how much removing history
+    item j lowers top item r's score."""
     texts = cat.texts(template)
     labels = [f.get("title") or t for f, t in zip(cat.item_fields, texts)]
     out = []

@@ -17,6 +17,7 @@ import numpy as np
 from fedrec.data import data_home
 
 HEADLINE = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+CURVE_KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10")  # per epoch/round
 
 
 def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -1,5 +1,8 @@
-"""Training: one epoch of (positive + sampled negatives) rows, used both by a device
-(one user, one segment) and by the centralized reference (all users, one segment each).
+"""Training, used both by a device (one user) and by the centralized reference (all users).
+
+seq (v2): windows of the history, next-item softmax cross-entropy over the released
+items (SeqRec.loss). text / fedmf (v1): one epoch of (positive + sampled negatives) rows,
+one segment per user.
 
 No PLM runs here: item text embeddings E arrive precomputed and frozen.
 """
@@ -16,6 +19,8 @@ import torch.nn.functional as F
 from fedrec.config import Config
 from fedrec.model import build_model, init_local_users, pool_history, uses_local_user
 from fedrec.protocol import Split, evaluate, sample_negatives
+from fedrec.results import CURVE_KEYS
+from fedrec.seqrec import SeqRec, batch_inputs, windows
 
 
 @dataclass
@@ -30,6 +35,13 @@ class Histories:
     def from_split(cls, split: Split) -> "Histories":
         return cls(torch.from_numpy(split.train_items), torch.from_numpy(split.train_users),
                    split.n_users)
+
+    @classmethod
+    def from_lists(cls, histories: list[np.ndarray]) -> "Histories":
+        """One segment per history, in list order."""
+        items = np.concatenate(histories).astype(np.int64) if histories else np.zeros(0, np.int64)
+        seg = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+        return cls(torch.from_numpy(items), torch.from_numpy(seg), len(histories))
 
 
 def row_scores(model, E: torch.Tensor, hist: Histories, local: torch.Tensor | None,
@@ -111,7 +123,7 @@ def train_epoch(model, local, opt, E, hist: Histories, cfg: Config, rng: np.rand
 @torch.no_grad()
 def user_scores(model, E: torch.Tensor, hist: Histories, local: torch.Tensor | None,
                 segs: np.ndarray) -> np.ndarray:
-    """Full score matrix [len(segs), n_items] with each user's whole history pooled."""
+    """v1 models: full score matrix [len(segs), n_items] with each whole history pooled."""
     model.eval()
     h, b, a = model.items(E, torch.arange(E.shape[0]))
     seg = torch.from_numpy(np.asarray(segs))
@@ -120,48 +132,114 @@ def user_scores(model, E: torch.Tensor, hist: Histories, local: torch.Tensor | N
     return (hu @ h.T + b).numpy()
 
 
+@torch.no_grad()
+def score_histories(model, E: torch.Tensor, inputs: list[np.ndarray],
+                    local: torch.Tensor | None = None) -> np.ndarray:
+    """Scores [len(inputs), n_items] of every item for each input history (time order);
+    local [len(inputs), d]: those users' user-local vectors (v1 models), if any."""
+    if isinstance(model, SeqRec):
+        model.eval()
+        return model.score_all(E, batch_inputs(inputs, model.max_len)).numpy()
+    segs = np.arange(len(inputs))
+    return user_scores(model, E, Histories.from_lists(inputs), local, segs)
+
+
+def scorer(model, E: torch.Tensor, local: torch.Tensor | None = None):
+    """A protocol Scorer (fedrec.protocol.evaluate) for this model; local [n_users, d]."""
+    def score(users: np.ndarray, inputs: list[np.ndarray]) -> np.ndarray:
+        return score_histories(model, E, inputs, None if local is None else local[users])
+    return score
+
+
+def seq_rows(histories: list[np.ndarray], max_len: int) -> np.ndarray:
+    """Every history's training windows stacked: [W, max_len + 1]."""
+    rows = [windows(h, max_len) for h in histories]
+    return np.concatenate(rows) if rows else np.zeros((0, max_len + 1), np.int64)
+
+
+def seq_train_epoch(model: SeqRec, opt, E: torch.Tensor, rows: np.ndarray, allowed: torch.Tensor,
+                    per_step: int, rng: np.random.Generator,
+                    penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One pass over training windows rows [W, L + 1], per_step windows a step; returns
+    the mean loss over targets. allowed [N] bool: the released items (the softmax)."""
+    model.train()
+    order = rng.permutation(len(rows))
+    total, n = 0.0, 0
+    for start in range(0, len(order), per_step):
+        batch = torch.from_numpy(rows[order[start:start + per_step]])
+        loss = model.loss(E, batch, allowed)
+        targets = int(((batch[:, 1:] >= 0) & (batch[:, :-1] >= 0)).sum())
+        total += loss.item() * targets
+        n += targets
+        if penalty is not None:
+            loss = loss + penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return total / max(n, 1)
+
+
+def windows_per_step(interactions: int, max_len: int) -> int:
+    """Batch sizes count training interactions; a seq step takes whole windows."""
+    return max(1, interactions // max_len)
+
+
 def make_optimizer(model, local, cfg: Config) -> torch.optim.Optimizer:
     groups = [{"params": list(model.parameters()), "weight_decay": cfg.train.weight_decay}]
     if local is not None:
         groups.append({"params": [local], "weight_decay": 0.0})
-    if cfg.train.optimizer == "sgd":  # plain steps keep gradient magnitudes for averaging
-        return torch.optim.SGD(groups, lr=cfg.train.lr)
-    return torch.optim.Adam(groups, lr=cfg.train.lr)
+    return _optimizer(cfg.train.optimizer, groups, cfg.train.lr)
+
+
+def _optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":  # plain steps keep gradient magnitudes for averaging
+        return torch.optim.SGD(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr)
 
 
 def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
     """Centralized training of the same model on all users' data: the accuracy ceiling.
 
-    Model selection by validation sampled HR@10 only; returns test metrics at the
-    best-validation epoch and at the final epoch, plus the per-epoch curve.
+    It has its own optimizer and learning rate (central.*), so a change of the device's
+    train.optimizer never changes the reference. Model selection by validation sampled
+    HR@10 only; returns test metrics at the best-validation epoch and at the final epoch,
+    plus the per-epoch curve.
     """
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     E_t = torch.from_numpy(E)
-    cfg = cfg.override(**{"train.batch-size": cfg.central.batch_size, "train.lr": cfg.central.lr})
+    cfg = cfg.override(**{"train.batch-size": cfg.central.batch_size, "train.lr": cfg.central.lr,
+                          "train.optimizer": cfg.central.optimizer})
     model = build_model(cfg, E.shape[1], split.n_items)
     local = None
     if uses_local_user(cfg):
         local = init_local_users(split.n_users, cfg.model.dim, cfg.model.kind,
                                  pooling=cfg.model.pooling).requires_grad_()
-    hist = Histories.from_split(split)
     opt = make_optimizer(model, local, cfg)
+    if isinstance(model, SeqRec):
+        rows = seq_rows([split.history(u) for u in range(split.n_users)], model.max_len)
+        allowed = torch.from_numpy(split.released)
+        per_step = windows_per_step(cfg.central.batch_size, model.max_len)
 
-    def sampler(users: np.ndarray) -> np.ndarray:
-        return sample_negatives(split, users, cfg.train.negatives, rng)
+        def epoch_fn() -> float:
+            return seq_train_epoch(model, opt, E_t, rows, allowed, per_step, rng)
+    else:
+        hist = Histories.from_split(split)
 
-    def scorer(users):
-        return user_scores(model, E_t, hist, local, users)
+        def epoch_fn() -> float:
+            return train_epoch(model, local, opt, E_t, hist, cfg, rng,
+                               lambda users: sample_negatives(split, users, cfg.train.negatives, rng))
 
+    score = scorer(model, E_t, None if local is None else local.detach())
     best, best_state, curve, bad = -1.0, None, [], 0
     for epoch in range(1, cfg.central.epochs + 1):
         t0 = time.time()
-        loss = train_epoch(model, local, opt, E_t, hist, cfg, rng, sampler)
-        val = evaluate(scorer, split, "val")
-        curve.append({"epoch": epoch, "loss": loss, "val/sampled/hr@10": val["sampled/hr@10"],
-                      "val/sampled/ndcg@10": val["sampled/ndcg@10"], "seconds": time.time() - t0})
+        loss = epoch_fn()
+        val = evaluate(score, split, "val")
+        curve.append({"epoch": epoch, "loss": loss, **{f"val/{k}": val[k] for k in CURVE_KEYS},
+                      "seconds": time.time() - t0})
         log(f"epoch {epoch:3d}  loss {loss:.4f}  val sampled HR@10 {val['sampled/hr@10']:.4f}  "
-            f"NDCG@10 {val['sampled/ndcg@10']:.4f}  ({time.time() - t0:.1f}s)")
+            f"full HR@10 {val['full/hr@10']:.4f}  ({time.time() - t0:.1f}s)")
         if best_state is None or val["sampled/hr@10"] > best:  # NaN: no val users, keep last
             best, bad = val["sampled/hr@10"], 0
             best_state = (epoch, copy.deepcopy(model.state_dict()),
@@ -171,10 +249,11 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
             if bad >= cfg.central.patience:
                 log(f"early stop: no better val HR@10 for {bad} epochs")
                 break
-    final = evaluate(scorer, split, "test")
+    final = evaluate(score, split, "test")
     best_epoch, state, best_local = best_state
     model.load_state_dict(state)
     if local is not None:
         local.data.copy_(best_local)
-    return {"final": final, "best": evaluate(scorer, split, "test"), "best_epoch": best_epoch,
+    return {"final": final, "best": evaluate(score, split, "test"), "best_epoch": best_epoch,
             "epochs_run": len(curve), "curve": curve, "model": model}
+

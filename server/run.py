@@ -43,7 +43,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 from safetensors.numpy import load_file, save_file
 
-from fedrec.config import Config, run_identity
+from fedrec.config import Config, run_identity, uses_text
 from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
 from fedrec.model import build_model, reads_history
@@ -52,7 +52,7 @@ from fedrec.privacy import describe
 from fedrec.privacy import label as privacy_label
 from fedrec.protocol import evaluate
 from fedrec.results import run_dir_for, write_json
-from fedrec.train import Histories, user_scores
+from fedrec.train import scorer
 
 SELECT = "val/sampled/hr@10"  # model selection: validation only
 
@@ -73,7 +73,7 @@ class FederatedRun:
             self.n_items = read_catalog(cfg.data.dataset, cfg.data.cache_dir).n_items
             self.text_dim = text_dim(cfg)
         else:  # simulation: encode the catalog once here, before any client asks for it
-            self.prepared = prepare(cfg, with_text=cfg.model.kind == "text")
+            self.prepared = prepare(cfg, with_text=uses_text(cfg))
             self.n_items = self.prepared.split.n_items
             self.text_dim = self.prepared.item_emb.shape[1]
         self.rounds: dict[int, dict] = {}
@@ -169,8 +169,7 @@ class FederatedRun:
             model.load_state_dict({k: torch.as_tensor(a.numpy(), dtype=torch.float32)
                                    for k, a in arrays.items()})
             split, E = self.prepared.split, torch.from_numpy(self.prepared.item_emb)
-            hist = Histories.from_split(split)
-            m = evaluate(lambda u: user_scores(model, E, hist, None, u), split, "test")
+            m = evaluate(scorer(model, E), split, "test")
             self.record(rnd, "server", m)
             out = MetricRecord({k: float(v) for k, v in m.items()})
         self._log_round(rnd)

@@ -19,7 +19,7 @@ from fedrec.federated import (
 from fedrec.model import build_model
 from fedrec.pipeline import prepare
 from fedrec.protocol import evaluate
-from fedrec.train import Histories, user_scores
+from fedrec.train import scorer
 from tiny import holding, tiny_config
 
 KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
@@ -122,8 +122,12 @@ def test_local_evaluate_reports_the_same_keys_for_every_client(cfg, prepared):
         assert r["sampled/hr@10"] in (0.0, 1.0) and r["cold/users"] + r["warm/users"] <= 1.0
 
 
-def test_devices_rank_exactly_like_the_server(cfg, prepared):
+@pytest.mark.parametrize("kind", ["text", "seq"])
+def test_devices_rank_exactly_like_the_server(cfg, prepared, kind):
     """Mean of the devices' own metrics = the server-side protocol on the same model."""
+    if kind == "seq":
+        cfg = cfg.override(**{"model.kind": "seq", "model.user-embedding": False,
+                              "model.id-embeddings": True, "model.max-len": 8})
     split, E = prepared.split, prepared.item_emb
     arrays = global_arrays(cfg, E, split.n_items, seed=5)
     records = [local_evaluate(cfg, E, ClientData.from_split(split, u), arrays, None, seed=0)
@@ -131,10 +135,8 @@ def test_devices_rank_exactly_like_the_server(cfg, prepared):
     fed = aggregate_client_metrics(records)
     model = build_model(cfg, E.shape[1], split.n_items)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
-    hist = Histories.from_split(split)
     for stage, prefix in (("test", ""), ("val", "val/")):
-        server = evaluate(lambda u: user_scores(model, torch.from_numpy(E), hist, None, u),
-                          split, stage)
+        server = evaluate(scorer(model, torch.from_numpy(E)), split, stage)
         for key in ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10"):
             assert fed[prefix + key] == pytest.approx(server[key], abs=1e-6), prefix + key
         if stage == "test":

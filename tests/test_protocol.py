@@ -45,7 +45,7 @@ def test_leave_one_out_by_time():
     assert s.train_users.tolist() == [0, 0, 1, 1, 2]
 
 
-def test_cold_items_have_no_training_interactions_but_stay_negatives():
+def test_cold_items_are_unreleased_no_training_interactions_and_never_negatives():
     rng = np.random.default_rng(0)
     rows = [(u, int(i), t) for u in range(30)
             for t, i in enumerate(rng.choice(40, size=8, replace=False))]
@@ -53,7 +53,8 @@ def test_cold_items_have_no_training_interactions_but_stay_negatives():
     assert s.cold.sum() == 10
     assert not s.cold[s.train_items].any()
     negs = sample_negatives(s, np.repeat(np.arange(30), 50), 4, np.random.default_rng(1))
-    assert s.cold[negs].any()  # still in the catalog (DESIGN.md): drawn like any other item
+    assert not s.cold[negs].any()  # not released yet: a device cannot know it exists
+    assert np.array_equal(s.released, ~s.cold)
     assert not s.in_train(np.repeat(np.arange(30), 50)[:, None], negs).any()
 
 
@@ -126,11 +127,27 @@ SCORES = np.array([
     [0] * 12], dtype=np.float64)
 
 
-def scorer(asked):
-    def score(users):
+def scorer(asked, inputs=None):
+    def score(users, histories):
         asked.extend(users.tolist())
+        if inputs is not None:
+            inputs.extend(h.tolist() for h in histories)
         return SCORES[users]
     return score
+
+
+def test_test_input_holds_the_validation_item_and_it_is_no_full_candidate():
+    inputs = []
+    evaluate(scorer([], inputs), hand_split(), "val")
+    assert inputs == [[0, 1], [4]]
+    inputs.clear()
+    scores = SCORES.copy()
+    scores[0, 2] = 100.0  # user 0's validation item, far above its test item
+    m = evaluate(lambda u, h: (inputs.extend(x.tolist() for x in h), scores[u])[1],
+                 hand_split(), "test")
+    assert inputs == [[0, 1, 2], [4, 5]]  # the past at test time: train + validation item
+    # Full ranking excludes the input's items: user 0's test rank stays 2 (items 4, 9).
+    assert m["full/ndcg@10"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(6)) / 2)
 
 
 @pytest.mark.parametrize("chunk", [1, 512])
@@ -160,14 +177,14 @@ def test_evaluate_val_stage_and_no_users():
     m = evaluate(scorer([]), hand_split(), "val")
     # user 0: val item 2 (0.5) vs 7, 8, 9, 10 (3, 4, 7, 0) -> rank 3; user 1: 0 vs zeros -> 4
     assert m["sampled/mrr"] == pytest.approx((1 / 4 + 1 / 5) / 2)
-    empty = evaluate(lambda u: np.zeros((len(u), 10)), make_split(
+    empty = evaluate(lambda u, _: np.zeros((len(u), 10)), make_split(
         dataset([(0, 0, 0), (0, 1, 1)], 10), 0.0, 0, 3))
     assert all(math.isnan(empty[key]) for key in KEYS) and empty["users"] == 0
 
 
 def test_evaluate_rejects_wrong_score_shape():
     with pytest.raises(ValueError, match="shape"):
-        evaluate(lambda u: np.zeros((len(u), 5)), hand_split())
+        evaluate(lambda u, _: np.zeros((len(u), 5)), hand_split())
 
 
 @settings(max_examples=60, deadline=None)

@@ -13,7 +13,7 @@ from fedrec.federated import ClientData, local_update
 from fedrec.model import build_model, pool_history
 from fedrec.pipeline import prepare
 from fedrec.protocol import evaluate
-from fedrec.train import Histories, row_loss, row_scores, train_central, user_scores
+from fedrec.train import Histories, row_loss, row_scores, scorer, train_central
 from tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -65,9 +65,7 @@ def test_row_scores_equal_the_full_catalog_computation(cfg, prepared):
 
 
 def val_hr(model, split, E, local=None):
-    hist = Histories.from_split(split)
-    return evaluate(lambda u: user_scores(model, torch.from_numpy(E), hist, local, u),
-                    split, "val")["sampled/hr@10"]
+    return evaluate(scorer(model, torch.from_numpy(E), local), split, "val")["sampled/hr@10"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

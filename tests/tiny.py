@@ -128,6 +128,11 @@ def build(root: Path) -> Path:
 
 # Small and fast, yet enough for the model to learn the tiny data's structure.
 TINY = {
+    # The v1 text model (pooled bag of history items) unless a test asks for another:
+    # most tests were written for it; tests/test_seqrec.py covers the seq model.
+    "model.kind": "text",
+    "model.user-embedding": True,
+    "model.id-embeddings": False,
     "data.eval-negatives": 40,
     "data.item-template": "{title}. {genres}",  # year tokens would only add noise
     "data.cold-fraction": 0.1,

@@ -1,0 +1,207 @@
+"""The v2 recommender: a SASRec-style causal self-attention encoder over the user's
+history, whose item vectors come from the frozen PLM through a small adapter (plus,
+optionally, an ID vector that stays zero for items never trained on).
+
+The model answers the three questions every path asks (RecBole style), in one place:
+
+  loss(E, seq, allowed)     next-item softmax cross-entropy at every position  -> scalar
+  score_pairs(E, seq, cand) scores of candidate items for each sequence        -> [B, C]
+  score_all(E, seq)         scores of every catalog item for each sequence     -> [B, N]
+
+E [N, text_dim] is the frozen item-text table (never a parameter, never uploaded); seq
+[B, L] holds item indices in time order, left-padded with -1. Scores are <h_u, h_i> + b_i
+with h_u the encoder's state at the last position (r_ui = sigmoid(score)).
+
+Everything in the nn.Module is federated. Only Linear, LayerNorm and Embedding layers
+hold parameters (Opacus' per-sample hooks support them); attention is written with
+plain Linear projections for that reason.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD = -1
+
+
+class TextAdapter(nn.Module):
+    """Frozen PLM vector -> d: a linear projection plus a zero-initialised residual MLP.
+
+    Projecting first keeps the per-step cost of scoring the whole catalog small on a
+    device (384 x d multiply-adds per item, not 384 x hidden)."""
+
+    def __init__(self, text_dim: int, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        p = self.proj(e)
+        return p + self.mlp(self.norm(p))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, L, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SeqRec(nn.Module):
+    """Item side: adapter(E) (item_text) + ID vector (id_embeddings, zero-initialised when
+    text is present, so a never-trained item is scored from its text alone). User side:
+    causal self-attention over the last max_len items of the history."""
+
+    uses_history = True
+
+    def __init__(self, text_dim: int, n_items: int, *, dim: int = 64, hidden: int = 128,
+                 layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2,
+                 item_text: bool = True, id_embeddings: bool = True):
+        super().__init__()
+        if not (item_text or id_embeddings):
+            raise ValueError("SeqRec needs item text, ID embeddings or both")
+        self.n_items, self.max_len = n_items, max_len
+        self.adapter = TextAdapter(text_dim, dim, hidden, dropout) if item_text else None
+        self.text_bias = nn.Linear(text_dim, 1) if item_text else None
+        self.id_emb = nn.Embedding(n_items, dim) if id_embeddings else None
+        self.id_bias = nn.Embedding(n_items, 1) if id_embeddings else None
+        if id_embeddings:
+            nn.init.zeros_(self.id_bias.weight)
+            if item_text:
+                nn.init.zeros_(self.id_emb.weight)
+            else:
+                nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
+        if item_text:
+            nn.init.zeros_(self.text_bias.weight)
+            nn.init.zeros_(self.text_bias.bias)
+        self.pos = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.emb_norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, dropout) for _ in range(layers))
+        self.out_norm = nn.LayerNorm(dim)
+
+    # -- item side ----------------------------------------------------------------------
+    def item_table(self, E: torch.Tensor, idx: torch.Tensor | None = None):
+        """E [N, text_dim] rows of items idx [N] (None: the whole catalog, in order)
+        -> h [N, d], b [N]."""
+        if idx is None:
+            idx = torch.arange(self.n_items)
+        h = b = 0.0
+        if self.adapter is not None:
+            h, b = self.adapter(E), self.text_bias(E).squeeze(-1)
+        if self.id_emb is not None:
+            h = h + self.id_emb(idx)
+            b = b + self.id_bias(idx).squeeze(-1)
+        return h, b
+
+    # -- user side ----------------------------------------------------------------------
+    def encode(self, h_items: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """h_items [N, d] (the item table), seq [B, L] left-padded -> states [B, L, d]:
+        state t has read items 0..t of the row. Padding positions hold unused values."""
+        L = seq.shape[1]
+        valid = seq >= 0
+        x = torch.where(valid[..., None], h_items[seq.clamp_min(0)], 0.0)
+        # Positions count back from the last item, so the most recent item always has
+        # position 0 whatever the padding.
+        pos = (L - 1 - torch.arange(L)).clamp_max(self.max_len - 1)
+        x = self.drop(self.emb_norm(x + self.pos(pos)[None]))
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        # Each position also sees itself, so a padded row never has an all-masked softmax.
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.out_norm(x)
+
+    # -- the three questions ------------------------------------------------------------
+    def loss(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        """Next-item cross-entropy over the catalog at every position of seq [B, L+1]
+        (input seq[:, :-1], target seq[:, 1:]; a target counts where both it and its input
+        are items, so the first item of a history is never predicted from padding). allowed [N] bool:
+        the items the softmax may contain (released items); None = all.
+        reduction "mean": mean over targets; "row": [B] sum over each row's targets."""
+        h, b = self.item_table(E)
+        states = self.encode(h, seq[:, :-1])
+        target = seq[:, 1:]
+        keep = (target >= 0) & (seq[:, :-1] >= 0)
+        logits = states[keep] @ h.T + b
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -math.inf)
+        ce = F.cross_entropy(logits, target[keep], reduction="none")
+        if reduction == "mean":
+            return ce.mean()
+        rows = torch.arange(len(seq))[:, None].expand_as(target)[keep]
+        return torch.zeros(len(seq), dtype=ce.dtype).index_add(0, rows, ce)
+
+    def user_vectors(self, E: torch.Tensor, seq: torch.Tensor):
+        """seq [B, L] -> (h_u [B, d], item table h [N, d], b [N])."""
+        h, b = self.item_table(E)
+        return self.encode(h, seq)[:, -1], h, b
+
+    def score_all(self, E: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """seq [B, L] (last position = most recent item) -> scores [B, N]."""
+        hu, h, b = self.user_vectors(E, seq)
+        return hu @ h.T + b
+
+    def score_pairs(self, E: torch.Tensor, seq: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """seq [B, L], cand [B, C] item indices -> scores [B, C]."""
+        hu, h, b = self.user_vectors(E, seq)
+        return torch.einsum("bd,bcd->bc", hu, h[cand]) + b[cand]
+
+
+# -- sequences ---------------------------------------------------------------------------
+def last_items(history: np.ndarray, max_len: int) -> np.ndarray:
+    """The model input for ranking: the last max_len items, left-padded -> [max_len]."""
+    out = np.full(max_len, PAD, np.int64)
+    tail = np.asarray(history, np.int64)[-max_len:]
+    if len(tail):
+        out[-len(tail):] = tail
+    return out
+
+
+def windows(history: np.ndarray, max_len: int) -> np.ndarray:
+    """Training rows [W, max_len + 1] of one history: windows ending at n, n - L, n - 2L,
+    ..., so every item after the first is a target exactly once, read with up to L
+    items before it. Empty for histories shorter than 2."""
+    h = np.asarray(history, np.int64)
+    rows = []
+    for end in range(len(h), 1, -max_len):
+        rows.append(last_items(h[max(0, end - max_len - 1):end], max_len + 1))
+    return np.stack(rows) if rows else np.zeros((0, max_len + 1), np.int64)
+
+
+def batch_inputs(histories: list[np.ndarray], max_len: int) -> torch.Tensor:
+    """[len(histories), max_len] model inputs for ranking."""
+    return torch.from_numpy(np.stack([last_items(h, max_len) for h in histories])
+                            if histories else np.zeros((0, max_len), np.int64))

@@ -1,0 +1,166 @@
+"""The v2 model (fedrec/seqrec.py): causality, padding, the released-items softmax, the
+three questions agreeing with each other, and training on the tiny data."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.config import FedrecError
+from fedrec.federated import ClientData, local_evaluate, local_update
+from fedrec.model import build_model
+from fedrec.protocol import evaluate
+from fedrec.seqrec import PAD, SeqRec, batch_inputs, last_items, windows
+from fedrec.train import scorer, train_central
+from tiny import holding, tiny_config
+
+pytestmark = pytest.mark.usefixtures("isolated")
+SEQ = {"model.kind": "seq", "model.user-embedding": False, "model.id-embeddings": True,
+       "model.max-len": 8, "model.layers": 2, "model.heads": 2, "model.dropout": 0.0,
+       "central.lr": 0.01, "central.batch-size": 32, "train.optimizer": "adam",
+       "train.lr": 0.01}
+
+
+def _model(n_items=20, text_dim=12, **kw) -> SeqRec:
+    torch.manual_seed(0)
+    m = SeqRec(text_dim, n_items, dim=16, hidden=16, layers=2, heads=2, max_len=6, dropout=0.0,
+               **kw)
+    with torch.no_grad():  # give the zero-initialised parts values, so every path matters
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def test_windows_make_every_item_after_the_first_a_target_exactly_once():
+    for n in (0, 1, 2, 5, 6, 7, 13, 20):
+        h = np.arange(100, 100 + n)
+        w = windows(h, 6)
+        targets = w[:, 1:][(w[:, 1:] != PAD) & (w[:, :-1] != PAD)]  # as SeqRec.loss counts
+        assert sorted(targets.tolist()) == h[1:].tolist()
+        assert w.shape[1] == 7
+        for row in w:  # each window is a contiguous run of the history, left-padded
+            real = row[row != PAD]
+            assert (np.diff(real) == 1).all() and (row[:len(row) - len(real)] == PAD).all()
+
+
+def test_last_items_pads_left_and_keeps_the_most_recent():
+    assert last_items(np.array([1, 2, 3]), 5).tolist() == [PAD, PAD, 1, 2, 3]
+    assert last_items(np.arange(10), 4).tolist() == [6, 7, 8, 9]
+
+
+def test_encoder_is_causal_and_padding_does_not_change_scores():
+    m, E = _model(), torch.randn(20, 12)
+    h, _ = m.item_table(E)
+    seq = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    changed = seq.clone()
+    changed[0, 4:] = torch.tensor([1, 2])
+    a, b = m.encode(h, seq), m.encode(h, changed)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)  # the past never sees the future
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    short = torch.tensor([[PAD, PAD, PAD, 9, 11, 13]])
+    longer_pad = batch_inputs([np.array([9, 11, 13])], 6)
+    assert torch.equal(short, longer_pad)
+    # The same history in a shorter window (less padding) scores the same.
+    m2 = _model()
+    s6 = m2.score_all(E, short)
+    m2.max_len = 6
+    s3 = m2.score_all(E, torch.tensor([[9, 11, 13]]))
+    assert torch.allclose(s6, s3, atol=1e-5)
+
+
+def test_score_pairs_equal_score_all_gathered():
+    m, E = _model(), torch.randn(20, 12)
+    seq = batch_inputs([np.array([1, 2, 3]), np.array([4, 5, 6, 7, 8, 9, 10])], 6)
+    cand = torch.tensor([[0, 5, 19], [3, 3, 11]])
+    assert torch.allclose(m.score_pairs(E, seq, cand), m.score_all(E, seq).gather(1, cand),
+                          atol=1e-6)
+
+
+def test_unreleased_items_get_no_gradient_from_the_softmax():
+    m, E = _model(), torch.randn(20, 12)
+    allowed = torch.ones(20, dtype=torch.bool)
+    allowed[[4, 15]] = False
+    seq = torch.tensor([[PAD, 1, 2, 3, 5, 6, 7], [0, 8, 9, 10, 11, 12, 13]])
+    m.train()
+    m.loss(E, seq, allowed).backward()
+    g = m.id_emb.weight.grad
+    assert g[[4, 15]].abs().sum() == 0 and m.id_bias.weight.grad[[4, 15]].abs().sum() == 0
+    assert (g[[1, 2, 3, 8]].abs().sum(1) > 0).all()
+
+
+def test_loss_row_reduction_sums_each_rows_targets():
+    m, E = _model(), torch.randn(20, 12)
+    seq = torch.tensor([[PAD, PAD, PAD, PAD, 1, 2, 3], [0, 8, 9, 10, 11, 12, 13]])
+    rows = m.loss(E, seq, reduction="row")
+    assert rows.shape == (2,)
+    assert torch.allclose(rows.sum() / 8, m.loss(E, seq), atol=1e-6)  # 2 + 6 targets
+
+
+def test_id_only_model_reads_no_text_and_hybrid_ids_start_at_zero():
+    ids = SeqRec(0, 10, dim=8, hidden=8, layers=1, heads=1, max_len=4, item_text=False)
+    assert ids.adapter is None and ids.id_emb.weight.abs().sum() > 0
+    h, _ = ids.item_table(torch.zeros(10, 0))
+    assert h.shape == (10, 8)
+    hybrid = SeqRec(12, 10, dim=8, hidden=8, layers=1, heads=1, max_len=4)
+    assert hybrid.id_emb.weight.abs().sum() == 0  # a never-trained item: its text alone
+    with pytest.raises(ValueError):
+        SeqRec(12, 10, item_text=False, id_embeddings=False)
+
+
+def test_config_rejects_settings_seq_cannot_honour(tiny_root):
+    with pytest.raises(FedrecError, match="model.heads"):
+        tiny_config(tiny_root, {**SEQ, "model.dim": 32, "model.heads": 3})
+    with pytest.raises(FedrecError, match="item-text"):
+        tiny_config(tiny_root, {**SEQ, "model.item-text": False, "model.id-embeddings": False})
+    with pytest.raises(FedrecError, match="privacy.mode = 'sample'"):
+        tiny_config(tiny_root, {**SEQ, "privacy.mode": "sample"})
+
+
+def test_central_seq_training_beats_the_untrained_model(tiny_root):
+    from fedrec.pipeline import prepare
+
+    cfg = tiny_config(tiny_root, {**SEQ, "central.epochs": 15})
+    p = prepare(cfg)
+    torch.manual_seed(cfg.train.seed)
+    untrained = build_model(cfg, p.item_emb.shape[1], p.split.n_items)
+    before = evaluate(scorer(untrained, torch.from_numpy(p.item_emb)), p.split, "test")
+    res = train_central(cfg, p.split, p.item_emb, log=lambda *_: None)
+    assert res["curve"][-1]["loss"] < res["curve"][0]["loss"]
+    assert res["best"]["sampled/hr@10"] > before["sampled/hr@10"]
+
+
+def test_central_reference_ignores_the_devices_optimizer(tiny_root):
+    """central.optimizer, not train.optimizer, trains the reference (the regression that
+    broke `make run`: the device's SGD at Adam's learning rate)."""
+    from fedrec.pipeline import prepare
+
+    runs = []
+    for device_opt in ("sgd", "adam"):
+        cfg = tiny_config(tiny_root, {**SEQ, "central.epochs": 2, "train.optimizer": device_opt})
+        p = prepare(cfg)
+        runs.append(train_central(cfg, p.split, p.item_emb, log=lambda *_: None)["curve"])
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+
+
+def test_device_update_trains_only_released_items_and_uploads_no_plm(tiny_root):
+    from fedrec.pipeline import prepare
+
+    cfg = tiny_config(tiny_root, SEQ)
+    p = prepare(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, p.item_emb.shape[1], p.split.n_items)
+    arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    user = int(np.flatnonzero(np.diff(p.split.train_ptr) > 4)[0])
+    data = ClientData.from_split(p.split, user)
+    params, local, metrics = local_update(cfg, p.item_emb, data, arrays, None, seed=1)
+    assert set(params) == set(arrays) and local == {}
+    assert metrics["num-examples"] == len(data.history)
+    cold = np.flatnonzero(p.split.cold)
+    assert len(cold)
+    for name in ("id_emb.weight", "id_bias.weight"):
+        assert np.array_equal(params[name][cold], arrays[name][cold])  # never trained on
+    moved = [k for k in params if not np.allclose(params[k], arrays[k])]
+    assert "adapter.proj.weight" in moved and "blocks.0.attn.qkv.weight" in moved
+    for i in data.history[:5]:  # no row of the frozen text table travels
+        assert holding(params, p.item_emb[i]) == []
+    out = local_evaluate(cfg, p.item_emb, data, params, None, seed=1)
+    assert out["num-examples"] == 1 and out["sampled/hr@10"] in (0.0, 1.0)
