@@ -31,10 +31,27 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def machine() -> dict:
+    """Where and from which code a result came (the commit is "unknown" outside git)."""
     import torch
 
     return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__,
+            "commit": git_commit()}
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this package runs from, "+dirty" if it has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def command_line() -> str:

@@ -178,7 +178,10 @@ class FederatedRun:
 
     def _log_round(self, rnd: int) -> None:
         r = self.rounds.get(rnd, {})
-        parts = [f"round {rnd:4d}", f"{time.time() - self.t0:7.1f}s"]
+        elapsed, total = time.time() - self.t0, self.cfg.fed.num_rounds
+        parts = [f"round {rnd:4d}/{total}", f"{elapsed:7.1f}s"]
+        if 0 < rnd < total:  # rounds so far include their evaluations: a fair average
+            parts.append(f"~{elapsed / rnd * (total - rnd) / 60:.1f} min left")
         if "train" in r:
             t = r["train"]
             parts.append(f"clients {int(t['clients'])} (failed {int(t['failures'])}) "

@@ -215,13 +215,15 @@ def test_in_process_federated_run_learns(cfg, tmp_path, seed):
         load_file(str(run_dir / "checkpoints" / f"round-{R:04d}.safetensors"))[next(iter(final))])
 
     # and the model learns: the round chosen by validation beats the initial model (server,
-    # round 0) clearly, and the last round still beats it (one user is 0.083 of HR here)
-    initial = rounds[0]["server"]["sampled/hr@10"]
+    # round 0) clearly, and the last round still beats it. NDCG: with the validation item
+    # in the test input the untrained model already hits for most of the 12 users.
+    key = "sampled/ndcg@10"
+    initial = rounds[0]["server"][key]
     best, last = rounds[results["summary"]["best_round"]], rounds[R]
-    assert best["server"]["sampled/hr@10"] >= initial + 0.15, (initial, best["server"])
-    assert best["federated"]["sampled/hr@10"] >= initial + 0.15, (initial, best["federated"])
-    assert last["server"]["sampled/hr@10"] > initial, (initial, last["server"])
-    assert last["federated"]["sampled/hr@10"] > initial, (initial, last["federated"])
+    assert best["server"][key] >= initial + 0.1, (initial, best["server"])
+    assert best["federated"][key] >= initial + 0.1, (initial, best["federated"])
+    assert last["server"][key] > initial, (initial, last["server"])
+    assert last["federated"][key] > initial, (initial, last["federated"])
     assert results["summary"]["final_round"] == R
 
 

@@ -11,13 +11,14 @@ from fedrec.config import Config, load_config, load_defaults, parse_overrides
 from fedrec.errors import FedrecError
 
 DEFAULTS = load_defaults()
+V1 = {**DEFAULTS, "model.kind": "text", "model.user-embedding": True}  # the v1 text model
 
 
 def test_defaults_parse_and_round_trip():
     cfg = Config.from_flat(DEFAULTS)
     assert cfg.to_flat() == DEFAULTS
     assert cfg == load_config()
-    assert cfg.train.lr == DEFAULTS["train.lr"] and cfg.model.kind == "text"
+    assert cfg.train.lr == DEFAULTS["train.lr"] and cfg.model.kind == "seq"
     assert cfg.data.eval_negatives == 99
 
 
@@ -56,7 +57,7 @@ def test_override_round_trips():
     ("train.negatives", 0, "'train.negatives' must be >= 1"),
     ("data.cold-fraction", 1.0, r"'data.cold-fraction' must be in \[0, 1\)"),
     ("data.cold-fraction", -0.1, r"'data.cold-fraction' must be in \[0, 1\)"),
-    ("model.kind", "mf", "'model.kind' must be one of text, fedmf"),
+    ("model.kind", "mf", "'model.kind' must be one of seq, text, fedmf"),
     ("train.loss", "mse", "'train.loss' must be one of bce, bpr"),
     ("model.pooling", "max", "'model.pooling' must be one of"),
     ("data.split-seed", -1, "'data.split-seed' must be in"),
@@ -83,7 +84,7 @@ def test_bad_values_name_the_key(key, value, match):
 
 
 def test_balanced_sampling_is_refused_where_random_sampling_is_assumed():
-    ok = Config.from_flat({**DEFAULTS, "fed.sampling": "balanced", "privacy.mode": "sample"})
+    ok = Config.from_flat({**V1, "fed.sampling": "balanced", "privacy.mode": "sample"})
     assert ok.fed.sampling == "balanced"
     for extra, match in (({"privacy.mode": "user"}, r"privacy.mode = 'user'.*use fed.sampling"),
                          ({"secagg.enabled": True}, r"secagg.enabled.*use fed.sampling")):
@@ -94,12 +95,12 @@ def test_balanced_sampling_is_refused_where_random_sampling_is_assumed():
 
 
 def test_pooling_none_needs_the_user_embedding():
-    ok = Config.from_flat({**DEFAULTS, "model.pooling": "none"})
+    ok = Config.from_flat({**V1, "model.pooling": "none"})
     assert ok.model.pooling == "none" and ok.model.user_embedding
     with pytest.raises(FedrecError, match=r"'model.pooling' = 'none' needs "
                                           r"model.user-embedding = true.*set "
                                           r"model.user-embedding=true") as exc:
-        Config.from_flat({**DEFAULTS, "model.pooling": "none", "model.user-embedding": False})
+        Config.from_flat({**V1, "model.pooling": "none", "model.user-embedding": False})
     assert "\n" not in str(exc.value)
     # FedMF ignores model.pooling; its user vector is always the local one
     Config.from_flat({**DEFAULTS, "model.kind": "fedmf", "model.pooling": "none",

@@ -188,12 +188,12 @@ def test_client_negatives_cover_the_catalog_outside_the_history(prepared):
         assert negs.shape == (300, 4)
         assert not np.isin(negs, data.history).any()
         # uniform over everything allowed: with 1200 draws every allowed item shows up,
-        # cold items included (they stay in the catalog, DESIGN.md)
-        allowed = np.setdiff1d(np.arange(split.n_items), data.history)
+        # never an unreleased (cold) one
+        allowed = np.setdiff1d(np.flatnonzero(split.released), data.history)
         assert set(np.unique(negs)) == set(allowed)
-        assert split.cold[negs].any()
-        # the device's future (val/test) is not excluded: it does not know it
-        if data.test >= 0:
+        assert not split.cold[negs].any()
+        # the device's future (val/test) is not excluded when released: it does not know it
+        if data.test >= 0 and not split.cold[data.test]:
             assert data.test in allowed
 
 
