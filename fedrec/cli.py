@@ -607,6 +607,9 @@ def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
 
 
 def main() -> None:
+    from fedrec.results import git_commit
+
+    git_commit()  # the code this run starts with, recorded in every result file it writes
     try:
         app(standalone_mode=False)
     except FedrecError as exc:

@@ -51,6 +51,7 @@ class ModelConfig:
     layers: int       # seq: self-attention blocks
     heads: int        # seq: attention heads (divide model.dim)
     max_len: int      # seq: history items the encoder reads
+    id_dropout: float  # seq with text and IDs: share of items trained without their ID vector
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def _validate(cfg: Config) -> None:
     checks = [
         ("data.cold-fraction", 0.0 <= flat["data.cold-fraction"] < 1.0, "in [0, 1)"),
         ("model.dropout", 0.0 <= flat["model.dropout"] < 1.0, "in [0, 1)"),
+        ("model.id-dropout", 0.0 <= flat["model.id-dropout"] < 1.0, "in [0, 1)"),
         ("train.negatives", flat["train.negatives"] >= 1, ">= 1"),
         ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
@@ -342,7 +344,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "fed.sampling": "uniform",
               # v2 (recommender-v2): the keys of the seq model and central training
               "model.item-text": True, "model.layers": 2, "model.heads": 1,
-              "model.max-len": 50, "central.optimizer": "adam"}
+              "model.max-len": 50, "central.optimizer": "adam",
+              "model.id-dropout": 0.0}
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

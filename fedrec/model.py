@@ -123,7 +123,8 @@ def build_model(cfg, text_dim: int, n_items: int) -> nn.Module:
 
         return SeqRec(text_dim, n_items, dim=m.dim, hidden=m.hidden, layers=m.layers,
                       heads=m.heads, max_len=m.max_len, dropout=m.dropout,
-                      item_text=m.item_text, id_embeddings=m.id_embeddings)
+                      item_text=m.item_text, id_embeddings=m.id_embeddings,
+                      id_dropout=m.id_dropout)
     if m.kind == "fedmf":
         return FedMF(n_items, m.dim)
     return TextRec(text_dim, n_items, m.dim, m.hidden, m.dropout, m.pooling, m.id_embeddings)

@@ -4,6 +4,7 @@ A result file holds the command that produced it, the config, per-seed metrics a
 mean ± std, and the machine it ran on. Writes are atomic (temp file, then rename).
 """
 
+import functools
 import json
 import os
 import platform
@@ -39,8 +40,11 @@ def machine() -> dict:
             "commit": git_commit()}
 
 
+@functools.cache
 def git_commit() -> str:
-    """HEAD of the checkout this package runs from, "+dirty" if it has uncommitted changes."""
+    """HEAD of the checkout this package runs from, "+dirty" if it has uncommitted changes;
+    read once per process (the CLI asks at start-up, so a long run records the code it
+    started with, not what the checkout holds when it ends)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]

@@ -79,15 +79,17 @@ class Block(nn.Module):
 
 class SeqRec(nn.Module):
     """Item side: adapter(E) (item_text) + ID vector (id_embeddings, zero-initialised when
-    text is present, so a never-trained item is scored from its text alone). User side:
+    text is present, so a never-trained item is scored from its text alone; id_dropout:
+    the share of items seen without their ID vector in a training step). User side:
     causal self-attention over the last max_len items of the history."""
 
     uses_history = True
 
     def __init__(self, text_dim: int, n_items: int, *, dim: int = 64, hidden: int = 128,
                  layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2,
-                 item_text: bool = True, id_embeddings: bool = True):
+                 item_text: bool = True, id_embeddings: bool = True, id_dropout: float = 0.0):
         super().__init__()
+        self.id_dropout = id_dropout if item_text else 0.0
         if not (item_text or id_embeddings):
             raise ValueError("SeqRec needs item text, ID embeddings or both")
         self.n_items, self.max_len = n_items, max_len
@@ -121,8 +123,14 @@ class SeqRec(nn.Module):
         if self.adapter is not None:
             h, b = self.adapter(E), self.text_bias(E).squeeze(-1)
         if self.id_emb is not None:
-            h = h + self.id_emb(idx)
-            b = b + self.id_bias(idx).squeeze(-1)
+            v, vb = self.id_emb(idx), self.id_bias(idx).squeeze(-1)
+            if self.training and self.id_dropout > 0:
+                # Item-ID dropout (as DropoutNet): in each step a random share of items is
+                # seen through its text alone, so the text path learns to stand in for
+                # the ID vector an unreleased item will not have.
+                keep = (torch.rand(len(idx)) >= self.id_dropout).to(v.dtype)
+                v, vb = v * keep[:, None], vb * keep
+            h, b = h + v, b + vb
         return h, b
 
     # -- user side ----------------------------------------------------------------------

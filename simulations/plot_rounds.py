@@ -1,10 +1,10 @@
-"""Plot test HR@10 / NDCG@10 (sampled ranking, federated evaluation) against rounds.
+"""Plot test full and sampled HR@10 (federated evaluation) against rounds.
 
-    .venv/bin/python simulations/plot_rounds.py results/fed-text.json results/fed-fedmf.json \
-        --central results/central-text.json --out results/rounds.png
+    .venv/bin/python simulations/plot_rounds.py results/fed-seq+id.json results/fed-seq.json \
+        --central results/central-seq+id.json --out results/rounds.png
 
-Each input is a result file written by `fedrec simulate --json`; its runs' run
-directories hold the per-round results.json. Curves are mean ± std over seeds.
+Each input is a result file written by `fedrec simulate --json`; each run in it holds its
+per-round curve. Curves are mean ± std over seeds.
 """
 
 import argparse
@@ -17,17 +17,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-METRICS = ("sampled/hr@10", "sampled/ndcg@10")
+METRICS = ("full/hr@10", "sampled/hr@10")
 
 
 def curves(result_file: str) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
     res = json.loads(Path(result_file).read_text())
-    per_seed = []
-    for run in res["runs"]:
-        rounds = json.loads((Path(run["run_dir"]) / "results.json").read_text())["rounds"]
-        per_seed.append({r["round"]: r["federated"] for r in rounds if "federated" in r})
+    per_seed = [{r["round"]: r for r in run["curve"] if f"federated/{METRICS[0]}" in r}
+                for run in res["runs"]]
     common = sorted(set.intersection(*(set(s) for s in per_seed)))
-    values = {m: np.array([[s[r][m] for r in common] for s in per_seed]) for m in METRICS}
+    values = {m: np.array([[s[r][f"federated/{m}"] for r in common] for s in per_seed])
+              for m in METRICS}
     return res["method"], np.array(common), values
 
 

@@ -17,21 +17,24 @@ sys.path.insert(0, str(ROOT))
 from fedrec.results import HEADLINE, fmt
 
 TABLES = {
-    "foundation": ["results/popularity.json", "results/popularity-nocold.json",
-                   "results/central-text.json", "results/central-text-id.json",
-                   "results/central-fedmf.json"],
-    "federated": ["results/popularity.json", "results/central-text.json",
-                  "results/central-fedmf.json", "results/fed-text.json", "results/fed-fedmf.json"],
+    "central": ["results/popularity.json", "results/text-similarity.json",
+                "results/central-seq+id.json", "results/central-seq.json",
+                "results/central-seq-id.json", "results/central-fedmf.json"],
+    "federated": ["results/fed-seq+id.json", "results/fed-seq.json", "results/fed-seq-id.json",
+                  "results/fed-fedmf.json"],
 }
-COLUMNS = (*HEADLINE, "warm/hr@10")
+# Full ranking first: the headline (docs/protocol.md).
+COLUMNS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10", "sampled/ndcg@10", "cold/hr@10",
+           "warm/hr@10")
 LABELS = {"sampled/hr@10": "sampled HR@10", "sampled/ndcg@10": "sampled NDCG@10",
           "full/hr@10": "full HR@10", "full/ndcg@10": "full NDCG@10",
           "cold/hr@10": "cold-start HR@10", "warm/hr@10": "warm-item HR@10"}
 
 
 def table(files: list[str]) -> str:
-    head = "| method | " + " | ".join(LABELS[k] for k in COLUMNS) + " | seeds | command |"
-    rows = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    head = ("| method | " + " | ".join(LABELS[k] for k in COLUMNS)
+            + " | seeds | commit | command |")
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     for name in files:
         path = ROOT / name
         if not path.is_file():
@@ -39,14 +42,18 @@ def table(files: list[str]) -> str:
         res = json.loads(path.read_text())
         best = res["summary"]["best"]
         seeds = ",".join(str(r["seed"]) for r in res["runs"])
+        commit = res.get("machine", {}).get("commit", "unknown")[:7]
         rows.append(f"| {res['method']} | " + " | ".join(fmt(best.get(k)) for k in COLUMNS)
-                    + f" | {res.get('seed_kind', 'seed')} {seeds} | `{res['command']}` |")
+                    + f" | {res.get('seed_kind', 'seed')} {seeds} | {commit} | `{res['command']}` |")
     return "\n".join(rows)
 
 
 def _load(name: str) -> dict | None:
-    path = ROOT / "results" / name
-    return json.loads(path.read_text()) if path.is_file() else None
+    """results/NAME, else results/v1/NAME (measured on the v1 model and protocol)."""
+    for path in (ROOT / "results" / name, ROOT / "results" / "v1" / name):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def bench_tables() -> dict[str, str]:
@@ -97,51 +104,51 @@ def bench_tables() -> dict[str, str]:
     return out
 
 
+PAIRS = (("fed-seq+id", "central-seq+id", "text + ID items"), ("fed-seq", "central-seq", "text items only"),
+         ("fed-seq-id", "central-seq-id", "SASRec over item IDs"), ("fed-fedmf", "central-fedmf", "MF"))
+
+
+def rounds_to_95(res: dict, key: str = "server/full/hr@10") -> list[int]:
+    """Per seed: the first evaluated round whose `key` reaches 95% of the last round's."""
+    out = []
+    for run in res["runs"]:
+        pts = [(r["round"], r[key]) for r in run.get("curve", []) if key in r]
+        if pts:
+            final = pts[-1][1]
+            out.append(next(rnd for rnd, v in pts if v >= 0.95 * final))
+    return out
+
+
 def interpretation() -> str:
     """The paragraph under the tables, its numbers read from the same files."""
-    r = {n: _load(f"{n}.json") for n in ("popularity", "popularity-nocold", "central-text",
-                                          "central-text-id", "central-fedmf", "fed-text")}
-    if not all(r[n] for n in ("popularity", "central-text", "central-text-id", "central-fedmf")):
-        return ""
+    r = {n: _load(f"{n}.json") for n in ("popularity", "text-similarity", *(x for p in PAIRS for x in p[:2]))}
 
-    def m(name, key="sampled/hr@10"):
+    def m(name, key="full/hr@10"):
         return r[name]["summary"]["best"][key]["mean"]
 
-    text = (
-        f"Popularity lands at sampled HR@10 {m('popularity', 'warm/hr@10'):.3f} / NDCG@10 "
-        f"{m('popularity', 'warm/ndcg@10'):.3f} on users whose test item is warm (DESIGN.md's "
-        f"protocol check: 0.335 / 0.173) and {m('popularity'):.3f} over "
-        "all users, where it can never rank a cold item; full-ranking HR@10 "
-        f"{m('popularity', 'full/hr@10'):.3f}. The frozen-PLM model trained centrally reaches "
-        f"{m('central-text'):.3f} ({m('central-text') / m('popularity'):.2f}x popularity), the "
-        f"hybrid with per-item ID embeddings {m('central-text-id'):.3f} and centralized MF "
-        f"{m('central-fedmf'):.3f}; on warm items {m('central-text', 'warm/hr@10'):.3f}, "
-        f"{m('central-text-id', 'warm/hr@10'):.3f} and {m('central-fedmf', 'warm/hr@10'):.3f}. "
-        "None reaches the 0.65 that centralized MF/NCF reach in published tables under the "
-        "leaky protocol; our MF is the same-protocol reference. Text alone carries less "
-        "collaborative signal than item IDs, which is why the hybrid is the best warm-item "
-        "model. Cold items stay in the catalog and, as DESIGN.md specifies, can be drawn as "
-        "training negatives, so every model learns to push them down: the ID-based models "
-        f"score {m('central-fedmf', 'cold/hr@10'):.3f} on them and the text model "
-        f"{m('central-text', 'cold/hr@10'):.3f}, below the 0.1 of a random ranking.")
-    if r["fed-text"]:
-        c = r["fed-text"]["config"]
-        ratio = m("fed-text") / m("central-text")
-        text += (f" Federated ({c['fed.strategy']} with local {c.get('train.optimizer', 'adam')}, "
-                 f"{c['fed.num-rounds']} rounds of {c['fed.clients-per-round']} users) the text "
-                 f"model reaches {m('fed-text'):.3f}, {ratio:.0%} of its centralized accuracy ("
-                 + ("meets" if ratio >= 0.95 else "misses") + " the 95% target).")
-        fedmf = _load("fed-fedmf.json")
-        if fedmf:
-            r["fed-fedmf"] = fedmf
-            wt, wm = m("fed-text", "warm/hr@10"), m("fed-fedmf", "warm/hr@10")
-            ct, cm = m("fed-text", "cold/hr@10"), m("fed-fedmf", "cold/hr@10")
-            text += (f" FedMF under the same apps, settings and rounds reaches "
-                     f"{m('fed-fedmf'):.3f}; on warm items the text model is "
-                     + ("ahead" if wt > wm else "behind") + f" ({wt:.3f} vs {wm:.3f}), on "
-                     f"cold items it scores {ct:.3f} against FedMF's {cm:.3f}, which cannot "
-                     "score an item it never trained on.")
-    return text
+    parts = []
+    if r["popularity"] and r["central-seq+id"]:
+        parts.append(
+            f"Centrally the v2 model (text + ID items) reaches full HR@10 {m('central-seq+id'):.3f} "
+            f"against popularity's {m('popularity'):.3f} and sampled HR@10 "
+            f"{m('central-seq+id', 'sampled/hr@10'):.3f} against {m('popularity', 'sampled/hr@10'):.3f}.")
+    for fed, central, what in PAIRS:
+        if r[fed] and r[central]:
+            full, samp = m(fed) / m(central), m(fed, "sampled/hr@10") / m(central, "sampled/hr@10")
+            parts.append(f"Federated, {what}: full HR@10 {m(fed):.3f} ({full:.0%} of centralized), "
+                         f"sampled {m(fed, 'sampled/hr@10'):.3f} ({samp:.0%}), cold-item HR@10 "
+                         f"{m(fed, 'cold/hr@10'):.3f}.")
+    if r["fed-seq+id"]:
+        peers = [(n, label) for n, label in (("fed-fedmf", "FedMF"), ("fed-seq-id", "federated SASRec over IDs")) if r[n]]
+        for n, label in peers:
+            parts.append(f"The text + ID model is {'ahead of' if m('fed-seq+id') > m(n) else 'behind'} "
+                         f"{label} on full HR@10 ({m('fed-seq+id'):.3f} vs {m(n):.3f}).")
+        reach = rounds_to_95(r["fed-seq+id"])
+        if reach:
+            parts.append(f"It reaches 95% of its last full HR@10 (server-side evaluation) after "
+                         f"{', '.join(map(str, reach))} rounds (seeds "
+                         f"{', '.join(str(x['seed']) for x in r['fed-seq+id']['runs'])}).")
+    return " ".join(parts)
 
 
 RELIABILITY = (("clean", "no failures (reference)"), ("failures-30", "30% of clients fail (mixed)"),
@@ -218,7 +225,7 @@ def sweep_table() -> str:
             ratio = at8[0]["sampled/hr@10"]["mean"] / base
             rows.append(f"At ε = 8, unit one {unit}: {ratio:.2f} x the non-private HR@10 ("
                         + ("meets" if ratio >= 0.9 else "misses") + " the 0.9 x target).")
-    rows.append("\n![privacy-utility](results/privacy_sweep.png)")
+    rows.append("\n![privacy-utility](results/v1/privacy_sweep.png)")
     return "\n".join(rows)
 
 
@@ -263,7 +270,7 @@ def privacy_tuning_table() -> str:
     from fedrec.privacy import UNIT, describe
 
     default_tau = load_defaults()["fed.server-tau"]
-    files = sorted((ROOT / "results" / "privacy-tuning").glob("*.json"))
+    files = sorted((ROOT / "results" / "v1" / "privacy-tuning").glob("*.json"))
     if not files:
         return ""
     rows = [("| unit of privacy | ε | model.pooling | model.dim | model.hidden | C | "

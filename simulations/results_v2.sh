@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The README's result tables (recommender v2): every row's result file, ml-100k, seeds
+# 0,1,2 (train.seed; the split is fixed by data.split-seed 0), in two lanes side by side
+# (one per core). Federated rows use the in-process engine (the same ServerApp and
+# ClientApp exchanging real Flower Messages, without Ray) to fit on 2 cores.
+#
+#   simulations/results_v2.sh            # then: python simulations/report.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+F=.venv/bin/fedrec
+SIM="$F simulate --engine inprocess --seeds 0,1,2"
+mkdir -p runs
+$F data fetch ml-100k
+lane_a() {
+  $F baseline popularity --json results/popularity.json
+  $F baseline text-similarity --json results/text-similarity.json
+  $F train-central --seeds 0,1,2 --quiet --json results/central-seq+id.json
+  $F train-central --seeds 0,1,2 --quiet --run-config "model.id-embeddings=false" --json results/central-seq.json
+  $F train-central --seeds 0,1,2 --quiet --run-config "model.item-text=false" --json results/central-seq-id.json
+  $F train-central --seeds 0,1,2 --quiet --config simulations/configs/fedmf.toml --json results/central-fedmf.json
+  $SIM --run-config "model.id-embeddings=false" --runs-dir runs/fed-seq --json results/fed-seq.json
+}
+lane_b() {
+  $SIM --runs-dir runs/fed-seq+id --json results/fed-seq+id.json
+  $SIM --run-config "model.item-text=false" --runs-dir runs/fed-seq-id --json results/fed-seq-id.json
+  $SIM --config simulations/configs/fedmf.toml --runs-dir runs/fed-fedmf --json results/fed-fedmf.json
+}
+lane_a > runs/results_v2.a.log 2>&1 &
+lane_b > runs/results_v2.b.log 2>&1 &
+wait
+.venv/bin/python simulations/plot_rounds.py results/fed-seq+id.json results/fed-seq.json \
+  results/fed-seq-id.json results/fed-fedmf.json --central results/central-seq+id.json \
+  --out results/rounds.png
