@@ -32,6 +32,7 @@ LABELS = {"sampled/hr@10": "sampled HR@10", "sampled/ndcg@10": "sampled NDCG@10"
 
 
 def table(files: list[str]) -> str:
+    """Markdown rows of result files (paths relative to the repository, or absolute)."""
     head = ("| method | " + " | ".join(LABELS[k] for k in COLUMNS)
             + " | seeds | commit | command |")
     rows = [head, "|" + "---|" * (len(COLUMNS) + 4)]
@@ -390,7 +391,25 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
+def compare(out_dir: str) -> None:
+    """Print the result files of one `make run` beside the committed rows of the same
+    methods (results/), full ranking first."""
+    mine = sorted(Path(out_dir).glob("*.json"), key=lambda p: p.stat().st_mtime)
+    committed = {json.loads(p.read_text())["method"]: p for p in sorted((ROOT / "results").glob("*.json"))
+                 if "summary" in json.loads(p.read_text())}
+    rows = [str(p) for p in mine]
+    for p in mine:
+        name = json.loads(p.read_text())["method"]
+        if name in committed:
+            rows.append(str(committed[name]))
+    print(table(rows))
+    print(f"\nFirst rows: this run ({out_dir}); then the committed results of the same methods "
+          "(README, results/).")
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--compare":
+        return compare(sys.argv[2])
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, files in TABLES.items():
