@@ -164,3 +164,20 @@ def test_device_update_trains_only_released_items_and_uploads_no_plm(tiny_root):
         assert holding(params, p.item_emb[i]) == []
     out = local_evaluate(cfg, p.item_emb, data, params, None, seed=1)
     assert out["num-examples"] == 1 and out["sampled/hr@10"] in (0.0, 1.0)
+
+
+def test_user_level_dp_runs_end_to_end_on_the_seq_model(tiny_root):
+    """privacy.mode = 'user' (DP-FedAdam: clip each device's update, noise the mean) on the
+    v2 model through the real ServerApp and ClientApp; ε names its unit and grows."""
+    from tiny import run_inprocess
+
+    cfg = tiny_config(tiny_root, {**SEQ, "train.optimizer": "sgd", "train.lr": 0.3,
+                                  "privacy.mode": "user", "privacy.noise-multiplier": 1.0,
+                                  "privacy.max-grad-norm": 0.5, "fed.num-rounds": 3,
+                                  "fed.clients-per-round": 4,
+                                  "fed.run-dir": str(tiny_root / "seq-user-dp")})
+    _, results = run_inprocess(cfg)
+    assert results["status"] == "completed" and results["privacy"]["unit"] == "user"
+    eps = [r["train"]["epsilon-max"] for r in results["rounds"] if "train" in r]
+    assert len(eps) == 3 and 0 < eps[0] < eps[1] < eps[2]
+    assert "server" in results["rounds"][-1]  # the global model is evaluated (simulation)
