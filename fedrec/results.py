@@ -42,7 +42,8 @@ def machine() -> dict:
 
 @functools.cache
 def git_commit() -> str:
-    """HEAD of the checkout this package runs from, "+dirty" if it has uncommitted changes;
+    """HEAD of the checkout this package runs from, "+dirty" if its code (the packages,
+    simulations/, pyproject.toml) has uncommitted changes;
     read once per process (the CLI asks at start-up, so a long run records the code it
     started with, not what the checkout holds when it ends)."""
     import subprocess
@@ -51,7 +52,8 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "fedrec", "clients", "server", "simulations", "pyproject.toml"],
                                cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
