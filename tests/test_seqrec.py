@@ -181,3 +181,42 @@ def test_user_level_dp_runs_end_to_end_on_the_seq_model(tiny_root):
     eps = [r["train"]["epsilon-max"] for r in results["rounds"] if "train" in r]
     assert len(eps) == 3 and 0 < eps[0] < eps[1] < eps[2]
     assert "server" in results["rounds"][-1]  # the global model is evaluated (simulation)
+
+
+def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_path):
+    """fedrec recommend on a v2 run: unseen items, best first; each reason is a history item
+    whose removal from the input lowers that item's score by the weight shown."""
+    import tiny
+    from safetensors.numpy import save_file
+
+    from fedrec.device import read_catalog, write_device_dir
+    from fedrec.recommend import recommend
+    from fedrec.results import write_json
+
+    root = tiny.build(tmp_path)
+    cfg = tiny_config(root, SEQ)
+    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the init (zero ID vectors, zero residuals)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run = root / "run"
+    run.mkdir()
+    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
+              str(run / "final.safetensors"))
+    write_json(run / "run_config.json", cfg.to_flat())
+    hist = ["1", "4", "7", "10", "13"]
+    dev = write_device_dir(root / "device", read_catalog(root / "data"), hist, [1, 2, 3, 4, 5])
+    recs = recommend(dev / "history.csv", run, k=5)
+    assert [r.rank for r in recs] == [1, 2, 3, 4, 5] and not {r.item for r in recs} & set(hist)
+    assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
+    top = recs[0]
+    reason, _, drop = top.because[0]
+    assert reason in hist and drop > 0
+    # Removing that item from the history lowers the top item's score by `drop`.
+    fewer = [h for h in hist if h != reason]
+    dev2 = write_device_dir(root / "device2", read_catalog(root / "data"), fewer,
+                            list(range(len(fewer))))
+    again = {r.item: r.score for r in recommend(dev2 / "history.csv", run, k=tiny.N_ITEMS)}
+    logit = lambda p: float(np.log(p / (1 - p)))
+    assert logit(top.score) - logit(again[top.item]) == pytest.approx(drop, rel=1e-3, abs=1e-4)
