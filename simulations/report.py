@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrec.results import HEADLINE, fmt
+from fedrec.results import fmt
 
 TABLES = {
     "central": ["results/popularity.json", "results/text-similarity.json",

@@ -186,9 +186,9 @@ def test_user_level_dp_runs_end_to_end_on_the_seq_model(tiny_root):
 def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_path):
     """fedrec recommend on a v2 run: unseen items, best first; each reason is a history item
     whose removal from the input lowers that item's score by the weight shown."""
-    import tiny
     from safetensors.numpy import save_file
 
+    import tiny
     from fedrec.device import read_catalog, write_device_dir
     from fedrec.recommend import recommend
     from fedrec.results import write_json
