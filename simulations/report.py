@@ -375,6 +375,27 @@ def bench_dp_table() -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+def make_run_block() -> str:
+    """README "Two commands": what `make run` cost on a fresh clone (results/make_run.json)."""
+    res = _load("make_run.json")
+    if not res:
+        return ""
+    names = {"pip install": "install", "data fetch": "data", "baseline popularity": "popularity",
+             "train-central": "centralized reference", "simulate": "federated simulation",
+             "report.py": "table"}
+    parts = {}
+    for step in res["steps"]:
+        label = next((v for k, v in names.items() if k in step["command"]), None)
+        if label:
+            parts[label] = parts.get(label, 0.0) + step["seconds"]
+    return (f"Measured on a fresh clone (`{res['command']}`, commit {res['commit'][:7]}, "
+            f"{res['machine']['cpus']} cores): **{res['seconds'] / 60:.1f} min** in all — "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items())
+            + f" — and a peak of {res['peak_rss_bytes'] / 2**30:.1f} GiB of memory (the whole "
+            "process tree: Ray and its workers included). Its last lines:\n\n```\n"
+            + "\n".join(res["tail"][-14:]) + "\n```")
+
+
 def config_table() -> str:
     """Every default of [tool.flwr.app.config] with its comment, straight from pyproject."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
@@ -416,6 +437,7 @@ def main() -> None:
         text = replace_block(text, name, table(files))
     text = replace_block(text, "config", config_table())
     text = replace_block(text, "interpretation", interpretation())
+    text = replace_block(text, "make-run", make_run_block())
     for name, make in (("reliability", reliability_table), ("privacy-sweep", sweep_table),
                        ("privacy-tuning", privacy_tuning_table),
                        ("audit", audit_table), ("bench-dp", bench_dp_table)):
