@@ -10,6 +10,7 @@ with psutil every second), the machine and the commit, plus the tail of what it 
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrec.results import git_commit, machine, write_json  # noqa: E402
+from fedrec.results import git_commit, machine, write_json
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -43,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedrec-make-run-") as tmp:
         clone, home = Path(tmp) / "fedrec", Path(tmp) / "home"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        env = {**__import__("os").environ, "FEDREC_HOME": str(home)}
+        env = {**os.environ, "FEDREC_HOME": str(home)}
         t0 = time.time()
         proc = subprocess.Popen(["make", "run"], cwd=clone, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -57,7 +58,7 @@ def main() -> None:
         for line in proc.stdout:
             sys.stdout.write(line)
             lines.append(line.rstrip("\n"))
-            if line.startswith(".venv/bin/") or line.startswith("test -x"):
+            if line.startswith((".venv/bin/", "test -x")):
                 steps.append({"command": line.strip(), "start_s": time.time() - t0})
         rc = proc.wait()
         seconds = time.time() - t0
