@@ -112,12 +112,17 @@ def train_epoch(model, local, opt, E, hist: Histories, cfg: Config, rng: np.rand
         loss = row_loss(scores, cfg.train.loss)
         total += loss.item() * len(rows)
         n += len(rows)
-        if penalty is not None:
-            loss = loss + penalty()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _step(opt, loss, penalty)
     return total / max(n, 1)
+
+
+def _step(opt, loss: torch.Tensor, penalty: Callable[[], torch.Tensor] | None) -> None:
+    """One optimizer step on loss (+ FedProx's proximal term)."""
+    if penalty is not None:
+        loss = loss + penalty()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 @torch.no_grad()
@@ -171,11 +176,7 @@ def seq_train_epoch(model: SeqRec, opt, E: torch.Tensor, rows: np.ndarray, allow
         targets = int(((batch[:, 1:] >= 0) & (batch[:, :-1] >= 0)).sum())
         total += loss.item() * targets
         n += targets
-        if penalty is not None:
-            loss = loss + penalty()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _step(opt, loss, penalty)
     return total / max(n, 1)
 
 
