@@ -151,6 +151,11 @@ class SeqRec(nn.Module):
             x = block(x, mask)
         return self.out_norm(x)
 
+    def forward(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """The training loss (what torch.func and DP-SGD call): see loss."""
+        return self.loss(E, seq, allowed, reduction)
+
     # -- the three questions ------------------------------------------------------------
     def loss(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
              reduction: str = "mean") -> torch.Tensor:
@@ -158,19 +163,21 @@ class SeqRec(nn.Module):
         (input seq[:, :-1], target seq[:, 1:]; a target counts where both it and its input
         are items, so the first item of a history is never predicted from padding). allowed [N] bool:
         the items the softmax may contain (released items); None = all.
-        reduction "mean": mean over targets; "row": [B] sum over each row's targets."""
+        reduction "mean": mean over targets; "row": [B] sum over each row's targets.
+        A target that is not allowed would be an infinite loss: callers keep them out."""
         h, b = self.item_table(E)
         states = self.encode(h, seq[:, :-1])
         target = seq[:, 1:]
         keep = (target >= 0) & (seq[:, :-1] >= 0)
-        logits = states[keep] @ h.T + b
+        logits = states @ h.T + b  # [B, L, N]; no boolean indexing, so torch.func can vmap it
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -math.inf)
-        ce = F.cross_entropy(logits, target[keep], reduction="none")
+        ce = F.cross_entropy(logits.flatten(0, 1), target.clamp_min(0).flatten(),
+                             reduction="none").view(keep.shape)
+        ce = torch.where(keep, ce, 0.0)  # padding's stand-in target may be a disallowed item
         if reduction == "mean":
-            return ce.mean()
-        rows = torch.arange(len(seq))[:, None].expand_as(target)[keep]
-        return torch.zeros(len(seq), dtype=ce.dtype).index_add(0, rows, ce)
+            return ce.sum() / keep.sum().clamp_min(1)
+        return ce.sum(1)
 
     def user_vectors(self, E: torch.Tensor, seq: torch.Tensor):
         """seq [B, L] -> (h_u [B, d], item table h [N, d], b [N])."""

@@ -220,3 +220,15 @@ def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_pat
     again = {r.item: r.score for r in recommend(dev2 / "history.csv", run, k=tiny.N_ITEMS)}
     logit = lambda p: float(np.log(p / (1 - p)))
     assert logit(top.score) - logit(again[top.item]) == pytest.approx(drop, rel=1e-3, abs=1e-4)
+
+
+def test_padding_targets_never_make_the_loss_infinite():
+    m, E = _model(), torch.randn(20, 12)
+    allowed = torch.ones(20, dtype=torch.bool)
+    allowed[0] = False  # padding's stand-in target (index 0) is not allowed
+    seq = torch.tensor([[PAD, PAD, PAD, PAD, 1, 2, 3]])
+    m.train()
+    loss = m.loss(E, seq, allowed)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters()
+                                        if p.grad is not None)
