@@ -279,11 +279,9 @@ def _validate(cfg: Config) -> None:
         (seq and flat["model.user-embedding"],
          ("model.kind = 'seq' reads the user from the history and has no user-local "
           "embedding; set model.user-embedding = false")),
-        (seq and flat["privacy.mode"] == "sample",
-         ("privacy.mode = 'sample' (per-interaction DP-SGD) is not available for "
-          "model.kind = 'seq': a causal encoder shares each history prefix between rows, so "
-          "per-row clipping would not bound one interaction's influence; use privacy.mode = "
-          "'user' or model.kind = 'text'")),
+        (seq and flat["privacy.mode"] == "sample" and flat["fed.proximal-mu"] > 0
+         and flat["fed.strategy"] == "fedprox",
+         "privacy.mode = 'sample' does not support FedProx's proximal term; use fedadam or fedavg"),
         (not seq and not flat["model.item-text"],
          "model.item-text = false (ID-only items) is for model.kind = 'seq'"),
         (flat["model.kind"] == "text" and flat["model.pooling"] == "none"

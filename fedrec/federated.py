@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fedrec import seq_privacy
 from fedrec.config import Config, uses_text
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
@@ -131,6 +132,8 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         def penalty():
             return 0.5 * proximal_mu * sum(((p - s) ** 2).sum()
                                            for p, s in zip(model.parameters(), start))
+    if isinstance(model, SeqRec) and cfg.privacy.mode == "sample":
+        return _seq_dp_update(cfg, model, opt, E_t, data, accountant, participation)
     if isinstance(model, SeqRec):
         rows = windows(data.history, model.max_len)
         allowed = torch.from_numpy(data.warm)
@@ -167,6 +170,27 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
     params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return params, new_local, {"train-loss": float(losses[-1]), "num-examples": len(data.history),
                                "update-seconds": time.perf_counter() - t0}
+
+
+def _seq_dp_update(cfg: Config, model, opt, E_t: torch.Tensor, data: ClientData,
+                   accountant: Accountant | None, participation: float):
+    """DP-SGD on the seq model over the device's disjoint blocks (fedrec/seq_privacy.py)."""
+    if accountant is None:
+        raise ValueError("privacy.mode = 'sample' needs the device's accountant")
+    rows = seq_privacy.blocks(data.history, model.max_len)
+    n = len(rows)
+    sigma = noise_multiplier(cfg, n, participation)
+    if n:
+        check_device_budget(cfg, accountant, sigma, n, participation)
+        q = local_plan(cfg, n, participation)[0]
+        sampling, noise = secret_randomness()  # not from seeds the server knows
+        for _ in range(cfg.train.local_epochs):
+            accountant.step(sigma, *seq_privacy.dp_train_epoch(
+                model, opt, E_t, rows, torch.from_numpy(data.warm), q, sigma,
+                cfg.privacy.max_grad_norm, sampling, noise))
+    params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return params, {}, {"num-examples": 1, "noise-multiplier": sigma,
+                        EPSILON_METRIC: accountant.epsilon(cfg.privacy.delta)}
 
 
 class DeviceBudgetExhausted(RuntimeError):

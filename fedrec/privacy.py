@@ -73,7 +73,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedrec.model import pool_leave_one_out, reads_history
 from fedrec.pooled_norms import instance_sq, pooled_clipped_sum, pooled_path_ok
-from fedrec.train import Histories, row_loss, row_losses
+from fedrec.train import Histories, row_loss, row_losses, windows_per_step
 
 UNIT = {"sample": "interaction", "user": "user"}
 EPSILON_METRIC = "epsilon"  # a device's cumulative sample-level ε in every train reply
@@ -85,7 +85,9 @@ def describe(cfg) -> dict:
     p = cfg.privacy
     out = {"mode": p.mode, "unit": UNIT.get(p.mode, "none"), "accountant": p.accountant,
            "delta": p.delta}
-    if p.mode == "sample" and reads_history(cfg):  # pooling "none": no assumption
+    if p.mode == "sample" and cfg.model.kind == "seq":  # fedrec/seq_privacy.py
+        out["unit"] = f"block of up to {cfg.model.max_len + 1} consecutive interactions"
+    elif p.mode == "sample" and reads_history(cfg):  # pooling "none": no assumption
         out["assumes"] = "history pool public"
     return out
 
@@ -247,8 +249,12 @@ def solve_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: 
 
 
 def local_plan(cfg, n: int, participation: float) -> tuple[float, int, int]:
-    """(sample_rate, steps per round, expected rounds joined) of a device with n rows."""
-    q = min(1.0, cfg.train.batch_size / max(n, 1))
+    """(sample_rate, steps per round, expected rounds joined) of a device with n rows
+    (interactions; for the seq model, blocks: fedrec/seq_privacy.py)."""
+    per_step = cfg.train.batch_size
+    if cfg.model.kind == "seq":
+        per_step = windows_per_step(cfg.train.batch_size, cfg.model.max_len)
+    q = min(1.0, per_step / max(n, 1))
     per_round = cfg.train.local_epochs * max(1, round(1.0 / q))
     rounds = max(1, math.ceil(cfg.fed.num_rounds * participation - 1e-9))
     return q, per_round, rounds
