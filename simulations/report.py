@@ -358,17 +358,18 @@ def audit_table() -> str:
 def bench_dp_table() -> str:
     rows = [("| model | plain local SGD s/update | DP-SGD s/update | DP / plain | per-row gradients "
             "of one batch | users (mean history) | command |"), "|---|---|---|---|---|---|---|"]
-    pooled = "text, history-pooled user tower (default), "
-    for name, label in (("bench_dp.json", pooled + "exact gradient through the pool "
+    pooled = "v1 text, history-pooled user tower, "
+    for name, label in (("bench_dp.json", "seq (v2 default), DP-SGD over disjoint blocks"),
+                        ("bench_dp_pooled.json", pooled + "exact gradient through the pool "
                          "(`privacy.pool-gradient = \"full\"`)"),
                         ("bench_dp_poolinput.json", pooled + "pool as each row's input "
                          "(`privacy.pool-gradient = \"none\"`)"),
-                        ("bench_dp_nopool.json", "text, `model.pooling = \"none\"`")):
+                        ("bench_dp_nopool.json", "v1 text, `model.pooling = \"none\"`")):
         res = _load(name)
         if not res:
             continue
         per_row = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in
-                            res.get("per_row_grads_batch_seconds", {}).items())
+                            res.get("per_row_grads_batch_seconds", {}).items()) or res.get("per_row_path", "")
         rows.append(f"| {label} | {res['plain_seconds_mean']:.4f} | {res['dp_seconds_mean']:.4f} | "
                     f"{res['ratio_dp_over_plain']:.2f} | {per_row} | {len(res['users'])} "
                     f"({res['history_length_mean']:.0f}) | `{res['command']}` |")
