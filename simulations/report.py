@@ -49,9 +49,10 @@ def table(files: list[str]) -> str:
     return "\n".join(rows)
 
 
-def _load(name: str) -> dict | None:
-    """results/NAME, else results/v1/NAME (measured on the v1 model and protocol)."""
-    for path in (ROOT / "results" / name, ROOT / "results" / "v1" / name):
+def _load(name: str, v1: bool = False) -> dict | None:
+    """results/NAME; v1: else results/v1/NAME (measured on the v1 model and protocol, for
+    the sections not yet regenerated on v2)."""
+    for path in (ROOT / "results" / name, *([ROOT / "results" / "v1" / name] if v1 else [])):
         if path.is_file():
             return json.loads(path.read_text())
     return None
@@ -71,7 +72,7 @@ def bench_tables() -> dict[str, str]:
             (f"\n`{enc['command']}` — {enc['texts']} ml-100k item texts, batch {enc['batch_size']}, "
             f"{enc['repeats']} interleaved repeats, {enc['machine']['cores']} cores, "
             f"load average {enc['machine']['load_average'][0]:.1f} during the run.")])
-    dev = _load("bench_device.json")
+    dev = _load("bench_device.json", v1=True)
     if dev:
         rows = ["| user (history) | message | wall s | peak RSS MB |", "|---|---|---|---|"]
         for u in dev["users"]:
@@ -86,7 +87,7 @@ def bench_tables() -> dict[str, str]:
                     f"{t['recommend_ms']:.0f}); `{dev['command']}`, 1-min load average "
                     f"{dev['load_avg_1m']:.1f}.")
         out["bench-device"] = "\n".join(rows)
-    fed = _load("bench_federated.json")
+    fed = _load("bench_federated.json", v1=True)
     if fed:
         rows = [("| clients/round | s/round | client update s | peak RSS GiB | upload KiB/client | "
                 "full PLM MiB | upload / PLM |"), "|---|---|---|---|---|---|---|"]
@@ -139,6 +140,17 @@ def interpretation() -> str:
             parts.append(f"Federated, {what}: full HR@10 {m(fed):.3f} ({full:.0%} of centralized), "
                          f"sampled {m(fed, 'sampled/hr@10'):.3f} ({samp:.0%}), cold-item HR@10 "
                          f"{m(fed, 'cold/hr@10'):.3f}.")
+    if r["central-fedmf"] and m("central-fedmf", "cold/hr@10") > m("central-fedmf", "warm/hr@10"):
+        parts.append(
+            f"MF scores unreleased items above its warm ones (cold {m('central-fedmf', 'cold/hr@10'):.3f}, "
+            f"warm {m('central-fedmf', 'warm/hr@10'):.3f} centrally): their biases keep their initial "
+            "zero while BCE pushes the biases of the sampled released items down, so they crowd the "
+            "top of its ranking — an artifact of an ID model facing items it never saw, not skill.")
+    if r["central-seq-id"] and r["central-seq+id"]:
+        parts.append(
+            f"Centrally SASRec over item IDs is close on full HR@10 ({m('central-seq-id'):.3f}) but "
+            f"cannot rank unreleased items (cold {m('central-seq-id', 'cold/hr@10'):.3f}, a random "
+            f"ranking's 0.1), so its sampled HR@10 is {m('central-seq-id', 'sampled/hr@10'):.3f}.")
     if r["fed-seq+id"]:
         peers = [(n, label) for n, label in (("fed-fedmf", "FedMF"), ("fed-seq-id", "federated SASRec over IDs")) if r[n]]
         for n, label in peers:
@@ -160,7 +172,7 @@ RELIABILITY = (("clean", "no failures (reference)"), ("failures-30", "30% of cli
 
 def reliability_table() -> str:
     """README "Failure behaviour": final test HR@10 of each run next to the clean one."""
-    runs = {name: _load(f"reliability-{name}.json") for name, _ in RELIABILITY}
+    runs = {name: _load(f"reliability-{name}.json", v1=True) for name, _ in RELIABILITY}
     if not runs["clean"]:
         return ""
     clean_mean = runs["clean"]["summary"]["final"]["sampled/hr@10"]["mean"]
@@ -198,7 +210,7 @@ def reliability_table() -> str:
 
 
 def sweep_table() -> str:
-    res = _load("privacy_sweep.json")
+    res = _load("privacy_sweep.json", v1=True)
     if not res:
         return ""
     rows = [("| unit of privacy | target ε | ε spent (max) | δ | accountant | σ | C | batch x "
@@ -327,7 +339,7 @@ AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
 
 
 def audit_table() -> str:
-    found = [(res, what) for name, what in AUDITS if (res := _load(name))]
+    found = [(res, what) for name, what in AUDITS if (res := _load(name, v1=True))]
     if not found:
         return ""
     stats = list(found[0][0]["rows"][0]["auc"])
@@ -365,7 +377,7 @@ def bench_dp_table() -> str:
                         ("bench_dp_poolinput.json", pooled + "pool as each row's input "
                          "(`privacy.pool-gradient = \"none\"`)"),
                         ("bench_dp_nopool.json", "v1 text, `model.pooling = \"none\"`")):
-        res = _load(name)
+        res = _load(name, v1=name != "bench_dp.json")
         if not res:
             continue
         per_row = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in
