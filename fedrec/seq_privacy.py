@@ -47,14 +47,21 @@ def clipped_block_sum(model: SeqRec, E: torch.Tensor, rows: torch.Tensor,
                       allowed: torch.Tensor, max_grad_norm: float):
     """Sum over rows [B, L + 1] of each row's gradient (of its mean target loss) clipped to
     max_grad_norm: ({name: tensor}, per-row norms before clipping [B])."""
-    params = {k: p.detach() for k, p in model.named_parameters()}
-
     def row_loss(p, row):
         seq = row[None]
         targets = ((seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)).sum().clamp_min(1)
         return functional_call(model, p, (E, seq, allowed), {"reduction": "row"})[0] / targets
 
-    per_row = vmap(grad(row_loss), in_dims=(None, 0), randomness="different")(params, rows)
+    if len(rows) == 1:  # one row (most devices have one block): its gradient is the gradient
+        names = [k for k, _ in model.named_parameters()]
+        params = dict(model.named_parameters())
+        g = torch.autograd.grad(row_loss(params, rows[0]), list(params.values()),
+                                allow_unused=True)
+        per_row = {k: (torch.zeros_like(params[k]) if v is None else v)[None]
+                   for k, v in zip(names, g)}
+    else:
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        per_row = vmap(grad(row_loss), in_dims=(None, 0), randomness="different")(params, rows)
     norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_row.values()))
     scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     return {k: torch.einsum("b,b...->...", scale, g) for k, g in per_row.items()}, norms

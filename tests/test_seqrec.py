@@ -252,11 +252,12 @@ def test_clipped_block_sum_is_the_sum_of_each_blocks_clipped_gradient():
     from fedrec.seq_privacy import blocks, clipped_block_sum
 
     m, E = _model(), torch.randn(20, 12)
-    rows = torch.from_numpy(blocks(np.arange(1, 19), 6))
     allowed = torch.ones(20, dtype=torch.bool)
     allowed[19] = False
     m.train()  # dropout 0 in _model: per-row gradients are deterministic
-    for C in (1e6, 0.05):
+    for C, rows in ((1e6, blocks(np.arange(1, 19), 6)), (0.05, blocks(np.arange(1, 19), 6)),
+                    (0.05, blocks(np.arange(3, 8), 6))):  # the last: one block alone
+        rows = torch.from_numpy(rows)
         got, norms = clipped_block_sum(m, E, rows, allowed, C)
         want = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
         for r, row in enumerate(rows):
