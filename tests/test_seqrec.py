@@ -166,23 +166,6 @@ def test_device_update_trains_only_released_items_and_uploads_no_plm(tiny_root):
     assert out["num-examples"] == 1 and out["sampled/hr@10"] in (0.0, 1.0)
 
 
-def test_user_level_dp_runs_end_to_end_on_the_seq_model(tiny_root):
-    """privacy.mode = 'user' (DP-FedAdam: clip each device's update, noise the mean) on the
-    v2 model through the real ServerApp and ClientApp; ε names its unit and grows."""
-    from tiny import run_inprocess
-
-    cfg = tiny_config(tiny_root, {**SEQ, "train.optimizer": "sgd", "train.lr": 0.3,
-                                  "privacy.mode": "user", "privacy.noise-multiplier": 1.0,
-                                  "privacy.max-grad-norm": 0.5, "fed.num-rounds": 3,
-                                  "fed.clients-per-round": 4,
-                                  "fed.run-dir": str(tiny_root / "seq-user-dp")})
-    _, results = run_inprocess(cfg)
-    assert results["status"] == "completed" and results["privacy"]["unit"] == "user"
-    eps = [r["train"]["epsilon-max"] for r in results["rounds"] if "train" in r]
-    assert len(eps) == 3 and 0 < eps[0] < eps[1] < eps[2]
-    assert "server" in results["rounds"][-1]  # the global model is evaluated (simulation)
-
-
 def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_path):
     """fedrec recommend on a v2 run: unseen items, best first; each reason is a history item
     whose removal from the input lowers that item's score by the weight shown."""
@@ -274,19 +257,22 @@ def test_clipped_block_sum_is_the_sum_of_each_blocks_clipped_gradient():
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
-def test_sample_level_dp_runs_end_to_end_on_the_seq_model(tiny_root):
-    """DP-SGD on the v2 model through the real apps: the unit is named (a block), each
-    device's ε is cumulative, replies carry no data-dependent metric but ε."""
+@pytest.mark.parametrize("mode, unit, clip", [
+    ("user", "user", 0.5),  # DP-FedAdam: each device's update clipped, the mean noised
+    ("sample", "block of up to 9 consecutive interactions", 1.0)])  # DP-SGD over blocks
+def test_both_privacy_modes_run_end_to_end_on_the_seq_model(tiny_root, mode, unit, clip):
+    """Both units of privacy on the v2 model through the real ServerApp and ClientApp: the
+    unit is named, ε is cumulative and grows, and no reply reports a training loss."""
     from tiny import run_inprocess
 
     cfg = tiny_config(tiny_root, {**SEQ, "train.optimizer": "sgd", "train.lr": 0.3,
-                                  "privacy.mode": "sample", "privacy.noise-multiplier": 1.0,
-                                  "privacy.max-grad-norm": 1.0, "fed.num-rounds": 3,
+                                  "privacy.mode": mode, "privacy.noise-multiplier": 1.0,
+                                  "privacy.max-grad-norm": clip, "fed.num-rounds": 3,
                                   "fed.clients-per-round": 6,
-                                  "fed.run-dir": str(tiny_root / "seq-sample-dp")})
+                                  "fed.run-dir": str(tiny_root / f"seq-{mode}-dp")})
     _, results = run_inprocess(cfg)
-    assert results["status"] == "completed"
-    assert results["privacy"]["unit"] == "block of up to 9 consecutive interactions"
+    assert results["status"] == "completed" and results["privacy"]["unit"] == unit
     eps = [r["train"]["epsilon-max"] for r in results["rounds"] if "train" in r]
-    assert len(eps) == 3 and 0 < eps[0] <= eps[1] <= eps[2]
+    assert len(eps) == 3 and 0 < eps[0] <= eps[1] <= eps[2] and eps[0] < eps[2]
     assert all("train-loss" not in r["train"] for r in results["rounds"] if "train" in r)
+    assert "server" in results["rounds"][-1]  # the global model is evaluated (simulation)
