@@ -137,9 +137,10 @@ def interpretation() -> str:
     for fed, central, what in PAIRS:
         if r[fed] and r[central]:
             full, samp = m(fed) / m(central), m(fed, "sampled/hr@10") / m(central, "sampled/hr@10")
-            parts.append(f"Federated, {what}: full HR@10 {m(fed):.3f} ({full:.0%} of centralized), "
-                         f"sampled {m(fed, 'sampled/hr@10'):.3f} ({samp:.0%}), cold-item HR@10 "
-                         f"{m(fed, 'cold/hr@10'):.3f}.")
+            last = r[fed]["summary"]["final"]["full/hr@10"]["mean"]
+            parts.append(f"Federated, {what}: full HR@10 {m(fed):.3f} ({full:.0%} of centralized; "
+                         f"{last:.3f} at the last round), sampled {m(fed, 'sampled/hr@10'):.3f} "
+                         f"({samp:.0%}), cold-item HR@10 {m(fed, 'cold/hr@10'):.3f}.")
     if r["central-fedmf"] and m("central-fedmf", "cold/hr@10") > m("central-fedmf", "warm/hr@10"):
         parts.append(
             f"MF scores unreleased items above its warm ones (cold {m('central-fedmf', 'cold/hr@10'):.3f}, "
