@@ -74,6 +74,17 @@ def _model_name(cfg: Config) -> str:
     return "text" + ("-nopool" if m.pooling == "none" else "") + ("+id" if m.id_embeddings else "")
 
 
+def _summarize_seeds(name: str, unit: str, cfg: Config, runs: list[dict],
+                     json_path: str | None) -> None:
+    """Print the mean ± std over seeds at the best-validation epoch/round; write the file."""
+    summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
+    _table(f"{name} (test at best-validation {unit})", {name: summary["best"]})
+    if json_path:
+        write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
+                               "seed_kind": "train.seed", "runs": runs, "summary": summary,
+                               "machine": machine()})
+
+
 def _table(title: str, rows: dict[str, dict]) -> None:
     t = Table(title=title)
     t.add_column("method")
@@ -192,13 +203,7 @@ def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
         runs.append({"seed": seed, "best": r["best"], "final": r["final"],
                      "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
                      "seconds": time.time() - t0, "curve": r["curve"]})
-    summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
-    name = f"central-{_model_name(cfg)}"
-    _table(f"{name} (test at best-validation epoch)", {name: summary["best"]})
-    if json_path:
-        write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
-                               "seed_kind": "train.seed", "runs": runs, "summary": summary,
-                               "machine": machine()})
+    _summarize_seeds(f"central-{_model_name(cfg)}", "epoch", cfg, runs, json_path)
 
 
 def _run_inprocess(cfg: Config, run_dir, log) -> dict:
@@ -282,13 +287,8 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
     if not runs:
         return
     runs.sort(key=lambda r: r["seed"])
-    summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
-    name = f"fed-{_model_name(cfg)} ({cfg.fed.strategy})"
-    _table(f"{name} (test at best-validation round)", {name: summary["best"]})
-    if json_path:
-        write_json(json_path, {"method": name, "command": command_line(), "config": cfg.to_flat(),
-                               "seed_kind": "train.seed", "runs": runs, "summary": summary,
-                               "machine": machine()})
+    _summarize_seeds(f"fed-{_model_name(cfg)} ({cfg.fed.strategy})", "round", cfg, runs,
+                     json_path)
 
 
 @app.command("privacy-sweep")
