@@ -24,6 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import
 TEMPLATE = "{title} ({year}). Genres: {genres}"
 
 
+def _commit() -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fedrec.results import git_commit
+
+    return git_commit()
+
+
 def timed(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
@@ -117,7 +124,8 @@ def main() -> int:
                     "cpu": _cpu_model(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "sentence_transformers": sentence_transformers.__version__,
-                    "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)]},
+                    "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+                    "commit": _commit()},
         "texts": len(texts), "batch_size": args.batch_size, "repeats": args.repeats,
         "model_dir": model_dir,
         "wall_s": wall, "cpu_s": cpu,

@@ -100,7 +100,7 @@ def bench_tables() -> dict[str, str]:
         rows.append(f"\n`{fed['command']}`" + ("; 1-min load average after each size: "
                                                  + ", ".join(f"{x:.1f}" for x in load) if load else ""))
         out["bench-federated"] = "\n".join(rows)
-    rec = ROOT / "results" / "recommend_example.txt"
+    rec = ROOT / "results" / "recommend_example.txt"  # v2 (v1's lies in results/v1)
     if rec.is_file():
         out["recommend"] = "```\n" + rec.read_text().rstrip() + "\n```"
     return out
