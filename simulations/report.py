@@ -458,6 +458,8 @@ def main() -> None:
         text = replace_block(text, name, make())
     for name, body in bench_tables().items():
         text = replace_block(text, name, body)
+    # Commands stored with the home directory they ran in: shown as ~, runnable anywhere.
+    text = text.replace(str(Path.home()) + "/", "~/")
     readme.write_text(text)
 
 
