@@ -4,7 +4,6 @@ user mistake is one line on stderr with exit code 2."""
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import save_file
 
 import tiny
@@ -20,16 +19,8 @@ def setup(tmp_path_factory):
     """A tiny run directory (random federated parameters) and a device for user u0."""
     root = tiny.build(tmp_path_factory.mktemp("rec"))
     cfg = tiny.tiny_config(root, {"model.pooling": "attention"})
-    torch.manual_seed(0)
-    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
-    with torch.no_grad():  # away from the near-identity init, so attention weights differ
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    run = root / "run"
-    run.mkdir()
-    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
-              str(run / "final.safetensors"))
-    write_json(run / "run_config.json", cfg.to_flat())
+    # away from the near-identity init, so attention weights differ
+    run = tiny.write_run(root, cfg, scale=0.2, seed=0)
     cat = read_catalog(root / "data")
     hist = ["1", "4", "7", "10", "13"]
     dev = write_device_dir(root / "device", cat, hist, [10, 20, 30, 40, 50])

@@ -169,25 +169,14 @@ def test_device_update_trains_only_released_items_and_uploads_no_plm(tiny_root):
 def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_path):
     """fedrec recommend on a v2 run: unseen items, best first; each reason is a history item
     whose removal from the input lowers that item's score by the weight shown."""
-    from safetensors.numpy import save_file
 
     import tiny
     from fedrec.device import read_catalog, write_device_dir
     from fedrec.recommend import recommend
-    from fedrec.results import write_json
 
     root = tiny.build(tmp_path)
     cfg = tiny_config(root, SEQ)
-    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
-    torch.manual_seed(1)
-    with torch.no_grad():  # away from the init (zero ID vectors, zero residuals)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    run = root / "run"
-    run.mkdir()
-    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
-              str(run / "final.safetensors"))
-    write_json(run / "run_config.json", cfg.to_flat())
+    run = tiny.write_run(root, cfg, scale=0.05, seed=1)  # away from zero IDs and residuals
     hist = ["1", "4", "7", "10", "13"]
     dev = write_device_dir(root / "device", read_catalog(root / "data"), hist, [1, 2, 3, 4, 5])
     recs = recommend(dev / "history.csv", run, k=5)

@@ -201,3 +201,25 @@ def run_inprocess(cfg: Config, grid=None) -> tuple[object, dict]:
     server.app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                   run_config=flat))
     return grid, json.loads((Path(cfg.fed.run_dir) / "results.json").read_text())
+
+
+def write_run(root: Path, cfg: Config, scale: float, seed: int) -> Path:
+    """A run directory root/run as a finished run leaves it (final.safetensors,
+    run_config.json), holding cfg's model moved away from its init by scale * N(0, 1)."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from fedrec.model import build_model
+    from fedrec.results import write_json
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, HIDDEN, N_ITEMS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    run = root / "run"
+    run.mkdir()
+    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
+              str(run / "final.safetensors"))
+    write_json(run / "run_config.json", cfg.to_flat())
+    return run
