@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedrec.seqrec import SeqRec, last_items
+from fedrec.seqrec import SeqRec, last_items, target_mask
 
 UNIT = "block"  # what privacy.describe names for this path
 
@@ -49,7 +49,7 @@ def clipped_block_sum(model: SeqRec, E: torch.Tensor, rows: torch.Tensor,
     max_grad_norm: ({name: tensor}, per-row norms before clipping [B])."""
     def row_loss(p, row):
         seq = row[None]
-        targets = ((seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)).sum().clamp_min(1)
+        targets = target_mask(seq).sum().clamp_min(1)
         return functional_call(model, p, (E, seq, allowed), {"reduction": "row"})[0] / targets
 
     if len(rows) == 1:  # one row (most devices have one block): its gradient is the gradient

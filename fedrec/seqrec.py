@@ -168,7 +168,7 @@ class SeqRec(nn.Module):
         h, b = self.item_table(E)
         states = self.encode(h, seq[:, :-1])
         target = seq[:, 1:]
-        keep = (target >= 0) & (seq[:, :-1] >= 0)
+        keep = target_mask(seq)
         logits = states @ h.T + b  # [B, L, N]; no boolean indexing, so torch.func can vmap it
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -math.inf)
@@ -196,6 +196,12 @@ class SeqRec(nn.Module):
 
 
 # -- sequences ---------------------------------------------------------------------------
+def target_mask(seq: torch.Tensor) -> torch.Tensor:
+    """seq [B, L + 1] training rows -> bool [B, L]: the positions SeqRec.loss counts (an item
+    predicted from an item, never from padding)."""
+    return (seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)
+
+
 def last_items(history: np.ndarray, max_len: int) -> np.ndarray:
     """The model input for ranking: the last max_len items, left-padded -> [max_len]."""
     out = np.full(max_len, PAD, np.int64)

@@ -20,7 +20,7 @@ from fedrec.config import Config
 from fedrec.model import build_model, init_local_users, pool_history, uses_local_user
 from fedrec.protocol import Split, evaluate, sample_negatives
 from fedrec.results import CURVE_KEYS
-from fedrec.seqrec import SeqRec, batch_inputs, windows
+from fedrec.seqrec import SeqRec, batch_inputs, target_mask, windows
 
 
 @dataclass
@@ -173,7 +173,7 @@ def seq_train_epoch(model: SeqRec, opt, E: torch.Tensor, rows: np.ndarray, allow
     for start in range(0, len(order), per_step):
         batch = torch.from_numpy(rows[order[start:start + per_step]])
         loss = model.loss(E, batch, allowed)
-        targets = int(((batch[:, 1:] >= 0) & (batch[:, :-1] >= 0)).sum())
+        targets = int(target_mask(batch).sum())
         total += loss.item() * targets
         n += targets
         _step(opt, loss, penalty)
