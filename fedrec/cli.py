@@ -146,9 +146,10 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
     runs = []
     for seed in _seeds(split_seeds):
         c = cfg.override(**{"data.split-seed": seed})
-        split = prepare(c, with_text=False).split
-        pop = split.item_popularity().astype(np.float64)
-        runs.append({"seed": seed, "test": evaluate(lambda u, _, p=pop: np.tile(p, (len(u), 1)), split)})
+        p = prepare(c)
+        pop = p.split.item_popularity().astype(np.float64)
+        runs.append({"seed": seed, "test": evaluate(lambda u, _, q=pop: np.tile(q, (len(u), 1)),
+                                                    p.split, item_vectors=p.item_emb)})
     summary = summarize([r["test"] for r in runs])
     _table("popularity (test)", {"popularity": summary})
     if json_path:
@@ -174,7 +175,7 @@ def baseline_text_similarity(config: str | None = ConfigOpt, run_config: str = R
 
     def score(users, inputs):
         return np.stack([E[h[-L:]].mean(0) for h in inputs]) @ E.T
-    summary = summarize([evaluate(score, p.split)])
+    summary = summarize([evaluate(score, p.split, item_vectors=p.item_emb)])
     _table("text similarity (test)", {"text-similarity": summary})
     if json_path:
         write_json(json_path, {"method": "text-similarity", "command": command_line(),
@@ -539,19 +540,104 @@ def recommend_cmd(history: str = typer.Option(..., "--history", help="the user's
                   model_dir: str = typer.Option("", "--model-dir", help="PLM directory "
                                                 "(default: the run's encoder.model-dir)"),
                   cache_dir: str | None = typer.Option(None, "--cache-dir", help="embedding "
-                                                          "cache (default: <history dir>/cache)")):
+                                                          "cache (default: <history dir>/cache)"),
+                  diversity: float = typer.Option(0.0, "--diversity", help="MMR re-ranking "
+                                                  "weight in [0, 1] over the PLM embeddings "
+                                                  "(0 = by score)")):
     """On-device top-K for one user's local history, with the history items behind each."""
     from fedrec.recommend import recommend
 
-    recs = recommend(history, model, k, catalog, model_dir, cache_dir)
+    recs = recommend(history, model, k, catalog, model_dir, cache_dir, diversity)
     t = Table(title=f"top {len(recs)} for {history}")
     for col, just in (("rank", "right"), ("item", "right"), ("text", "left"),
                       ("score", "right"), ("because of (history)", "left")):
         t.add_column(col, justify=just, overflow="fold")
     for r in recs:
+        shared = f" (shares {', '.join(r.shared)})" if r.shared else ""
         t.add_row(str(r.rank), r.item, r.text, f"{r.score:.3f}",
-                  "; ".join(f"{text} [{iid}]" for iid, text, _ in r.because))
+                  "; ".join(f"{text} [{iid}]" for iid, text, _ in r.because) + shared)
     console.print(t)
+
+
+def _trained_seqrec(run_dir: str):
+    from fedrec.recommend import load_for_dataset
+    from fedrec.seqrec import SeqRec
+
+    cfg, model, p = load_for_dataset(run_dir)
+    if not isinstance(model, SeqRec):
+        raise FedrecError(f"--model: '{run_dir}' trained model.kind '{cfg.model.kind}'; this "
+                          "command evaluates the seq model (model.kind=seq)")
+    return cfg, model, p
+
+
+@app.command("explain-eval")
+def explain_eval_cmd(model: str = typer.Option(..., "--model", help="run directories of "
+                                               "trained seq models, comma-separated (seeds)"),
+                     users: int = typer.Option(0, "--users", help="first N test users (0 = all)"),
+                     draws: int = typer.Option(10, "--random-draws", help="random deletions "
+                                               "per recommended item"),
+                     json_path: str | None = JsonOpt):
+    """Faithfulness of `recommend`'s reasons on test users: rank drop of each top-10 item
+    when its reasons are deleted from the input vs random input items (fedrec.explain)."""
+    import torch
+
+    from fedrec.explain import deletion_test
+
+    torch.set_num_threads(1)
+    runs = []
+    for run_dir in model.split(","):
+        cfg, net, p = _trained_seqrec(run_dir)
+        ids = p.split.eval_users("test")[:users or None]
+        res = deletion_test(net, torch.from_numpy(p.item_emb),
+                            [p.split.eval_history(u, "test") for u in ids], n_random=draws,
+                            seed=cfg.train.seed)
+        runs.append({"model": run_dir, "seed": cfg.train.seed, **res})
+    summary = summarize([r["summary"] for r in runs])
+    for key, v in summary.items():
+        console.print(f"{key:32s} {v['mean']:.4f} ± {v['std']:.4f}")
+    if json_path:
+        write_json(json_path, {"method": "explain-eval (leave-one-out reasons)",
+                               "command": command_line(), "config": cfg.to_flat(),
+                               "runs": runs, "summary": summary, "machine": machine()})
+
+
+@app.command("diversity-curve")
+def diversity_curve_cmd(model: str = typer.Option(..., "--model", help="run directories of "
+                                                  "trained models, comma-separated (seeds)"),
+                        lambdas: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.8",
+                                                    "--lambdas", help="MMR weights in [0, 1]"),
+                        json_path: str | None = JsonOpt):
+    """Full HR@10 against intra-list diversity of MMR re-ranked top-10 lists on test users."""
+    from fedrec.diversity import lambda_curve
+    from fedrec.recommend import load_for_dataset
+    from fedrec.train import scorer
+
+    try:
+        grid = [float(x) for x in lambdas.split(",")]
+    except ValueError:
+        raise FedrecError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
+    if not all(0.0 <= x <= 1.0 for x in grid):
+        raise FedrecError(f"--lambdas: every weight must be in [0, 1], got {lambdas}")
+    import torch
+
+    runs = []
+    for run_dir in model.split(","):
+        cfg, net, p = load_for_dataset(run_dir)
+        rows = lambda_curve(scorer(net, torch.from_numpy(p.item_emb)), p.split, p.item_emb, grid)
+        runs.append({"model": run_dir, "seed": cfg.train.seed, "curve": rows})
+    keys = [k for k in runs[0]["curve"][0] if k != "lambda"]
+    summary = [{"lambda": lam, **summarize([{k: r["curve"][i][k] for k in keys} for r in runs])}
+               for i, lam in enumerate(grid)]
+    t = Table(title="MMR re-ranking on test users (mean over runs)")
+    for col in ("lambda", *keys):
+        t.add_column(col, justify="right")
+    for row in summary:
+        t.add_row(f"{row['lambda']:g}", *(f"{row[k]['mean']:.4f}" for k in keys))
+    console.print(t)
+    if json_path:
+        write_json(json_path, {"method": "diversity-curve (MMR)", "command": command_line(),
+                               "config": cfg.to_flat(), "runs": runs, "summary": summary,
+                               "machine": machine()})
 
 
 @app.command("audit")

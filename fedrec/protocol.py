@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.data import Dataset, data_home
+from fedrec.diversity import ListStats, item_novelty, top_k, unit_rows
 from fedrec.errors import FedrecError
 from fedrec.metrics import rank_of_positive, summarize, user_auc
 
@@ -180,8 +181,10 @@ Scorer = Callable[[np.ndarray, list[np.ndarray]], np.ndarray]
 
 
 def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
-             chunk: int = 512) -> dict[str, float]:
-    """Sampled, full and cold-start ranking metrics with the protocol's keys.
+             chunk: int = 512, item_vectors: np.ndarray | None = None) -> dict[str, float]:
+    """Sampled, full and cold-start ranking metrics with the protocol's keys, and the
+    diversity of each user's top-k (fedrec.diversity: coverage, novelty, and intra-list
+    diversity when `item_vectors`, the frozen PLM item embeddings, are given).
 
     The scorer gets each user's evaluation input (Split.eval_history): the training
     history at "val", plus the validation item at "test".
@@ -194,6 +197,8 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
     negatives = split.test_negatives if stage == "test" else split.val_negatives
     ranks: dict[str, list] = {"sampled": [], "full": []}
     aucs: dict[str, list] = {"sampled": [], "full": []}
+    lists = ListStats(split.n_items, item_novelty(split.item_popularity(), split.n_users),
+                      None if item_vectors is None else unit_rows(item_vectors), k)
     for start in range(0, len(users), chunk):
         ub = users[start:start + chunk]
         inputs = [split.eval_history(u, stage) for u in ub]
@@ -208,6 +213,7 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
         full = s.copy()  # np.asarray may alias the scorer's own array: never write to it
         for r, seen in enumerate(inputs):
             full[r, seen] = -np.inf  # the input's items are not candidates
+        lists.add(top_k(full, k))                # the list the user sees (positive included)
         full[rows, target[ub]] = -np.inf         # the positive is scored separately
         for name, cand in (("sampled", samp), ("full", full)):
             ranks[name].append(rank_of_positive(pos, cand))
@@ -222,4 +228,4 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
         out[f"{name}/hr@{k}"], out[f"{name}/ndcg@{k}"] = m[f"{name}/hr@{k}"], m[f"{name}/ndcg@{k}"]
         out[f"{name}/users"] = int(mask.sum())
     out["users"] = len(users)
-    return out
+    return {**out, **lists.summary()}

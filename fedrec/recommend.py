@@ -4,19 +4,16 @@ Everything runs on the device: the history file, the catalog and its cached embe
 and the trained federated parameters of a run (``RUN_DIR/final.safetensors`` and
 ``RUN_DIR/run_config.json``). The user vector h_u is computed here and never leaves.
 
-    h_i = item_adapter(e_i)                 every catalog item (cached PLM output e_i)
-    w_j = softmax_j(attention(h_j))         over the history items j (uniform for mean pooling)
-    h_u = user_adapter(sum_j w_j h_j)
-    score_i = sigmoid(<h_u, h_i> + b_i)     history items are excluded
+seq (v2 default): the causal encoder reads the last model.max-len history items and
+scores every catalog item, <h_u, h_i> + b_i (history items excluded). Reasons: the window
+items whose removal lowers the item's score most (fedrec.explain, leave-one-out; their
+faithfulness is measured by `fedrec explain-eval`), with the catalog terms (genres) the
+item shares with them. --diversity re-ranks by maximal marginal relevance over the frozen
+PLM embeddings (fedrec.diversity).
 
-Explanation: history item j contributed to recommendation i by how much the score
-<h_u, h_i> + b_i drops when j is left out of the pool (the leave-one-out pool of
-training). For a near-linear user adapter that is about w_j/(1-w_j) * <h_j - pool, h_i>:
-attention weight times how much closer j is to i than the user's average item, so a
-reason is specific to the recommendation rather than the user's most central items.
-The (up to) three largest positive drops are named, by title. The user-local residual of
-model.user-embedding lives in the SuperNode's context.state, not in RUN_DIR, so it is
-zero here: the scores are those of the federated user tower over the history.
+text (v1): h_u pools the history items' adapted vectors; a reason's drop is the score
+change when it is left out of the pool. The user-local residual of model.user-embedding
+lives in the SuperNode's context.state, not in RUN_DIR, so it is zero here.
 """
 
 import json
@@ -39,10 +36,11 @@ from fedrec.device import (
 )
 from fedrec.errors import FedrecError
 from fedrec.model import build_model, pool_history
+from fedrec.diversity import mmr, unit_rows
+from fedrec.explain import loo_drops, pick_reasons, shared_terms, window_positions
 from fedrec.seqrec import SeqRec, batch_inputs
 
 FINAL, RUN_CONFIG = "final.safetensors", "run_config.json"
-MAX_REASONS = 3
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,7 @@ class Recommendation:
     text: str                 # the item text the PLM read
     score: float              # sigmoid(<h_u, h_i> + b_i)
     because: list[tuple[str, str, float]]  # (history item id, title, score drop) largest first
+    shared: list[str]         # catalog terms (genres, tags) the item shares with its reasons
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, dict[str, np.ndarray]]:
@@ -86,10 +85,36 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, np.ndarray]]:
     return cfg, params
 
 
+def model_from_params(cfg: Config, params: dict[str, np.ndarray], text_dim: int, n_items: int):
+    """The run's model with its federated parameters, for a catalog of n_items."""
+    with torch.device("meta"):  # no random init (an orthogonal init is a QR per call)
+        model = build_model(cfg, text_dim, n_items)
+    try:
+        model.load_state_dict({n: torch.from_numpy(v).float() for n, v in params.items()},
+                              assign=True)
+    except RuntimeError as exc:
+        raise FedrecError(f"--model: its parameters do not fit this catalog and PLM "
+                          f"({n_items} items, {text_dim}-d text): "
+                          f"{str(exc).splitlines()[-1].strip()}; use the catalog and "
+                          "encoder the run trained with") from None
+    return model.eval()
+
+
+def load_for_dataset(run_dir: str | Path):
+    """(config, model, Prepared) of a finished run on its own dataset and split, for
+    evaluations of the trained model (explain-eval, diversity-curve)."""
+    from fedrec.pipeline import prepare
+
+    cfg, params = load_run(run_dir)
+    p = prepare(cfg)
+    return cfg, model_from_params(cfg, params, p.item_emb.shape[1], p.split.n_items), p
+
+
 def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
               catalog: str | Path | None = None, model_dir: str = "",
-              cache_dir: str | Path | None = None) -> list[Recommendation]:
-    """Top-k unseen items for the user of `history`, best first.
+              cache_dir: str | Path | None = None, diversity: float = 0.0) -> list[Recommendation]:
+    """Top-k unseen items for the user of `history`, best first (re-ranked for diversity
+    by maximal marginal relevance with weight `diversity` in [0, 1]; 0 = by score).
 
     catalog: file or directory; default the history's directory if it holds one (a device
     directory), else the run's data.dataset. cache_dir: where catalog embeddings are
@@ -98,6 +123,8 @@ def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
     """
     if k < 1:
         raise FedrecError(f"-k must be >= 1, got {k}")
+    if not 0.0 <= diversity <= 1.0:
+        raise FedrecError(f"--diversity must be in [0, 1] (0 = plain ranking), got {diversity}")
     history = Path(history).expanduser()
     cfg, params = load_run(run_dir)
     if catalog is None:
@@ -106,77 +133,56 @@ def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
     seq = read_history(history, cat)
     cache = Path(cache_dir).expanduser() if cache_dir else history.parent / CACHE_DIR
     E = torch.from_numpy(item_embeddings(cfg, cat, cache, model_dir))
-    with torch.device("meta"):  # no random init (an orthogonal init is a QR per call)
-        model = build_model(cfg, E.shape[1], cat.n_items)
-    try:
-        model.load_state_dict({n: torch.from_numpy(v).float() for n, v in params.items()},
-                              assign=True)
-    except RuntimeError as exc:
-        raise FedrecError(f"--model: its parameters do not fit this catalog and PLM "
-                          f"({cat.n_items} items, {E.shape[1]}-d text): "
-                          f"{str(exc).splitlines()[-1].strip()}; use the catalog and "
-                          "encoder the run trained with") from None
+    model = model_from_params(cfg, params, E.shape[1], cat.n_items)
     # One thread: a ~2k-item catalog is too small for intra-op parallelism, and on a busy
     # device extra threads only contend (measured here: 53 ms with 1 thread, 430 ms with 2
     # on 2 loaded cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return rank_items(model, E, seq, cat, cfg.data.item_template, k)
+        return rank_items(model, E, seq, cat, cfg.data.item_template, k, diversity)
     finally:
         torch.set_num_threads(threads)
 
 
 @torch.no_grad()
 def rank_items(model, E: torch.Tensor, seq: np.ndarray, cat: Catalog, template: str,
-               k: int) -> list[Recommendation]:
-    """Top-k of the catalog minus `seq`, each with the history items whose removal would
+               k: int, diversity: float = 0.0) -> list[Recommendation]:
+    """Top-k of the catalog minus `seq` (re-ranked by MMR over the PLM embeddings E when
+    diversity > 0, fedrec.diversity), each with the history items whose removal would
     lower its score most (leave-one-out: the input without that item, re-scored)."""
     model.eval()
     if isinstance(model, SeqRec):
-        return _rank_seq(model, E, seq, cat, template, k)
-    h, b, a = model.items(E, torch.arange(E.shape[0]))
-    hist = torch.from_numpy(seq)
-    n = len(seq)
-    seg = torch.zeros(n, dtype=torch.long)
-    pooled = pool_history(h, a, hist, seg, 1, torch.zeros(1, dtype=torch.long))
-    scores = h @ model.users(pooled, None)[0] + b
-    scores[hist] = -torch.inf
-    k = min(k, cat.n_items - n)
-    top = torch.topk(scores, k).indices if k > 0 else torch.zeros(0, dtype=torch.long)
-    # Row j pools the history without item j: [n, d] -> scores of the top items [n, k].
-    without = pool_history(h, a, hist, seg, 1, seg, exclude=hist)
-    drop = scores[top][None] - (model.users(without, None) @ h[top].T + b[top])
-    return _explained(cat, template, seq, top, scores, drop)
+        h, b = model.item_table(E)
+        scores = (model.encode(h, batch_inputs([seq], model.max_len))[:, -1] @ h.T + b)[0]
 
+        def explain(top):  # reasons are among the items the model reads
+            return loo_drops(model, h, b, seq, top), seq[window_positions(seq, model.max_len)]
+    else:
+        h, b, a = model.items(E, torch.arange(E.shape[0]))
+        hist = torch.from_numpy(seq)
+        seg = torch.zeros(len(seq), dtype=torch.long)
+        pooled = pool_history(h, a, hist, seg, 1, torch.zeros(1, dtype=torch.long))
+        scores = h @ model.users(pooled, None)[0] + b
+        # Row j pools the history without item j: [n, d] -> scores of the top items [n, k].
+        without = pool_history(h, a, hist, seg, 1, seg, exclude=hist)
 
-def _rank_seq(model: SeqRec, E: torch.Tensor, seq: np.ndarray, cat: Catalog, template: str,
-              k: int) -> list[Recommendation]:
-    """SeqRec: the model reads the last max_len items; reasons are among those, each found
-    by scoring the input with that one item removed (a batch of its leave-one-out inputs)."""
-    tail = seq[-model.max_len:]
-    scores = model.score_all(E, batch_inputs([seq], model.max_len))[0]
+        def explain(top):
+            return scores[top][None] - (model.users(without, None) @ h[top].T + b[top]), seq
     scores[torch.from_numpy(seq)] = -torch.inf
     k = min(k, cat.n_items - len(np.unique(seq)))
-    top = torch.topk(scores, k).indices if k > 0 else torch.zeros(0, dtype=torch.long)
-    # Row j: the input without tail item j (seq's other items shift in from the left).
-    rows = [np.delete(seq, len(seq) - len(tail) + j) for j in range(len(tail))]
-    without = model.score_pairs(E, batch_inputs(rows, model.max_len), top.expand(len(rows), -1))
-    drop = scores[top][None] - without
-    return _explained(cat, template, tail, top, scores, drop)
-
-
-def _explained(cat: Catalog, template: str, seq: np.ndarray, top: torch.Tensor,
-               scores: torch.Tensor, drop: torch.Tensor) -> list[Recommendation]:
-    """Recommendations for the top items; drop [len(seq), k]: how much removing history
-    item j lowers top item r's score."""
+    if k <= 0:
+        return []
+    lists = mmr(scores[None].numpy(), unit_rows(E.numpy()), k, diversity)
+    top = torch.from_numpy(lists[0])
+    drop, window = explain(top)
     texts = cat.texts(template)
     labels = [f.get("title") or t for f, t in zip(cat.item_fields, texts)]
     out = []
-    for r, i in enumerate(top.tolist()):
-        order = torch.argsort(drop[:, r], descending=True)[:MAX_REASONS].tolist()
-        keep = [j for j in order if drop[j, r] > 0] or order[:1]
+    for r, (i, reasons) in enumerate(zip(top.tolist(), pick_reasons(drop))):
+        items = [int(window[j]) for j in reasons]
         out.append(Recommendation(
             r + 1, cat.item_ids[i], texts[i], float(torch.sigmoid(scores[i])),
-            [(cat.item_ids[seq[j]], labels[seq[j]], float(drop[j, r])) for j in keep]))
+            [(cat.item_ids[j], labels[j], float(drop[w, r])) for j, w in zip(items, reasons)],
+            shared_terms(cat.item_fields[i], [cat.item_fields[j] for j in items])))
     return out

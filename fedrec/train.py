@@ -236,7 +236,7 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
     for epoch in range(1, cfg.central.epochs + 1):
         t0 = time.time()
         loss = epoch_fn()
-        val = evaluate(score, split, "val")
+        val = evaluate(score, split, "val", item_vectors=E)
         curve.append({"epoch": epoch, "loss": loss, **{f"val/{k}": val[k] for k in CURVE_KEYS},
                       "seconds": time.time() - t0})
         log(f"epoch {epoch:3d}  loss {loss:.4f}  val sampled HR@10 {val['sampled/hr@10']:.4f}  "
@@ -250,11 +250,11 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
             if bad >= cfg.central.patience:
                 log(f"early stop: no better val HR@10 for {bad} epochs")
                 break
-    final = evaluate(score, split, "test")
+    final = evaluate(score, split, "test", item_vectors=E)
     best_epoch, state, best_local = best_state
     model.load_state_dict(state)
     if local is not None:
         local.data.copy_(best_local)
-    return {"final": final, "best": evaluate(score, split, "test"), "best_epoch": best_epoch,
+    return {"final": final, "best": evaluate(score, split, "test", item_vectors=E), "best_epoch": best_epoch,
             "epochs_run": len(curve), "curve": curve, "model": model}
 
