@@ -34,10 +34,10 @@ from fedrec.device import (
     read_catalog,
     read_history,
 )
-from fedrec.errors import FedrecError
-from fedrec.model import build_model, pool_history
 from fedrec.diversity import mmr, unit_rows
+from fedrec.errors import FedrecError
 from fedrec.explain import loo_drops, pick_reasons, shared_terms, window_positions
+from fedrec.model import build_model, pool_history
 from fedrec.seqrec import SeqRec, batch_inputs
 
 FINAL, RUN_CONFIG = "final.safetensors", "run_config.json"

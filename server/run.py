@@ -169,7 +169,7 @@ class FederatedRun:
             model.load_state_dict({k: torch.as_tensor(a.numpy(), dtype=torch.float32)
                                    for k, a in arrays.items()})
             split, E = self.prepared.split, torch.from_numpy(self.prepared.item_emb)
-            m = evaluate(scorer(model, E), split, "test")
+            m = evaluate(scorer(model, E), split, "test", item_vectors=self.prepared.item_emb)
             self.record(rnd, "server", m)
             out = MetricRecord({k: float(v) for k, v in m.items()})
         self._log_round(rnd)
@@ -201,7 +201,9 @@ class FederatedRun:
             return {}
         best = max(evals, key=lambda r: (r["federated"].get(SELECT, -1.0), -r["round"]))
         final = max(evals, key=lambda r: r["round"])
-        pick = lambda r: {k: v for k, v in r["federated"].items() if not k.startswith("val/")}
+        def pick(r: dict) -> dict:  # the devices' metrics; list diversity from the server's
+            div = {k: v for k, v in r.get("server", {}).items() if k.startswith("div/")}
+            return {**div, **{k: v for k, v in r["federated"].items() if not k.startswith("val/")}}
         return {"best_round": best["round"], "best": pick(best), "final_round": final["round"],
                 "final": pick(final)}
 

@@ -242,8 +242,8 @@ def test_clipped_block_sum_is_the_sum_of_each_blocks_clipped_gradient():
             assert norms[r] == pytest.approx(float(norm), rel=1e-4)
             for k in want:
                 want[k] += g[k] * min(1.0, C / (float(norm) + 1e-6))
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+        for k, value in want.items():
+            torch.testing.assert_close(got[k], value, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode, unit, clip", [
