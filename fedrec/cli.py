@@ -608,7 +608,7 @@ def diversity_curve_cmd(model: str = typer.Option(..., "--model", help="run dire
                                                     "--lambdas", help="MMR weights in [0, 1]"),
                         json_path: str | None = JsonOpt):
     """Full HR@10 against intra-list diversity of MMR re-ranked top-10 lists on test users."""
-    from fedrec.diversity import lambda_curve
+    from fedrec.diversity import lambda_curve, random_list_ild
     from fedrec.recommend import load_for_dataset
     from fedrec.train import scorer
 
@@ -637,6 +637,7 @@ def diversity_curve_cmd(model: str = typer.Option(..., "--model", help="run dire
     if json_path:
         write_json(json_path, {"method": "diversity-curve (MMR)", "command": command_line(),
                                "config": cfg.to_flat(), "runs": runs, "summary": summary,
+                               "random-list-ild@10": random_list_ild(p.item_emb),
                                "machine": machine()})
 
 

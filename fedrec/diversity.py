@@ -145,3 +145,12 @@ def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k
     return [{"lambda": lam, f"full/hr@{k}": float(np.concatenate(hits[lam]).mean()),
              f"full/ndcg@{k}": float(np.concatenate(gains[lam]).mean()), **stats[lam].summary()}
             for lam in lambdas]
+
+
+def random_list_ild(item_vectors: np.ndarray) -> float:
+    """Expected ILD of a list drawn uniformly from the catalog: 1 - the mean cosine over
+    distinct item pairs (the scale's reference point: PLM vectors are anisotropic)."""
+    u = unit_rows(item_vectors)
+    n = len(u)
+    total = float(np.square(u.sum(0)).sum())  # sum over all ordered pairs, i = j included
+    return 1.0 - (total - n) / (n * (n - 1))

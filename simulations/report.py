@@ -25,10 +25,12 @@ TABLES = {
 }
 # Full ranking first: the headline (docs/protocol.md).
 COLUMNS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10", "sampled/ndcg@10", "cold/hr@10",
-           "warm/hr@10")
+           "warm/hr@10", "div/ild@10", "div/coverage@10", "div/novelty@10")
 LABELS = {"sampled/hr@10": "sampled HR@10", "sampled/ndcg@10": "sampled NDCG@10",
           "full/hr@10": "full HR@10", "full/ndcg@10": "full NDCG@10",
-          "cold/hr@10": "cold-start HR@10", "warm/hr@10": "warm-item HR@10"}
+          "cold/hr@10": "cold-start HR@10", "warm/hr@10": "warm-item HR@10",
+          "div/ild@10": "ILD@10", "div/coverage@10": "coverage@10",
+          "div/novelty@10": "novelty@10"}
 
 
 def table(files: list[str]) -> str:
@@ -72,7 +74,7 @@ def bench_tables() -> dict[str, str]:
             (f"\n`{enc['command']}` — {enc['texts']} ml-100k item texts, batch {enc['batch_size']}, "
             f"{enc['repeats']} interleaved repeats, {enc['machine']['cores']} cores, "
             f"load average {enc['machine']['load_average'][0]:.1f} during the run.")])
-    dev = _load("bench_device.json", v1=True)
+    dev = _load("bench_device.json")
     if dev:
         rows = ["| user (history) | message | wall s | peak RSS MB |", "|---|---|---|---|"]
         for u in dev["users"]:
@@ -83,9 +85,10 @@ def bench_tables() -> dict[str, str]:
         w, t = dev["worst"], dev["targets"]
         rows.append(f"\nWorst warm-cache round {w['round_s']:.1f} s (target < {t['round_s']:.0f}), "
                     f"peak RSS {w['peak_rss_mb']:.0f} MB (target < {t['peak_rss_mb']:.0f}), "
-                    f"`fedrec recommend` top-10 {w['recommend_ms']:.1f} ms median (target < "
-                    f"{t['recommend_ms']:.0f}); `{dev['command']}`, 1-min load average "
-                    f"{dev['load_avg_1m']:.1f}.")
+                    f"`fedrec recommend` top-10 with reasons (plain or MMR re-ranked) "
+                    f"{w['recommend_ms']:.1f} ms median, worst user (target < "
+                    f"{t['recommend_ms']:.0f}); `{dev['command']}`, model {dev['config']['model.kind']}, "
+                    f"commit {dev['machine']['commit'][:7]}, 1-min load average {dev['load_avg_1m']:.1f}.")
         out["bench-device"] = "\n".join(rows)
     fed = _load("bench_federated.json", v1=True)
     if fed:
@@ -442,6 +445,60 @@ def compare(out_dir: str) -> None:
           "(README, results/).")
 
 
+def explain_table() -> str:
+    res = _load("explain.json")
+    if not res:
+        return ""
+    s = res["summary"]
+    f = lambda key, spec=".3f": f"{s[key]['mean']:{spec}} ± {s[key]['std']:{spec}}"
+    rows = ["| (user, item) pairs | reasons beat random deletion | win rate per random draw | "
+            "rank drop, reasons (mean / median) | rank drop, random (mean / median) | distinct "
+            "reason sets in a top-10 (median) | reasons per item |", "|---|---|---|---|---|---|---|",
+            f"| {int(s['pairs']['mean'])} per run ({int(s['users']['mean'])} users) | "
+            f"{f('share-reasons-beat-random')} | {f('win-rate-per-draw')} | "
+            f"{f('rank-drop-reasons-mean', '.1f')} / {f('rank-drop-reasons-median', '.1f')} | "
+            f"{f('rank-drop-random-mean', '.1f')} / {f('rank-drop-random-median', '.1f')} | "
+            f"{f('distinct-reason-sets-median', '.1f')} | {f('reasons-per-item-mean', '.2f')} |",
+            f"\n{len(res['runs'])} runs (train.seed "
+            f"{', '.join(str(r['seed']) for r in res['runs'])}), {s['random-draws']['mean']:.0f} "
+            f"random deletions per item, commit {res['machine']['commit'][:7]}: "
+            f"`{res['command']}`"]
+    return "\n".join(rows)
+
+
+def diversity_table() -> str:
+    res = _load("diversity.json")
+    if not res:
+        return ""
+    rows = res["summary"]
+    base = rows[0]
+    hr0, ild0 = base["full/hr@10"]["mean"], base["div/ild@10"]["mean"]
+    out = ["| λ | full HR@10 | vs λ = 0 | full NDCG@10 | ILD@10 | vs λ = 0 | coverage@10 | novelty@10 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hr, ild = r["full/hr@10"]["mean"], r["div/ild@10"]["mean"]
+        out.append(f"| {r['lambda']:g} | {fmt(r['full/hr@10'])} | {hr / hr0 - 1:+.1%} | "
+                   f"{fmt(r['full/ndcg@10'])} | {fmt(r['div/ild@10'])} | {ild / ild0 - 1:+.1%} | "
+                   f"{fmt(r['div/coverage@10'])} | {fmt(r['div/novelty@10'])} |")
+    ok = [r for r in rows if r["full/hr@10"]["mean"] >= 0.95 * hr0]
+    best = max(ok, key=lambda r: r["div/ild@10"]["mean"])
+    gain = best["div/ild@10"]["mean"] / ild0 - 1
+    out.append(f"\nWithin a 5% loss of full HR@10 the largest diversity gain is at λ = "
+               f"{best['lambda']:g}: ILD@10 {gain:+.1%} ("
+               + ("meets" if gain >= 0.2 else "misses") + " the +20% target). "
+               f"{len(res['runs'])} runs ({', '.join(r['model'] for r in res['runs'])}), commit "
+               f"{res['machine']['commit'][:7]}: `{res['command']}`")
+    rand = res.get("random-list-ild@10")
+    if rand is not None:
+        out.append(f"\nThe scale's reference: a list drawn at random from the catalog has ILD@10 "
+                   f"{rand:.3f} (MiniLM's vectors are anisotropic), the model's own lists "
+                   f"{ild0:.3f}; +20% ({1.2 * ild0:.3f}) "
+                   + ("asks for lists more varied than random ones." if 1.2 * ild0 > rand
+                      else "stays below a random list's."))
+    out.append("\n![HR@10 against diversity](results/diversity.png)")
+    return "\n".join(out)
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--compare":
         return compare(sys.argv[2])
@@ -454,7 +511,8 @@ def main() -> None:
     text = replace_block(text, "make-run", make_run_block())
     for name, make in (("reliability", reliability_table), ("privacy-sweep", sweep_table),
                        ("privacy-tuning", privacy_tuning_table),
-                       ("audit", audit_table), ("bench-dp", bench_dp_table)):
+                       ("audit", audit_table), ("bench-dp", bench_dp_table),
+                       ("explain", explain_table), ("diversity", diversity_table)):
         text = replace_block(text, name, make())
     for name, body in bench_tables().items():
         text = replace_block(text, name, body)

@@ -170,3 +170,11 @@ class _FakeDs:
 
     def __init__(self, users, items, n_users, n_items):
         self.users, self.items, self.n_users, self.n_items = users, items, n_users, n_items
+
+
+def test_random_list_ild_is_one_minus_the_mean_cosine_over_distinct_pairs():
+    from fedrec.diversity import random_list_ild
+
+    u = unit_rows(np.random.default_rng(0).normal(size=(30, 4)))
+    cos = u @ u.T
+    assert random_list_ild(u) == pytest.approx(1 - (cos.sum() - 30) / (30 * 29))
