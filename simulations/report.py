@@ -451,19 +451,19 @@ def explain_table() -> str:
         return ""
     s = res["summary"]
     f = lambda key, spec=".3f": f"{s[key]['mean']:{spec}} ± {s[key]['std']:{spec}}"
-    rows = ["| (user, item) pairs | reasons beat random deletion | win rate per random draw | "
+    head = ("| (user, item) pairs | reasons beat random deletion | win rate per random draw | "
             "rank drop, reasons (mean / median) | rank drop, random (mean / median) | distinct "
-            "reason sets in a top-10 (median) | reasons per item |", "|---|---|---|---|---|---|---|",
-            f"| {int(s['pairs']['mean'])} per run ({int(s['users']['mean'])} users) | "
-            f"{f('share-reasons-beat-random')} | {f('win-rate-per-draw')} | "
-            f"{f('rank-drop-reasons-mean', '.1f')} / {f('rank-drop-reasons-median', '.1f')} | "
-            f"{f('rank-drop-random-mean', '.1f')} / {f('rank-drop-random-median', '.1f')} | "
-            f"{f('distinct-reason-sets-median', '.1f')} | {f('reasons-per-item-mean', '.2f')} |",
-            f"\n{len(res['runs'])} runs (train.seed "
+            "reason sets in a top-10 (median) | reasons per item |")
+    row = (f"| {int(s['pairs']['mean'])} per run ({int(s['users']['mean'])} users) | "
+           f"{f('share-reasons-beat-random')} | {f('win-rate-per-draw')} | "
+           f"{f('rank-drop-reasons-mean', '.1f')} / {f('rank-drop-reasons-median', '.1f')} | "
+           f"{f('rank-drop-random-mean', '.1f')} / {f('rank-drop-random-median', '.1f')} | "
+           f"{f('distinct-reason-sets-median', '.1f')} | {f('reasons-per-item-mean', '.2f')} |")
+    note = (f"\n{len(res['runs'])} runs (train.seed "
             f"{', '.join(str(r['seed']) for r in res['runs'])}), {s['random-draws']['mean']:.0f} "
             f"random deletions per item, commit {res['machine']['commit'][:7]}: "
-            f"`{res['command']}`"]
-    return "\n".join(rows)
+            f"`{res['command']}`")
+    return "\n".join([head, "|---|---|---|---|---|---|---|", row, note])
 
 
 def diversity_table() -> str:
