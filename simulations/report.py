@@ -463,7 +463,7 @@ def explain_table() -> str:
             f"{', '.join(str(r['seed']) for r in res['runs'])}), {s['random-draws']['mean']:.0f} "
             f"random deletions per item, commit {res['machine']['commit'][:7]}: "
             f"`{res['command']}`")
-    return "\n".join([head, "|---|---|---|---|---|---|---|", row, note])
+    return f"{head}\n|---|---|---|---|---|---|---|\n{row}\n{note}"
 
 
 def diversity_table() -> str:
