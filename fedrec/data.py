@@ -22,6 +22,7 @@ import json
 import os
 import re
 import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def render_texts(item_fields: list[dict[str, str]], template: str, source: str =
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         missing = sorted(names - set(available))
+        if missing and template == _default_template():
+            return _fallback_texts(item_fields, where, missing[0])
         if missing:
             raise FedrecError(f"{where}: field {missing[0]!r} is not in the item file; "
                               f"use one of: {_show(', '.join(available)) or '(none)'}")
@@ -84,6 +87,31 @@ def render_texts(item_fields: list[dict[str, str]], template: str, source: str =
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
         raise FedrecError(f"{where}: {template!r} is not a valid template ({exc}); write "
                           "fields as {name}, e.g. '{title} ({year})'") from None
+
+
+def _default_template() -> str:
+    from fedrec.config import load_defaults  # config never imports data: no cycle
+
+    return load_defaults()["data.item-template"]
+
+
+_NOTED: set[str] = set()
+
+
+def _fallback_texts(item_fields: list[dict[str, str]], where: str, missing: str) -> list[str]:
+    """Item texts from every text field of the item file, in file order ("Heat. genres:
+    Action"): for a catalog the default template does not fit. Said once per file."""
+    names = [f for f in item_fields[0] if f != "cold"]
+    if where not in _NOTED:
+        _NOTED.add(where)
+        sys.stderr.write(f"{where}: no field {missing!r} for the default template; using the "
+                         f"item file's fields ({', '.join(names)}) as item text instead (set "
+                         "data.item-template to choose)\n")
+
+    def text(f: dict[str, str]) -> str:
+        first, *rest = [(n, " ".join(str(f.get(n) or "").split())) for n in names]
+        return ". ".join([first[1], *(f"{n}: {v}" for n, v in rest if v)]).strip()
+    return [text(f) for f in item_fields]
 
 
 # ----------------------------------------------------------------------------- readers

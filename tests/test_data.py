@@ -376,3 +376,23 @@ def test_garbage_jsonl_reads_or_fails_cleanly(lines, item_lines):
 def test_garbage_grouplens_reads_or_fails_cleanly(lines, item_lines, genre):
     read_or_fail({"u.data": "\n".join(lines).encode(), "u.genre": genre,
                   "u.item": "\n".join(item_lines).encode("utf-8")})
+
+
+def test_default_template_falls_back_to_the_item_files_fields(tmp_path, capsys):
+    """A catalog with item,title,genres and the template left at its default: item texts
+    from the file's own fields (said in one stderr line); an explicit template that names
+    a missing field still fails."""
+    from fedrec.config import load_defaults
+    from fedrec.data import render_texts
+
+    fields = [{"title": "Heat", "genres": "Action, Crime"}, {"title": "Babe", "genres": ""}]
+    default = load_defaults()["data.item-template"]
+    assert "{year}" in default
+    texts = render_texts(fields, default, "byo/items.csv")
+    assert texts == ["Heat. genres: Action, Crime", "Babe"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "byo/items.csv" in err and "'year'" in err
+    render_texts(fields, default, "byo/items.csv")
+    assert capsys.readouterr().err == ""  # said once per file
+    with pytest.raises(FedrecError, match="field 'year' is not in the item file"):
+        render_texts(fields, "{title} ({year})", "byo/items.csv")
