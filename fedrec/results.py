@@ -18,6 +18,7 @@ import numpy as np
 from fedrec.data import data_home
 
 HEADLINE = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+SELECT = "full/hr@10"  # model selection (on validation): the headline metric
 CURVE_KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10")  # per epoch/round
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fedrec.config import Config
 from fedrec.model import build_model, init_local_users, pool_history, uses_local_user
 from fedrec.protocol import Split, evaluate, sample_negatives
-from fedrec.results import CURVE_KEYS
+from fedrec.results import CURVE_KEYS, SELECT
 from fedrec.seqrec import SeqRec, batch_inputs, target_mask, windows
 
 
@@ -202,8 +202,8 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
     """Centralized training of the same model on all users' data: the accuracy ceiling.
 
     It has its own optimizer and learning rate (central.*), so a change of the device's
-    train.optimizer never changes the reference. Model selection by validation sampled
-    HR@10 only; returns test metrics at the best-validation epoch and at the final epoch,
+    train.optimizer never changes the reference. Model selection by validation full
+    HR@10 only (results.SELECT); returns test metrics at the best-validation epoch and at the final epoch,
     plus the per-epoch curve.
     """
     torch.manual_seed(cfg.train.seed)
@@ -241,8 +241,8 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
                       "seconds": time.time() - t0})
         log(f"epoch {epoch:3d}  loss {loss:.4f}  val sampled HR@10 {val['sampled/hr@10']:.4f}  "
             f"full HR@10 {val['full/hr@10']:.4f}  ({time.time() - t0:.1f}s)")
-        if best_state is None or val["sampled/hr@10"] > best:  # NaN: no val users, keep last
-            best, bad = val["sampled/hr@10"], 0
+        if best_state is None or val[SELECT] > best:  # NaN: no val users, keep last
+            best, bad = val[SELECT], 0
             best_state = (epoch, copy.deepcopy(model.state_dict()),
                           None if local is None else local.detach().clone())
         else:

@@ -51,10 +51,11 @@ from fedrec.pipeline import prepare
 from fedrec.privacy import describe
 from fedrec.privacy import label as privacy_label
 from fedrec.protocol import evaluate
+from fedrec.results import SELECT as SELECT_KEY
 from fedrec.results import run_dir_for, write_json
 from fedrec.train import scorer
 
-SELECT = "val/sampled/hr@10"  # model selection: validation only
+SELECT = f"val/{SELECT_KEY}"  # model selection: validation only
 
 
 class FederatedRun:

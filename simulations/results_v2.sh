@@ -19,10 +19,10 @@ lane_a() {
   $F train-central --seeds 0,1,2 --quiet --run-config "model.id-embeddings=false" --json results/central-seq.json
   $F train-central --seeds 0,1,2 --quiet --run-config "model.item-text=false" --json results/central-seq-id.json
   $F train-central --seeds 0,1,2 --quiet --config simulations/configs/fedmf.toml --json results/central-fedmf.json
-  $SIM --run-config "model.id-embeddings=false" --runs-dir runs/fed-seq --json results/fed-seq.json
+  $SIM --runs-dir runs/fed-seq+id --json results/fed-seq+id.json
 }
 lane_b() {
-  $SIM --runs-dir runs/fed-seq+id --json results/fed-seq+id.json
+  $SIM --run-config "model.id-embeddings=false" --runs-dir runs/fed-seq --json results/fed-seq.json
   $SIM --run-config "model.item-text=false" --runs-dir runs/fed-seq-id --json results/fed-seq-id.json
   # one seed: the weakest peer (README), to fit the session's time
   $F simulate --engine inprocess --seeds 0 --config simulations/configs/fedmf.toml --runs-dir runs/fed-fedmf --json results/fed-fedmf.json
@@ -33,3 +33,9 @@ wait
 .venv/bin/python simulations/plot_rounds.py results/fed-seq+id.json results/fed-seq.json \
   results/fed-seq-id.json results/fed-fedmf.json --central results/central-seq+id.json \
   --out results/rounds.png
+# explanations and diversity of the headline federated model (README)
+M=runs/fed-seq+id/seed-0,runs/fed-seq+id/seed-1,runs/fed-seq+id/seed-2
+$F explain-eval --model $M --json results/explain.json
+$F diversity-curve --model $M --lambdas 0,0.02,0.04,0.06,0.08,0.1,0.12,0.15 --json results/diversity.json
+.venv/bin/python simulations/plot_diversity.py results/diversity.json --out results/diversity.png
+bash simulations/recommend_example.sh
