@@ -209,3 +209,42 @@ def audit(cfg, E: np.ndarray, split, arrays: dict, target_list, log=print) -> di
             "users": len(target_list),
             "members": int(sum(len(m) for _, m, _ in target_list)),
             "nonmembers": int(sum(len(n) for _, _, n in target_list))}
+
+
+def run(cfg, *, params: str | None, users: int, epsilons: str, log=print) -> dict:
+    """The audit at every ε of `epsilons` on `users` random targets: a result file's body."""
+    import math
+    from pathlib import Path
+
+    from fedrec.config import uses_text
+    from fedrec.errors import FedrecError
+    from fedrec.pipeline import prepare
+    from fedrec.privacy import describe
+
+    if users < 1:
+        raise FedrecError(f"--users must be >= 1, got {users}")
+    if params is not None and not Path(params).expanduser().is_file():
+        raise FedrecError(f"--params: '{params}' is not a file; give a run's final.safetensors")
+    settings = privacy_settings(cfg, epsilons)
+    p = prepare(cfg, progress=True, with_text=uses_text(cfg))
+    arrays = global_params(cfg, p.item_emb.shape[1], p.split.n_items,
+                           params and str(Path(params).expanduser()))
+    chosen = targets(p.split, users, cfg.train.seed)
+    rows = []
+    for eps, c in settings:
+        log(f"audit: ε {eps:g} ({describe(c)['unit']}), {len(chosen)} users")
+        r = audit(c, p.item_emb, p.split, arrays, chosen, log=log)
+        if math.isinf(eps):  # no DP: no ε (JSON has no infinity)
+            r["epsilon_spent"] = None
+        rows.append({"epsilon": None if math.isinf(eps) else eps, "privacy": describe(c), **r})
+    return {"method": "audit", "config": cfg.to_flat(),
+            "params": params or f"fresh model (train.seed {cfg.train.seed})", "rows": rows}
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(columns, cells) of the audit's console table."""
+    return (["ε", "unit", "ε spent", "σ", *STATS, "best"],
+            [["∞" if r["epsilon"] is None else f"{r['epsilon']:g}", r["privacy"]["unit"],
+              "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']['max']:.2f}",
+              f"{r['noise_multiplier_mean']:.3f}", *(f"{r['auc'][s]:.3f}" for s in STATS),
+              f"{r['best']['auc']:.3f} ({r['best']['statistic']})"] for r in rows])

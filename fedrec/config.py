@@ -80,7 +80,7 @@ class FedConfig:
     strategy: str
     num_rounds: int
     clients_per_round: int
-    sampling: str  # uniform | balanced (server/strategy.py)
+    sampling: str  # uniform | balanced (fedrec/strategy.py)
     eval_every: int
     proximal_mu: float
     server_lr: float
@@ -318,6 +318,17 @@ def _check_template(template: str) -> None:
         if name is not None and not re.fullmatch(r"(?![\d\s])[^.\[]+", name):
             raise FedrecError(f"config: 'data.item-template' field {{{name}}} must be a plain "
                               "item field name such as {title}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds "0,1,2" -> [0, 1, 2]."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FedrecError(f"--seeds: '{text}' is not a comma-separated list of integers") from None
+    if not seeds:
+        raise FedrecError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    return seeds
 
 
 def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:

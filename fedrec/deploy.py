@@ -140,3 +140,43 @@ def stop_tree(pids: list[int], grace: float = 10.0) -> list[int]:
         while time.monotonic() < deadline and any(_alive(p) for p in live):
             time.sleep(0.1)
     return tree
+
+
+def create_deployment_credentials(out: str, hosts: str, nodes: int, days: int,
+                                  force: bool) -> tuple[list[tuple[str, str]], str]:
+    """`fedrec certs create`: write and verify the credentials; return (file, where it
+    goes) rows and the next steps, as copy-pasteable commands."""
+    import shlex
+
+    from fedrec.transport import check_node_key, check_server_credentials, create_credentials
+
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not names:
+        raise FedrecError("--hosts: give at least one name or IP, e.g. --hosts 10.0.0.5")
+    creds = create_credentials(Path(out), names, nodes, days=days, force=force)
+    check_server_credentials(creds.ca_cert, creds.server_cert, creds.server_key, names)
+    for key in creds.node_keys:
+        check_node_key(key)
+    files = [("ca.crt", "every SuperNode (--root-certificates) and the flwr CLI connection"),
+             ("server.crt, server.key", "the SuperLink only (key: mode 0600)"),
+             ("ca.key", "nowhere: keep offline, it signs server certificates")]
+    files += [(f"supernodes/{key.name}, {pub.name}",
+               f"device {i} (private key) / `flwr supernode register` (.pub)")
+              for i, (key, pub) in enumerate(zip(creds.node_keys, creds.node_pubs))]
+
+    def show(args):  # one copy-pasteable line; --node-config keeps its inner quotes
+        return " ".join(f'"{a}"' if "'" in a and not set('"$`\\') & set(a) else shlex.quote(a)
+                        for a in [Path(args[0]).name, *args[1:]])
+    addr = f"{names[0]}:{SUPERLINK_PORT}"
+    pub0 = shlex.quote(str(creds.node_pubs[0])) if nodes else "KEY.pub"
+    steps = "\n".join([
+        "next:\n1. on the SuperLink machine:\n   " + show(superlink_args(
+            creds.ca_cert.parent, port=SUPERLINK_PORT, database=Path("state.db"))),
+        (f"2. add to $FLWR_HOME/config.toml of the flwr CLI:\n"
+         f"{connection_toml(addr, creds.ca_cert)}   then, per device:  "
+         f"flwr supernode register {pub0} {CONNECTION}"),
+        "3. on each device (its own key and data directory):\n   " + show(supernode_args(
+            addr, Path("ca.crt"), Path("node-0" if not nodes else creds.node_keys[0].name), 9094,
+            {"data-dir": "/path/to/device"})),
+        f"4. flwr run . {CONNECTION} --run-config simulations/deploy/deploy.toml --stream"])
+    return files, steps

@@ -287,3 +287,22 @@ def load_client(context) -> tuple[Config, np.ndarray, ClientData, int, bool]:
         return (*load_simulated_client(context.run_config, user), user, True)
     cfg, E, data = load_device_client(context.run_config, context.node_config)
     return cfg, E, data, context.node_id, False  # node id: stable per registered SuperNode
+
+
+def prepare_user_device(cfg: Config, out: str, user: str, encode: bool = True) -> str:
+    """`fedrec device prepare`: a device directory for one user of data.dataset (its
+    history, the catalog and, with `encode`, the catalog embeddings); returns a summary."""
+    from fedrec.data import load_dataset
+
+    ds = load_dataset(cfg.data.dataset, cfg.data.cache_dir)
+    if user not in ds.user_ids:
+        raise FedrecError(f"--user: '{user}' is not a user of {ds.name} (ids such as "
+                          f"{', '.join(ds.user_ids[:3])})")
+    mask = ds.users == ds.user_ids.index(user)
+    cat = Catalog(ds.item_ids, ds.item_fields, np.zeros(ds.n_items, bool), ds.source)
+    dev = write_device_dir(Path(out), cat, [ds.item_ids[i] for i in ds.items[mask]],
+                           ds.times[mask].tolist())
+    if encode:
+        item_embeddings(cfg, cat, dev / CACHE_DIR, progress=True)
+    return (f"device {dev}: {int(mask.sum())} interactions, {ds.n_items} catalog items; "
+            f"start its SuperNode with --node-config \"data-dir='{dev.resolve()}'\"")

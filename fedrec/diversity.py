@@ -154,3 +154,31 @@ def random_list_ild(item_vectors: np.ndarray) -> float:
     n = len(u)
     total = float(np.square(u.sum(0)).sum())  # sum over all ordered pairs, i = j included
     return 1.0 - (total - n) / (n * (n - 1))
+
+
+def curve_runs(run_dirs: list[str], lambdas: str) -> dict:
+    """`fedrec diversity-curve`: lambda_curve on the test users of each run (seeds), mean
+    ± std per lambda: a result file's body."""
+    import torch
+
+    from fedrec.errors import FedrecError
+    from fedrec.recommend import load_for_dataset
+    from fedrec.results import summarize
+    from fedrec.train import scorer
+
+    try:
+        grid = [float(x) for x in lambdas.split(",")]
+    except ValueError:
+        raise FedrecError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
+    if not all(0.0 <= x <= 1.0 for x in grid):
+        raise FedrecError(f"--lambdas: every weight must be in [0, 1], got {lambdas}")
+    runs = []
+    for run_dir in run_dirs:
+        cfg, net, p = load_for_dataset(run_dir)
+        rows = lambda_curve(scorer(net, torch.from_numpy(p.item_emb)), p.split, p.item_emb, grid)
+        runs.append({"model": run_dir, "seed": cfg.train.seed, "curve": rows})
+    keys = [k for k in runs[0]["curve"][0] if k != "lambda"]
+    summary = [{"lambda": lam, **summarize([{k: r["curve"][i][k] for k in keys} for r in runs])}
+               for i, lam in enumerate(grid)]
+    return {"method": "diversity-curve (MMR)", "config": cfg.to_flat(), "runs": runs,
+            "summary": summary, "random-list-ild@10": random_list_ild(p.item_emb)}

@@ -116,3 +116,33 @@ def deletion_test(model: SeqRec, E: torch.Tensor, histories: list[np.ndarray], k
         "reasons-per-item-mean": float(np.mean(sizes)),
     }
     return {"summary": summary, "distinct-reason-sets": n_sets}
+
+
+def trained_seqrec(run_dir: str):
+    """(config, SeqRec, Prepared) of a finished seq run on its own dataset and split."""
+    from fedrec.errors import FedrecError
+    from fedrec.recommend import load_for_dataset
+
+    cfg, model, p = load_for_dataset(run_dir)
+    if not isinstance(model, SeqRec):
+        raise FedrecError(f"--model: '{run_dir}' trained model.kind '{cfg.model.kind}'; this "
+                          "command evaluates the seq model (model.kind=seq)")
+    return cfg, model, p
+
+
+def evaluate_runs(run_dirs: list[str], users: int = 0, n_random: int = 10) -> dict:
+    """`fedrec explain-eval`: the deletion test on the first `users` test users (0 = all)
+    of each run (seeds): a result file's body."""
+    from fedrec.results import summarize
+
+    torch.set_num_threads(1)
+    runs = []
+    for run_dir in run_dirs:
+        cfg, net, p = trained_seqrec(run_dir)
+        ids = p.split.eval_users("test")[:users or None]
+        res = deletion_test(net, torch.from_numpy(p.item_emb),
+                            [p.split.eval_history(u, "test") for u in ids], n_random=n_random,
+                            seed=cfg.train.seed)
+        runs.append({"model": run_dir, "seed": cfg.train.seed, **res})
+    return {"method": "explain-eval (leave-one-out reasons)", "config": cfg.to_flat(),
+            "runs": runs, "summary": summarize([r["summary"] for r in runs])}

@@ -11,7 +11,7 @@ takes the form `fed.failure-kind` names (or one of them at random with "mixed"):
 
 `fed.poison-rate` picks a fixed set of clients per train.seed (attackers stay attackers)
 that upload `sent + POISON_SCALE * (trained - sent)`: their honest update, sign-flipped
-and a thousand times larger. The server's defences (server/replies.py, fed.strategy) are
+and a thousand times larger. The server's defences (fedrec/replies.py, fed.strategy) are
 what these exist to exercise; a real device never sets them.
 """
 

@@ -85,3 +85,11 @@ def _fetch_recbole(tmp: Path) -> None:
             member = f"recbole/dataset_example/ml-100k/ml-100k.{ext}"
             (tmp / f"ml-100k.{ext}").write_bytes(zf.read(member))
     shutil.rmtree(wheel_dir)
+
+
+def fetch(name: str, cache_dir: str = "", source: str = "auto") -> Path:
+    """`fedrec data fetch NAME`: the datasets this module knows (ml-100k)."""
+    if name != "ml-100k":
+        raise FedrecError(f"data fetch: unknown dataset '{name}'; available: ml-100k "
+                          "(for your own data, point data.dataset at a directory)")
+    return fetch_ml100k(cache_dir, source)

@@ -52,6 +52,12 @@ class Recommendation:
     because: list[tuple[str, str, float]]  # (history item id, title, score drop) largest first
     shared: list[str]         # catalog terms (genres, tags) the item shares with its reasons
 
+    @property
+    def reasons_text(self) -> str:
+        """"A [1]; B [7] (shares Drama)": the reasons by title and id, then shared terms."""
+        shared = f" (shares {', '.join(self.shared)})" if self.shared else ""
+        return "; ".join(f"{title} [{iid}]" for iid, title, _ in self.because) + shared
+
 
 def load_run(run_dir: str | Path) -> tuple[Config, dict[str, np.ndarray]]:
     """(config, federated parameters) of a finished run directory."""

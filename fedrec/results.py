@@ -87,3 +87,12 @@ def fmt(stat: dict[str, float] | None) -> str:
     if not stat or stat["mean"] != stat["mean"]:  # NaN: no users in that group
         return "n/a"
     return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def write_result(path: str | Path | None, body: dict) -> None:
+    """A result file: `body` (method, config, runs, summary, ...) with the command that
+    produced it and the machine and commit it ran on. Nothing is written without a path."""
+    if path:
+        write_json(path, {"method": body.get("method"), "command": command_line(),
+                          **{k: v for k, v in body.items() if k != "method"},
+                          "machine": machine()})

@@ -5,7 +5,7 @@ module: the server runs `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` 
 legacy FedAvg inside a `LegacyContext` (`serve`, called by server/app.py), and each device
 answers through a NumPyClient-style legacy ClientApp with `secaggplus_mod` (`client_app`,
 to which clients/app.py hands every message when the config says so). Rounds are recorded
-into server.run.FederatedRun exactly like the Message API path (results.json, metrics.csv,
+into fedrec.run_store.FederatedRun exactly like the Message API path (results.json, metrics.csv,
 checkpoints, final.safetensors), and devices keep their user-local state and DP-SGD
 accountant in context.state and, simulated, on their disk (fedrec.local_store), so a
 resumed run continues both.
@@ -22,7 +22,7 @@ secagg.reconstruction-threshold shares each, and so obtains sum(w_i d_i) and sum
 the devices whose masked vector arrived: the weighted mean update. fedavg and fedprox add
 it to the global model (FedAvg on updates = FedAvg on parameters; fedprox devices train
 with the proximal term); fedadam takes it as the pseudo-gradient of Flower's FedAdam step
-(same hyperparameters and bias correction as server/strategy.py). Quantisation error per
+(same hyperparameters and bias correction as fedrec/strategy.py). Quantisation error per
 value of the mean is below n * 2r / levels / sum(w_i / max_weight) (n devices; tests
 measure it); FedAdam's step scales it by at most eta_norm (1 - beta_1) / tau.
 
@@ -35,7 +35,7 @@ but for the device's own ε under privacy.mode = "sample". Weights: the history 
 
 With privacy.mode = "user" the server adds N(0, (sigma C / n)^2) to the unmasked mean of
 the n updates (n <= clients per round, so never less noise than DP-FedAvg's sigma C / k)
-and accounts ε as server/dp.py does, stopping before a round that would exceed
+and accounts ε as fedrec/user_dp.py does, stopping before a round that would exceed
 privacy.target-epsilon. With privacy.mode = "sample" devices run DP-SGD as without SecAgg.
 
 Not protected by SecAgg+: who takes part in a round; federated evaluation replies
@@ -78,7 +78,7 @@ from fedrec.privacy import EPSILON_METRIC, Accountant
 DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
 MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
 STRATEGIES = ("fedavg", "fedprox", "fedadam")  # what the mean update alone supports
-OPTIMIZER_STATE = ("m_t", "v_t")  # FedAdam's moments, saved as server/strategy.py saves them
+OPTIMIZER_STATE = ("m_t", "v_t")  # FedAdam's moments, saved as fedrec/strategy.py saves them
 
 
 # ----------------------------------------------------------------------------- checks
@@ -208,7 +208,7 @@ class SecAggFedAvg(FedAvg):
     """Legacy FedAvg under SecAggPlusWorkflow. Every result it is handed carries the same
     securely aggregated mean update; it adds that (plus DP noise) to the global model, or
     takes a FedAdam step with it (fed.strategy = "fedadam"), and records every round into
-    the run like server/strategy.py does."""
+    the run like fedrec/strategy.py does."""
 
     def __init__(self, cfg: Config, run, names: list[str], initial: list[np.ndarray],
                  population: int, k: int, done_rounds: int, server_state: dict | None = None):
@@ -234,7 +234,7 @@ class SecAggFedAvg(FedAvg):
         self.pending = None  # (server round, arrays): server-side evaluation still to run
         self.server_eval = run.evaluate_fn(done_rounds)
         self.adam, self.m_t, self.v_t = None, None, None  # fedadam: Flower's FedAdam, moments
-        if cfg.fed.strategy == "fedadam":  # built as server/strategy.py builds it
+        if cfg.fed.strategy == "fedadam":  # built as fedrec/strategy.py builds it
             from flwr.serverapp.strategy import FedAdam as MessageFedAdam
 
             self.adam = MessageFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr,
@@ -246,8 +246,8 @@ class SecAggFedAvg(FedAvg):
                     setattr(self, name, [part[n] for n in names])
 
     def configure_fit(self, server_round, parameters, client_manager):
-        from server.dp import user_epsilon
-        from server.strategy import _seeded_sampling
+        from fedrec.strategy import _seeded_sampling
+        from fedrec.user_dp import user_epsilon
 
         rnd = server_round + self.done
         p = self.cfg.privacy
@@ -289,7 +289,7 @@ class SecAggFedAvg(FedAvg):
                 arrays = [(np.asarray(s, np.float64) + m).astype(s.dtype)
                           for s, m in zip(self.sent, mean)]
             if p.mode == "user":
-                from server.dp import user_epsilon
+                from fedrec.user_dp import user_epsilon
 
                 stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
         if n and EPSILON_METRIC in results[0][1].metrics:  # sample-level DP: devices' own ε
@@ -320,7 +320,7 @@ class SecAggFedAvg(FedAvg):
                 for x, m, v in zip(self.sent, self.m_t, self.v_t)]
 
     def server_state(self) -> dict[str, np.ndarray]:
-        """FedAdam's moments, for a resumed run (as server/strategy.py saves them)."""
+        """FedAdam's moments, for a resumed run (as fedrec/strategy.py saves them)."""
         return {f"{name}/{k}": v for name in OPTIMIZER_STATE
                 for k, v in zip(self.names, getattr(self, name) or [])}
 
@@ -393,13 +393,13 @@ def max_weight(cfg: Config, run) -> float:
 
 
 def serve(grid, context: Context, cfg: Config, run) -> None:
-    """The ServerApp's main under secagg.enabled: the run (a server.run.FederatedRun)
+    """The ServerApp's main under secagg.enabled: the run (a fedrec.run_store.FederatedRun)
     trains fed.num-rounds rounds of SecAgg+ FedAvg and is finished (or resumed) as usual."""
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.default_workflows import default_evaluate_workflow
 
-    from server.strategy import clients_per_round
+    from fedrec.strategy import clients_per_round
 
     population = run.population
     k = clients_per_round(cfg, population)

@@ -275,7 +275,7 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
     verbose: pass every line of Flower's stream to `log` (default: round lines, warnings
     and errors). The whole stream always goes to <run_dir>/flwr.log.
     timeout: seconds before the run is stopped and reported as failed (default: none).
-    With cfg.fed.resume, `run_dir` is a killed run to continue (server/run.py).
+    With cfg.fed.resume, `run_dir` is a killed run to continue (fedrec/run_store.py).
     Call fedrec.pipeline.prepare(cfg) first so the catalog embeddings are cached.
     Raises FedrecError with one line (and the log path) if the run did not complete.
     """

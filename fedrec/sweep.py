@@ -11,7 +11,7 @@
   "ε spent" is the largest cumulative ε any device reported.
 - unit "user" (privacy.mode = user, DP-FedAvg / DP-FedAdam): σ is solved here so that
   fed.num-rounds rounds at sample rate q = clients-per-round / users spend exactly the
-  target; the same target is the run's hard budget (server/dp.py).
+  target; the same target is the run's hard budget (fedrec/user_dp.py).
 The ε = inf row is the same run without DP, once per seed (it has no unit).
 """
 
@@ -136,3 +136,52 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str,
+        runs_dir: str | None, per_unit: dict[str, str], log=print) -> dict:
+    """Every (unit, ε) cell over the seeds (a finished cell's run directory is reused),
+    per_unit: more --run-config overrides for one unit's cells: a result file's body."""
+    from fedrec.config import parse_overrides, uses_text
+    from fedrec.errors import FedrecError
+    from fedrec.experiments import run_federated
+    from fedrec.pipeline import prepare
+    from fedrec.results import run_dir_for
+
+    try:
+        eps_grid = parse_epsilons(epsilons)
+    except ValueError as exc:
+        raise FedrecError(str(exc)) from None
+    unit_list = [u.strip() for u in units.split(",") if u.strip()]
+    if not unit_list or any(u not in MODES for u in unit_list):
+        raise FedrecError(f"--units: '{units}' must name interaction and/or user")
+    if engine not in ("flower", "inprocess"):
+        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    population = prepare(cfg, progress=True, with_text=uses_text(cfg)).split.n_users
+    base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
+    rows = []
+    for unit, eps in cells(unit_list, eps_grid):
+        c = plan(cfg.override(**parse_overrides(per_unit.get(unit, ""))), unit, eps, population)
+        results = []
+        for seed in seeds:
+            run_dir = base / f"{unit}-eps{eps:g}" / f"seed-{seed}"
+            cs = c.override(**{"train.seed": seed})
+            done = finished(run_dir, cs)
+            log(f"privacy sweep: unit {unit}, ε {eps:g}, seed {seed} -> {run_dir}"
+                f"{' (finished earlier: reused)' if done else ''}")
+            results.append(done or run_federated(cs, run_dir, engine, log))
+        rows.append(row(c, unit, eps, results))
+    return {"method": "privacy-sweep", "config": cfg.to_flat(), "seed_kind": "train.seed",
+            "rows": rows}
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(columns, cells) of the sweep's console table."""
+    from fedrec.results import fmt
+
+    opt = lambda v, spec: "-" if v is None else format(v, spec)
+    return (["unit", "ε", "ε spent", "δ", "σ", "C", "rounds", "HR@10", "NDCG@10"],
+            [[r["unit"], "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}",
+              opt(r["epsilon-spent-max"], ".2f"), opt(r["delta"], "g"), opt(r["sigma"], ".3f"),
+              opt(r["max-grad-norm"], "g"), str(r["rounds"]), fmt(r["sampled/hr@10"]),
+              fmt(r["sampled/ndcg@10"])] for r in rows])

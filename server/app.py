@@ -1,35 +1,14 @@
-"""Flower ServerApp: parse the config, set up (or resume) the run, start the strategy,
-save results."""
+"""Flower ServerApp: Flower glue only; the run itself is fedrec.serve (set up or resume
+the run directory, start the strategy, stop at the privacy budget, save results)."""
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.config import Config
-from server.dp import BudgetExhausted
-from server.run import FederatedRun
-from server.strategy import make_strategy
+from fedrec.serve import serve
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = Config.from_flat(context.run_config)
-    run = FederatedRun(cfg)
-    if cfg.secagg.enabled:  # hook: SecAgg+ runs on Flower's legacy path (fedrec/secagg.py)
-        from fedrec.secagg import serve
-        return serve(grid, context, cfg, run)
-    done, arrays, server_state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
-    strategy = make_strategy(cfg, run, population=run.population, done_rounds=done,
-                             server_state=server_state)
-    try:
-        result = strategy.start(grid=grid, initial_arrays=arrays,
-                                num_rounds=cfg.fed.num_rounds - done,
-                                timeout=cfg.fed.round_timeout, train_config=ConfigRecord(),
-                                evaluate_fn=run.evaluate_fn(done))
-    except BudgetExhausted as stop:  # user-level DP: the next round would exceed ε
-        run.log(str(stop))
-        run.finish(stop.arrays, stopped=str(stop))
-        return
-    # no aggregated round (all kept the previous model, or none left): the last global one
-    run.finish(result.arrays if len(result.arrays) else arrays)
+    serve(grid, context)

@@ -258,8 +258,8 @@ def _clip(row: dict) -> str:
 def _simulate_epsilon(cfg, res: dict) -> str:
     """The ε column of a single `fedrec simulate` tuning run. A user-level one's σ is
     privacy.noise-multiplier (nothing is solved; privacy.target-epsilon is only its budget),
-    so it says what its rounds spent (server.dp.user_epsilon)."""
-    from server.dp import user_epsilon
+    so it says what its rounds spent (fedrec.user_dp.user_epsilon)."""
+    from fedrec.user_dp import user_epsilon
 
     p = cfg.privacy
     if p.mode == "none":

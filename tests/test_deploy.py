@@ -163,7 +163,7 @@ def test_embedding_cache_follows_the_model_files(world, tmp_path):
 
 def test_clientapp_device_path_uploads_only_federated_parameters(world, tmp_path):
     import clients.app
-    from server.run import FederatedRun
+    from fedrec.run_store import FederatedRun
 
     cfg = deploy_config(world, **{"fed.run-dir": str(tmp_path / "run")})
     run = FederatedRun(cfg, log=lambda *_: None)

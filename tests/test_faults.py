@@ -13,7 +13,7 @@ from fedrec.faults import FAILURE_KINDS, POISON_SCALE, corrupt, planned_fault
 from fedrec.inprocess import InProcessGrid
 from fedrec.local_store import load_local, save_local
 from fedrec.pipeline import prepare
-from server.run import FederatedRun
+from fedrec.run_store import FederatedRun
 from tiny import run_inprocess, tiny_config
 
 REASON = {"raise": "error", "nan": "nonfinite", "shape": "shape", "keys": "keys"}

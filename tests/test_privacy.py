@@ -328,7 +328,7 @@ def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared,
     assert 0 < maxes[0] <= maxes[1] <= maxes[2]
 
 
-# -- user-level DP (server/dp.py) -------------------------------------------------------
+# -- user-level DP (fedrec/user_dp.py) -------------------------------------------------------
 
 USER = {"privacy.mode": "user", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 0.5}
 
@@ -350,7 +350,7 @@ def test_user_mode_clips_the_update_on_the_device_and_reports_equal_weights(cfg,
 
 
 def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prepared):
-    from server.dp import user_epsilon
+    from fedrec.user_dp import user_epsilon
 
     k, n = 4, prepared.split.n_users
     q = k / n
@@ -371,7 +371,7 @@ def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prep
 
 def test_user_mode_rejects_a_non_mean_aggregator_and_a_large_delta(cfg):
     from fedrec.errors import FedrecError
-    from server.dp import wrap_user_dp
+    from fedrec.user_dp import wrap_user_dp
 
     with pytest.raises(FedrecError, match="needs fed.strategy fedavg, fedprox or fedadam"):
         wrap_user_dp(cfg.override(**USER, **{"fed.strategy": "fedmedian"}), None, None, 13, 4)
@@ -385,7 +385,7 @@ def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
     at max-grad-norm; with every device's update far below it (none clipped, target 0.9
     clipped) it shrinks round after round; the round's C is recorded, and ε is the bound of
     fixed clipping at the same total σ (the update and the clipped count share it)."""
-    from server.dp import user_epsilon
+    from fedrec.user_dp import user_epsilon
 
     k = 4
     c = cfg.override(**{**USER, "fed.strategy": strategy, "fed.num-rounds": 3,
@@ -409,9 +409,9 @@ def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
 
 def test_adaptive_clipping_is_refused_with_secagg_and_a_too_large_sigma(cfg):
     from fedrec.errors import FedrecError
-    from server.dp import wrap_user_dp
-    from server.run import FederatedRun
-    from server.strategy import make_strategy
+    from fedrec.run_store import FederatedRun
+    from fedrec.strategy import make_strategy
+    from fedrec.user_dp import wrap_user_dp
 
     with pytest.raises(FedrecError, match="'adaptive' does not work with secagg"):
         cfg.override(**USER, **{"privacy.clipping": "adaptive", "secagg.enabled": True})
@@ -430,8 +430,8 @@ def prepared_users(c) -> int:
 
 def test_user_mode_with_fedadam_noises_the_mean_before_the_server_step(cfg, prepared):
     """Adam's moments must only see noised means: the noise moves inside, before the step."""
-    from server.run import FederatedRun
-    from server.strategy import make_strategy
+    from fedrec.run_store import FederatedRun
+    from fedrec.strategy import make_strategy
 
     k, n = 4, prepared.split.n_users
     c = cfg.override(**USER, **{"fed.strategy": "fedadam", "fed.num-rounds": 2,
@@ -505,7 +505,7 @@ def test_balanced_sampling_keeps_64_bit_node_ids_and_takes_each_device_in_turn()
     must hand back exactly those ids, k at a time, each once per pass over the devices."""
     import flwr.serverapp.strategy.fedavg as flower_fedavg
 
-    from server.strategy import _balanced_sampling
+    from fedrec.strategy import _balanced_sampling
 
     class Grid:
         def get_node_ids(self):

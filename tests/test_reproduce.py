@@ -53,7 +53,7 @@ def test_centralized_headline_first_epochs_match_its_result_file():
 
 
 def test_federated_headline_first_rounds_match_its_result_file(tmp_path):
-    from fedrec.cli import round_curve
+    from fedrec.experiments import round_curve
     from tiny import run_inprocess
 
     res = json.loads(FEDERATED.read_text())

@@ -12,7 +12,7 @@ import clients.app
 from fedrec.errors import FedrecError
 from fedrec.inprocess import InProcessGrid
 from fedrec.pipeline import prepare
-from server.run import FederatedRun
+from fedrec.run_store import FederatedRun
 from tiny import run_inprocess, tiny_config
 
 N = 4  # rounds

@@ -221,7 +221,7 @@ def test_user_level_dp_noise_is_added_to_the_masked_mean(tiny_root, tmp_path):
 
 
 def test_privacy_budget_stops_before_the_round_that_would_exceed_it(tiny_root, tmp_path):
-    from server.dp import user_epsilon
+    from fedrec.user_dp import user_epsilon
 
     cfg = tiny_config(tiny_root, {**FEDAVG, **USER_DP, "privacy.noise-multiplier": 1.0})
     eps1, eps2 = user_epsilon(cfg, 1, 1.0), user_epsilon(cfg, 2, 1.0)

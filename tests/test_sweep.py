@@ -7,7 +7,7 @@ import pytest
 
 from fedrec.simulate import write_overrides
 from fedrec.sweep import cells, parse_epsilons, plan, user_sigma
-from server.dp import user_epsilon
+from fedrec.user_dp import user_epsilon
 
 pytestmark = pytest.mark.usefixtures("isolated")
 

@@ -14,7 +14,7 @@ training stops before that round (BudgetExhausted) and the run ends with the las
 What devices release besides the clipped update (num-examples = 1, no loss) does not
 depend on their data. Works with fedavg, fedprox and fedadam (the noise is calibrated to a
 mean): with fedadam the noise goes on the mean update BEFORE the server's Adam step
-(server/strategy.py), so the Adam moments only post-process noised means; Flower's
+(fedrec/strategy.py), so the Adam moments only post-process noised means; Flower's
 wrapper, which would noise the model after that step, then adds none.
 """
 
@@ -75,7 +75,7 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
         def start_round(self):
             """This round's C (fixed, or adaptive's current one): what devices clip to and
             what the noise is scaled by; with fedadam that noise goes on the mean, before
-            the server's Adam step (server/strategy.py), and this wrapper adds none."""
+            the server's Adam step (fedrec/strategy.py), and this wrapper adds none."""
             self.round_norm = self.clipping_norm
             if cfg.fed.strategy == "fedadam":
                 strategy.mean_noise_std = compute_stdv(self.model_sigma, self.round_norm, k)

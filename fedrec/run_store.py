@@ -6,7 +6,7 @@ Layout (every file written to a temp name, then renamed):
                            rewritten at the end of every round. A round's "train" record
                            holds the aggregated client metrics and "clients" (replies
                            aggregated), "failures" and "failures/<reason>" (dropped, by
-                           server/replies.py's reasons), "kept-previous" (1: too few valid
+                           fedrec/replies.py's reasons), "kept-previous" (1: too few valid
                            replies, the global model stayed), "update-norm-median"/"-max" (of
                            the valid updates, before bounding) and "clipped" (updates bounded
                            by fed.max-update-norm); its "evaluate" record counts the same way

@@ -6,7 +6,7 @@ Around the chosen Flower strategy, every round:
 - sampling is seeded by (train.seed, round), so a resumed run samples what the
   uninterrupted one would have (given the same node ids, as in the in-process engine);
   fed.sampling = "balanced" trains the devices in a seeded order, k at a time in turn;
-- replies are checked before Flower sees them (server/replies.py): bad ones are dropped
+- replies are checked before Flower sees them (fedrec/replies.py): bad ones are dropped
   and counted, updates are norm-bounded when fed.max-update-norm > 0, and with fewer
   than fed.min-replies valid replies the round keeps the previous global model;
 - rounds are numbered from `done_rounds + 1` on, so a resumed run continues the count.
@@ -23,15 +23,15 @@ from fedrec.config import Config
 from fedrec.errors import FedrecError
 from fedrec.federated import aggregate_client_metrics
 from fedrec.privacy import EPSILON_METRIC
-from server.dp import add_noise
-from server.replies import (
+from fedrec.replies import (
     bound_update,
     evaluate_problem,
     filter_replies,
     train_problem,
     update_norm,
 )
-from server.run import FederatedRun
+from fedrec.run_store import FederatedRun
+from fedrec.user_dp import add_noise
 
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian,
          "fedtrimmedavg": FedTrimmedAvg}
@@ -118,7 +118,7 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
             self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
             self.epsilon: dict[int, float] = {}  # node -> its cumulative DP-SGD ε
-            self.mean_noise_std = 0.0  # user-level DP with FedAdam (server/dp.py)
+            self.mean_noise_std = 0.0  # user-level DP with FedAdam (fedrec/user_dp.py)
 
         def _configure(self, kind, server_round, arrays, config, grid):
             rnd = server_round + done_rounds
@@ -191,7 +191,7 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             return metrics
 
         def _compute_deltat_and_mt(self, aggregated):  # FedAdam's step (FedOpt) only
-            """User-level DP with FedAdam (server/dp.py): noise on the mean update, before
+            """User-level DP with FedAdam (fedrec/user_dp.py): noise on the mean update, before
             the server optimizer sees it, so Adam's moments are post-processing."""
             if self.mean_noise_std > 0:
                 aggregated = add_noise(aggregated, self.mean_noise_std)
@@ -209,8 +209,8 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                 if key.startswith(name + "/")}
         if part:
             setattr(strategy, name, part)
-    if cfg.privacy.mode == "user":  # DP-FedAvg around it (server/dp.py)
-        from server.dp import wrap_user_dp
+    if cfg.privacy.mode == "user":  # DP-FedAvg around it (fedrec/user_dp.py)
+        from fedrec.user_dp import wrap_user_dp
 
         return wrap_user_dp(cfg, strategy, run, population, k, done_rounds)
     return strategy

@@ -1,0 +1,216 @@
+"""Experiments over seeds: start, resume or extend federated runs, and write result files.
+
+A federated run executes the apps named in pyproject.toml's [tool.flwr.app.components]
+(the ServerApp and ClientApp), under `flwr run` (fedrec.simulate) or Ray-free in this
+process (fedrec.inprocess). The library loads them by those references, as Flower does;
+it never imports clients/ or server/ itself.
+"""
+
+import hashlib
+import importlib
+import json
+import time
+import tomllib
+from pathlib import Path
+
+from fedrec.config import PYPROJECT, Config, run_identity, stored_config
+from fedrec.errors import FedrecError
+from fedrec.results import CURVE_KEYS, run_dir_for, summarize
+
+
+def model_name(cfg: Config) -> str:
+    """seq (text items), seq+id (text + ID items), seq-id (SASRec over IDs); text, text+id,
+    text-nopool (user vector = the user-local embedding only); fedmf."""
+    m = cfg.model
+    if m.kind == "seq":
+        return "seq" + ("" if m.item_text else "-id") + ("+id" if m.item_text and m.id_embeddings else "")
+    if m.kind != "text":
+        return m.kind
+    return "text" + ("-nopool" if m.pooling == "none" else "") + ("+id" if m.id_embeddings else "")
+
+
+def seed_results(name: str, cfg: Config, runs: list[dict]) -> dict:
+    """A result file's body for the runs of one experiment over seeds: {"best", "final"}
+    summaries are mean ± std over the seeds."""
+    summary = {k: summarize([r[k] for r in runs]) for k in ("best", "final")}
+    return {"method": name, "config": cfg.to_flat(), "seed_kind": "train.seed", "runs": runs,
+            "summary": summary}
+
+
+def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False) -> dict:
+    """Centralized training of the configured model for each seed: a result file's body."""
+    from fedrec.config import uses_text
+    from fedrec.pipeline import prepare
+    from fedrec.train import train_central
+
+    p = prepare(cfg, progress=True, with_text=uses_text(cfg))
+    runs = []
+    for seed in seeds:
+        log(f"centralized {cfg.model.kind}, seed {seed}")
+        t0 = time.time()
+        r = train_central(cfg.override(**{"train.seed": seed}), p.split, p.item_emb,
+                          log=(lambda *_: None) if quiet else log)
+        runs.append({"seed": seed, "best": r["best"], "final": r["final"],
+                     "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
+                     "seconds": time.time() - t0, "curve": r["curve"]})
+    return seed_results(f"central-{model_name(cfg)}", cfg, runs)
+
+
+def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: str | None,
+              resume: str | None = None, rounds: int | None = None, overrides: bool = False,
+              log=print) -> dict | None:
+    """Federated runs over seeds: new (cfg), or the comma-separated run directories of
+    `resume` continued or extended to `rounds` with their own configs (so no config
+    `overrides`). A result file's body, or None when nothing ran or completed."""
+    from fedrec.config import uses_text
+    from fedrec.pipeline import prepare
+    from fedrec.strategy import clients_per_round
+
+    if engine not in ("flower", "inprocess"):
+        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    if rounds is not None and not resume:
+        raise FedrecError("--rounds extends runs given with --resume; for a new run set "
+                          "--run-config \"fed.num-rounds=N\"")
+    if resume and overrides:
+        raise FedrecError("--resume continues a run with its own config (run_config.json); "
+                          "leave out --config and --run-config")
+    if resume:
+        dirs = [Path(x).expanduser().resolve() for x in resume.split(",") if x.strip()]
+        cfg, jobs, done = plan_resume(dirs, rounds, log)
+    else:
+        base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
+        jobs = [(cfg.override(**{"train.seed": s}), base / f"seed-{s}") for s in seeds]
+        done = []
+    if jobs:  # encode once, up front; refuse a sample larger than the population first
+        clients_per_round(cfg, prepare(cfg, progress=True, with_text=uses_text(cfg)).split.n_users)
+    runs = [run_entry(c.train.seed, res, d, res.get("seconds")) for c, d, res in done]
+    for c, run_dir in jobs:
+        log(f"federated {cfg.model.kind} ({cfg.fed.strategy}), seed {c.train.seed} -> {run_dir}")
+        t0 = time.time()
+        res = run_federated(c, run_dir, engine, log)
+        runs.append(run_entry(c.train.seed, res, run_dir, time.time() - t0))
+    if not runs:
+        return None
+    runs.sort(key=lambda r: r["seed"])
+    return seed_results(f"fed-{model_name(cfg)} ({cfg.fed.strategy})", cfg, runs)
+
+
+def app_component(name: str):
+    """The app object pyproject.toml names for `name` (serverapp, clientapp)."""
+    with open(PYPROJECT, "rb") as fh:
+        ref = tomllib.load(fh)["tool"]["flwr"]["app"]["components"][name]
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run_inprocess(cfg: Config, run_dir: Path) -> dict:
+    """The same ServerApp and ClientApp, Ray-free: real Messages through an in-process Grid."""
+    from flwr.app import Context, RecordDict
+
+    from fedrec.inprocess import InProcessGrid
+    from fedrec.pipeline import prepare
+
+    flat = cfg.override(**{"fed.run-dir": str(run_dir)}).to_flat()
+    grid = InProcessGrid(app_component("clientapp"), flat,
+                         prepare(cfg, with_text=False).split.n_users)
+    app_component("serverapp")(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                               run_config=flat))
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def run_federated(cfg: Config, run_dir: Path, engine: str, log=print) -> dict:
+    """One federated run (flwr run or in-process); its results.json, evaluated."""
+    from fedrec.simulate import run_simulation
+
+    if engine not in ("flower", "inprocess"):
+        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    res = (run_simulation(cfg, run_dir=run_dir, log=log) if engine == "flower"
+           else run_inprocess(cfg, run_dir))
+    if not res["summary"]:
+        raise FedrecError(f"{run_dir}/results.json: no evaluated round; set fed.eval-every "
+                          "<= fed.num-rounds")
+    return res
+
+
+def run_entry(seed: int, res: dict, run_dir: Path, seconds: float | None) -> dict:
+    """One run of a result file, from its results.json: the summary, the replies the
+    server dropped, and a digest of the final parameters (equal digests: bit-identical
+    runs), so reports need nothing from the run directory."""
+    summ = res["summary"]
+    final = run_dir / "final.safetensors"
+    return {"seed": seed, "best": summ["best"], "final": summ["final"],
+            "best_round": summ["best_round"], "run_dir": str(run_dir), "seconds": seconds,
+            "curve": round_curve(res["rounds"]),
+            "dropped-replies": int(sum(r["train"].get("failures", 0) for r in res["rounds"]
+                                       if "train" in r)),
+            "final-sha256": hashlib.sha256(final.read_bytes()).hexdigest()
+            if final.is_file() else None}
+
+
+def round_curve(rounds: list[dict]) -> list[dict]:
+    """Per round: seconds, train loss, and the evaluated metrics (federated = the devices'
+    own test and val ranking; server = the global model on every user, simulation only)."""
+    keys = [*CURVE_KEYS, *(f"val/{k}" for k in CURVE_KEYS), "cold/hr@10"]
+    out = []
+    for r in rounds:
+        row = {"round": r["round"], "t": r.get("t")}
+        if "train" in r:
+            row["train-loss"] = r["train"].get("train-loss")
+        for sec in ("federated", "server"):
+            row.update({f"{sec}/{k}": r[sec][k] for k in keys if k in r.get(sec, {})})
+        out.append(row)
+    return out
+
+
+def experiment(cfg: Config) -> dict:
+    """A run's config without what differs between the seeds of one experiment."""
+    return run_identity(cfg.to_flat(), "train.seed")
+
+
+def resumed(run_dir: Path, rounds: int | None = None,
+            log=print) -> tuple[Config, list, dict]:
+    """(config, [(config, run_dir)], its results.json) to continue a killed run, or to
+    extend it (killed or completed) to `rounds` rounds in all; no job if it has completed
+    them."""
+    files = {}
+    for name in ("run_config.json", "results.json"):
+        try:
+            files[name] = json.loads((run_dir / name).read_text())
+        except FileNotFoundError:
+            raise FedrecError(f"--resume: {run_dir} has no {name}; give the directory of one "
+                              "run of fedrec simulate (e.g. <runs>/seed-0)") from None
+        except (OSError, ValueError) as exc:
+            raise FedrecError(f"--resume: cannot read {run_dir / name} ({exc})") from None
+    cfg = Config.from_flat(stored_config(files["run_config.json"])).override(
+        **{"fed.resume": True, "fed.run-dir": str(run_dir)})
+    if rounds is not None and rounds != cfg.fed.num_rounds:
+        if rounds < cfg.fed.num_rounds:
+            raise FedrecError(f"--rounds: {rounds} is fewer than the {cfg.fed.num_rounds} "
+                              f"rounds {run_dir} plans; runs are extended, never cut short")
+        if cfg.privacy.mode != "none":
+            raise FedrecError(f"--rounds: {run_dir} is a private run; its noise was set for "
+                              f"{cfg.fed.num_rounds} rounds, so it cannot be extended")
+        cfg = cfg.override(**{"fed.num-rounds": rounds})
+        return cfg, [(cfg, run_dir)], files["results.json"]
+    if files["results.json"].get("status") == "completed":
+        log(f"{run_dir} already completed its {cfg.fed.num_rounds} rounds; nothing to resume")
+        return cfg, [], files["results.json"]
+    return cfg, [(cfg, run_dir)], files["results.json"]
+
+
+def plan_resume(dirs: list[Path], rounds: int | None,
+                log=print) -> tuple[Config, list, list]:
+    """(config, jobs [(config, run_dir)], done [(config, run_dir, results)]) for the
+    killed or to-be-extended run directories of one experiment."""
+    cfg, jobs, done = None, [], []
+    for d in dirs:
+        c, job, results = resumed(d, rounds, log)
+        if cfg is not None and experiment(c) != experiment(cfg):
+            raise FedrecError(f"--resume: {d} is another experiment than the first directory "
+                              "(configs differ beyond train.seed); resume them separately")
+        cfg = cfg or c
+        jobs += job
+        done += [] if job else [(c, d, results)]
+    if cfg is None:
+        raise FedrecError("--resume: give at least one run directory")
+    return cfg.override(**{"fed.resume": False, "fed.run-dir": ""}), jobs, done
