@@ -61,23 +61,11 @@ def privacy_settings(cfg, epsilons: str) -> list[tuple[float, object]]:
     """--epsilons "inf,8" -> [(ε, config)]: inf = privacy.mode none, a number = sample-level
     DP-SGD (privacy.mode sample) with that privacy.target-epsilon; the rest of privacy.*
     comes from cfg."""
-    out = []
-    for text in (t.strip() for t in epsilons.split(",")):
-        if not text:
-            continue
-        try:
-            eps = float(text)
-        except ValueError:
-            raise FedrecError(f"--epsilons: '{text}' is not a number or inf "
-                              "(e.g. --epsilons inf,8)") from None
-        if not eps > 0:
-            raise FedrecError(f"--epsilons: each ε must be > 0 or inf, got '{text}'")
-        out.append((eps, cfg.override(**(
-            {"privacy.mode": "none"} if math.isinf(eps) else
-            {"privacy.mode": "sample", "privacy.target-epsilon": eps}))))
-    if not out:
-        raise FedrecError("--epsilons: give at least one value, e.g. --epsilons inf,8")
-    return out
+    from fedrec.privacy import parse_epsilons
+
+    return [(eps, cfg.override(**({"privacy.mode": "none"} if math.isinf(eps) else
+                                  {"privacy.mode": "sample", "privacy.target-epsilon": eps})))
+            for eps in parse_epsilons(epsilons)]
 
 
 def global_params(cfg, text_dim: int, n_items: int, path: str | None = None) -> dict:

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from fedrec.errors import FedrecError
-from fedrec.simulate import _alive, _proc_table
+from fedrec.files import write_text_atomic
+from fedrec.simulate import _alive, descendants
 
 SUPERLINK_PORT = 8000   # Flower's default for the SuperLink's single HTTPS port
 CONNECTION = "fedrec"   # the connection name in $FLWR_HOME/config.toml
@@ -105,25 +106,7 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path,
     text = path.read_text() if path.is_file() else f'[superlink]\ndefault = "{name}"\n'
     if f"[superlink.{name}]" in text:
         raise FedrecError(f"{path}: already has a connection '{name}'; edit it there")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".config.toml.tmp")
-    tmp.write_text(text.rstrip("\n") + "\n\n" + connection_toml(address, ca_cert, name))
-    os.replace(tmp, path)
-    return path
-
-
-def descendants(pids: list[int]) -> list[int]:
-    """`pids` and every live descendant of them."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, *_rest) in _proc_table().items():
-        children.setdefault(ppid, []).append(pid)
-    found, stack = set(), list(pids)
-    while stack:
-        p = stack.pop()
-        if p not in found:
-            found.add(p)
-            stack += children.get(p, [])
-    return sorted(found)
+    return write_text_atomic(path, text.rstrip("\n") + "\n\n" + connection_toml(address, ca_cert, name))
 
 
 def stop_tree(pids: list[int], grace: float = 10.0) -> list[int]:

@@ -33,7 +33,6 @@ drawn by the device, with data.split-seed, from catalog items it never touched.
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from fedrec.encoder import (
 )
 from fedrec.errors import FedrecError
 from fedrec.federated import ClientData
+from fedrec.files import write_text_atomic
 
 DATA_DIR, CATALOG, MODEL_DIR = "data-dir", "catalog", "model-dir"  # node_config keys
 HISTORY_FILE, CACHE_DIR = "history.csv", "cache"
@@ -225,10 +225,7 @@ def _fingerprint(path: Path, max_length: int, cache_root: Path) -> str:
     if not isinstance(known, dict) or not isinstance(known.get(stamp), str):
         known = known if isinstance(known, dict) else {}
         known[stamp] = model_fingerprint(path, max_length)
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, memo)
+        write_text_atomic(memo, json.dumps(known))
     return known[stamp]
 
 

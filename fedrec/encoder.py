@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedrec.errors import FedrecError
+from fedrec.files import atomic_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -128,15 +129,9 @@ class EmbeddingCache:
         return dict(zip(keys.tolist(), vectors))
 
     def save(self, table: dict[str, np.ndarray]) -> None:
-        # No fsync: a file torn by a power cut fails load() and is rebuilt.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, keys=np.array(list(table)), vectors=np.stack(list(table.values())))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # A file torn by a power cut fails load() and is rebuilt.
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, keys=np.array(list(table)), vectors=np.stack(list(table.values())))
 
 
 def text_key(text: str) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fedrec.files import atomic_path
+
 _NAME = re.compile(r"round-(\d{4,})\.safetensors")
 
 
@@ -41,11 +43,9 @@ def save_local(run_dir: str, device: int, server_round: int, state: dict[str, np
                ) -> None:
     """Store `device`'s state after training in `server_round`; drop all but the newest two."""
     d = _dir(run_dir, device)
-    d.mkdir(parents=True, exist_ok=True)
     path = d / f"round-{server_round:04d}.safetensors"
-    tmp = d / f".{path.name}.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
     for old in [r for r in _rounds(d) if r < server_round][:-1]:
         (d / f"round-{old:04d}.safetensors").unlink(missing_ok=True)
 

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedrec.errors import FedrecError
 from fedrec.model import pool_leave_one_out, reads_history
 from fedrec.pooled_norms import instance_sq, pooled_clipped_sum, pooled_path_ok
 from fedrec.train import Histories, row_loss, row_losses, windows_per_step
@@ -96,6 +97,25 @@ def label(cfg) -> str:
     d = describe(cfg)
     extra = f", {d['assumes']}" if "assumes" in d else ""
     return f"ε ({d['unit']}{extra}; {d['accountant']}, δ={d['delta']:g})"
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """--epsilons "inf,8,4" -> [inf, 8.0, 4.0] (inf or ∞ = no DP); each ε > 0."""
+    out = []
+    for part in (t.strip().lower() for t in text.split(",")):
+        if not part:
+            continue
+        try:
+            eps = math.inf if part in ("inf", "∞") else float(part)
+        except ValueError:
+            raise FedrecError(f"--epsilons: '{part}' is not a number or inf "
+                              "(e.g. --epsilons inf,8)") from None
+        if not eps > 0:
+            raise FedrecError(f"--epsilons: each ε must be > 0 or inf, got '{part}'")
+        out.append(eps)
+    if not out:
+        raise FedrecError("--epsilons: give at least one value, e.g. --epsilons inf,8")
+    return out
 
 
 def _opacus_accountant(name: str):

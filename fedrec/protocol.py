@@ -16,7 +16,6 @@
 The split is computed once per (dataset, cold fraction, seed, negatives) and cached.
 """
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -27,6 +26,7 @@ import numpy as np
 from fedrec.data import Dataset, data_home
 from fedrec.diversity import ListStats, item_novelty, top_k, unit_rows
 from fedrec.errors import FedrecError
+from fedrec.files import atomic_path
 from fedrec.metrics import rank_of_positive, summarize, user_auc
 
 
@@ -102,10 +102,8 @@ def make_split(ds: Dataset, cold_fraction: float, seed: int, eval_negatives: int
         if cached is not None:
             return cached
     split = _compute_split(ds, cold_fraction, seed, eval_negatives)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # rename = atomic publish
-    np.savez(tmp, **{name: getattr(split, name) for name in _ARRAYS})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **{name: getattr(split, name) for name in _ARRAYS})
     return split
 
 

@@ -9,13 +9,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from fedrec.data import data_home
+from fedrec.files import write_text_atomic
 
 HEADLINE = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
 SELECT = "full/hr@10"  # model selection (on validation): the headline metric
@@ -73,14 +73,7 @@ def run_dir_for(cfg) -> Path:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=False, default=float)
-        fh.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=float) + "\n")
 
 
 def fmt(stat: dict[str, float] | None) -> str:

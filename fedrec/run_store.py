@@ -33,7 +33,6 @@ fedrec.local_store.restore / keep.
 import csv
 import io
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from safetensors.numpy import load_file, save_file
 from fedrec.config import Config, run_identity, uses_text
 from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
+from fedrec.files import atomic_path, write_text_atomic
 from fedrec.model import build_model, reads_history
 from fedrec.pipeline import prepare
 from fedrec.privacy import describe
@@ -224,9 +224,7 @@ class FederatedRun:
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()
         w.writerows(flat)
-        tmp = self.dir / ".metrics.csv.tmp"
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, self.dir / "metrics.csv")
+        write_text_atomic(self.dir / "metrics.csv", buf.getvalue())
 
     def finish(self, arrays: ArrayRecord, stopped: str = "") -> None:
         """stopped: why training ended early (status "stopped", the reason in results.json)."""
@@ -243,10 +241,9 @@ def _to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
 
 def _save(path: Path, arrays: ArrayRecord | dict, dtype=np.float32) -> None:
     """arrays: an ArrayRecord or numpy arrays by name; dtype None keeps each array's own."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(a.numpy() if isinstance(a, Array) else a, dtype=dtype)
-               for k, a in arrays.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(a.numpy() if isinstance(a, Array) else a, dtype=dtype)
+                   for k, a in arrays.items()}, str(tmp))
 
 
 def load_json(path: Path) -> dict:

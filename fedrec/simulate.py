@@ -21,7 +21,6 @@ the CLI leaves to the caller:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -34,10 +33,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 import fedrec
 from fedrec.config import Config, load_defaults
 from fedrec.data import data_home, load_dataset
 from fedrec.errors import FedrecError
+from fedrec.files import write_text_atomic
 from fedrec.results import run_dir_for
 
 PROJECT_DIR = Path(fedrec.__file__).resolve().parents[1]  # holds pyproject.toml
@@ -72,51 +74,18 @@ def config_overrides(cfg: Config, run_dir: Path) -> dict[str, Any]:
             if not (k in defaults and type(defaults[k]) is type(v) and defaults[k] == v)}
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # always has '.', 'e' (or is nan/inf): stays a float in TOML
-    if isinstance(value, str):
-        return _toml_string(value)
-    raise FedrecError(f"config value {value!r}: only bool, int, float and str are allowed")
-
-
-def _toml_string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch in "\b\t\n\f\r":
-            out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        elif 0xD800 <= ord(ch) <= 0xDFFF:  # lone surrogates cannot be written as UTF-8
-            raise FedrecError(f"config string {s!r} holds an invalid character")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
 def write_overrides(path: Path, overrides: Mapping[str, Any]) -> Path:
     """A flat TOML file: one `"dotted.key" = value` line per override (Flower's
     `--run-config FILE` flattens it back to the same dotted keys)."""
-    lines = ["# fedrec run-config overrides (keys differing from pyproject defaults)"]
-    lines += [f"{_toml_string(k)} = {_toml_value(v)}" for k, v in overrides.items()]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    import tomli_w
+
+    for k, v in overrides.items():
+        if type(v) not in (bool, int, float, str):
+            raise FedrecError(f"config value {k} = {v!r}: only bool, int, float and str are allowed")
+        if isinstance(v, str) and any(0xD800 <= ord(ch) <= 0xDFFF for ch in v):
+            raise FedrecError(f"config string {k} = {v!r} holds an invalid character")
+    return write_text_atomic(path, "# fedrec run-config overrides (keys differing from "
+                             "pyproject defaults)\n" + tomli_w.dumps(dict(overrides)))
 
 
 # ----------------------------------------------------------------------------- processes
@@ -131,64 +100,44 @@ def free_port(exclude: set[int] = frozenset()) -> int:
     raise FedrecError("no free TCP port on 127.0.0.1")
 
 
-def _read(path: str) -> bytes:
+def _alive(pid: int) -> bool:
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
 
 
-def _proc_table() -> dict[int, tuple[int, str, bytes, bytes]]:
-    """pid -> (ppid, state, cmdline, environ) of every live, non-zombie process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+def descendants(pids: list[int]) -> list[int]:
+    """`pids` (the live ones) and every live descendant of them."""
+    found = set()
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            found |= {pid, *(c.pid for c in proc.children(recursive=True))}
+        except psutil.Error:
             continue
-        stat = _read(f"/proc/{entry}/stat").decode(errors="replace")
-        if not stat:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()  # the name may hold spaces and ')'
-        if len(rest) < 2 or rest[0] in ("Z", "X"):
-            continue
-        table[int(entry)] = (int(rest[1]), rest[0], _read(f"/proc/{entry}/cmdline"),
-                             _read(f"/proc/{entry}/environ"))
-    return table
+    return sorted(found)
 
 
 def find_processes(flwr_home: Path, ports: tuple[int, ...] = ()) -> list[int]:
     """Pids of processes of one run: FLWR_HOME in their cmdline or environment, a chosen
     port in their cmdline, and all their descendants. Never this process or its
     ancestors."""
-    home = str(flwr_home).encode()
-    env_marks = [b"FLWR_HOME=" + home + b"\0"]
+    home = str(flwr_home)
     # Delimited marks: port 5883 must not match 58839, nor a home /x/.flwr /x/.flwr2.
-    cmd_marks = [home + b"/", home + b"\0"] + [
-        m for p in ports for m in (f"127.0.0.1:{p}\0".encode(), f"--port\0{p}\0".encode())]
-    table = _proc_table()
-    found = {pid for pid, (_, _, cmd, env) in table.items()
-             if any(m in cmd + b"\0" for m in cmd_marks)
-             or any(m in env + b"\0" for m in env_marks)}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, *_rest) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    stack = list(found)
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in found:
-                found.add(c)
-                stack.append(c)
-    me, protected = os.getpid(), set()
-    while me > 1 and me in table:
-        protected.add(me)
-        me = table[me][0]
-    protected.add(os.getpid())
-    return sorted(found - protected)
-
-
-def _alive(pid: int) -> bool:
-    stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
-    return bool(stat) and stat[stat.rfind(")") + 2:][:1] not in ("Z", "X", "")
+    cmd_marks = [home + "/", home + "\0"] + [
+        m for p in ports for m in (f"127.0.0.1:{p}\0", f"--port\0{p}\0")]
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ", "status"]):
+        info = proc.info
+        if info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            continue
+        cmd = "\0".join(info["cmdline"] or []) + "\0"
+        if (info["environ"] or {}).get("FLWR_HOME") == home or any(m in cmd for m in cmd_marks):
+            found.append(proc.pid)
+    me = psutil.Process()
+    protected = {me.pid, *(p.pid for p in me.parents())}
+    return sorted(set(descendants(found)) - protected)
 
 
 def stop_processes(flwr_home: Path, ports: tuple[int, ...] = (), grace: float = 10.0,

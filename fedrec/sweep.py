@@ -19,26 +19,11 @@ import math
 from pathlib import Path
 
 from fedrec.config import Config, run_identity
-from fedrec.privacy import UNIT, describe, solve_noise_multiplier
+from fedrec.privacy import UNIT, describe, parse_epsilons, solve_noise_multiplier
 from fedrec.results import summarize
 
 MODES = {"interaction": "sample", "user": "user"}
 METRICS = ("sampled/hr@10", "sampled/ndcg@10")
-
-
-def parse_epsilons(text: str) -> list[float]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        try:
-            eps = math.inf if part in ("inf", "∞") else float(part)
-        except ValueError:
-            eps = -1.0
-        if not eps > 0:
-            raise ValueError(f"--epsilons: '{part}' is not a positive number or inf "
-                             "(e.g. inf,8,4,2,1)")
-        out.append(eps)
-    return out
 
 
 def user_sigma(cfg: Config, epsilon: float, population: int) -> float:
@@ -148,10 +133,7 @@ def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str
     from fedrec.pipeline import prepare
     from fedrec.results import run_dir_for
 
-    try:
-        eps_grid = parse_epsilons(epsilons)
-    except ValueError as exc:
-        raise FedrecError(str(exc)) from None
+    eps_grid = parse_epsilons(epsilons)
     unit_list = [u.strip() for u in units.split(",") if u.strip()]
     if not unit_list or any(u not in MODES for u in unit_list):
         raise FedrecError(f"--units: '{units}' must name interaction and/or user")

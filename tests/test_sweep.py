@@ -5,8 +5,10 @@ import math
 
 import pytest
 
+from fedrec.errors import FedrecError
+from fedrec.privacy import parse_epsilons
 from fedrec.simulate import write_overrides
-from fedrec.sweep import cells, parse_epsilons, plan, user_sigma
+from fedrec.sweep import cells, plan, user_sigma
 from fedrec.user_dp import user_epsilon
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("isolated")
 def test_epsilon_grid_parses_inf_and_rejects_nonpositive():
     assert parse_epsilons("inf, 8,4,2,1") == [math.inf, 8, 4, 2, 1]
     for bad in ("0", "-1", "x", ""):
-        with pytest.raises(ValueError, match="--epsilons"):
+        with pytest.raises(FedrecError, match="--epsilons"):
             parse_epsilons(bad)
 
 
