@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # The main job on the embedded defaults (bundled MiniLM, ml-100k): data, the popularity and
 # centralized reference points, then the federated simulation (one virtual SuperNode per
-# user; 50 rounds evaluated at 25 and 50, where the committed results run 100 evaluated
+# user; 40 rounds evaluated at 20 and 40, where the committed results run 100 evaluated
 # every 10: that keeps `make run` within 15 minutes on 2 cores), then one table of the
 # three beside the committed 3-seed results.
 OUT := runs/make-run
@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(VENV)/bin/fedrec data fetch ml-100k
 	$(VENV)/bin/fedrec baseline popularity --json $(OUT)/popularity.json
 	$(VENV)/bin/fedrec train-central --seeds 0 --json $(OUT)/central.json
-	$(VENV)/bin/fedrec simulate --seeds 0 --run-config "fed.num-rounds=50 fed.eval-every=25" --runs-dir $(OUT)/fed --json $(OUT)/fed.json
+	$(VENV)/bin/fedrec simulate --seeds 0 --run-config "fed.num-rounds=40 fed.eval-every=20" --runs-dir $(OUT)/fed --json $(OUT)/fed.json
 	$(PY) simulations/report.py --compare $(OUT)
 
 test: $(STAMP)
