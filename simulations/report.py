@@ -502,23 +502,23 @@ def diversity_table() -> str:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--compare":
         return compare(sys.argv[2])
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    for name, files in TABLES.items():
-        text = replace_block(text, name, table(files))
-    text = replace_block(text, "config", config_table())
-    text = replace_block(text, "interpretation", interpretation())
-    text = replace_block(text, "make-run", make_run_block())
+    blocks = {name: table(files) for name, files in TABLES.items()}
+    blocks.update({"config": config_table(), "interpretation": interpretation(),
+                   "make-run": make_run_block()})
     for name, make in (("reliability", reliability_table), ("privacy-sweep", sweep_table),
                        ("privacy-tuning", privacy_tuning_table),
                        ("audit", audit_table), ("bench-dp", bench_dp_table),
                        ("explain", explain_table), ("diversity", diversity_table)):
-        text = replace_block(text, name, make())
-    for name, body in bench_tables().items():
-        text = replace_block(text, name, body)
-    # Commands stored with the home directory they ran in: shown as ~, runnable anywhere.
-    text = text.replace(str(Path.home()) + "/", "~/")
-    readme.write_text(text)
+        blocks[name] = make()
+    blocks.update(bench_tables())
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for name, body in blocks.items():
+            if page.parent.name == "docs":  # pages one level down link ../results/
+                body = body.replace("](results/", "](../results/")
+            text = replace_block(text, name, body)
+        # Commands stored with the home directory they ran in: shown as ~, runnable anywhere.
+        page.write_text(text.replace(str(Path.home()) + "/", "~/"))
 
 
 if __name__ == "__main__":
