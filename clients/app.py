@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
+from fedrec.accounting import Accountant
 from fedrec.config import Config
 from fedrec.device import load_client
 from fedrec.faults import InjectedFailure, corrupt, planned_fault
@@ -25,7 +26,6 @@ from fedrec.federated import (
     local_update,
 )
 from fedrec.local_store import keep, restore
-from fedrec.privacy import Accountant
 
 app = ClientApp()
 

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedrec.accounting import EPSILON_METRIC, Accountant
 from fedrec.errors import FedrecError
 from fedrec.federated import ClientData, client_seed, local_update
 from fedrec.model import build_model
-from fedrec.privacy import EPSILON_METRIC, Accountant
 
 STATS = ("bias", "item-vector", "score", "grad-align")
 
@@ -61,7 +61,7 @@ def privacy_settings(cfg, epsilons: str) -> list[tuple[float, object]]:
     """--epsilons "inf,8" -> [(ε, config)]: inf = privacy.mode none, a number = sample-level
     DP-SGD (privacy.mode sample) with that privacy.target-epsilon; the rest of privacy.*
     comes from cfg."""
-    from fedrec.privacy import parse_epsilons
+    from fedrec.accounting import parse_epsilons
 
     return [(eps, cfg.override(**({"privacy.mode": "none"} if math.isinf(eps) else
                                   {"privacy.mode": "sample", "privacy.target-epsilon": eps})))
@@ -204,10 +204,10 @@ def run(cfg, *, params: str | None, users: int, epsilons: str, log=print) -> dic
     import math
     from pathlib import Path
 
+    from fedrec.accounting import describe
     from fedrec.config import uses_text
     from fedrec.errors import FedrecError
     from fedrec.pipeline import prepare
-    from fedrec.privacy import describe
 
     if users < 1:
         raise FedrecError(f"--users must be >= 1, got {users}")

@@ -14,17 +14,11 @@ import numpy as np
 import torch
 
 from fedrec import seq_privacy
+from fedrec.accounting import EPSILON_METRIC, Accountant, local_plan, noise_multiplier
 from fedrec.config import Config, uses_text
 from fedrec.metrics import rank_of_positive
 from fedrec.model import build_model, init_local_users, uses_local_user
-from fedrec.privacy import (
-    EPSILON_METRIC,
-    Accountant,
-    dp_train_epoch,
-    local_plan,
-    noise_multiplier,
-    secret_randomness,
-)
+from fedrec.privacy import dp_train_epoch, secret_randomness
 from fedrec.protocol import Split
 from fedrec.seqrec import SeqRec, windows
 from fedrec.train import (

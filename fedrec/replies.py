@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from fedrec.privacy import EPSILON_METRIC
+from fedrec.accounting import EPSILON_METRIC
 
 REASONS = ("error", "timeout", "malformed", "keys", "shape", "nonfinite")
 WEIGHT = "num-examples"

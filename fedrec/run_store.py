@@ -42,14 +42,14 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 from safetensors.numpy import load_file, save_file
 
+from fedrec.accounting import describe
+from fedrec.accounting import label as privacy_label
 from fedrec.config import Config, run_identity, uses_text
 from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
 from fedrec.files import atomic_path, write_text_atomic
 from fedrec.model import build_model, reads_history
 from fedrec.pipeline import prepare
-from fedrec.privacy import describe
-from fedrec.privacy import label as privacy_label
 from fedrec.protocol import evaluate
 from fedrec.results import SELECT as SELECT_KEY
 from fedrec.results import run_dir_for, write_json

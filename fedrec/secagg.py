@@ -62,6 +62,7 @@ from flwr.client import NumPyClient
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
+from fedrec.accounting import EPSILON_METRIC, Accountant
 from fedrec.config import Config
 from fedrec.device import load_client
 from fedrec.errors import FedrecError
@@ -73,7 +74,6 @@ from fedrec.federated import (
 )
 from fedrec.local_store import keep, restore
 from fedrec.model import build_model
-from fedrec.privacy import EPSILON_METRIC, Accountant
 
 DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
 MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
@@ -254,7 +254,7 @@ class SecAggFedAvg(FedAvg):
         if not self.stopped and p.mode == "user" and p.target_epsilon > 0:
             eps = user_epsilon(self.cfg, rnd, self.q)
             if eps > p.target_epsilon:
-                from fedrec.privacy import label
+                from fedrec.accounting import label
 
                 spent = user_epsilon(self.cfg, rnd - 1, self.q) if rnd > 1 else 0.0
                 self.stopped = (f"privacy budget exhausted: round {rnd} would bring "

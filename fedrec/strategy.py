@@ -19,10 +19,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
+from fedrec.accounting import EPSILON_METRIC
 from fedrec.config import Config
 from fedrec.errors import FedrecError
 from fedrec.federated import aggregate_client_metrics
-from fedrec.privacy import EPSILON_METRIC
 from fedrec.replies import (
     bound_update,
     evaluate_problem,

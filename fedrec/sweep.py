@@ -18,8 +18,8 @@ The ε = inf row is the same run without DP, once per seed (it has no unit).
 import math
 from pathlib import Path
 
+from fedrec.accounting import UNIT, describe, parse_epsilons, solve_noise_multiplier
 from fedrec.config import Config, run_identity
-from fedrec.privacy import UNIT, describe, parse_epsilons, solve_noise_multiplier
 from fedrec.results import summarize
 
 MODES = {"interaction": "sample", "user": "user"}

@@ -27,8 +27,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
+from fedrec.accounting import Accountant, label
 from fedrec.errors import FedrecError
-from fedrec.privacy import Accountant, label
 
 
 class BudgetExhausted(FedrecError):

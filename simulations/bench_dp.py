@@ -35,17 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedrec.accounting import Accountant, _rdp_per_step
 from fedrec.config import load_config, parse_overrides
 from fedrec.federated import ClientData, _histories, local_update
 from fedrec.model import build_model
 from fedrec.pipeline import prepare
-from fedrec.privacy import (
-    Accountant,
-    _rdp_per_step,
-    clipped_grad_sum,
-    per_row_grads,
-    per_row_method,
-)
+from fedrec.privacy import clipped_grad_sum, per_row_grads, per_row_method
 from fedrec.results import machine, write_json
 from fedrec.seqrec import SeqRec
 from fedrec.train import row_loss

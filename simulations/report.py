@@ -283,8 +283,8 @@ def _hr(stat: dict, seeds: list) -> str:
 def privacy_tuning_table() -> str:
     """The runs that chose the sweep's per-unit settings (results/privacy-tuning): one seed
     each, except where a file holds several (mean ± std over them)."""
+    from fedrec.accounting import UNIT, describe
     from fedrec.config import Config, load_defaults, stored_config
-    from fedrec.privacy import UNIT, describe
 
     default_tau = load_defaults()["fed.server-tau"]
     files = sorted((ROOT / "results" / "v1" / "privacy-tuning").glob("*.json"))

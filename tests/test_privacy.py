@@ -10,9 +10,10 @@ from flwr.app import ConfigRecord, RecordDict
 from test_clientapp import context, global_state, message
 
 import clients.app
+from fedrec.accounting import Accountant, local_plan, noise_multiplier
 from fedrec.federated import ClientData, _histories, local_update
 from fedrec.model import build_model
-from fedrec.privacy import Accountant, dp_train_epoch, local_plan, noise_multiplier, per_row_grads
+from fedrec.privacy import dp_train_epoch, per_row_grads
 from fedrec.train import row_loss, row_scores, train_epoch
 from tiny import run_inprocess, tiny_config
 
@@ -215,7 +216,7 @@ def test_pooled_ghost_norms_on_the_shortest_histories(tiny_root, pooling):
 def test_vectorised_rdp_equals_opacus():
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    from fedrec.privacy import _RDP_ORDERS, _sampled_gaussian_rdp
+    from fedrec.accounting import _RDP_ORDERS, _sampled_gaussian_rdp
 
     orders = np.array(_RDP_ORDERS, dtype=float)
     for q in (1e-3, 0.043, 0.25, 0.5, 0.9, 1.0):
@@ -228,7 +229,7 @@ def test_vectorised_rdp_equals_opacus():
 
 
 def test_describe_assumes_a_public_pool_only_for_history_pooled_models(cfg):
-    from fedrec.privacy import describe, label
+    from fedrec.accounting import describe, label
 
     c = cfg.override(**DP)
     assert describe(c)["assumes"] == "history pool public"

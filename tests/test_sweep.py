@@ -5,8 +5,8 @@ import math
 
 import pytest
 
+from fedrec.accounting import parse_epsilons
 from fedrec.errors import FedrecError
-from fedrec.privacy import parse_epsilons
 from fedrec.simulate import write_overrides
 from fedrec.sweep import cells, plan, user_sigma
 from fedrec.user_dp import user_epsilon
