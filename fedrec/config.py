@@ -4,6 +4,9 @@ Defaults live in one place, pyproject.toml's ``[tool.flwr.app.config]``. Flower 
 apps that table (plus ``--run-config`` overrides) as a flat dict of dotted kebab-case keys;
 ``Config.from_flat`` parses it once into frozen dataclasses, rejecting unknown keys, wrong
 types and out-of-range values with a message that names the key.
+
+Size: every key's type, range and cross-key rule lives here on purpose, so a config is
+validated in exactly one place before anything runs.
 """
 
 import dataclasses

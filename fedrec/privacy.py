@@ -60,6 +60,10 @@ What the guarantee covers, honestly:
   device sampled more often declines the round that would take it past the target
   (fedrec.federated.check_device_budget: an error reply the server drops and counts), so
   no device's ε exceeds privacy.target-epsilon.
+
+Size: one module for the v1 models' per-row gradient paths (direct ghost norms, the
+pooled path's glue, torch.func) and the DP-SGD epoch that picks among them; split, each
+piece would need the others' row layout.
 """
 
 import math

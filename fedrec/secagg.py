@@ -49,6 +49,10 @@ after uploading its masked vector is still in the sum; one that drops before is 
 (its neighbours' shares remove its pairwise masks); a round in which some device keeps
 fewer than secagg.reconstruction-threshold live neighbours aggregates nothing and keeps
 the previous global model (recorded as "kept-previous").
+
+Size: Flower 1.42 has SecAgg+ only on its legacy path, so both sides of that path (server
+workflow and recording strategy, device NumPyClient with client-side clipping) live in
+this one module that the two apps hand over to.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ the CLI leaves to the caller:
   FLWR_HOME or ports (SuperLink, flower-superexec, flwr-simulation, Ray) is stopped;
 - the outcome: ``flwr run`` exits 0 even when the run failed, so success is read from
   ``results.json`` ("status": "completed"), else from ``flwr ls --run-id``.
+
+Size: the `flwr run` wrapper and the process management it needs (ports, FLWR_HOME,
+stopping by pid) in one place, so every path that starts Flower stops it the same way.
 """
 
 from __future__ import annotations
