@@ -40,16 +40,17 @@ def seed_results(name: str, cfg: Config, runs: list[dict]) -> dict:
 def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False) -> dict:
     """Centralized training of the configured model for each seed: a result file's body."""
     from fedrec.config import uses_text
-    from fedrec.pipeline import prepare
+    from fedrec.pipeline import catalog_vectors, prepare
     from fedrec.train import train_central
 
     p = prepare(cfg, progress=True, with_text=uses_text(cfg))
+    vectors = catalog_vectors(cfg, p)
     runs = []
     for seed in seeds:
         log(f"centralized {cfg.model.kind}, seed {seed}")
         t0 = time.time()
         r = train_central(cfg.override(**{"train.seed": seed}), p.split, p.item_emb,
-                          log=(lambda *_: None) if quiet else log)
+                          log=(lambda *_: None) if quiet else log, item_vectors=vectors)
         runs.append({"seed": seed, "best": r["best"], "final": r["final"],
                      "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
                      "seconds": time.time() - t0, "curve": r["curve"]})

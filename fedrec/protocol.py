@@ -195,6 +195,8 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
     negatives = split.test_negatives if stage == "test" else split.val_negatives
     ranks: dict[str, list] = {"sampled": [], "full": []}
     aucs: dict[str, list] = {"sampled": [], "full": []}
+    if item_vectors is not None and not np.shape(item_vectors)[1]:
+        item_vectors = None  # no text vectors: no ILD (callers pass pipeline.catalog_vectors)
     lists = ListStats(split.n_items, item_novelty(split.item_popularity(), split.n_users),
                       None if item_vectors is None else unit_rows(item_vectors), k)
     for start in range(0, len(users), chunk):

@@ -49,7 +49,7 @@ from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
 from fedrec.files import atomic_path, write_text_atomic
 from fedrec.model import build_model, reads_history
-from fedrec.pipeline import prepare
+from fedrec.pipeline import catalog_vectors, prepare
 from fedrec.protocol import evaluate
 from fedrec.results import SELECT as SELECT_KEY
 from fedrec.results import run_dir_for, write_json
@@ -78,6 +78,7 @@ class FederatedRun:
             self.n_items = self.prepared.split.n_items
             self.text_dim = self.prepared.item_emb.shape[1]
         self.rounds: dict[int, dict] = {}
+        self.diversity_vectors = None
         self.t0 = time.time()
 
     @property
@@ -170,7 +171,9 @@ class FederatedRun:
             model.load_state_dict({k: torch.as_tensor(a.numpy(), dtype=torch.float32)
                                    for k, a in arrays.items()})
             split, E = self.prepared.split, torch.from_numpy(self.prepared.item_emb)
-            m = evaluate(scorer(model, E), split, "test", item_vectors=self.prepared.item_emb)
+            if self.diversity_vectors is None:  # the PLM space, also for ID-only models
+                self.diversity_vectors = catalog_vectors(self.cfg, self.prepared)
+            m = evaluate(scorer(model, E), split, "test", item_vectors=self.diversity_vectors)
             self.record(rnd, "server", m)
             out = MetricRecord({k: float(v) for k, v in m.items()})
         self._log_round(rnd)

@@ -198,14 +198,17 @@ def _optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimize
     return torch.optim.Adam(groups, lr=lr)
 
 
-def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
+def train_central(cfg: Config, split: Split, E: np.ndarray, log=print,
+                  item_vectors: np.ndarray | None = None) -> dict:
     """Centralized training of the same model on all users' data: the accuracy ceiling.
 
     It has its own optimizer and learning rate (central.*), so a change of the device's
     train.optimizer never changes the reference. Model selection by validation full
     HR@10 only (results.SELECT); returns test metrics at the best-validation epoch and at the final epoch,
-    plus the per-epoch curve.
+    plus the per-epoch curve. item_vectors: the PLM embeddings list diversity is measured
+    in (default E; pipeline.catalog_vectors for a model that reads no text).
     """
+    div = E if item_vectors is None else item_vectors
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     E_t = torch.from_numpy(E)
@@ -236,7 +239,7 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
     for epoch in range(1, cfg.central.epochs + 1):
         t0 = time.time()
         loss = epoch_fn()
-        val = evaluate(score, split, "val", item_vectors=E)
+        val = evaluate(score, split, "val", item_vectors=div)
         curve.append({"epoch": epoch, "loss": loss, **{f"val/{k}": val[k] for k in CURVE_KEYS},
                       "seconds": time.time() - t0})
         log(f"epoch {epoch:3d}  loss {loss:.4f}  val sampled HR@10 {val['sampled/hr@10']:.4f}  "
@@ -250,11 +253,11 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print) -> dict:
             if bad >= cfg.central.patience:
                 log(f"early stop: no better val HR@10 for {bad} epochs")
                 break
-    final = evaluate(score, split, "test", item_vectors=E)
+    final = evaluate(score, split, "test", item_vectors=div)
     best_epoch, state, best_local = best_state
     model.load_state_dict(state)
     if local is not None:
         local.data.copy_(best_local)
-    return {"final": final, "best": evaluate(score, split, "test", item_vectors=E), "best_epoch": best_epoch,
+    return {"final": final, "best": evaluate(score, split, "test", item_vectors=div), "best_epoch": best_epoch,
             "epochs_run": len(curve), "curve": curve, "model": model}
 
