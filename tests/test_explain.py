@@ -183,7 +183,7 @@ def test_random_list_ild_is_one_minus_the_mean_cosine_over_distinct_pairs():
 def test_a_model_without_text_vectors_reports_no_ild_rather_than_a_wrong_one(tiny_split):
     """Zero-width "embeddings" (an ID-only model's) would make every cosine 0 and ILD 1;
     evaluation leaves ILD out instead, and the commands pass pipeline.catalog_vectors."""
-    split, vecs = tiny_split
+    split, _ = tiny_split
     table = np.random.default_rng(2).normal(size=(split.n_users, split.n_items))
     m = evaluate(lambda users, inputs: table[users], split,
                  item_vectors=np.zeros((split.n_items, 0)))
