@@ -21,7 +21,7 @@ TABLES = {
                 "results/central-seq+id.json", "results/central-seq.json",
                 "results/central-seq-id.json", "results/central-fedmf.json"],
     "federated": ["results/fed-seq+id.json", "results/fed-seq.json", "results/fed-seq-id.json",
-                  "results/fed-fedmf.json"],
+                  "results/fed-fedmf.json", "results/fed-seq+id-e2.json"],
 }
 # Full ranking first: the headline (docs/protocol.md).
 COLUMNS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10", "sampled/ndcg@10", "cold/hr@10",
