@@ -46,7 +46,10 @@ def table(files: list[str]) -> str:
         best = res["summary"]["best"]
         seeds = ",".join(str(r["seed"]) for r in res["runs"])
         commit = res.get("machine", {}).get("commit", "unknown")[:7]
-        rows.append(f"| {res['method']} | " + " | ".join(fmt(best.get(k)) for k in COLUMNS)
+        label = res["method"]
+        if label.startswith("fed-"):  # federated rows differ in local epochs: say it
+            label += f", {res['config'].get('train.local-epochs')} local epochs"
+        rows.append(f"| {label} | " + " | ".join(fmt(best.get(k)) for k in COLUMNS)
                     + f" | {res.get('seed_kind', 'seed')} {seeds} | {commit} | `{res['command']}` |")
     return "\n".join(rows)
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's result tables (recommender v2): every row's result file, ml-100k, seeds
 # 0,1,2 (train.seed; the split is fixed by data.split-seed 0), in two lanes side by side
-# (one per core). Federated rows use the in-process engine (the same ServerApp and
+# (one per core; this session ran the seeds of fed-seq+id, fed-seq+id-e2 and fed-seq-id as
+# side-by-side `--seeds N` processes and summarized them with `fedrec simulate --resume
+# DIR0,DIR1,DIR2 --json FILE`, the command their files record). Federated rows use the in-process engine (the same ServerApp and
 # ClientApp exchanging real Flower Messages, without Ray) to fit on 2 cores.
 #
 #   simulations/results_v2.sh            # then: python simulations/report.py
@@ -20,6 +22,8 @@ lane_a() {
   $F train-central --seeds 0,1,2 --quiet --run-config "model.item-text=false" --json results/central-seq-id.json
   $F train-central --seeds 0,1,2 --quiet --config simulations/configs/fedmf.toml --json results/central-fedmf.json
   $SIM --runs-dir runs/fed-seq+id --json results/fed-seq+id.json
+  # the text + ID model at 2 local epochs (4 helps the text-only and ID models, not this one)
+  $SIM --run-config "train.local-epochs=2" --runs-dir runs/fed-seq+id-e2 --json results/fed-seq+id-e2.json
 }
 lane_b() {
   $SIM --run-config "model.id-embeddings=false" --runs-dir runs/fed-seq --json results/fed-seq.json
