@@ -38,7 +38,7 @@ from torch.func import functional_call, grad, vmap
 from fedrec.accounting import EPSILON_METRIC, Accountant
 from fedrec.errors import FedrecError
 from fedrec.federated import ClientData, client_seed, local_update
-from fedrec.model import build_model
+from fedrec.model import build_model, model_from_arrays
 
 STATS = ("bias", "item-vector", "score", "grad-align")
 
@@ -117,9 +117,7 @@ class _Score(torch.nn.Module):
 
 
 def _model(cfg, E: torch.Tensor, n_items: int, arrays: dict):
-    m = build_model(cfg, E.shape[1], n_items)
-    m.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in arrays.items()})
-    return m.eval()
+    return model_from_arrays(cfg, E.shape[1], n_items, arrays)
 
 
 @torch.no_grad()

@@ -34,9 +34,10 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, 1)
 
 
-def mmr(scores: np.ndarray, unit: np.ndarray, k: int, lam: float, pool: int = POOL,
+def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: int = POOL,
         redundancy: str = "mean") -> np.ndarray:
-    """[U, k] items re-ranked by maximal marginal relevance; unit: [n_items, D] unit rows.
+    """[U, k] items re-ranked by maximal marginal relevance; unit: [n_items, D] unit rows
+    (unused, and may be None, at lam = 0).
 
     Greedy over each user's top `pool` items: pick argmax (1 - lam) * p_i - lam * red_i,
     where p = softmax(scores) over the row's candidates (the model's next-item
@@ -59,19 +60,18 @@ def mmr(scores: np.ndarray, unit: np.ndarray, k: int, lam: float, pool: int = PO
     rel = np.where(np.isfinite(sc), np.exp(sc - top) / mass, -np.inf)  # -inf: never listed
     rows = np.arange(len(cand))
     vecs = unit[cand]                                  # [U, P, D]
+    red = np.zeros(cand.shape)   # redundancy with the items picked so far (0 before any)
     total = np.zeros(cand.shape)
-    most = np.zeros(cand.shape)
     picked = []
     for t in range(min(k, cand.shape[1])):
-        red = (total / t if redundancy == "mean" else most) if t else total
         gain = (1 - lam) * rel - lam * red
-        for j in picked:
-            gain[rows, j] = -np.inf
+        if picked:
+            gain[rows[:, None], np.stack(picked, 1)] = -np.inf
         j = gain.argmax(1)
         picked.append(j)
         sim = np.einsum("upd,ud->up", vecs, vecs[rows, j])
         total += sim
-        most = np.maximum(most, sim) if t else sim
+        red = total / (t + 1) if redundancy == "mean" else (sim if t == 0 else np.maximum(red, sim))
     return np.take_along_axis(cand, np.stack(picked, 1), 1)
 
 
@@ -107,9 +107,11 @@ class ListStats:
             self.ild.append(intra_list_diversity(lists, self.unit))
 
     def summary(self) -> dict[str, float]:
+        """NaN when no list was added (no evaluation users)."""
+        def mean(parts: list[np.ndarray]) -> float:
+            values = np.concatenate(parts) if parts else np.zeros(0)
+            return float(np.nanmean(values)) if len(values) else float("nan")
         k = self.k
-        mean = (lambda parts: float(np.nanmean(np.concatenate(parts)))
-                if parts and sum(map(len, parts)) else float("nan"))
         out = {f"div/coverage@{k}": float(self.seen.mean()) if self.nov else float("nan"),
                f"div/novelty@{k}": mean(self.nov)}
         if self.unit is not None:
@@ -122,20 +124,16 @@ def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k
     """Full-ranking HR@k / NDCG@k and list diversity of MMR-re-ranked top-k lists, one row
     per lambda (same users, inputs and candidates as fedrec.protocol.evaluate's full
     ranking; lambda 0 reproduces its full HR@k up to ties)."""
-    users = split.eval_users(stage)
-    target = split.test if stage == "test" else split.val
+    from fedrec.protocol import scored_chunks
+
+    target = split.target(stage)
     unit = unit_rows(item_vectors).astype(np.float32)
     nov = item_novelty(split.item_popularity(), split.n_users)
     stats = {lam: ListStats(split.n_items, nov, unit, k) for lam in lambdas}
     hits = {lam: [] for lam in lambdas}
     gains = {lam: [] for lam in lambdas}
     discount = 1.0 / np.log2(np.arange(k) + 2.0)
-    for start in range(0, len(users), chunk):
-        ub = users[start:start + chunk]
-        inputs = [split.eval_history(u, stage) for u in ub]
-        s = np.array(score(ub, inputs), dtype=np.float64)
-        for r, seen in enumerate(inputs):
-            s[r, seen] = -np.inf
+    for ub, _, s in scored_chunks(score, split, stage, chunk):
         for lam in lambdas:
             lists = mmr(s, unit, k, lam, redundancy=redundancy)
             stats[lam].add(lists)

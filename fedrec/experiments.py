@@ -67,8 +67,7 @@ def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: st
     from fedrec.pipeline import prepare
     from fedrec.strategy import clients_per_round
 
-    if engine not in ("flower", "inprocess"):
-        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    check_engine(engine)
     if rounds is not None and not resume:
         raise FedrecError("--rounds extends runs given with --resume; for a new run set "
                           "--run-config \"fed.num-rounds=N\"")
@@ -94,6 +93,14 @@ def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: st
         return None
     runs.sort(key=lambda r: r["seed"])
     return seed_results(f"fed-{model_name(cfg)} ({cfg.fed.strategy})", cfg, runs)
+
+
+ENGINES = ("flower", "inprocess")
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise FedrecError(f"--engine: '{engine}' is not one of {', '.join(ENGINES)}")
 
 
 def app_component(name: str):
@@ -123,8 +130,7 @@ def run_federated(cfg: Config, run_dir: Path, engine: str, log=print) -> dict:
     """One federated run (flwr run or in-process); its results.json, evaluated."""
     from fedrec.simulate import run_simulation
 
-    if engine not in ("flower", "inprocess"):
-        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    check_engine(engine)
     res = (run_simulation(cfg, run_dir=run_dir, log=log) if engine == "flower"
            else run_inprocess(cfg, run_dir))
     if not res["summary"]:

@@ -18,7 +18,7 @@ import re
 import numpy as np
 import torch
 
-from fedrec.seqrec import SeqRec, batch_inputs
+from fedrec.seqrec import SeqRec
 
 MAX_REASONS = 3
 _SPLIT = re.compile(r"\s*[,|;]\s*")
@@ -35,10 +35,8 @@ def loo_drops(model: SeqRec, h: torch.Tensor, b: torch.Tensor, seq: np.ndarray,
               items: torch.Tensor) -> torch.Tensor:
     """[len(window), len(items)]: how much each window item's removal lowers each item's
     score. h, b: the model's item table (SeqRec.item_table)."""
-    L = model.max_len
-    rows = [seq] + [np.delete(seq, p) for p in window_positions(seq, L)]
-    hu = model.encode(h, batch_inputs(rows, L))[:, -1]
-    s = hu @ h[items].T + b[items]
+    rows = [seq] + [np.delete(seq, p) for p in window_positions(seq, model.max_len)]
+    s = model.user_states(h, rows) @ h[items].T + b[items]
     return s[:1] - s[1:]
 
 
@@ -82,7 +80,7 @@ def deletion_test(model: SeqRec, E: torch.Tensor, histories: list[np.ndarray], k
         window = window_positions(seq, L)
         if len(window) < 2 * MAX_REASONS:
             continue
-        base = (model.encode(h, batch_inputs([seq], L))[:, -1] @ h.T + b)[0]
+        base = (model.user_states(h, [seq]) @ h.T + b)[0]
         base[torch.from_numpy(seq)] = -torch.inf
         top = torch.topk(base, k).indices
         reasons = pick_reasons(loo_drops(model, h, b, seq, top))
@@ -93,7 +91,7 @@ def deletion_test(model: SeqRec, E: torch.Tensor, histories: list[np.ndarray], k
             rows.append(np.delete(seq, window[r]))
             rows += [np.delete(seq, rng.choice(window, len(r), replace=False))
                      for _ in range(n_random)]
-        s = model.encode(h, batch_inputs(rows, L))[:, -1] @ h.T + b   # [k * (1 + R), N]
+        s = model.user_states(h, rows) @ h.T + b   # [k * (1 + R), N]
         s[:, torch.from_numpy(seq)] = -torch.inf  # candidates: the original input's complement
         target = top.repeat_interleave(1 + n_random)
         after = (s > s[torch.arange(len(s)), target][:, None]).sum(1).view(k, 1 + n_random)

@@ -130,6 +130,20 @@ def build_model(cfg, text_dim: int, n_items: int) -> nn.Module:
     return TextRec(text_dim, n_items, m.dim, m.hidden, m.dropout, m.pooling, m.id_embeddings)
 
 
+def model_from_arrays(cfg, text_dim: int, n_items: int, arrays) -> nn.Module:
+    """The model of `cfg` holding `arrays` (numpy arrays or Flower Arrays, by parameter
+    name; copied), in eval mode. Built on the meta device: no random initialisation runs
+    (an orthogonal init is a QR per call) and no global RNG state is drawn. A training
+    step builds its own model instead (fedrec.federated: its init is part of the seeded
+    stream). Missing or misshapen arrays raise RuntimeError (strict loading)."""
+    with torch.device("meta"):
+        model = build_model(cfg, text_dim, n_items)
+    model.load_state_dict({k: torch.tensor(v.numpy() if hasattr(v, "numpy") else v,
+                                           dtype=torch.float32) for k, v in arrays.items()},
+                          assign=True)
+    return model.eval()
+
+
 def uses_local_user(cfg) -> bool:
     return cfg.model.kind == "fedmf" or (cfg.model.kind == "text" and cfg.model.user_embedding)
 

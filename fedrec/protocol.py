@@ -67,13 +67,14 @@ class Split:
 
     def eval_users(self, stage: str) -> np.ndarray:
         """Users with a held-out item for `stage` and a non-empty training history."""
-        target = self._target(stage)
+        target = self.target(stage)
         return np.flatnonzero((target >= 0) & (np.diff(self.train_ptr) > 0))
 
     def item_popularity(self) -> np.ndarray:
         return np.bincount(self.train_items, minlength=self.n_items)
 
-    def _target(self, stage: str) -> np.ndarray:
+    def target(self, stage: str) -> np.ndarray:
+        """int64 [n_users]: each user's held-out item for `stage`, -1 = none."""
         if stage not in ("val", "test"):
             raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
         return self.test if stage == "test" else self.val
@@ -178,6 +179,24 @@ def sample_negatives(split: Split, users: np.ndarray, per_positive: int,
 Scorer = Callable[[np.ndarray, list[np.ndarray]], np.ndarray]
 
 
+def scored_chunks(score: Scorer, split: Split, stage: str, chunk: int):
+    """Per chunk of `stage`'s evaluation users: (users, scores, full-ranking candidates).
+    scores [B, n_items] are the scorer's (float64, shape checked); the candidates are a
+    copy with each evaluation input's items at -inf (never candidates)."""
+    users = split.eval_users(stage)
+    for start in range(0, len(users), chunk):
+        ub = users[start:start + chunk]
+        inputs = [split.eval_history(u, stage) for u in ub]
+        s = np.asarray(score(ub, inputs), dtype=np.float64)
+        if s.shape != (len(ub), split.n_items):
+            raise ValueError(f"scorer returned shape {s.shape}, expected "
+                             f"{(len(ub), split.n_items)} (users x items)")
+        full = s.copy()  # np.asarray may alias the scorer's own array: never write to it
+        for r, seen in enumerate(inputs):
+            full[r, seen] = -np.inf
+        yield ub, s, full
+
+
 def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
              chunk: int = 512, item_vectors: np.ndarray | None = None) -> dict[str, float]:
     """Sampled, full and cold-start ranking metrics with the protocol's keys, and the
@@ -191,7 +210,7 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
     metric is NaN (the keys are still present).
     """
     users = split.eval_users(stage)
-    target = split._target(stage)
+    target = split.target(stage)
     negatives = split.test_negatives if stage == "test" else split.val_negatives
     ranks: dict[str, list] = {"sampled": [], "full": []}
     aucs: dict[str, list] = {"sampled": [], "full": []}
@@ -199,20 +218,11 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
         item_vectors = None  # no text vectors: no ILD (callers pass pipeline.catalog_vectors)
     lists = ListStats(split.n_items, item_novelty(split.item_popularity(), split.n_users),
                       None if item_vectors is None else unit_rows(item_vectors), k)
-    for start in range(0, len(users), chunk):
-        ub = users[start:start + chunk]
-        inputs = [split.eval_history(u, stage) for u in ub]
-        s = np.asarray(score(ub, inputs), dtype=np.float64)
-        if s.shape != (len(ub), split.n_items):
-            raise ValueError(f"scorer returned shape {s.shape}, expected "
-                             f"{(len(ub), split.n_items)} (users x items)")
+    for ub, s, full in scored_chunks(score, split, stage, chunk):
         rows = np.arange(len(ub))
         pos = s[rows, target[ub]]
         neg = negatives[ub]
         samp = np.where(neg >= 0, s[rows[:, None], np.maximum(neg, 0)], -np.inf)
-        full = s.copy()  # np.asarray may alias the scorer's own array: never write to it
-        for r, seen in enumerate(inputs):
-            full[r, seen] = -np.inf  # the input's items are not candidates
         lists.add(top_k(full, k))                # the list the user sees (positive included)
         full[rows, target[ub]] = -np.inf         # the positive is scored separately
         for name, cand in (("sampled", samp), ("full", full)):

@@ -37,8 +37,8 @@ from fedrec.device import (
 from fedrec.diversity import mmr, unit_rows
 from fedrec.errors import FedrecError
 from fedrec.explain import loo_drops, pick_reasons, shared_terms, window_positions
-from fedrec.model import build_model, pool_history
-from fedrec.seqrec import SeqRec, batch_inputs
+from fedrec.model import model_from_arrays, pool_history
+from fedrec.seqrec import SeqRec
 
 FINAL, RUN_CONFIG = "final.safetensors", "run_config.json"
 
@@ -93,17 +93,13 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, np.ndarray]]:
 
 def model_from_params(cfg: Config, params: dict[str, np.ndarray], text_dim: int, n_items: int):
     """The run's model with its federated parameters, for a catalog of n_items."""
-    with torch.device("meta"):  # no random init (an orthogonal init is a QR per call)
-        model = build_model(cfg, text_dim, n_items)
     try:
-        model.load_state_dict({n: torch.from_numpy(v).float() for n, v in params.items()},
-                              assign=True)
+        return model_from_arrays(cfg, text_dim, n_items, params)
     except RuntimeError as exc:
         raise FedrecError(f"--model: its parameters do not fit this catalog and PLM "
                           f"({n_items} items, {text_dim}-d text): "
                           f"{str(exc).splitlines()[-1].strip()}; use the catalog and "
                           "encoder the run trained with") from None
-    return model.eval()
 
 
 def load_for_dataset(run_dir: str | Path):
@@ -160,7 +156,7 @@ def rank_items(model, E: torch.Tensor, seq: np.ndarray, cat: Catalog, template: 
     model.eval()
     if isinstance(model, SeqRec):
         h, b = model.item_table(E)
-        scores = (model.encode(h, batch_inputs([seq], model.max_len))[:, -1] @ h.T + b)[0]
+        scores = (model.user_states(h, [seq]) @ h.T + b)[0]
 
         def explain(top):  # reasons are among the items the model reads
             return loo_drops(model, h, b, seq, top), seq[window_positions(seq, model.max_len)]
@@ -179,7 +175,8 @@ def rank_items(model, E: torch.Tensor, seq: np.ndarray, cat: Catalog, template: 
     k = min(k, cat.n_items - len(np.unique(seq)))
     if k <= 0:
         return []
-    lists = mmr(scores[None].numpy(), unit_rows(E.numpy()), k, diversity)
+    unit = unit_rows(E.numpy()) if diversity else None  # only re-ranking reads it
+    lists = mmr(scores[None].numpy(), unit, k, diversity)
     top = torch.from_numpy(lists[0])
     drop, window = explain(top)
     texts = cat.texts(template)

@@ -48,7 +48,7 @@ from fedrec.config import Config, run_identity, uses_text
 from fedrec.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
 from fedrec.files import atomic_path, write_text_atomic
-from fedrec.model import build_model, reads_history
+from fedrec.model import build_model, model_from_arrays, reads_history
 from fedrec.pipeline import catalog_vectors, prepare
 from fedrec.protocol import evaluate
 from fedrec.results import SELECT as SELECT_KEY
@@ -167,9 +167,8 @@ class FederatedRun:
         out = None
         if (not self.deployed and reads_history(self.cfg)
                 and (rnd == 0 or self.is_eval_round(rnd))):
-            model = build_model(self.cfg, self.prepared.item_emb.shape[1], self.prepared.split.n_items)
-            model.load_state_dict({k: torch.as_tensor(a.numpy(), dtype=torch.float32)
-                                   for k, a in arrays.items()})
+            model = model_from_arrays(self.cfg, self.prepared.item_emb.shape[1],
+                                      self.prepared.split.n_items, arrays)
             split, E = self.prepared.split, torch.from_numpy(self.prepared.item_emb)
             if self.diversity_vectors is None:  # the PLM space, also for ID-only models
                 self.diversity_vectors = catalog_vectors(self.cfg, self.prepared)

@@ -184,6 +184,11 @@ class SeqRec(nn.Module):
         h, b = self.item_table(E)
         return self.encode(h, seq)[:, -1], h, b
 
+    def user_states(self, h: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
+        """h_u [len(histories), d] of each history's last max_len items, given the item
+        table h (item_table): for callers scoring many inputs against one table."""
+        return self.encode(h, batch_inputs(histories, self.max_len))[:, -1]
+
     def score_all(self, E: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """seq [B, L] (last position = most recent item) -> scores [B, N]."""
         hu, h, b = self.user_vectors(E, seq)

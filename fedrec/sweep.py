@@ -129,7 +129,7 @@ def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str
     per_unit: more --run-config overrides for one unit's cells: a result file's body."""
     from fedrec.config import parse_overrides, uses_text
     from fedrec.errors import FedrecError
-    from fedrec.experiments import run_federated
+    from fedrec.experiments import check_engine, run_federated
     from fedrec.pipeline import prepare
     from fedrec.results import run_dir_for
 
@@ -137,8 +137,7 @@ def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str
     unit_list = [u.strip() for u in units.split(",") if u.strip()]
     if not unit_list or any(u not in MODES for u in unit_list):
         raise FedrecError(f"--units: '{units}' must name interaction and/or user")
-    if engine not in ("flower", "inprocess"):
-        raise FedrecError(f"--engine: '{engine}' is not one of flower, inprocess")
+    check_engine(engine)
     population = prepare(cfg, progress=True, with_text=uses_text(cfg)).split.n_users
     base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
     rows = []
