@@ -84,7 +84,7 @@ def main() -> None:
                     help="ml-100k user ids, or median/max (by history length)")
     ap.add_argument("--repeats", type=int, default=30, help="recommend calls to time")
     ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--diversity", type=float, default=0.9, help="MMR weight also timed")
+    ap.add_argument("--diversity", type=float, default=0.08, help="MMR weight also timed")
     ap.add_argument("--work", default="", help="scratch directory (default: a temp dir)")
     ap.add_argument("--out", default=str(REPO / "results" / "bench_device.json"))
     args = ap.parse_args()
