@@ -1,22 +1,27 @@
-"""A simulated device's own disk: its user-local state, kept so a resumed run continues it.
+"""A device's own disk: its user-local state, kept so a resumed run continues it.
 
-A device keeps its user-local parameters in Flower's context.state, which lives as long
-as the simulation does; `fedrec simulate --resume` starts a new one. So every simulated
-device also writes its state after each round it trains, to
-``<fed.run-dir>/devices/<partition-id>/round-NNNN.safetensors`` (the run directory stands
-in for the device's disk; the server never reads it). A resumed device loads the newest
-file from before the round it is asked about, so a device that trained in the round the
-run was killed in starts that round again from the state it had before it.
+A device keeps its user-local parameters and its DP-SGD accountant history in Flower's
+context.state, which lives as long as the run does: a resumed run (`fedrec simulate
+--resume`, or a deployment's run submitted again with fed.resume = true after its
+SuperLink restarted) is a new Flower run with a fresh context. So every device also
+writes that state after each round it trains, to ``<dir>/round-NNNN.safetensors``:
+  simulated device  <fed.run-dir>/devices/<partition-id>/ (the run directory stands in
+                    for its disk; the server never reads it)
+  real device       <data-dir>/state/<run key>/ on the device itself (node_config
+                    "data-dir"; the run key is a hash of the run's fed.run-dir, so
+                    each run the device takes part in has its own files)
+A resumed device loads the newest file from before the round it is asked about, so a
+device that trained in the round the run was killed in starts that round again from the
+state it had before it. The two newest files are kept: the older one is still needed if
+the run is killed in the round the newer one was written in; files of later rounds can
+only be an abandoned run's and are removed.
 
-The two newest files are kept: the older one is still needed if the run is killed in the
-round the newer one was written in. A real device (deployment) keeps context.state only
-while its SuperNode runs; a restarted SuperNode starts with a fresh local state.
-
-`restore` / `keep` are what both client paths (clients/app.py, fedrec/secagg.py) call:
-the user-local parameters and the DP-SGD accountant history ("privacy/<key>" arrays on
-disk), so a resumed device's ε continues instead of restarting.
+`restore` / `keep` are what both client paths (fedrec/client_round.py, fedrec/secagg.py)
+call: the user-local parameters and the DP-SGD accountant history ("privacy/<key>"
+arrays on disk), so a resumed device's ε continues instead of restarting.
 """
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -29,8 +34,16 @@ from fedrec.files import atomic_path
 _NAME = re.compile(r"round-(\d{4,})\.safetensors")
 
 
-def _dir(run_dir: str, device: int) -> Path:
-    return Path(run_dir).expanduser() / "devices" / str(device)
+def device_dir(context, cfg, user: int, simulated: bool) -> Path | None:
+    """Where this device keeps its state for this run (None: the run has no fed.run-dir)."""
+    if not cfg.fed.run_dir:
+        return None
+    if simulated:
+        return Path(cfg.fed.run_dir).expanduser() / "devices" / str(user)
+    from fedrec.device import DATA_DIR
+
+    key = hashlib.sha256(cfg.fed.run_dir.encode()).hexdigest()[:16]
+    return Path(str(context.node_config[DATA_DIR])).expanduser() / "state" / key
 
 
 def _rounds(d: Path) -> list[int]:
@@ -39,20 +52,19 @@ def _rounds(d: Path) -> list[int]:
     return sorted(int(m.group(1)) for f in os.listdir(d) if (m := _NAME.fullmatch(f)))
 
 
-def save_local(run_dir: str, device: int, server_round: int, state: dict[str, np.ndarray]
-               ) -> None:
-    """Store `device`'s state after training in `server_round`; drop all but the newest two."""
-    d = _dir(run_dir, device)
+def save_local(d: Path, server_round: int, state: dict[str, np.ndarray]) -> None:
+    """Store the state after training in `server_round`; keep the newest two."""
     path = d / f"round-{server_round:04d}.safetensors"
     with atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-    for old in [r for r in _rounds(d) if r < server_round][:-1]:
+    rounds = _rounds(d)
+    stale = [r for r in rounds if r < server_round][:-1] + [r for r in rounds if r > server_round]
+    for old in stale:
         (d / f"round-{old:04d}.safetensors").unlink(missing_ok=True)
 
 
-def load_local(run_dir: str, device: int, before_round: int) -> dict[str, np.ndarray] | None:
-    """The newest state `device` stored in a round < `before_round`, or None."""
-    d = _dir(run_dir, device)
+def load_local(d: Path, before_round: int) -> dict[str, np.ndarray] | None:
+    """The newest state stored in `d` in a round < `before_round`, or None."""
     earlier = [r for r in _rounds(d) if r < before_round]
     return load_file(str(d / f"round-{earlier[-1]:04d}.safetensors")) if earlier else None
 
@@ -65,14 +77,12 @@ ACCOUNTANT_ON_DISK = ("noise-multiplier", "sample-rate", "steps")  # "privacy/<k
 def restore(context, cfg, user: int, server_round: int, training: bool, simulated: bool
             ) -> tuple[dict | None, dict | None]:
     """(user-local parameters, accountant state) the device holds before `server_round`:
-    its context.state, or, for a simulated device of a resumed run (a new context), its
-    disk."""
+    its context.state, or, in a resumed run (a new context), its disk."""
     local, acc = None, context.state.get(PRIVACY)
     if LOCAL in context.state:
         local = {k: a.numpy() for k, a in context.state[LOCAL].items()}
-    elif simulated and cfg.fed.resume and cfg.fed.run_dir:  # a restarted simulation
-        disk = load_local(cfg.fed.run_dir, user, server_round if training else server_round + 1)
-        disk = disk or {}
+    elif cfg.fed.resume and (d := device_dir(context, cfg, user, simulated)) is not None:
+        disk = load_local(d, server_round if training else server_round + 1) or {}
         local = {k: v for k, v in disk.items() if not k.startswith("privacy/")} or None
         if acc is None and "privacy/steps" in disk:  # ε continues rather than restarting
             acc = {"accountant": cfg.privacy.accountant,
@@ -83,7 +93,7 @@ def restore(context, cfg, user: int, server_round: int, training: bool, simulate
 def keep(context, cfg, user: int, server_round: int, simulated: bool,
          new_local: dict[str, np.ndarray], accountant=None) -> None:
     """After training: the new user-local parameters and accountant (fedrec.privacy.
-    Accountant or None) into context.state and, on a simulated device, its disk."""
+    Accountant or None) into context.state and onto the device's disk."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     disk = dict(new_local)
@@ -93,5 +103,5 @@ def keep(context, cfg, user: int, server_round: int, simulated: bool,
                      if k in ACCOUNTANT_ON_DISK})
     if new_local:
         context.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
-    if disk and simulated and cfg.fed.run_dir:
-        save_local(cfg.fed.run_dir, user, server_round, disk)
+    if disk and (d := device_dir(context, cfg, user, simulated)) is not None:
+        save_local(d, server_round, disk)

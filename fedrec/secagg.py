@@ -78,11 +78,11 @@ from fedrec.federated import (
 )
 from fedrec.local_store import keep, restore
 from fedrec.model import build_model
+from fedrec.server_state import MOMENTS, EpsilonTable, moments_from, pack
 
 DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
 MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
 STRATEGIES = ("fedavg", "fedprox", "fedadam")  # what the mean update alone supports
-OPTIMIZER_STATE = ("m_t", "v_t")  # FedAdam's moments, saved as fedrec/strategy.py saves them
 
 
 # ----------------------------------------------------------------------------- checks
@@ -233,7 +233,7 @@ class SecAggFedAvg(FedAvg):
         self.q = k / population  # user-level DP: sampling rate for the accountant
         self.sent = list(initial)  # the global arrays sent this round
         self.expected = {"train": 0, "evaluate": 0}
-        self.epsilon: dict[int, float] = {}  # sample-level DP: node -> its cumulative ε
+        self.epsilon = EpsilonTable(server_state)  # sample-level DP: node -> its cumulative ε
         self.stopped = ""  # why training stopped early (privacy budget)
         self.pending = None  # (server round, arrays): server-side evaluation still to run
         self.server_eval = run.evaluate_fn(done_rounds)
@@ -243,11 +243,8 @@ class SecAggFedAvg(FedAvg):
 
             self.adam = MessageFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr,
                                        tau=cfg.fed.server_tau)
-            for name in OPTIMIZER_STATE:  # a resumed run's moments
-                part = {key.split("/", 1)[1]: v for key, v in (server_state or {}).items()
-                        if key.startswith(name + "/")}
-                if part:
-                    setattr(self, name, [part[n] for n in names])
+            for name, part in moments_from(server_state).items():  # a resumed run's moments
+                setattr(self, name, [part[n] for n in names])
 
     def configure_fit(self, server_round, parameters, client_manager):
         from fedrec.strategy import _seeded_sampling
@@ -268,6 +265,8 @@ class SecAggFedAvg(FedAvg):
                 self.run.log(self.stopped)
         if self.stopped:  # the workflow halts this round and runs the rest as no-ops
             return []
+        if server_round == 1 and self.done:  # resumed: keep the devices still here
+            self.epsilon.forget_absent(c.node_id for c in client_manager.all().values())
         self.sent = parameters_to_ndarrays(parameters)
         with _seeded_sampling(self.cfg.train.seed, rnd):
             instructions = super().configure_fit(server_round, parameters, client_manager)
@@ -296,11 +295,8 @@ class SecAggFedAvg(FedAvg):
                 from fedrec.user_dp import user_epsilon
 
                 stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
-        if n and EPSILON_METRIC in results[0][1].metrics:  # sample-level DP: devices' own ε
-            for proxy, res in results:
-                self.epsilon[proxy.node_id] = float(res.metrics[EPSILON_METRIC])
-            eps = list(self.epsilon.values())
-            stats["epsilon-max"], stats["epsilon-mean"] = max(eps), sum(eps) / len(eps)
+        stats.update(self.epsilon.update(  # sample-level DP: devices' own ε
+            [(proxy.node_id, res.metrics) for proxy, res in results]))
         stats["kept-previous"] = int(arrays is None)
         self.run.on_train(rnd, dict(zip(self.names, arrays if arrays is not None else self.sent)),
                           stats, self.server_state())
@@ -324,9 +320,9 @@ class SecAggFedAvg(FedAvg):
                 for x, m, v in zip(self.sent, self.m_t, self.v_t)]
 
     def server_state(self) -> dict[str, np.ndarray]:
-        """FedAdam's moments, for a resumed run (as fedrec/strategy.py saves them)."""
-        return {f"{name}/{k}": v for name in OPTIMIZER_STATE
-                for k, v in zip(self.names, getattr(self, name) or [])}
+        """What a resumed run's server needs (fedrec/server_state.py)."""
+        return pack({name: dict(zip(self.names, getattr(self, name) or []))
+                     for name in MOMENTS}, self.epsilon)
 
     def evaluate(self, server_round, parameters):
         """Server-side evaluation; run after the federated one, as the Message API

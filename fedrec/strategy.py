@@ -19,7 +19,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
-from fedrec.accounting import EPSILON_METRIC
 from fedrec.config import Config
 from fedrec.errors import FedrecError
 from fedrec.federated import aggregate_client_metrics
@@ -31,11 +30,11 @@ from fedrec.replies import (
     update_norm,
 )
 from fedrec.run_store import FederatedRun
+from fedrec.server_state import MOMENTS, EpsilonTable, moments_from, pack
 from fedrec.user_dp import add_noise
 
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian,
          "fedtrimmedavg": FedTrimmedAvg}
-OPTIMIZER_STATE = ("m_t", "v_t")  # FedOpt's server moments: saved with each checkpoint
 
 
 def _aggregate_eval(records, weighted_by_key: str) -> MetricRecord:
@@ -117,7 +116,7 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             super().__init__(**kw)
             self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
             self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
-            self.epsilon: dict[int, float] = {}  # node -> its cumulative DP-SGD ε
+            self.epsilon = EpsilonTable(server_state)  # node -> its cumulative DP-SGD ε
             self.mean_noise_std = 0.0  # user-level DP with FedAdam (fedrec/user_dp.py)
 
         def _configure(self, kind, server_round, arrays, config, grid):
@@ -131,6 +130,8 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             return messages
 
         def configure_train(self, server_round, arrays, config, grid):
+            if server_round == 1 and done_rounds:  # resumed: keep the devices still here
+                self.epsilon.forget_absent(grid.get_node_ids())
             self.sent = {k: a.numpy() for k, a in arrays.items()}
             return self._configure("train", server_round, arrays, config, grid)
 
@@ -153,11 +154,8 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
                 stats["upload-bytes"] = sum(  # from metadata: no need to deserialise
                     int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                     for a in ok[0].content["arrays"].values())
-            if ok and EPSILON_METRIC in ok[0].content["metrics"]:  # sample-level DP (privacy.py)
-                for m in ok:
-                    self.epsilon[m.metadata.src_node_id] = float(m.content["metrics"][EPSILON_METRIC])
-                eps = list(self.epsilon.values())  # every device that has trained so far
-                stats["epsilon-max"], stats["epsilon-mean"] = max(eps), sum(eps) / len(eps)
+            stats.update(self.epsilon.update(  # sample-level DP: devices' own ε (privacy.py)
+                [(m.metadata.src_node_id, m.content["metrics"]) for m in ok]))
             # update norms (before any bounding): what fed.max-update-norm should be set from
             bound = f.max_update_norm
             norms = [bound_update(m, self.sent, bound) if bound > 0 else update_norm(m, self.sent)
@@ -198,17 +196,13 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             return super()._compute_deltat_and_mt(aggregated)
 
         def server_state(self) -> dict[str, np.ndarray]:
-            """Server-side optimizer state a resumed run needs (FedAdam's moments)."""
-            return {f"{name}/{k}": v for name in OPTIMIZER_STATE
-                    for k, v in (getattr(self, name, None) or {}).items()}
+            """What a resumed run's server needs (fedrec/server_state.py)."""
+            return pack({name: getattr(self, name, None) for name in MOMENTS}, self.epsilon)
 
     Recording.__name__ = base.__name__
     strategy = Recording(**kwargs)
-    for name in OPTIMIZER_STATE:
-        part = {key.split("/", 1)[1]: v for key, v in (server_state or {}).items()
-                if key.startswith(name + "/")}
-        if part:
-            setattr(strategy, name, part)
+    for name, part in moments_from(server_state).items():  # a resumed run's FedAdam moments
+        setattr(strategy, name, part)
     if cfg.privacy.mode == "user":  # DP-FedAvg around it (fedrec/user_dp.py)
         from fedrec.user_dp import wrap_user_dp
 

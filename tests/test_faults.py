@@ -80,14 +80,28 @@ def test_corrupt_makes_each_kind_of_bad_upload():
 
 
 def test_local_store_keeps_the_two_newest_and_loads_from_before_a_round(tmp_path):
+    from types import SimpleNamespace
+
+    from fedrec.local_store import device_dir
+
+    cfg = tiny_config(tmp_path, {"fed.run-dir": str(tmp_path / "run")})
+    ctx = SimpleNamespace(node_config={"data-dir": str(tmp_path / "dev")})
+    d = device_dir(ctx, cfg, 5, simulated=True)
+    assert d == tmp_path / "run" / "devices" / "5"
     for rnd in (1, 3, 4, 7):
-        save_local(str(tmp_path), 5, rnd, {"user": np.full(4, rnd, np.float32)})
-    files = sorted(p.name for p in (tmp_path / "devices" / "5").iterdir())
-    assert files == ["round-0004.safetensors", "round-0007.safetensors"]
-    assert load_local(str(tmp_path), 5, before_round=7)["user"][0] == 4
-    assert load_local(str(tmp_path), 5, before_round=8)["user"][0] == 7
-    assert load_local(str(tmp_path), 5, before_round=4) is None
-    assert load_local(str(tmp_path), 6, before_round=9) is None  # another device
+        save_local(d, rnd, {"user": np.full(4, rnd, np.float32)})
+    assert sorted(p.name for p in d.iterdir()) == ["round-0004.safetensors", "round-0007.safetensors"]
+    assert load_local(d, before_round=7)["user"][0] == 4
+    assert load_local(d, before_round=8)["user"][0] == 7
+    assert load_local(d, before_round=4) is None
+    assert load_local(device_dir(ctx, cfg, 6, True), before_round=9) is None  # another device
+    save_local(d, 2, {"user": np.full(4, 2, np.float32)})  # a new run: later rounds are stale
+    assert sorted(p.name for p in d.iterdir()) == ["round-0002.safetensors"]
+    real = device_dir(ctx, cfg, 5, simulated=False)  # a real device: its own data-dir
+    assert real.parent == tmp_path / "dev" / "state"
+    other = device_dir(ctx, cfg.override(**{"fed.run-dir": str(tmp_path / "b")}), 5, False)
+    assert other.parent == real.parent and other != real  # one directory per run
+    assert device_dir(ctx, cfg.override(**{"fed.run-dir": ""}), 5, True) is None
 
 
 # ------------------------------------------------------------------ whole runs

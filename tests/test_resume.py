@@ -119,6 +119,27 @@ def test_without_the_devices_state_a_resumed_run_differs(tiny_root, tmp_path, un
     assert any(not np.array_equal(final[k], want[k]) for k in want)
 
 
+def test_a_resumed_sample_dp_run_keeps_the_servers_epsilon_table(tiny_root, tmp_path):
+    """With 4 of 13 devices a round, "epsilon-mean" covers every device that has trained so
+    far: the server's table (fedrec/server_state.py) is restored with the checkpoint, and
+    the devices' own accountants from their disks, so the resumed run records the ε of
+    the uninterrupted one. Without the table, round 3 would average its 4 devices only."""
+    dp = {"privacy.mode": "sample", "privacy.noise-multiplier": 1.0,
+          "fed.clients-per-round": 4, "fed.strategy": "fedadam"}
+    _, whole = run_inprocess(config(tiny_root, tmp_path / "whole", **dp))
+    cfg = interrupted(tiny_root, tmp_path / "run", ("train", 3), **dp)
+    state = load_file(str(tmp_path / "run" / "checkpoints" / "round-0002.server.safetensors"))
+    assert {k.split("/")[0] for k in state} == {"m_t", "v_t", "epsilon"}
+    assert len([k for k in state if k.startswith("epsilon/")]) > 4  # devices of 2 rounds
+    _, results = run_inprocess(cfg.override(**{"fed.resume": True}))
+
+    def eps(res):
+        return [v for r in res["rounds"] if "train" in r
+                for v in (r["round"], r["train"]["epsilon-max"], r["train"]["epsilon-mean"])]
+    assert eps(results) == pytest.approx(eps(whole), rel=1e-12)
+    assert eps(whole)[8] > eps(whole)[2]  # round 3's mean: more devices, more rounds behind
+
+
 def test_killed_after_its_last_round_a_run_only_finishes(tiny_root, tmp_path, uninterrupted):
     import shutil
 
