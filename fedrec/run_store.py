@@ -21,13 +21,13 @@ A killed run resumes (fed.resume = true, `fedrec simulate --resume RUN_DIR`) fro
 last round results.json holds: its checkpoint, server state and records; the rounds
 after it are run again, numbered on. A non-private run, killed or completed, can also be
 extended to more rounds (`--resume RUN_DIR --rounds N`): nothing but DP noise depends on
-the planned number of rounds, so it ends exactly where a fresh N-round run would. Simulated devices restore their user-local state and
-DP-SGD accountant history from their own disk (clients/app.py, fedrec/local_store.py), so
-each device's ε continues. What is not restored: the server's per-device ε table for
-"epsilon-max"/"epsilon-mean" (it starts empty again and fills as devices train) and a real
-device's user-local state (context.state ends with its SuperNode). Both client paths
-(clients/app.py, the SecAgg+ one in fedrec/secagg.py) keep their device state through
-fedrec.local_store.restore / keep.
+the planned number of rounds, so it ends exactly where a fresh N-round run would. The
+server state (fedrec/server_state.py: FedAdam's moments, the per-device ε table) comes
+back with the checkpoint; every device, simulated or real, restores its user-local state
+and DP-SGD accountant history from its own disk (fedrec/local_store.py), so each
+device's ε continues. A deployment survives a SuperLink restart the same way: restart
+the SuperLink on its --database, the SuperNodes reconnect, and `flwr run` the same run
+config with fed.resume = true (tests/test_deploy.py kills and restarts one).
 """
 
 import csv

@@ -248,6 +248,24 @@ class Deployment:
         return self.start(name, supernode_args(self.address, ca, key, free_port(), node_config,
                                                **kw))
 
+    def superlink(self, register: int = 0, name: str = "superlink") -> subprocess.Popen:
+        """Start (or restart: the same database) the SuperLink; register the first
+        `register` node keys."""
+        link, log = self.start(name, superlink_args(
+            self.creds.ca_cert.parent, "127.0.0.1", self.port, self.root / "state.db"))
+        _wait_port(self.port, link, log)
+        for pub in self.creds.node_pubs[:register]:
+            out = self.cli("supernode", "register", str(pub), CONNECTION, "--format", "json")
+            assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+            self.node_ids.add(str(json.loads(out.stdout)["node-id"]))
+        return link
+
+    def submit(self, cfg: Config, run_dir: Path, name: str, *flags: str, timeout: float = 60
+               ) -> subprocess.CompletedProcess:
+        overrides = write_overrides(self.root / f"{name}.toml", config_overrides(cfg, run_dir))
+        return self.cli("run", str(PROJECT_DIR), CONNECTION, "--run-config", str(overrides),
+                        *flags, timeout=timeout)
+
     def stop(self) -> None:
         stop_tree([p.pid for p in self.procs])
         for p in self.procs:
@@ -260,13 +278,7 @@ class Deployment:
 def deployment(world, tmp_path_factory):
     d = Deployment(tmp_path_factory.mktemp("link"), world)
     try:
-        link, log = d.start("superlink", superlink_args(d.creds.ca_cert.parent, "127.0.0.1",
-                                                        d.port, d.root / "state.db"))
-        _wait_port(d.port, link, log)
-        for pub in d.creds.node_pubs[:2]:  # node-2 stays unregistered
-            out = d.cli("supernode", "register", str(pub), CONNECTION, "--format", "json")
-            assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
-            d.node_ids.add(str(json.loads(out.stdout)["node-id"]))
+        d.superlink(register=2)  # node-2 stays unregistered
         for i, user in enumerate(("u0", "u1")):
             d.supernode(f"supernode-{i}", d.creds.node_keys[i], d.creds.ca_cert, f"device-{user}")
         yield d
@@ -280,10 +292,8 @@ def test_two_devices_train_over_tls_with_registered_keys(deployment, world):
     run_dir = d.root / "run"
     cfg = deploy_config(world, **{"fed.num-rounds": 2, "fed.eval-every": 1,
                                   "fed.run-dir": str(run_dir)})
-    overrides = write_overrides(d.root / "deploy.toml", config_overrides(cfg, run_dir))
     try:
-        out = d.cli("run", str(PROJECT_DIR), CONNECTION, "--run-config", str(overrides),
-                    "--stream", timeout=240)
+        out = d.submit(cfg, run_dir, "deploy", "--stream", timeout=240)
         log = out.stdout + out.stderr
     except subprocess.TimeoutExpired as exc:
         log = f"flwr run timed out: {exc.stdout}"
@@ -323,6 +333,125 @@ def test_wrong_credentials_are_refused(deployment, case):
     listed = d.cli("supernode", "ls", CONNECTION, "--format", "json").stdout
     nodes = json.loads(listed[listed.find("{"):])["nodes"]
     assert {n["node-id"] for n in nodes} == d.node_ids, listed  # never admitted
+
+
+def _results(run_dir: Path) -> dict:
+    try:  # written to a temp name and renamed: a read sees a whole file or none
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _trained(results: dict) -> list[int]:
+    return [r["round"] for r in results.get("rounds", []) if "train" in r]
+
+
+def _wait_for(what: str, check, timeout: float, logs):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout}s\n{logs()}")
+
+
+RESTART_ROUNDS = 6
+
+
+@pytest.mark.slow
+def test_a_run_survives_a_superlink_restart(world, tmp_path_factory):
+    """The server host dies mid-run: the SuperLink and its ServerApp get SIGKILL after round
+    2 or later, the SuperLink restarts on its database, the SuperNodes reconnect by themselves, and the run is
+    submitted again with fed.resume = true. It continues after its last completed round:
+    the rounds before it are not rerun, FedAdam's step after it starts from the stored
+    model and moments, and every device's ε continues from its own disk's accountant."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from safetensors.numpy import load_file
+
+    from fedrec.accounting import Accountant
+    from fedrec.local_store import device_dir
+    from fedrec.simulate import descendants
+
+    d = Deployment(tmp_path_factory.mktemp("restart"), world)
+    run_dir = d.root / "run"
+    R = RESTART_ROUNDS
+    cfg = deploy_config(world, **{"fed.num-rounds": R, "fed.eval-every": R,
+                                  "fed.run-dir": str(run_dir), "fed.strategy": "fedadam",
+                                  "privacy.mode": "sample", "privacy.noise-multiplier": 1.0})
+
+    def logs() -> str:
+        return "\n".join(f"--- {f.name}\n{f.read_text()[-1500:]}"
+                         for f in sorted(d.root.glob("*.log")))
+    try:
+        link = d.superlink(register=2)
+        for i, user in enumerate(("u0", "u1")):
+            d.supernode(f"supernode-{i}", d.creds.node_keys[i], d.creds.ca_cert, f"device-{user}")
+        out = d.submit(cfg, run_dir, "first")
+        assert out.returncode == 0, out.stdout + out.stderr
+        _wait_for("round 2 trained", lambda: len(_trained(_results(run_dir))) >= 2, 300, logs)
+        # SIGKILL the SuperLink and what it started (SuperExec, the run's ServerApp), as
+        # the server host's crash or its service manager would: nothing survives.
+        tree = descendants([link.pid])
+        for pid in tree:
+            os.kill(pid, signal.SIGKILL)
+        link.wait(timeout=10)
+        _wait_for("the SuperLink's processes gone", lambda: not descendants(tree), 30, logs)
+        killed = _results(run_dir)
+        done = max(_trained(killed))
+        assert killed["status"] == "running" and 2 <= done < R, killed
+        ckpts = {r: (run_dir / "checkpoints" / f"round-{r:04d}.safetensors").stat().st_mtime_ns
+                 for r in range(1, done + 1)}
+
+        d.superlink(name="superlink-restarted")  # same port and database; keys registered
+        resumed = cfg.override(**{"fed.resume": True})
+        out = d.submit(resumed, run_dir, "resume")
+        assert out.returncode == 0, out.stdout + out.stderr
+        final = _wait_for("the resumed run completed", lambda: (
+            r := _results(run_dir)).get("status") == "completed" and r, 300, logs)
+    finally:
+        d.stop()
+
+    rounds = {r["round"]: r for r in final["rounds"]}
+    assert _trained(final) == list(range(1, R + 1)), logs()  # each round once
+    assert all(rounds[r]["train"]["clients"] == 2 for r in rounds if r >= 1)
+    before = {r["round"]: r["train"] for r in killed["rounds"] if "train" in r}
+    assert all(rounds[r]["train"] == before[r] for r in range(1, done + 1))  # not rerun
+    assert all((run_dir / "checkpoints" / f"round-{r:04d}.safetensors").stat().st_mtime_ns == t
+               for r, t in ckpts.items())
+
+    # FedAdam's step after the restart started from round `done`'s model and moments.
+    def ckpt(r, part=""):
+        return load_file(str(run_dir / "checkpoints" / f"round-{r:04d}{part}.safetensors"))
+    x0, s0, x1, s1 = ckpt(done), ckpt(done, ".server"), ckpt(done + 1), ckpt(done + 1, ".server")
+    b1, b2, eta, tau = 0.9, 0.99, cfg.fed.server_lr, cfg.fed.server_tau
+    eta_norm = eta * np.sqrt(1 - b2 ** (done + 2.0)) / (1 - b1 ** (done + 2.0))
+    for k in x0:
+        m0, v0, m1, v1 = (s[f"{n}/{k}"] for s, n in ((s0, "m_t"), (s0, "v_t"), (s1, "m_t"), (s1, "v_t")))
+        delta = (m1 - b1 * m0) / (1 - b1)  # the round's mean update, given the stored m
+        np.testing.assert_allclose(v1, b2 * v0 + (1 - b2) * delta ** 2, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(x1[k], x0[k] + eta_norm * m1 / (np.sqrt(v1) + tau),
+                                   rtol=1e-5, atol=1e-6)
+
+    # Every device's accountant covers all R rounds (its disk carried it over the restart),
+    # and the server recorded, round by round, the ε those accountants give.
+    flat = resumed.override(**{"fed.run-dir": config_overrides(cfg, run_dir)["fed.run-dir"]})
+    per_round = []
+    for user in ("u0", "u1"):
+        disk = device_dir(SimpleNamespace(node_config={"data-dir": str(world / f"device-{user}")}),
+                          flat, 0, simulated=False)
+        last, prev = (load_file(str(disk / f"round-{r:04d}.safetensors")) for r in (R, R - 1))
+        (sigma,), (q,), (steps,) = (last[f"privacy/{k}"].tolist()
+                                    for k in ("noise-multiplier", "sample-rate", "steps"))
+        per = steps - int(prev["privacy/steps"][0])
+        assert steps == R * per > 0, (steps, per)  # R rounds, none restarted or repeated
+        per_round.append([Accountant(cfg.privacy.accountant, [(sigma, q, r * per)])
+                          .epsilon(cfg.privacy.delta) for r in range(1, R + 1)])
+    for r, eps in zip(range(1, R + 1), zip(*per_round)):
+        assert rounds[r]["train"]["epsilon-max"] == pytest.approx(max(eps), rel=1e-9)
+        assert rounds[r]["train"]["epsilon-mean"] == pytest.approx(sum(eps) / 2, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- the commands
