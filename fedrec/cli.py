@@ -61,7 +61,7 @@ def data_fetch(name: str = typer.Argument("ml-100k"),
                cache_dir: str = typer.Option("", help="default $FEDREC_HOME or ~/.cache/fedrec"),
                source: str = typer.Option("auto", help="auto | recbole | grouplens")):
     """Fetch a dataset into the user cache (never into the repository)."""
-    from fedrec.fetch import fetch
+    from fedrec.data.fetch import fetch
 
     console.print(f"{name} ready in {fetch(name, cache_dir, source)}")
 
@@ -69,7 +69,7 @@ def data_fetch(name: str = typer.Argument("ml-100k"),
 @data_app.command("stats")
 def data_stats(config: str | None = ConfigOpt, run_config: str = RunConfigOpt):
     """Users, items, interactions and the protocol split of the configured dataset."""
-    from fedrec.baselines import dataset_stats
+    from fedrec.models.baselines import dataset_stats
 
     _show("dataset", ["quantity", "value"], dataset_stats(_config(config, run_config)))
 
@@ -79,7 +79,7 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
                         split_seeds: str = typer.Option("0", "--split-seeds", help="protocol split seeds"),
                         json_path: str | None = JsonOpt):
     """Rank items by training popularity (cold items score zero)."""
-    from fedrec.baselines import popularity
+    from fedrec.models.baselines import popularity
 
     _report(popularity(_config(config, run_config), parse_seeds(split_seeds)), json_path)
 
@@ -88,7 +88,7 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
 def baseline_text_similarity(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                              json_path: str | None = JsonOpt):
     """The untrained content model: PLM cosine to the mean of the input's last items."""
-    from fedrec.baselines import text_similarity
+    from fedrec.models.baselines import text_similarity
 
     _report(text_similarity(_config(config, run_config)), json_path)
 
@@ -134,7 +134,7 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
                       user_config: str = typer.Option("", "--user-run-config",
                                                       help="overrides of the user cells")):
     """Accuracy against ε for each unit of privacy (finished cells are reused)."""
-    from fedrec import sweep
+    from fedrec.privacy import sweep
 
     body = sweep.run(_config(config, run_config), seeds=parse_seeds(seeds), epsilons=epsilons,
                      units=units, engine=engine, runs_dir=runs_dir, log=console.print,
@@ -152,7 +152,7 @@ def certs_create(out: str = typer.Option(..., help="credentials directory (never
                  days: int = typer.Option(365, help="certificate validity"),
                  force: bool = typer.Option(False, help="replace existing credentials")):
     """CA, SuperLink certificate (SANs: --hosts plus 127.0.0.1, localhost), SuperNode keys."""
-    from fedrec.deploy import create_deployment_credentials
+    from fedrec.deployment.commands import create_deployment_credentials
 
     files, steps = create_deployment_credentials(out, hosts, nodes, days, force)
     _show(f"credentials in {out}", ["file", "goes to"], files)
@@ -165,7 +165,7 @@ def device_prepare(out: str = typer.Option(..., help="device directory to write"
                    config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                    encode: bool = typer.Option(True, help="also cache the catalog embeddings")):
     """A device directory for one user of a dataset: history.csv, items.csv, cache/."""
-    from fedrec.device import prepare_user_device
+    from fedrec.deployment.device import prepare_user_device
 
     console.print(prepare_user_device(_config(config, run_config), out, user, encode), highlight=False)
 
@@ -179,7 +179,7 @@ def recommend_cmd(history: str = typer.Option(..., help="the user's history file
                   cache_dir: str | None = typer.Option(None, help="default: <history dir>/cache"),
                   diversity: float = typer.Option(0.0, help="MMR weight in [0, 1] (0 = by score)")):
     """On-device top-K for one user's local history, with the history items behind each."""
-    from fedrec.recommend import recommend
+    from fedrec.ranking.recommend import recommend
 
     recs = recommend(history, model, k, catalog, model_dir, cache_dir, diversity)
     _show(f"top {len(recs)} for {history}", ["rank", "item", "text", "score", "because of (history)"],
@@ -192,7 +192,7 @@ def explain_eval_cmd(model: str = ModelsOpt,
                      draws: int = typer.Option(10, "--random-draws", help="per recommended item"),
                      json_path: str | None = JsonOpt):
     """Faithfulness of `recommend`'s reasons: deleting them vs random input items."""
-    from fedrec.explain import evaluate_runs
+    from fedrec.ranking.explain import evaluate_runs
 
     body = evaluate_runs(model.split(","), users, draws)
     _show("deletion test (mean ± std over runs)", ["quantity", "value"],
@@ -205,7 +205,7 @@ def diversity_curve_cmd(model: str = ModelsOpt, json_path: str | None = JsonOpt,
                         lambdas: str = typer.Option("0,0.02,0.04,0.06,0.08,0.1,0.12,0.15",
                                                     "--lambdas", help="MMR weights in [0, 1]")):
     """Full HR@10 against intra-list diversity of MMR re-ranked top-10 lists on test users."""
-    from fedrec.diversity import curve_runs
+    from fedrec.ranking.diversity import curve_runs
 
     body = curve_runs(model.split(","), lambdas)
     keys = [k for k in body["summary"][0] if k != "lambda"]
@@ -222,7 +222,7 @@ def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
               epsilons: str = typer.Option("inf,8", help="inf = no DP, else DP-SGD's target ε"),
               json_path: str | None = JsonOpt):
     """Membership inference from one device update: AUC per attack statistic and ε."""
-    from fedrec import audit
+    from fedrec.privacy import audit
 
     body = audit.run(_config(config, run_config), params=params, users=users,
                      epsilons=epsilons, log=console.print)

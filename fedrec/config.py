@@ -83,7 +83,7 @@ class FedConfig:
     strategy: str
     num_rounds: int
     clients_per_round: int
-    sampling: str  # uniform | balanced (fedrec/strategy.py)
+    sampling: str  # uniform | balanced (fedrec/federation/strategy.py)
     eval_every: int
     proximal_mu: float
     server_lr: float
@@ -115,7 +115,7 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
-class SecaggConfig:  # secure aggregation (SecAgg+, fedrec/secagg.py)
+class SecaggConfig:  # secure aggregation (SecAgg+, fedrec/federation/secagg.py)
     enabled: bool
     num_shares: int                # odd, >= 3: an even number crashes Flower's SecAgg+ round
     reconstruction_threshold: int  # in [2, num_shares)
@@ -258,7 +258,7 @@ def _validate(cfg: Config) -> None:
          ">= 0 (0 = use privacy.noise-multiplier)"),
         ("privacy.delta", 0.0 < flat["privacy.delta"] < 1.0, "in (0, 1), below 1/number of users"),
         ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),
-        # -- secure aggregation (fedrec/secagg.py) --
+        # -- secure aggregation (fedrec/federation/secagg.py) --
         ("secagg.num-shares",
          flat["secagg.num-shares"] >= 3 and flat["secagg.num-shares"] % 2 == 1,
          "odd and >= 3 (Flower's SecAgg+ crashes on an even number), e.g. 3 or 5"),

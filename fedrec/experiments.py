@@ -1,8 +1,8 @@
 """Experiments over seeds: start, resume or extend federated runs, and write result files.
 
 A federated run executes the apps named in pyproject.toml's [tool.flwr.app.components]
-(the ServerApp and ClientApp), under `flwr run` (fedrec.simulate) or Ray-free in this
-process (fedrec.inprocess). The library loads them by those references, as Flower does;
+(the ServerApp and ClientApp), under `flwr run` (fedrec.federation.simulate) or Ray-free in this
+process (fedrec.federation.inprocess). The library loads them by those references, as Flower does;
 it never imports clients/ or server/ itself.
 """
 
@@ -40,8 +40,8 @@ def seed_results(name: str, cfg: Config, runs: list[dict]) -> dict:
 def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False) -> dict:
     """Centralized training of the configured model for each seed: a result file's body."""
     from fedrec.config import uses_text
-    from fedrec.pipeline import catalog_vectors, prepare
-    from fedrec.train import train_central
+    from fedrec.data.pipeline import catalog_vectors, prepare
+    from fedrec.models.train import train_central
 
     p = prepare(cfg, progress=True, with_text=uses_text(cfg))
     vectors = catalog_vectors(cfg, p)
@@ -64,8 +64,8 @@ def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: st
     `resume` continued or extended to `rounds` with their own configs (so no config
     `overrides`). A result file's body, or None when nothing ran or completed."""
     from fedrec.config import uses_text
-    from fedrec.pipeline import prepare
-    from fedrec.strategy import clients_per_round
+    from fedrec.data.pipeline import prepare
+    from fedrec.federation.strategy import clients_per_round
 
     check_engine(engine)
     if rounds is not None and not resume:
@@ -115,8 +115,8 @@ def run_inprocess(cfg: Config, run_dir: Path) -> dict:
     """The same ServerApp and ClientApp, Ray-free: real Messages through an in-process Grid."""
     from flwr.app import Context, RecordDict
 
-    from fedrec.inprocess import InProcessGrid
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
+    from fedrec.federation.inprocess import InProcessGrid
 
     flat = cfg.override(**{"fed.run-dir": str(run_dir)}).to_flat()
     grid = InProcessGrid(app_component("clientapp"), flat,
@@ -128,7 +128,7 @@ def run_inprocess(cfg: Config, run_dir: Path) -> dict:
 
 def run_federated(cfg: Config, run_dir: Path, engine: str, log=print) -> dict:
     """One federated run (flwr run or in-process); its results.json, evaluated."""
-    from fedrec.simulate import run_simulation
+    from fedrec.federation.simulate import run_simulation
 
     check_engine(engine)
     res = (run_simulation(cfg, run_dir=run_dir, log=log) if engine == "flower"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.data import data_home
+from fedrec.data.datasets import data_home
 from fedrec.files import write_text_atomic
 
 HEADLINE = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")

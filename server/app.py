@@ -1,10 +1,10 @@
-"""Flower ServerApp: Flower glue only; the run itself is fedrec.serve (set up or resume
+"""Flower ServerApp: Flower glue only; the run itself is fedrec.federation.serve (set up or resume
 the run directory, start the strategy, stop at the privacy budget, save results)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.serve import serve
+from fedrec.federation.serve import serve
 
 app = ServerApp()
 

@@ -11,7 +11,7 @@ local update. This script reproduces that on ml-100k with the bundled MiniLM:
   child's peak RSS (os.wait4 -> ru_maxrss); the first train message runs with an empty
   embedding cache (the PLM encodes the catalog once), the others with a warm one;
 - `fedrec recommend` latency (top-k with leave-one-out reasons, and again re-ranked by MMR
-  at --diversity): the median of repeated calls to fedrec.recommend once the cache
+  at --diversity): the median of repeated calls to fedrec.ranking.recommend once the cache
   exists (the parameters are the ones the benchmarked round returned).
 
     python simulations/bench_device.py [--users median,max] [--repeats 30] [--out results/bench_device.json]
@@ -94,11 +94,11 @@ def main() -> None:
     from safetensors.numpy import save_file
 
     from fedrec.config import load_config
-    from fedrec.data import load_dataset
-    from fedrec.device import CACHE_DIR, Catalog, text_dim, write_device_dir
-    from fedrec.encoder import resolve_model_dir
-    from fedrec.model import build_model
-    from fedrec.recommend import recommend
+    from fedrec.data.datasets import load_dataset
+    from fedrec.data.encoder import resolve_model_dir
+    from fedrec.deployment.device import CACHE_DIR, Catalog, text_dim, write_device_dir
+    from fedrec.models.build import build_model
+    from fedrec.ranking.recommend import recommend
     from fedrec.results import command_line, machine, write_json
 
     cfg = load_config()

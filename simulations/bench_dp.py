@@ -1,7 +1,7 @@
 """Cost of sample-level DP-SGD on a device: one client update with and without it.
 
     OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py [--users 50] [--repeats 3]
-        (the default seq model: DP-SGD over disjoint blocks, fedrec/seq_privacy.py)
+        (the default seq model: DP-SGD over disjoint blocks, fedrec/privacy/seq_dpsgd.py)
     OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py --run-config \
         "model.pooling='none'" --json results/bench_dp_nopool.json
     OMP_NUM_THREADS=1 .venv/bin/python simulations/bench_dp.py --run-config \
@@ -13,8 +13,8 @@ same local epochs and batch size, interleaved (user by user, order alternating) 
 repeated, after one untimed warm-up update of each kind (imports and first-call set-up,
 which a long-running device pays once; the accountant's per-(q, sigma) cache is emptied
 again after it); prints the mean per-update times and the ratio DP / plain (target <= 2).
-The clipped per-row gradients come from the path DP-SGD takes (fedrec.privacy.per_row_method):
-ghost norms through the history pool for the default text model (fedrec/pooled_norms.py),
+The clipped per-row gradients come from the path DP-SGD takes (fedrec.privacy.dpsgd.per_row_method):
+ghost norms through the history pool for the default text model (fedrec/privacy/pooled_norms.py),
 the direct ghost-norm path for models whose rows share nothing (model.pooling='none',
 fedmf; and a history-pooled model with privacy.pool-gradient='none', whose pool is each
 row's input), torch.func otherwise. For reference it also times one batch of per-row
@@ -35,19 +35,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrec.accounting import Accountant, _rdp_per_step
 from fedrec.config import load_config, parse_overrides
-from fedrec.federated import ClientData, _histories, local_update
-from fedrec.model import build_model
-from fedrec.pipeline import prepare
-from fedrec.privacy import clipped_grad_sum, per_row_grads, per_row_method
+from fedrec.data.pipeline import prepare
+from fedrec.federation.local import ClientData, _histories, local_update
+from fedrec.models.build import build_model
+from fedrec.models.seqrec import SeqRec
+from fedrec.models.train import row_loss
+from fedrec.privacy.accounting import Accountant, _rdp_per_step
+from fedrec.privacy.dpsgd import clipped_grad_sum, per_row_grads, per_row_method
 from fedrec.results import machine, write_json
-from fedrec.seqrec import SeqRec
-from fedrec.train import row_loss
 
 
 class OpacusRows(torch.nn.Module):
-    """The same per-row loss as fedrec.privacy._Row, batched with rows first (what Opacus'
+    """The same per-row loss as fedrec.privacy.dpsgd._Row, batched with rows first (what Opacus'
     hooks need): each row pools its own leave-one-out copy of the history (pooling 'none':
     the user vector is the user-local one alone)."""
 
@@ -120,7 +120,7 @@ def main() -> None:
            "ratio_per_repeat": (times["dp"].sum(1) / times["plain"].sum(1)).tolist(),
            "history_length_mean": float(np.mean([len(c.history) for c in clients.values()]))}
     pool_gradient = base.privacy.pool_gradient
-    if isinstance(model, SeqRec):  # fedrec/seq_privacy.py: one path, nothing to compare
+    if isinstance(model, SeqRec):  # fedrec/privacy/seq_dpsgd.py: one path, nothing to compare
         method, args.no_opacus = "blocks", True
         out["per_row_path"] = "torch.func over disjoint blocks"
     else:

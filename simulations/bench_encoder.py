@@ -39,7 +39,7 @@ def timed(fn):
 
 def cache_check(texts, model_dir):
     """Cold then warm embed_texts in a fresh cache dir: forward passes and seconds of each."""
-    from fedrec import encoder
+    from fedrec.data import encoder
 
     encoder._encoder.cache_clear()
     with tempfile.TemporaryDirectory() as root:
@@ -72,8 +72,8 @@ def main() -> int:
     import torch
     import transformers
 
-    from fedrec.data import load_dataset
-    from fedrec.encoder import TextEncoder, default_model_dir
+    from fedrec.data.datasets import load_dataset
+    from fedrec.data.encoder import TextEncoder, default_model_dir
 
     transformers.utils.logging.disable_progress_bar()
     if args.threads:

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedrec.config import load_config, parse_overrides, uses_text
-from fedrec.encoder import resolve_model_dir
-from fedrec.pipeline import prepare
+from fedrec.data.encoder import resolve_model_dir
+from fedrec.data.pipeline import prepare
+from fedrec.federation.simulate import find_processes, run_simulation
 from fedrec.results import machine, write_json
-from fedrec.simulate import find_processes, run_simulation
 
 
 def plm_bytes(model_dir: str) -> int:

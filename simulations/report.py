@@ -261,8 +261,8 @@ def _clip(row: dict) -> str:
 def _simulate_epsilon(cfg, res: dict) -> str:
     """The ε column of a single `fedrec simulate` tuning run. A user-level one's σ is
     privacy.noise-multiplier (nothing is solved; privacy.target-epsilon is only its budget),
-    so it says what its rounds spent (fedrec.user_dp.user_epsilon)."""
-    from fedrec.user_dp import user_epsilon
+    so it says what its rounds spent (fedrec.privacy.user_dp.user_epsilon)."""
+    from fedrec.privacy.user_dp import user_epsilon
 
     p = cfg.privacy
     if p.mode == "none":
@@ -286,8 +286,8 @@ def _hr(stat: dict, seeds: list) -> str:
 def privacy_tuning_table() -> str:
     """The runs that chose the sweep's per-unit settings (results/privacy-tuning): one seed
     each, except where a file holds several (mean ± std over them)."""
-    from fedrec.accounting import UNIT, describe
     from fedrec.config import Config, load_defaults, stored_config
+    from fedrec.privacy.accounting import UNIT, describe
 
     default_tau = load_defaults()["fed.server-tau"]
     files = sorted((ROOT / "results" / "v1" / "privacy-tuning").glob("*.json"))

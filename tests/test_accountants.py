@@ -21,7 +21,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fedrec.accounting import Accountant
+from fedrec.privacy.accounting import Accountant
 
 CASES = [(1.0, 0.01, 1000, 1e-5), (0.8, 0.1, 100, 1e-5), (2.0, 0.05, 500, 1e-6),
          (1.5, 1.0, 10, 1e-5), (4.0, 0.1, 50, 1e-5), (1.1, 0.1, 300, 1e-5)]

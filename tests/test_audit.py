@@ -1,4 +1,4 @@
-"""Membership-inference audit (fedrec/audit.py, `fedrec audit`) on the tiny data."""
+"""Membership-inference audit (fedrec/privacy/audit.py, `fedrec audit`) on the tiny data."""
 
 import itertools
 import json
@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from fedrec.audit import STATS, audit, global_params, roc_auc, targets
-from fedrec.pipeline import prepare
-from fedrec.simulate import write_overrides
+from fedrec.data.pipeline import prepare
+from fedrec.federation.simulate import write_overrides
+from fedrec.privacy.audit import STATS, audit, global_params, roc_auc, targets
 from tiny import TINY, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")

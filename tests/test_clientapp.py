@@ -11,9 +11,9 @@ from safetensors.numpy import load_file
 
 import clients.app
 import server.app
-from fedrec.inprocess import InProcessGrid
-from fedrec.model import build_model, pool_history
-from fedrec.pipeline import prepare
+from fedrec.data.pipeline import prepare
+from fedrec.federation.inprocess import InProcessGrid
+from fedrec.models.build import build_model, pool_history
 from tiny import holding
 
 EVAL_KEYS = {"sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10",
@@ -231,7 +231,7 @@ def test_in_process_federated_run_learns(cfg, tmp_path, seed):
 def test_in_process_federated_run_learns_without_pooling(tiny_root, tmp_path, seed):
     """model.pooling = "none": h_u is each device's own user-local vector. The server has
     no user vectors, so only the devices evaluate (no "server" record, as for FedMF)."""
-    from fedrec.federated import ClientData, client_seed, local_evaluate
+    from fedrec.federation.local import ClientData, client_seed, local_evaluate
     from tiny import tiny_config
 
     cfg, run_dir, calls, grid = run_federated(

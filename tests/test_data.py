@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedrec import fetch
-from fedrec.data import (
+from fedrec.data import fetch
+from fedrec.data.datasets import (
     GROUPLENS_GENRES,
     Dataset,
     load_dataset,
@@ -19,9 +19,9 @@ from fedrec.data import (
     read_grouplens,
     render_texts,
 )
+from fedrec.data.fetch import fetch_ml100k
+from fedrec.data.protocol import make_split
 from fedrec.errors import FedrecError
-from fedrec.fetch import fetch_ml100k
-from fedrec.protocol import make_split
 
 TEMPLATE = "{title} ({year}). Genres: {genres}"
 ITEMS = {"1": ("Toy Story", "1995", ["Animation", "Children's", "Comedy"]),
@@ -383,7 +383,7 @@ def test_default_template_falls_back_to_the_item_files_fields(tmp_path, capsys):
     from the file's own fields (said in one stderr line); an explicit template that names
     a missing field still fails."""
     from fedrec.config import load_defaults
-    from fedrec.data import render_texts
+    from fedrec.data.datasets import render_texts
 
     fields = [{"title": "Heat", "genres": "Action, Crime"}, {"title": "Babe", "genres": ""}]
     default = load_defaults()["data.item-template"]

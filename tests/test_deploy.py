@@ -19,8 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import tiny
 from fedrec.config import Config
-from fedrec.data import load_dataset
-from fedrec.deploy import (
+from fedrec.data.datasets import load_dataset
+from fedrec.deployment.commands import (
     CONNECTION,
     deploy_env,
     flwr_bin,
@@ -30,7 +30,7 @@ from fedrec.deploy import (
     supernode_args,
     write_connection,
 )
-from fedrec.device import (
+from fedrec.deployment.device import (
     CACHE_DIR,
     client_data,
     load_device_client,
@@ -38,16 +38,16 @@ from fedrec.device import (
     read_history,
     write_device_dir,
 )
+from fedrec.deployment.transport import create_credentials
 from fedrec.errors import FedrecError
-from fedrec.local_store import LOCAL
-from fedrec.simulate import (
+from fedrec.federation.local_store import LOCAL
+from fedrec.federation.simulate import (
     PROJECT_DIR,
     config_overrides,
     free_port,
     stop_processes,
     write_overrides,
 )
-from fedrec.transport import create_credentials
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_catalog_marks_cold_items(tmp_path):
         json.dumps({"item": str(i), "title": f"t{i}", "cold": i in (3, 10)}) + "\n"
         for i in (10, 2, 3, 1, 4)))
     cat = read_catalog(tmp_path)
-    assert cat.item_ids == ["1", "2", "3", "4", "10"]  # numeric id order, as fedrec.data
+    assert cat.item_ids == ["1", "2", "3", "4", "10"]  # numeric id order, as fedrec.data.datasets
     assert cat.cold.tolist() == [False, False, True, False, True]
     (tmp_path / "history.csv").write_text("item,timestamp\n3,5\n1,1\n2,2\n1,9\n4,3\n")
     seq = read_history(tmp_path / "history.csv", cat)
@@ -145,8 +145,8 @@ def test_device_reads_only_its_own_directory(world, tmp_path):
 def test_embedding_cache_follows_the_model_files(world, tmp_path):
     import shutil
 
-    from fedrec.device import item_embeddings
-    from fedrec.encoder import _encoder
+    from fedrec.data.encoder import _encoder
+    from fedrec.deployment.device import item_embeddings
 
     bert = shutil.copytree(world / "bert", tmp_path / "bert")
     cfg = deploy_config(world, **{"encoder.model-dir": str(bert)})
@@ -163,7 +163,7 @@ def test_embedding_cache_follows_the_model_files(world, tmp_path):
 
 def test_clientapp_device_path_uploads_only_federated_parameters(world, tmp_path):
     import clients.app
-    from fedrec.run_store import FederatedRun
+    from fedrec.federation.run_store import FederatedRun
 
     cfg = deploy_config(world, **{"fed.run-dir": str(tmp_path / "run")})
     run = FederatedRun(cfg, log=lambda *_: None)
@@ -371,9 +371,9 @@ def test_a_run_survives_a_superlink_restart(world, tmp_path_factory):
 
     from safetensors.numpy import load_file
 
-    from fedrec.accounting import Accountant
-    from fedrec.local_store import device_dir
-    from fedrec.simulate import descendants
+    from fedrec.federation.local_store import device_dir
+    from fedrec.federation.simulate import descendants
+    from fedrec.privacy.accounting import Accountant
 
     d = Deployment(tmp_path_factory.mktemp("restart"), world)
     run_dir = d.root / "run"

@@ -1,4 +1,4 @@
-"""fedrec.encoder on a tiny random BERT: order, pooling, normalisation and the disk cache."""
+"""fedrec.data.encoder on a tiny random BERT: order, pooling, normalisation and the disk cache."""
 
 import os
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrec import encoder
-from fedrec.encoder import EmbeddingCache, TextEncoder, embed_texts, model_fingerprint
+from fedrec.data import encoder
+from fedrec.data.encoder import EmbeddingCache, TextEncoder, embed_texts, model_fingerprint
 from fedrec.errors import FedrecError
 
 WORDS = ["comedy", "horror", "drama", "night", "party", "ghost", "sunny", "dark", "the", "of"]

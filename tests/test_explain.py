@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.diversity import (
+from fedrec.data.protocol import evaluate
+from fedrec.models.seqrec import SeqRec, batch_inputs
+from fedrec.ranking.diversity import (
     intra_list_diversity,
     item_novelty,
     lambda_curve,
@@ -16,9 +18,7 @@ from fedrec.diversity import (
     top_k,
     unit_rows,
 )
-from fedrec.explain import deletion_test, loo_drops, pick_reasons, shared_terms
-from fedrec.protocol import evaluate
-from fedrec.seqrec import SeqRec, batch_inputs
+from fedrec.ranking.explain import deletion_test, loo_drops, pick_reasons, shared_terms
 
 
 class SumModel:
@@ -156,7 +156,7 @@ def test_shared_terms_name_the_genres_an_item_has_in_common_with_its_reasons():
 @pytest.fixture
 def tiny_split():
     """A protocol split over random data and random item vectors (no files)."""
-    from fedrec.protocol import _compute_split
+    from fedrec.data.protocol import _compute_split
 
     rng = np.random.default_rng(0)
     n_users, n_items = 40, 60
@@ -174,7 +174,7 @@ class _FakeDs:
 
 
 def test_random_list_ild_is_one_minus_the_mean_cosine_over_distinct_pairs():
-    from fedrec.diversity import random_list_ild
+    from fedrec.ranking.diversity import random_list_ild
 
     u = unit_rows(np.random.default_rng(0).normal(size=(30, 4)))
     cos = u @ u.T

@@ -9,11 +9,11 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
 import clients.app
-from fedrec.faults import FAILURE_KINDS, POISON_SCALE, corrupt, planned_fault
-from fedrec.inprocess import InProcessGrid
-from fedrec.local_store import load_local, save_local
-from fedrec.pipeline import prepare
-from fedrec.run_store import FederatedRun
+from fedrec.data.pipeline import prepare
+from fedrec.federation.faults import FAILURE_KINDS, POISON_SCALE, corrupt, planned_fault
+from fedrec.federation.inprocess import InProcessGrid
+from fedrec.federation.local_store import load_local, save_local
+from fedrec.federation.run_store import FederatedRun
 from tiny import run_inprocess, tiny_config
 
 REASON = {"raise": "error", "nan": "nonfinite", "shape": "shape", "keys": "keys"}
@@ -82,7 +82,7 @@ def test_corrupt_makes_each_kind_of_bad_upload():
 def test_local_store_keeps_the_two_newest_and_loads_from_before_a_round(tmp_path):
     from types import SimpleNamespace
 
-    from fedrec.local_store import device_dir
+    from fedrec.federation.local_store import device_dir
 
     cfg = tiny_config(tmp_path, {"fed.run-dir": str(tmp_path / "run")})
     ctx = SimpleNamespace(node_config={"data-dir": str(tmp_path / "dev")})

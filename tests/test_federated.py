@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.federated import (
+from fedrec.data.pipeline import prepare
+from fedrec.data.protocol import evaluate
+from fedrec.federation.local import (
     ClientData,
     aggregate_client_metrics,
     client_seed,
@@ -16,10 +18,8 @@ from fedrec.federated import (
     local_update,
     sample_client_negatives,
 )
-from fedrec.model import build_model
-from fedrec.pipeline import prepare
-from fedrec.protocol import evaluate
-from fedrec.train import scorer
+from fedrec.models.build import build_model
+from fedrec.models.train import scorer
 from tiny import holding, tiny_config
 
 KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")

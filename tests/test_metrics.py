@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fedrec.metrics import auc, hit_rate, mrr, ndcg, rank_of_positive, ranking_metrics
+from fedrec.ranking.metrics import auc, hit_rate, mrr, ndcg, rank_of_positive, ranking_metrics
 
 
 def test_hr_ndcg_mrr_on_hand_ranks():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from fedrec.model import FedMF, TextRec, init_local_users, pool_history
+from fedrec.models.build import FedMF, TextRec, init_local_users, pool_history
 
 TEXT_DIM, N_ITEMS, DIM = 12, 9, 8
 

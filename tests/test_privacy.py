@@ -1,4 +1,4 @@
-"""Sample-level DP (fedrec/privacy.py): DP-SGD invariants, cumulative accounting through
+"""Sample-level DP (fedrec/privacy/dpsgd.py): DP-SGD invariants, cumulative accounting through
 context.state, the noise solved for a target ε, and ε in every train reply."""
 
 from pathlib import Path
@@ -10,11 +10,11 @@ from flwr.app import ConfigRecord, RecordDict
 from test_clientapp import context, global_state, message
 
 import clients.app
-from fedrec.accounting import Accountant, local_plan, noise_multiplier
-from fedrec.federated import ClientData, _histories, local_update
-from fedrec.model import build_model
-from fedrec.privacy import dp_train_epoch, per_row_grads
-from fedrec.train import row_loss, row_scores, train_epoch
+from fedrec.federation.local import ClientData, _histories, local_update
+from fedrec.models.build import build_model
+from fedrec.models.train import row_loss, row_scores, train_epoch
+from fedrec.privacy.accounting import Accountant, local_plan, noise_multiplier
+from fedrec.privacy.dpsgd import dp_train_epoch, per_row_grads
 from tiny import run_inprocess, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -45,7 +45,7 @@ MODELS = {"text": {}, "fedmf": {"model.kind": "fedmf"}, "text-nopool": {"model.p
 
 @pytest.mark.parametrize("kind", ["text", "fedmf", "text-nopool"])
 def test_per_row_gradients_average_to_the_batch_gradient(tiny_root, kind):
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
 
     cfg = tiny_config(tiny_root, MODELS[kind])
     prepared = prepare(cfg, with_text=cfg.model.kind == "text")
@@ -99,8 +99,8 @@ def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepare
 def test_direct_per_row_path_equals_the_torch_func_path(tiny_root, kind, loss):
     """Ghost norms and the clipped sum without per-row gradients: the same numbers as
     clipping torch.func's per-row gradients, with some rows clipped and none clipped."""
-    from fedrec.pipeline import prepare
-    from fedrec.privacy import clipped_grad_sum, direct_path_ok
+    from fedrec.data.pipeline import prepare
+    from fedrec.privacy.dpsgd import clipped_grad_sum, direct_path_ok
 
     cfg = tiny_config(tiny_root, {**MODELS[kind], "train.loss": loss})
     prepared = prepare(cfg, with_text=cfg.model.kind == "text")
@@ -134,13 +134,13 @@ def test_direct_per_row_path_equals_the_torch_func_path(tiny_root, kind, loss):
 @pytest.mark.parametrize("with_local", [True, False])
 @pytest.mark.parametrize("loss", ["bce", "bpr"])
 def test_pooled_ghost_norms_equal_the_torch_func_path(tiny_root, pooling, with_local, loss):
-    """privacy.pool-gradient = "full" without per-row gradients (fedrec/pooled_norms.py):
+    """privacy.pool-gradient = "full" without per-row gradients (fedrec/privacy/pooled_norms.py):
     per-row norms and the clipped sum through each row's leave-one-out pool of the whole
     history equal torch.func's, with some rows clipped and none clipped; including a row
     whose positive carries nearly all the attention (the second weight profile)."""
-    from fedrec.pipeline import prepare
-    from fedrec.pooled_norms import pooled_clipped_sum, pooled_path_ok
-    from fedrec.privacy import clipped_grad_sum, per_row_method
+    from fedrec.data.pipeline import prepare
+    from fedrec.privacy.dpsgd import clipped_grad_sum, per_row_method
+    from fedrec.privacy.pooled_norms import pooled_clipped_sum, pooled_path_ok
 
     cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0,
                                   "model.user-embedding": with_local, "train.loss": loss})
@@ -190,9 +190,9 @@ def test_pooled_ghost_norms_equal_the_torch_func_path(tiny_root, pooling, with_l
 def test_pooled_ghost_norms_on_the_shortest_histories(tiny_root, pooling):
     """One history item (its row's pool is empty) and two or three: the same clipped sums
     and norms as torch.func."""
-    from fedrec.pipeline import prepare
-    from fedrec.privacy import clipped_grad_sum
-    from fedrec.train import Histories
+    from fedrec.data.pipeline import prepare
+    from fedrec.models.train import Histories
+    from fedrec.privacy.dpsgd import clipped_grad_sum
 
     cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0})
     prepared = prepare(cfg)
@@ -216,7 +216,7 @@ def test_pooled_ghost_norms_on_the_shortest_histories(tiny_root, pooling):
 def test_vectorised_rdp_equals_opacus():
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    from fedrec.accounting import _RDP_ORDERS, _sampled_gaussian_rdp
+    from fedrec.privacy.accounting import _RDP_ORDERS, _sampled_gaussian_rdp
 
     orders = np.array(_RDP_ORDERS, dtype=float)
     for q in (1e-3, 0.043, 0.25, 0.5, 0.9, 1.0):
@@ -229,7 +229,7 @@ def test_vectorised_rdp_equals_opacus():
 
 
 def test_describe_assumes_a_public_pool_only_for_history_pooled_models(cfg):
-    from fedrec.accounting import describe, label
+    from fedrec.privacy.accounting import describe, label
 
     c = cfg.override(**DP)
     assert describe(c)["assumes"] == "history pool public"
@@ -319,7 +319,7 @@ def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared,
                               "model.pooling": pooling})
     _, results = run_inprocess(c)
     clean = {"mode": "sample", "unit": "interaction", "accountant": "rdp", "delta": 1e-4}
-    # pooling "none": no history pool, so the ε holds as stated (fedrec/privacy.py)
+    # pooling "none": no history pool, so the ε holds as stated (fedrec/privacy/dpsgd.py)
     assert results["privacy"] == (clean if pooling == "none"
                                   else {**clean, "assumes": "history pool public"})
     trains = [r["train"] for r in results["rounds"] if "train" in r]
@@ -329,7 +329,7 @@ def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared,
     assert 0 < maxes[0] <= maxes[1] <= maxes[2]
 
 
-# -- user-level DP (fedrec/user_dp.py) -------------------------------------------------------
+# -- user-level DP (fedrec/privacy/user_dp.py) -------------------------------------------------------
 
 USER = {"privacy.mode": "user", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 0.5}
 
@@ -351,7 +351,7 @@ def test_user_mode_clips_the_update_on_the_device_and_reports_equal_weights(cfg,
 
 
 def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prepared):
-    from fedrec.user_dp import user_epsilon
+    from fedrec.privacy.user_dp import user_epsilon
 
     k, n = 4, prepared.split.n_users
     q = k / n
@@ -372,7 +372,7 @@ def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prep
 
 def test_user_mode_rejects_a_non_mean_aggregator_and_a_large_delta(cfg):
     from fedrec.errors import FedrecError
-    from fedrec.user_dp import wrap_user_dp
+    from fedrec.privacy.user_dp import wrap_user_dp
 
     with pytest.raises(FedrecError, match="needs fed.strategy fedavg, fedprox or fedadam"):
         wrap_user_dp(cfg.override(**USER, **{"fed.strategy": "fedmedian"}), None, None, 13, 4)
@@ -386,7 +386,7 @@ def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
     at max-grad-norm; with every device's update far below it (none clipped, target 0.9
     clipped) it shrinks round after round; the round's C is recorded, and ε is the bound of
     fixed clipping at the same total σ (the update and the clipped count share it)."""
-    from fedrec.user_dp import user_epsilon
+    from fedrec.privacy.user_dp import user_epsilon
 
     k = 4
     c = cfg.override(**{**USER, "fed.strategy": strategy, "fed.num-rounds": 3,
@@ -410,9 +410,9 @@ def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
 
 def test_adaptive_clipping_is_refused_with_secagg_and_a_too_large_sigma(cfg):
     from fedrec.errors import FedrecError
-    from fedrec.run_store import FederatedRun
-    from fedrec.strategy import make_strategy
-    from fedrec.user_dp import wrap_user_dp
+    from fedrec.federation.run_store import FederatedRun
+    from fedrec.federation.strategy import make_strategy
+    from fedrec.privacy.user_dp import wrap_user_dp
 
     with pytest.raises(FedrecError, match="'adaptive' does not work with secagg"):
         cfg.override(**USER, **{"privacy.clipping": "adaptive", "secagg.enabled": True})
@@ -424,15 +424,15 @@ def test_adaptive_clipping_is_refused_with_secagg_and_a_too_large_sigma(cfg):
 
 
 def prepared_users(c) -> int:
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
 
     return prepare(c, with_text=False).split.n_users
 
 
 def test_user_mode_with_fedadam_noises_the_mean_before_the_server_step(cfg, prepared):
     """Adam's moments must only see noised means: the noise moves inside, before the step."""
-    from fedrec.run_store import FederatedRun
-    from fedrec.strategy import make_strategy
+    from fedrec.federation.run_store import FederatedRun
+    from fedrec.federation.strategy import make_strategy
 
     k, n = 4, prepared.split.n_users
     c = cfg.override(**USER, **{"fed.strategy": "fedadam", "fed.num-rounds": 2,
@@ -455,7 +455,7 @@ def test_user_mode_with_fedadam_noises_the_mean_before_the_server_step(cfg, prep
 def test_a_device_declines_a_round_that_would_exceed_its_budget(cfg, prepared):
     """sigma is solved for the expected participation; a device sampled more often stops
     at its budget instead of overspending (the server then drops and counts its reply)."""
-    from fedrec.federated import DeviceBudgetExhausted
+    from fedrec.federation.local import DeviceBudgetExhausted
 
     c = cfg.override(**DP, **{"privacy.target-epsilon": 2.0, "fed.num-rounds": 4})
     data = ClientData.from_split(prepared.split, 0)
@@ -473,7 +473,7 @@ def test_balanced_sampling_spends_every_budget_without_declined_rounds(cfg, prep
     """fed.sampling = "balanced": 6 rounds of 4 of the 13 devices train each device in 1 or
     2 rounds (the planned ceil(6 x 4 / 13) = 2), so no device declines; uniform sampling
     with the same seed asks some device a third time and it declines."""
-    from fedrec.inprocess import InProcessGrid
+    from fedrec.federation.inprocess import InProcessGrid
 
     class Counting(InProcessGrid):
         def _call(self, msg):
@@ -506,7 +506,7 @@ def test_balanced_sampling_keeps_64_bit_node_ids_and_takes_each_device_in_turn()
     must hand back exactly those ids, k at a time, each once per pass over the devices."""
     import flwr.serverapp.strategy.fedavg as flower_fedavg
 
-    from fedrec.strategy import _balanced_sampling
+    from fedrec.federation.strategy import _balanced_sampling
 
     class Grid:
         def get_node_ids(self):
@@ -542,9 +542,9 @@ def test_a_resumed_simulated_device_continues_its_epsilon(cfg, prepared, tmp_pat
 
 
 def test_a_resumed_secagg_device_continues_its_epsilon(cfg, prepared, tmp_path):
-    """The SecAgg+ path (fedrec/secagg.py's legacy Device) keeps its accountant the same
+    """The SecAgg+ path (fedrec/federation/secagg.py's legacy Device) keeps its accountant the same
     way: a device whose context.state is new after --resume reads it from its disk."""
-    from fedrec.secagg import Device
+    from fedrec.federation.secagg import Device
 
     c = cfg.override(**DP, **{"fed.run-dir": str(tmp_path / "run"), "secagg.enabled": True})
     n, state = prepared.split.n_users, global_state(c, prepared)
@@ -567,12 +567,12 @@ def test_pool_as_input_direct_path_equals_per_row_autograd(tiny_root, pooling, w
     """privacy.pool-gradient = "none": each row's gradient with its leave-one-out pool held
     constant, from ghost norms (item side b x c inputs, user side one per row), equals
     clipping row-by-row autograd gradients; the attention gets no gradient."""
-    from fedrec.model import pool_history
-    from fedrec.privacy import clipped_grad_sum, direct_path_ok, no_gradient
+    from fedrec.models.build import pool_history
+    from fedrec.privacy.dpsgd import clipped_grad_sum, direct_path_ok, no_gradient
 
     cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0,
                                   "model.user-embedding": with_local})
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
 
     prepared = prepare(cfg)
     model, loc, data, negs = _setup(cfg, prepared, local=with_local)

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedrec import protocol
-from fedrec.data import Dataset
+from fedrec.data import protocol
+from fedrec.data.datasets import Dataset
+from fedrec.data.protocol import Split, evaluate, make_split, sample_negatives
 from fedrec.errors import FedrecError
-from fedrec.protocol import Split, evaluate, make_split, sample_negatives
 
 KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
 

@@ -7,10 +7,10 @@ import pytest
 from safetensors.numpy import save_file
 
 import tiny
-from fedrec.device import CACHE_DIR, read_catalog, read_history, write_device_dir
+from fedrec.deployment.device import CACHE_DIR, read_catalog, read_history, write_device_dir
 from fedrec.errors import FedrecError
-from fedrec.model import build_model
-from fedrec.recommend import recommend
+from fedrec.models.build import build_model
+from fedrec.ranking.recommend import recommend
 from fedrec.results import write_json
 
 

@@ -8,9 +8,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.config import Config, load_defaults
-from fedrec.inprocess import InProcessGrid
-from fedrec.replies import REASONS, bound_update, evaluate_problem, filter_replies, train_problem
-from fedrec.strategy import make_strategy
+from fedrec.federation.inprocess import InProcessGrid
+from fedrec.federation.replies import (
+    REASONS,
+    bound_update,
+    evaluate_problem,
+    filter_replies,
+    train_problem,
+)
+from fedrec.federation.strategy import make_strategy
 
 SENT = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.zeros(2, np.float32)}
 N = 6  # devices in the strategy tests

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from fedrec.config import Config, stored_config
-from fedrec.fetch import fetch_ml100k
-from fedrec.pipeline import prepare
-from fedrec.train import train_central
+from fedrec.data.fetch import fetch_ml100k
+from fedrec.data.pipeline import prepare
+from fedrec.models.train import train_central
 
 ROOT = Path(__file__).resolve().parents[1]
 CENTRAL, FEDERATED = ROOT / "results" / "central-seq+id.json", ROOT / "results" / "fed-seq+id.json"

@@ -9,10 +9,10 @@ import pytest
 from safetensors.numpy import load_file
 
 import clients.app
+from fedrec.data.pipeline import prepare
 from fedrec.errors import FedrecError
-from fedrec.inprocess import InProcessGrid
-from fedrec.pipeline import prepare
-from fedrec.run_store import FederatedRun
+from fedrec.federation.inprocess import InProcessGrid
+from fedrec.federation.run_store import FederatedRun
 from tiny import run_inprocess, tiny_config
 
 N = 4  # rounds
@@ -121,7 +121,7 @@ def test_without_the_devices_state_a_resumed_run_differs(tiny_root, tmp_path, un
 
 def test_a_resumed_sample_dp_run_keeps_the_servers_epsilon_table(tiny_root, tmp_path):
     """With 4 of 13 devices a round, "epsilon-mean" covers every device that has trained so
-    far: the server's table (fedrec/server_state.py) is restored with the checkpoint, and
+    far: the server's table (fedrec/federation/server_state.py) is restored with the checkpoint, and
     the devices' own accountants from their disks, so the resumed run records the ε of
     the uninterrupted one. Without the table, round 3 would average its 4 devices only."""
     dp = {"privacy.mode": "sample", "privacy.noise-multiplier": 1.0,

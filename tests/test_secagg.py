@@ -1,4 +1,4 @@
-"""Secure aggregation (fedrec/secagg.py): SecAgg+ aggregates what plain FedAvg aggregates
+"""Secure aggregation (fedrec/federation/secagg.py): SecAgg+ aggregates what plain FedAvg aggregates
 on the same client updates, up to quantisation error; the server's view of a device is
 masked; dropouts, client-side clipping + DP noise and the ε budget work under it; bad
 settings are refused with one line. The last test runs a real `flwr run`."""
@@ -14,13 +14,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from safetensors.numpy import load_file
 
 import clients.app
-from fedrec import secagg
 from fedrec.config import Config, load_config, load_defaults
+from fedrec.data.pipeline import prepare
 from fedrec.errors import FedrecError
-from fedrec.federated import client_seed, load_simulated_client, local_update
-from fedrec.inprocess import InProcessGrid
-from fedrec.model import build_model
-from fedrec.pipeline import prepare
+from fedrec.federation import secagg
+from fedrec.federation.inprocess import InProcessGrid
+from fedrec.federation.local import client_seed, load_simulated_client, local_update
+from fedrec.models.build import build_model
 from tiny import run_inprocess, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -103,7 +103,7 @@ def test_secagg_aggregates_what_fedavg_aggregates(tiny_root, tmp_path, monkeypat
     updates clipped on the devices, or DP-SGD ones), FedProx, and FedAdam's step on the
     securely aggregated mean. DP-SGD's noise comes from the operating system's entropy on
     a device; here it is replayed from a fixed seed so that both runs draw the same."""
-    monkeypatch.setattr("fedrec.federated.secret_randomness", lambda: (
+    monkeypatch.setattr("fedrec.federation.local.secret_randomness", lambda: (
         np.random.default_rng(0), torch.Generator().manual_seed(0)))
     extra = {"none": {}, "user": USER_DP, "sample": SAMPLE_DP}[mode]
     extra = {**extra, "fed.strategy": strategy}
@@ -221,7 +221,7 @@ def test_user_level_dp_noise_is_added_to_the_masked_mean(tiny_root, tmp_path):
 
 
 def test_privacy_budget_stops_before_the_round_that_would_exceed_it(tiny_root, tmp_path):
-    from fedrec.user_dp import user_epsilon
+    from fedrec.privacy.user_dp import user_epsilon
 
     cfg = tiny_config(tiny_root, {**FEDAVG, **USER_DP, "privacy.noise-multiplier": 1.0})
     eps1, eps2 = user_epsilon(cfg, 1, 1.0), user_epsilon(cfg, 2, 1.0)
@@ -285,7 +285,7 @@ def test_flwr_run_with_secagg_equals_fedavg_of_the_same_updates(tmp_path):
     here, up to quantisation error; nothing is left running."""
     from test_simulate import flwr_processes, write_tiny_dataset
 
-    from fedrec.simulate import run_simulation
+    from fedrec.federation.simulate import run_simulation
 
     data_dir = write_tiny_dataset(tmp_path / "data", n_users=4)
     cfg = Config.from_flat(load_defaults()).override(**{

@@ -1,4 +1,4 @@
-"""The v2 model (fedrec/seqrec.py): causality, padding, the released-items softmax, the
+"""The v2 model (fedrec/models/seqrec.py): causality, padding, the released-items softmax, the
 three questions agreeing with each other, and training on the tiny data."""
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fedrec.config import FedrecError
-from fedrec.federated import ClientData, local_evaluate, local_update
-from fedrec.model import build_model
-from fedrec.protocol import evaluate
-from fedrec.seqrec import PAD, SeqRec, batch_inputs, last_items, windows
-from fedrec.train import scorer, train_central
+from fedrec.data.protocol import evaluate
+from fedrec.federation.local import ClientData, local_evaluate, local_update
+from fedrec.models.build import build_model
+from fedrec.models.seqrec import PAD, SeqRec, batch_inputs, last_items, windows
+from fedrec.models.train import scorer, train_central
 from tiny import holding, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -116,7 +116,7 @@ def test_config_rejects_settings_seq_cannot_honour(tiny_root):
 
 
 def test_central_seq_training_beats_the_untrained_model(tiny_root):
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
 
     cfg = tiny_config(tiny_root, {**SEQ, "central.epochs": 15})
     p = prepare(cfg)
@@ -131,7 +131,7 @@ def test_central_seq_training_beats_the_untrained_model(tiny_root):
 def test_central_reference_ignores_the_devices_optimizer(tiny_root):
     """central.optimizer, not train.optimizer, trains the reference (the regression that
     broke `make run`: the device's SGD at Adam's learning rate)."""
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
 
     runs = []
     for device_opt in ("sgd", "adam"):
@@ -142,7 +142,7 @@ def test_central_reference_ignores_the_devices_optimizer(tiny_root):
 
 
 def test_device_update_trains_only_released_items_and_uploads_no_plm(tiny_root):
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
 
     cfg = tiny_config(tiny_root, SEQ)
     p = prepare(cfg)
@@ -171,8 +171,8 @@ def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_pat
     whose removal from the input lowers that item's score by the weight shown."""
 
     import tiny
-    from fedrec.device import read_catalog, write_device_dir
-    from fedrec.recommend import recommend
+    from fedrec.deployment.device import read_catalog, write_device_dir
+    from fedrec.ranking.recommend import recommend
 
     root = tiny.build(tmp_path)
     cfg = tiny_config(root, SEQ)
@@ -206,10 +206,10 @@ def test_padding_targets_never_make_the_loss_infinite():
                                         if p.grad is not None)
 
 
-# -- sample-level DP-SGD over disjoint blocks (fedrec/seq_privacy.py) ---------------------
+# -- sample-level DP-SGD over disjoint blocks (fedrec/privacy/seq_dpsgd.py) ---------------------
 
 def test_blocks_are_disjoint_and_cover_the_history():
-    from fedrec.seq_privacy import blocks
+    from fedrec.privacy.seq_dpsgd import blocks
 
     for n in (0, 1, 2, 6, 7, 8, 15):
         h = np.arange(100, 100 + n)
@@ -221,7 +221,7 @@ def test_blocks_are_disjoint_and_cover_the_history():
 
 
 def test_clipped_block_sum_is_the_sum_of_each_blocks_clipped_gradient():
-    from fedrec.seq_privacy import blocks, clipped_block_sum
+    from fedrec.privacy.seq_dpsgd import blocks, clipped_block_sum
 
     m, E = _model(), torch.randn(20, 12)
     allowed = torch.ones(20, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""fedrec.simulate: the overrides file round-trips; a real `flwr run` completes and leaves
+"""fedrec.federation.simulate: the overrides file round-trips; a real `flwr run` completes and leaves
 no Flower process behind."""
 
 import csv
@@ -12,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from fedrec import simulate
 from fedrec.config import Config, load_config, load_defaults
+from fedrec.data.pipeline import prepare
 from fedrec.errors import FedrecError
-from fedrec.pipeline import prepare
-from fedrec.simulate import config_overrides, find_processes, run_simulation, write_overrides
+from fedrec.federation import simulate
+from fedrec.federation.simulate import (
+    config_overrides,
+    find_processes,
+    run_simulation,
+    write_overrides,
+)
 
 DEFAULTS = load_defaults()
 

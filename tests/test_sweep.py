@@ -1,15 +1,15 @@
-"""Privacy-budget sweep (fedrec/sweep.py, `fedrec privacy-sweep`)."""
+"""Privacy-budget sweep (fedrec/privacy/sweep.py, `fedrec privacy-sweep`)."""
 
 import json
 import math
 
 import pytest
 
-from fedrec.accounting import parse_epsilons
 from fedrec.errors import FedrecError
-from fedrec.simulate import write_overrides
-from fedrec.sweep import cells, plan, user_sigma
-from fedrec.user_dp import user_epsilon
+from fedrec.federation.simulate import write_overrides
+from fedrec.privacy.accounting import parse_epsilons
+from fedrec.privacy.sweep import cells, plan, user_sigma
+from fedrec.privacy.user_dp import user_epsilon
 
 pytestmark = pytest.mark.usefixtures("isolated")
 

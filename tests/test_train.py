@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import fedrec.encoder
-import fedrec.federated
-from fedrec.federated import ClientData, local_update
-from fedrec.model import build_model, pool_history
-from fedrec.pipeline import prepare
-from fedrec.protocol import evaluate
-from fedrec.train import Histories, row_loss, row_scores, scorer, train_central
+import fedrec.data.encoder
+import fedrec.federation.local
+from fedrec.data.pipeline import prepare
+from fedrec.data.protocol import evaluate
+from fedrec.federation.local import ClientData, local_update
+from fedrec.models.build import build_model, pool_history
+from fedrec.models.train import Histories, row_loss, row_scores, scorer, train_central
 from tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -93,7 +93,7 @@ def test_train_central_is_deterministic(cfg, prepared):
 
 def test_pooling_none_central_training_beats_the_untrained_model(tiny_root):
     """h_u = the user-local embedding alone (random at first), items from text."""
-    from fedrec.model import init_local_users
+    from fedrec.models.build import init_local_users
 
     # each user vector starts random and is learned from its ~10 interactions alone:
     # more, larger steps than the history-pooled model needs
@@ -131,9 +131,9 @@ def test_the_frozen_plm_never_runs_during_training(cfg, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the PLM ran during training")
 
-    monkeypatch.setattr(fedrec.encoder.TextEncoder, "encode", forbidden)
+    monkeypatch.setattr(fedrec.data.encoder.TextEncoder, "encode", forbidden)
     monkeypatch.setattr(BertModel, "forward", forbidden)
-    fedrec.encoder._encoder.cache_clear()
+    fedrec.data.encoder._encoder.cache_clear()
     p = prepare(cfg)  # the embeddings now come from the disk cache alone
     short = cfg.override(**{"central.epochs": 2})
     train_central(short, p.split, p.item_emb, log=lambda _: None)

@@ -14,14 +14,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedrec import transport
-from fedrec.errors import FedrecError
-from fedrec.transport import (
+from fedrec.deployment import transport
+from fedrec.deployment.transport import (
     Credentials,
     check_node_key,
     check_server_credentials,
     create_credentials,
 )
+from fedrec.errors import FedrecError
 
 HOSTS = ["superlink.example.org", "10.0.0.5", "::1"]
 

@@ -192,8 +192,8 @@ def run_inprocess(cfg: Config, grid=None) -> tuple[object, dict]:
 
     import clients.app
     import server.app
-    from fedrec.inprocess import InProcessGrid
-    from fedrec.pipeline import prepare
+    from fedrec.data.pipeline import prepare
+    from fedrec.federation.inprocess import InProcessGrid
 
     flat = cfg.to_flat()
     if grid is None:
@@ -209,7 +209,7 @@ def write_run(root: Path, cfg: Config, scale: float, seed: int) -> Path:
     import torch
     from safetensors.numpy import save_file
 
-    from fedrec.model import build_model
+    from fedrec.models.build import build_model
     from fedrec.results import write_json
 
     torch.manual_seed(seed)

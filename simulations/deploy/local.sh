@@ -28,7 +28,7 @@ stop_tree() {  # TERM a pid and its descendants, then KILL what is left
 }
 cleanup() { for p in "${PIDS[@]}"; do stop_tree "$p"; done; }
 trap cleanup EXIT
-free_port() { "$PY" -c 'from fedrec.simulate import free_port; print(free_port())'; }
+free_port() { "$PY" -c 'from fedrec.federation.simulate import free_port; print(free_port())'; }
 
 echo "== credentials and devices in $WORK"
 fedrec certs create --out "$WORK/creds" --hosts 127.0.0.1 --nodes ${#USERS[@]} --force > /dev/null

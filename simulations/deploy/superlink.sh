@@ -21,7 +21,7 @@ mkdir -p "$FLWR_HOME"
 # as a failed handshake.
 "$PY" -c 'import sys
 from fedrec.errors import FedrecError
-from fedrec.transport import check_server_credentials as check
+from fedrec.deployment.transport import check_server_credentials as check
 d = sys.argv[1]
 try:
     check(f"{d}/ca.crt", f"{d}/server.crt", f"{d}/server.key", ["127.0.0.1"])

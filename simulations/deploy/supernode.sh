@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start one device's SuperNode: trusts the CA, authenticates with its own private key,
-# and points the ClientApp at the device directory (fedrec.device documents it:
+# and points the ClientApp at the device directory (fedrec.deployment.device documents it:
 # history.csv + items.csv; catalog embeddings are cached in DEVICE_DIR/cache).
 #
 # usage: simulations/deploy/supernode.sh SUPERLINK_ADDRESS CA_CERT NODE_KEY DEVICE_DIR [PORT]

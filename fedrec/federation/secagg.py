@@ -1,0 +1,428 @@
+"""Secure aggregation (SecAgg+, `secagg.enabled = true`): the server learns only the sum.
+
+Flower 1.42 has SecAgg+ only on its legacy path, so everything legacy lives in this
+module: the server runs `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` with a
+legacy FedAvg inside a `LegacyContext` (`serve`, called by server/app.py), and each device
+answers through a NumPyClient-style legacy ClientApp with `secaggplus_mod` (`client_app`,
+to which clients/app.py hands every message when the config says so). Rounds are recorded
+into fedrec.federation.run_store.FederatedRun exactly like the Message API path (results.json, metrics.csv,
+checkpoints, final.safetensors), and devices keep their user-local state and DP-SGD
+accountant in context.state and, simulated, on their disk (fedrec.federation.local_store), so a
+resumed run continues both.
+
+A round, per device: it trains with fedrec.federation.local.local_update, computes its update
+d = trained - global (federated parameters only), under privacy.mode = "user" clips it to
+L2 norm privacy.max-grad-norm C, then hands [d, weight] to Flower's secaggplus_mod, which
+scales d by weight / max_weight, clips every value to [-r, r] (secagg.clipping-range),
+quantises it stochastically onto secagg.quantization-range levels and adds a private mask
+plus pairwise masks with its neighbours (uniform mod 2**32; the pairwise ones cancel in
+the sum). The masks' secrets are Shamir-shared among secagg.num-shares devices; the server
+removes the surviving devices' private masks and the dropped devices' pairwise masks from
+secagg.reconstruction-threshold shares each, and so obtains sum(w_i d_i) and sum(w_i) of
+the devices whose masked vector arrived: the weighted mean update. fedavg and fedprox add
+it to the global model (FedAvg on updates = FedAvg on parameters; fedprox devices train
+with the proximal term); fedadam takes it as the pseudo-gradient of Flower's FedAdam step
+(same hyperparameters and bias correction as fedrec/federation/strategy.py). Quantisation error per
+value of the mean is below n * 2r / levels / sum(w_i / max_weight) (n devices; tests
+measure it); FedAdam's step scales it by at most eta_norm (1 - beta_1) / tau.
+
+What the server sees from one device: two public keys, key shares encrypted for other
+devices, its masked vector (uniformly random on its own), the shares it holds of its
+neighbours' secrets, and the plaintext reply metadata: a status, the weight zeroed by
+`hide_weight_mod` (it travels only inside the masked vector), and metrics that are empty
+but for the device's own ε under privacy.mode = "sample". Weights: the history length
+(as plain FedAvg), or 1 under either DP mode (as the DP paths do).
+
+With privacy.mode = "user" the server adds N(0, (sigma C / n)^2) to the unmasked mean of
+the n updates (n <= clients per round, so never less noise than DP-FedAvg's sigma C / k)
+and accounts ε as fedrec/privacy/user_dp.py does, stopping before a round that would exceed
+privacy.target-epsilon. With privacy.mode = "sample" devices run DP-SGD as without SecAgg.
+
+Not protected by SecAgg+: who takes part in a round; federated evaluation replies
+(per-device hits, sent in the clear as without SecAgg); a server that also controls
+enough devices (reconstruction-threshold colluding neighbours can unmask a device); a
+server that brute-forces masks (Flower expands each from a 32-bit seed with numpy's
+Mersenne Twister, so a device's masked vector rests on num-shares - 1 such seeds);
+and poisoned updates, which the server can no longer inspect (so fed.max-update-norm,
+fedmedian/fedtrimmedavg and the simulated faults are refused here). A device that drops
+after uploading its masked vector is still in the sum; one that drops before is left out
+(its neighbours' shares remove its pairwise masks); a round in which some device keeps
+fewer than secagg.reconstruction-threshold live neighbours aggregates nothing and keeps
+the previous global model (recorded as "kept-previous").
+
+Size: Flower 1.42 has SecAgg+ only on its legacy path, so both sides of that path (server
+workflow and recording strategy, device NumPyClient with client-side clipping) live in
+this one module that the two apps hand over to.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.client import NumPyClient
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAvg
+
+from fedrec.config import Config
+from fedrec.deployment.device import load_client
+from fedrec.errors import FedrecError
+from fedrec.federation.local import (
+    aggregate_client_metrics,
+    client_seed,
+    local_evaluate,
+    local_update,
+)
+from fedrec.federation.local_store import keep, restore
+from fedrec.federation.server_state import MOMENTS, EpsilonTable, moments_from, pack
+from fedrec.models.build import build_model
+from fedrec.privacy.accounting import EPSILON_METRIC, Accountant
+
+DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
+MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
+STRATEGIES = ("fedavg", "fedprox", "fedadam")  # what the mean update alone supports
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check(cfg: Config, k: int, population: int) -> None:
+    """Refuse what SecAgg+ cannot do, with one line naming the key and the fix.
+    k: devices sampled per round."""
+    s = cfg.secagg
+    if cfg.fed.strategy not in STRATEGIES:
+        raise FedrecError("config: secagg.enabled needs fed.strategy fedavg, fedprox or fedadam "
+                          "(the server sees only the mean update; robust aggregators need "
+                          f"single updates); got {cfg.fed.strategy!r}")
+    if cfg.fed.max_update_norm > 0:
+        raise FedrecError("config: with secagg.enabled the server cannot bound single updates; "
+                          "set fed.max-update-norm = 0 (clip on the devices: privacy.mode = "
+                          "'user')")
+    if cfg.fed.failure_rate > 0 or cfg.fed.poison_rate > 0:
+        raise FedrecError("config: simulated faults are not wired into SecAgg+; set "
+                          "fed.failure-rate and fed.poison-rate to 0 with secagg.enabled")
+    if k < s.reconstruction_threshold:
+        raise FedrecError(f"config: secagg.enabled needs at least secagg.reconstruction-"
+                          f"threshold ({s.reconstruction_threshold}) devices per round; got {k} "
+                          "(raise fed.clients-per-round)")
+    if k * s.quantization_range >= MODULUS:
+        raise FedrecError(f"config: {k} devices per round x secagg.quantization-range "
+                          f"{s.quantization_range} must stay below 2**32 (the masking modulus); "
+                          f"set secagg.quantization-range <= {(MODULUS - 1) // k}")
+    if cfg.privacy.mode == "user" and cfg.privacy.delta >= 1.0 / population:
+        raise FedrecError(f"config: 'privacy.delta' must be below 1/{population} users for "
+                          f"user-level DP; got {cfg.privacy.delta:g}")
+
+
+# ----------------------------------------------------------------------------- device
+
+def _names(cfg: Config, E: np.ndarray, n_items: int, parameters: list[np.ndarray]) -> list[str]:
+    """The federated parameters' names, in the order the server sends them (the model's
+    state_dict order, as FederatedRun.initial_arrays); shapes are checked."""
+    shapes = {k: tuple(v.shape) for k, v in build_model(cfg, E.shape[1], n_items)
+              .state_dict().items()}
+    got = [tuple(p.shape) for p in parameters]
+    if list(shapes.values()) != got:
+        raise ValueError(f"the server sent {len(got)} arrays of shapes {got[:3]}...; this "
+                         f"device's model has {len(shapes)} ({list(shapes.values())[:3]}...)")
+    return list(shapes)
+
+
+class Device(NumPyClient):
+    """One user's device on the legacy path: fedrec.federation.local does the work; the
+    user-local parameters and the DP-SGD accountant stay on the device
+    (fedrec.federation.local_store.restore / keep)."""
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def _load(self, parameters, config, training: bool):
+        ctx = self.context
+        cfg, E, data, user, simulated = load_client(ctx)
+        rnd = int(config["server-round"])
+        arrays = dict(zip(_names(cfg, E, data.n_items, parameters), parameters))
+        local, acc = restore(ctx, cfg, user, rnd, training, simulated)
+        return cfg, E, data, arrays, local, acc, client_seed(cfg, user, rnd), user, rnd, simulated
+
+    def fit(self, parameters, config):
+        cfg, E, data, arrays, local, acc_state, seed, user, rnd, simulated = self._load(
+            parameters, config, True)
+        ctx, acc = self.context, None
+        if cfg.privacy.mode == "sample":  # this device's cumulative accountant
+            acc = Accountant.from_state(acc_state, cfg.privacy.accountant)
+        population = int(ctx.node_config.get("num-partitions", 0)) or cfg.fed.min_nodes
+        k = cfg.fed.clients_per_round
+        participation = 1.0 if not k or not population else min(1.0, k / population)
+        mu = float(config.get("proximal-mu", 0.0))  # fedprox
+        params, new_local, metrics = local_update(cfg, E, data, arrays, local, seed, mu,
+                                                  accountant=acc, participation=participation)
+        keep(ctx, cfg, user, rnd, simulated, new_local, acc)
+        update = [np.asarray(params[k], np.float64) - np.asarray(a, np.float64)
+                  for k, a in arrays.items()]
+        if cfg.privacy.mode == "user":  # client-side clipping before masking (DP-FedAvg)
+            update = clip_update(update, cfg.privacy.max_grad_norm)
+        if cfg.privacy.mode == "none":  # the mean training loss, securely aggregated too
+            update.append(np.array([metrics["train-loss"]], np.float64))
+        weight = 1 if cfg.privacy.mode != "none" else int(metrics["num-examples"])
+        if not simulated:
+            weight = min(weight, DEVICE_MAX_WEIGHT)
+        # the plaintext reply carries no data-dependent value but the device's own ε
+        return update, weight, ({EPSILON_METRIC: float(metrics[EPSILON_METRIC])} if acc is not None else {})
+
+    def evaluate(self, parameters, config):
+        cfg, E, data, arrays, local, _, seed, *_ = self._load(parameters, config, False)
+        metrics = local_evaluate(cfg, E, data, arrays, local, seed)
+        return 0.0, 1, {k: float(v) for k, v in metrics.items()}
+
+
+def clip_update(update: list[np.ndarray], max_norm: float) -> list[np.ndarray]:
+    """Scale the whole update to L2 norm <= max_norm (Flower's fixed clipping rule)."""
+    norm = math.sqrt(sum(float(np.sum(np.square(u))) for u in update))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return [u * scale for u in update]
+
+
+def hide_weight_mod(msg: Message, context: Context, call_next) -> Message:
+    """Outermost mod: secaggplus_mod has already put the weight inside the masked vector;
+    zero its plaintext copy in the reply, so no single device's history length shows."""
+    reply = call_next(msg, context)
+    if reply.has_content() and "fitres.num_examples" in reply.content.metric_records:
+        reply.content.metric_records["fitres.num_examples"]["num_examples"] = 0
+    return reply
+
+
+@cache
+def client_app():
+    """The device side: a legacy ClientApp over `Device` with secaggplus_mod."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    return ClientApp(client_fn=lambda context: Device(context).to_client(),
+                     mods=[hide_weight_mod, secaggplus_mod])
+
+
+# ----------------------------------------------------------------------------- server
+
+def _record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in zip(names, arrays)})
+
+
+class SecAggFedAvg(FedAvg):
+    """Legacy FedAvg under SecAggPlusWorkflow. Every result it is handed carries the same
+    securely aggregated mean update; it adds that (plus DP noise) to the global model, or
+    takes a FedAdam step with it (fed.strategy = "fedadam"), and records every round into
+    the run like fedrec/federation/strategy.py does."""
+
+    def __init__(self, cfg: Config, run, names: list[str], initial: list[np.ndarray],
+                 population: int, k: int, done_rounds: int, server_state: dict | None = None):
+        self.cfg, self.run, self.names, self.done = cfg, run, names, done_rounds
+
+        def on_config(server_round: int) -> dict:
+            return {"server-round": server_round + done_rounds}
+
+        def on_fit_config(server_round: int) -> dict:
+            mu = {"proximal-mu": cfg.fed.proximal_mu} if cfg.fed.strategy == "fedprox" else {}
+            return {**on_config(server_round), **mu}
+
+        super().__init__(fraction_fit=1.0 if k == population else 1e-9, min_fit_clients=k,
+                         fraction_evaluate=1.0, min_evaluate_clients=population,
+                         min_available_clients=population,
+                         initial_parameters=ndarrays_to_parameters(initial),
+                         on_fit_config_fn=on_fit_config, on_evaluate_config_fn=on_config)
+        self.q = k / population  # user-level DP: sampling rate for the accountant
+        self.sent = list(initial)  # the global arrays sent this round
+        self.expected = {"train": 0, "evaluate": 0}
+        self.epsilon = EpsilonTable(server_state)  # sample-level DP: node -> its cumulative ε
+        self.stopped = ""  # why training stopped early (privacy budget)
+        self.pending = None  # (server round, arrays): server-side evaluation still to run
+        self.server_eval = run.evaluate_fn(done_rounds)
+        self.adam, self.m_t, self.v_t = None, None, None  # fedadam: Flower's FedAdam, moments
+        if cfg.fed.strategy == "fedadam":  # built as fedrec/federation/strategy.py builds it
+            from flwr.serverapp.strategy import FedAdam as MessageFedAdam
+
+            self.adam = MessageFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr,
+                                       tau=cfg.fed.server_tau)
+            for name, part in moments_from(server_state).items():  # a resumed run's moments
+                setattr(self, name, [part[n] for n in names])
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from fedrec.federation.strategy import _seeded_sampling
+        from fedrec.privacy.user_dp import user_epsilon
+
+        rnd = server_round + self.done
+        p = self.cfg.privacy
+        if not self.stopped and p.mode == "user" and p.target_epsilon > 0:
+            eps = user_epsilon(self.cfg, rnd, self.q)
+            if eps > p.target_epsilon:
+                from fedrec.privacy.accounting import label
+
+                spent = user_epsilon(self.cfg, rnd - 1, self.q) if rnd > 1 else 0.0
+                self.stopped = (f"privacy budget exhausted: round {rnd} would bring "
+                                f"{label(self.cfg)} to {eps:.3f} > privacy.target-epsilon "
+                                f"{p.target_epsilon:g} (spent after round {rnd - 1}: "
+                                f"{spent:.3f}); stopped before it")
+                self.run.log(self.stopped)
+        if self.stopped:  # the workflow halts this round and runs the rest as no-ops
+            return []
+        if server_round == 1 and self.done:  # resumed: keep the devices still here
+            self.epsilon.forget_absent(c.node_id for c in client_manager.all().values())
+        self.sent = parameters_to_ndarrays(parameters)
+        with _seeded_sampling(self.cfg.train.seed, rnd):
+            instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.expected["train"] = len(instructions)
+        return instructions
+
+    def aggregate_fit(self, server_round, results, failures):
+        rnd = server_round + self.done
+        n, p = len(results), self.cfg.privacy
+        stats = {"clients": n, "failures": self.expected["train"] - n}
+        arrays = None
+        if n and n >= self.cfg.fed.min_replies:
+            mean = parameters_to_ndarrays(results[0][1].parameters)  # the same in every result
+            if p.mode == "none":  # devices append their training loss (Device.fit)
+                stats["train-loss"] = float(mean.pop()[0])
+            if p.mode == "user" and p.noise_multiplier > 0:  # DP-FedAvg's noise, on the mean
+                std = p.noise_multiplier * p.max_grad_norm / n
+                rng = np.random.default_rng()
+                mean = [m + rng.normal(0.0, std, m.shape) for m in mean]
+            if self.adam is not None:
+                arrays = self._adam_step(rnd, mean)
+            else:
+                arrays = [(np.asarray(s, np.float64) + m).astype(s.dtype)
+                          for s, m in zip(self.sent, mean)]
+            if p.mode == "user":
+                from fedrec.privacy.user_dp import user_epsilon
+
+                stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
+        stats.update(self.epsilon.update(  # sample-level DP: devices' own ε
+            [(proxy.node_id, res.metrics) for proxy, res in results]))
+        stats["kept-previous"] = int(arrays is None)
+        self.run.on_train(rnd, dict(zip(self.names, arrays if arrays is not None else self.sent)),
+                          stats, self.server_state())
+        if arrays is None:
+            return None, {}
+        self.sent = arrays
+        return ndarrays_to_parameters(arrays), {}
+
+    def _adam_step(self, rnd: int, mean: list[np.ndarray]) -> list[np.ndarray]:
+        """Flower's FedAdam step (its aggregate_train after averaging) with the (noised)
+        secure mean update as delta_t; bias-corrected with the global round number."""
+        a = self.adam
+        delta = [m.astype(s.dtype) for s, m in zip(self.sent, mean)]
+        zeros = [np.zeros_like(d) for d in delta]
+        self.m_t = [a.beta_1 * m + (1 - a.beta_1) * d for m, d in zip(self.m_t or zeros, delta)]
+        self.v_t = [a.beta_2 * v + (1 - a.beta_2) * d ** 2
+                    for v, d in zip(self.v_t or zeros, delta)]
+        eta_norm = (a.eta * np.sqrt(1 - np.power(a.beta_2, rnd + 1.0))
+                    / (1 - np.power(a.beta_1, rnd + 1.0)))
+        return [(x + eta_norm * m / (np.sqrt(v) + a.tau)).astype(x.dtype)
+                for x, m, v in zip(self.sent, self.m_t, self.v_t)]
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """What a resumed run's server needs (fedrec/federation/server_state.py)."""
+        return pack({name: dict(zip(self.names, getattr(self, name) or []))
+                     for name in MOMENTS}, self.epsilon)
+
+    def evaluate(self, server_round, parameters):
+        """Server-side evaluation; run after the federated one, as the Message API
+        strategies order them (so a round's log line shows both)."""
+        rnd = server_round + self.done
+        if self.stopped:
+            return
+        if server_round > 0 and "train" not in self.run.rounds.get(rnd, {}):
+            # SecAgg+ halted (too few live neighbours): nothing aggregated, model kept
+            self.run.on_train(rnd, dict(zip(self.names, self.sent)),
+                              {"clients": 0, "failures": self.expected["train"],
+                               "kept-previous": 1, "secagg-halted": 1})
+        self.pending = (server_round, _record(self.names, parameters_to_ndarrays(parameters)))
+        if server_round == 0:
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        if self.pending is not None:
+            server_round, arrays = self.pending
+            self.pending = None
+            self.server_eval(server_round, arrays)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        if self.stopped or not self.run.is_eval_round(server_round + self.done):
+            self.flush_pending()
+            return []
+        instructions = super().configure_evaluate(server_round, parameters, client_manager)
+        self.expected["evaluate"] = len(instructions)
+        return instructions
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        rnd = server_round + self.done
+        self.run.record(rnd, "evaluate", {"clients": len(results),
+                                          "failures": self.expected["evaluate"] - len(results)})
+        metrics = aggregate_client_metrics([{k: float(v) for k, v in res.metrics.items()}
+                                            for _, res in results])
+        if metrics:
+            self.run.record(rnd, "federated", metrics)
+        self.flush_pending()
+        return None, metrics
+
+
+class _Timeout:
+    """The grid with fed.round-timeout as its default wait: Flower's legacy evaluate round
+    would otherwise wait for ever for a device that never answers."""
+
+    def __init__(self, grid, timeout: float):
+        self._grid, self._timeout = grid, timeout
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self._grid.send_and_receive(
+            messages, timeout=self._timeout if timeout is None else timeout)
+
+
+def max_weight(cfg: Config, run) -> float:
+    """Largest weight a device can send: 1 under DP (equal weights), else the longest
+    history (simulation; the server holds the split) or DEVICE_MAX_WEIGHT (deployment).
+    Tight is better: each device's values are scaled by weight / max_weight before
+    quantisation."""
+    if cfg.privacy.mode != "none":
+        return 1.0
+    if run.deployed:
+        return float(DEVICE_MAX_WEIGHT)
+    return float(max(1, int(np.diff(run.prepared.split.train_ptr).max())))
+
+
+def serve(grid, context: Context, cfg: Config, run) -> None:
+    """The ServerApp's main under secagg.enabled: the run (a fedrec.federation.run_store.FederatedRun)
+    trains fed.num-rounds rounds of SecAgg+ FedAvg and is finished (or resumed) as usual."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.default_workflows import default_evaluate_workflow
+
+    from fedrec.federation.strategy import clients_per_round
+
+    population = run.population
+    k = clients_per_round(cfg, population)
+    check(cfg, k, population)
+    done, arrays, state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
+    # legacy parameters are a list: send them in the model's state_dict order, which devices
+    # expect (a resumed checkpoint comes back in alphabetical order)
+    names = list((run.initial_arrays() if cfg.fed.resume else arrays).keys())
+    strategy = SecAggFedAvg(cfg, run, names, [arrays[n].numpy() for n in names], population,
+                            k, done, state)
+    s, timeout = cfg.secagg, cfg.fed.round_timeout
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=s.num_shares, reconstruction_threshold=s.reconstruction_threshold,
+            max_weight=max_weight(cfg, run), clipping_range=s.clipping_range,
+            quantization_range=s.quantization_range, modulus_range=MODULUS, timeout=timeout),
+        evaluate_workflow=lambda g, c: default_evaluate_workflow(_Timeout(g, timeout), c))
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.fed.num_rounds - done,
+                                                        round_timeout=timeout),
+                           strategy=strategy)
+    run.log(f"secure aggregation: SecAgg+ over {k} devices per round, {s.num_shares} shares, "
+            f"threshold {s.reconstruction_threshold}, values clipped to "
+            f"±{s.clipping_range:g} on {s.quantization_range} levels")
+    workflow(grid, legacy)
+    strategy.flush_pending()
+    run.finish(_record(names, strategy.sent), stopped=strategy.stopped)

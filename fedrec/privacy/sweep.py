@@ -1,0 +1,168 @@
+"""Privacy-budget experiments: accuracy against ε, for each unit of privacy.
+
+`fedrec privacy-sweep` runs one federated configuration at every target ε of a grid
+(inf = no DP), for each unit of privacy and each seed, and writes one table row per
+(unit, ε) with the privacy parameters that produced it and HR@10 / NDCG@10 mean ± std
+(federated evaluation, test at the best-validation round, as `fedrec simulate`).
+
+- unit "interaction" (privacy.mode = sample, DP-SGD on each device): each device solves
+  its own σ so that its ε over fed.num-rounds at the expected participation stays <= the
+  target (fedrec/privacy/dpsgd.py); the row's σ is the mean over the devices that trained, and
+  "ε spent" is the largest cumulative ε any device reported.
+- unit "user" (privacy.mode = user, DP-FedAvg / DP-FedAdam): σ is solved here so that
+  fed.num-rounds rounds at sample rate q = clients-per-round / users spend exactly the
+  target; the same target is the run's hard budget (fedrec/privacy/user_dp.py).
+The ε = inf row is the same run without DP, once per seed (it has no unit).
+"""
+
+import math
+from pathlib import Path
+
+from fedrec.config import Config, run_identity
+from fedrec.privacy.accounting import UNIT, describe, parse_epsilons, solve_noise_multiplier
+from fedrec.results import summarize
+
+MODES = {"interaction": "sample", "user": "user"}
+METRICS = ("sampled/hr@10", "sampled/ndcg@10")
+
+
+def user_sigma(cfg: Config, epsilon: float, population: int) -> float:
+    """σ of DP-FedAvg that spends exactly `epsilon` over fed.num-rounds rounds."""
+    k = cfg.fed.clients_per_round or population
+    return solve_noise_multiplier(target_epsilon=epsilon, delta=cfg.privacy.delta,
+                                  sample_rate=k / population, steps=cfg.fed.num_rounds,
+                                  accountant=cfg.privacy.accountant)
+
+
+def plan(cfg: Config, unit: str, epsilon: float, population: int) -> Config:
+    """The run's config for one (unit, ε) cell."""
+    if math.isinf(epsilon):
+        return cfg.override(**{"privacy.mode": "none", "privacy.target-epsilon": 0.0})
+    over = {"privacy.mode": MODES[unit], "privacy.target-epsilon": epsilon}
+    if unit == "user":
+        over["privacy.noise-multiplier"] = user_sigma(cfg, epsilon, population)
+    return cfg.override(**over)
+
+
+def cells(units: list[str], epsilons: list[float]) -> list[tuple[str, float]]:
+    """(unit, ε) pairs to run; the non-private run once, as unit "none"."""
+    out = [("none", math.inf)] if any(math.isinf(e) for e in epsilons) else []
+    return out + [(u, e) for u in units for e in epsilons if not math.isinf(e)]
+
+
+def finished(run_dir: Path, cfg: Config) -> dict | None:
+    """results.json of a run of exactly this config that ended (all rounds, or stopped by
+    its privacy budget) in run_dir, or None: such a cell need not run again, so a killed
+    sweep continues and sweeps run side by side (one per unit) combine into one table."""
+    import json
+
+    try:
+        res = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = run_identity(res.get("config", {})) == run_identity(cfg.to_flat())
+    return res if same and res.get("status") in ("completed", "stopped") and res.get(
+        "summary") else None
+
+
+def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
+    """One table row from the cell's per-seed results (results.json of each run)."""
+    trains = [[r["train"] for r in res["rounds"] if "train" in r] for res in runs]
+    sigmas = ([cfg.privacy.noise_multiplier] if unit == "user" else  # one σ for all devices
+              [t["noise-multiplier"] for ts in trains for t in ts if "noise-multiplier" in t])
+    spent = [ts[-1].get("epsilon-max", math.nan) for ts in trains if ts]
+    best = summarize([res["summary"]["best"] for res in runs])
+    return {"unit": UNIT.get(MODES.get(unit, ""), "none"), "epsilon": epsilon,
+            "epsilon-spent-max": max(spent) if spent and unit != "none" else None,
+            "delta": cfg.privacy.delta if unit != "none" else None,
+            "accountant": cfg.privacy.accountant if unit != "none" else None,
+            "assumes": describe(cfg).get("assumes") if unit == "interaction" else None,
+            "sigma": sum(sigmas) / len(sigmas) if sigmas else None,
+            "max-grad-norm": cfg.privacy.max_grad_norm if unit != "none" else None,
+            "clipping": cfg.privacy.clipping if unit == "user" else None,
+            "batch-size": cfg.train.batch_size, "local-epochs": cfg.train.local_epochs,
+            "server-lr": cfg.fed.server_lr, "server-tau": cfg.fed.server_tau, "lr": cfg.train.lr,
+            "rounds": max(len(ts) for ts in trains), "planned-rounds": cfg.fed.num_rounds,
+            "clients-per-round": cfg.fed.clients_per_round,
+            "seeds": [res["config"]["train.seed"] for res in runs],
+            **{m: best[m] for m in METRICS}}
+
+
+def plot(rows: list[dict], path: str | Path) -> Path:
+    """HR@10 against ε, one line per unit, the non-private run as a horizontal band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["unit"] == "none":
+            m, s = r["sampled/hr@10"]["mean"], r["sampled/hr@10"]["std"]
+            ax.axhline(m, color="k", lw=1, label="no DP (ε = ∞)")
+            ax.axhspan(m - s, m + s, color="k", alpha=0.1)
+            ax.axhline(0.9 * m, color="k", lw=1, ls=":", label="0.9 × no DP")
+    for unit, marker in (("interaction", "o"), ("user", "s")):
+        pts = sorted((r["epsilon"], r["sampled/hr@10"]) for r in rows if r["unit"] == unit)
+        if pts:
+            ax.errorbar([e for e, _ in pts], [v["mean"] for _, v in pts],
+                        yerr=[v["std"] for _, v in pts], marker=marker, capsize=3,
+                        label=f"unit: one {unit}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("target ε (δ in the table)")
+    ax.set_ylabel("test sampled HR@10")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str,
+        runs_dir: str | None, per_unit: dict[str, str], log=print) -> dict:
+    """Every (unit, ε) cell over the seeds (a finished cell's run directory is reused),
+    per_unit: more --run-config overrides for one unit's cells: a result file's body."""
+    from fedrec.config import parse_overrides, uses_text
+    from fedrec.data.pipeline import prepare
+    from fedrec.errors import FedrecError
+    from fedrec.experiments import check_engine, run_federated
+    from fedrec.results import run_dir_for
+
+    eps_grid = parse_epsilons(epsilons)
+    unit_list = [u.strip() for u in units.split(",") if u.strip()]
+    if not unit_list or any(u not in MODES for u in unit_list):
+        raise FedrecError(f"--units: '{units}' must name interaction and/or user")
+    check_engine(engine)
+    population = prepare(cfg, progress=True, with_text=uses_text(cfg)).split.n_users
+    base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
+    rows = []
+    for unit, eps in cells(unit_list, eps_grid):
+        c = plan(cfg.override(**parse_overrides(per_unit.get(unit, ""))), unit, eps, population)
+        results = []
+        for seed in seeds:
+            run_dir = base / f"{unit}-eps{eps:g}" / f"seed-{seed}"
+            cs = c.override(**{"train.seed": seed})
+            done = finished(run_dir, cs)
+            log(f"privacy sweep: unit {unit}, ε {eps:g}, seed {seed} -> {run_dir}"
+                f"{' (finished earlier: reused)' if done else ''}")
+            results.append(done or run_federated(cs, run_dir, engine, log))
+        rows.append(row(c, unit, eps, results))
+    return {"method": "privacy-sweep", "config": cfg.to_flat(), "seed_kind": "train.seed",
+            "rows": rows}
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(columns, cells) of the sweep's console table."""
+    from fedrec.results import fmt
+
+    opt = lambda v, spec: "-" if v is None else format(v, spec)
+    return (["unit", "ε", "ε spent", "δ", "σ", "C", "rounds", "HR@10", "NDCG@10"],
+            [[r["unit"], "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}",
+              opt(r["epsilon-spent-max"], ".2f"), opt(r["delta"], "g"), opt(r["sigma"], ".3f"),
+              opt(r["max-grad-norm"], "g"), str(r["rounds"]), fmt(r["sampled/hr@10"]),
+              fmt(r["sampled/ndcg@10"])] for r in rows])

@@ -1,0 +1,182 @@
+"""Beyond-accuracy metrics of top-k lists, and on-device re-ranking for diversity.
+
+Every evaluation reports, for each user's top-k of the full ranking (every item but the
+evaluation input's, the held-out item included: the list a user would see):
+
+- intra-list diversity ``div/ild@k``: 1 - mean pairwise cosine of the list's frozen PLM
+  item embeddings, averaged over users (the same public vectors for every method, so
+  methods compare on one scale);
+- catalog coverage ``div/coverage@k``: distinct items in all users' lists / catalog size;
+- novelty ``div/novelty@k``: mean -log2 p_i over the listed items, p_i = (training users
+  of i + 1) / (users + 1) (the +1 keeps never-trained, cold items finite).
+
+Re-ranking: maximal marginal relevance (Carbonell & Goldstein, 1998) over the top
+`pool` items by score, with the PLM cosine as the similarity (see `mmr`). lam = 0 is the
+plain ranking.
+"""
+
+import numpy as np
+
+POOL = 100
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    v = np.asarray(vectors, np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """[U, k] item indices, best first (-inf = excluded; NaN ranks last)."""
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+    k = min(k, s.shape[1])
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1)
+
+
+def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: int = POOL,
+        redundancy: str = "mean") -> np.ndarray:
+    """[U, k] items re-ranked by maximal marginal relevance; unit: [n_items, D] unit rows
+    (unused, and may be None, at lam = 0).
+
+    Greedy over each user's top `pool` items: pick argmax (1 - lam) * p_i - lam * red_i,
+    where p = softmax(scores) over the row's candidates (the model's next-item
+    distribution, so the relevance given up is the expected hit rate given up: a user
+    the model is unsure about gets more variety) and red_i the cosine of i to the items
+    already picked: their mean ("mean", the greedy step of maximising intra-list
+    diversity) or their maximum ("max", Carbonell & Goldstein's original). lam = 0 is the
+    plain ranking; useful values are small (README: about 0.05-0.1)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"diversity lambda must be in [0, 1], got {lam}")
+    if redundancy not in ("mean", "max"):
+        raise ValueError(f"redundancy must be 'mean' or 'max', got {redundancy!r}")
+    cand = top_k(scores, max(k, min(pool, scores.shape[1])))
+    if lam == 0.0:
+        return cand[:, :k]
+    s = np.asarray(scores, np.float64)
+    top = np.take_along_axis(s, cand[:, :1], 1)
+    mass = np.exp(np.where(np.isfinite(s), s - top, -np.inf)).sum(1, keepdims=True)
+    sc = np.take_along_axis(s, cand, 1)
+    rel = np.where(np.isfinite(sc), np.exp(sc - top) / mass, -np.inf)  # -inf: never listed
+    rows = np.arange(len(cand))
+    vecs = unit[cand]                                  # [U, P, D]
+    red = np.zeros(cand.shape)   # redundancy with the items picked so far (0 before any)
+    total = np.zeros(cand.shape)
+    picked = []
+    for t in range(min(k, cand.shape[1])):
+        gain = (1 - lam) * rel - lam * red
+        if picked:
+            gain[rows[:, None], np.stack(picked, 1)] = -np.inf
+        j = gain.argmax(1)
+        picked.append(j)
+        sim = np.einsum("upd,ud->up", vecs, vecs[rows, j])
+        total += sim
+        red = total / (t + 1) if redundancy == "mean" else (sim if t == 0 else np.maximum(red, sim))
+    return np.take_along_axis(cand, np.stack(picked, 1), 1)
+
+
+def intra_list_diversity(lists: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """[U] 1 - mean pairwise cosine within each list (NaN for lists under 2 items)."""
+    v = unit[lists]                                    # [U, k, D]
+    k = lists.shape[1]
+    if k < 2:
+        return np.full(len(lists), np.nan)
+    sims = np.einsum("ukd,ujd->ukj", v, v)
+    off = (sims.sum((1, 2)) - np.einsum("ukk->u", sims)) / (k * (k - 1))
+    return 1.0 - off
+
+
+def item_novelty(popularity: np.ndarray, n_users: int) -> np.ndarray:
+    """[n_items] -log2 p_i, p_i = (training users of i + 1) / (n_users + 1)."""
+    return -np.log2((np.asarray(popularity, np.float64) + 1.0) / (n_users + 1.0))
+
+
+class ListStats:
+    """Accumulates the beyond-accuracy metrics of top-k lists chunk by chunk."""
+
+    def __init__(self, n_items: int, novelty: np.ndarray, unit: np.ndarray | None, k: int):
+        self.k, self.novelty, self.unit = k, novelty, unit
+        self.seen = np.zeros(n_items, bool)
+        self.ild: list[np.ndarray] = []
+        self.nov: list[np.ndarray] = []
+
+    def add(self, lists: np.ndarray) -> None:
+        self.seen[lists.ravel()] = True
+        self.nov.append(self.novelty[lists].mean(1))
+        if self.unit is not None:
+            self.ild.append(intra_list_diversity(lists, self.unit))
+
+    def summary(self) -> dict[str, float]:
+        """NaN when no list was added (no evaluation users)."""
+        def mean(parts: list[np.ndarray]) -> float:
+            values = np.concatenate(parts) if parts else np.zeros(0)
+            return float(np.nanmean(values)) if len(values) else float("nan")
+        k = self.k
+        out = {f"div/coverage@{k}": float(self.seen.mean()) if self.nov else float("nan"),
+               f"div/novelty@{k}": mean(self.nov)}
+        if self.unit is not None:
+            out[f"div/ild@{k}"] = mean(self.ild)
+        return out
+
+
+def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k: int = 10,
+                 stage: str = "test", chunk: int = 256, redundancy: str = "mean") -> list[dict]:
+    """Full-ranking HR@k / NDCG@k and list diversity of MMR-re-ranked top-k lists, one row
+    per lambda (same users, inputs and candidates as fedrec.data.protocol.evaluate's full
+    ranking; lambda 0 reproduces its full HR@k up to ties)."""
+    from fedrec.data.protocol import scored_chunks
+
+    target = split.target(stage)
+    unit = unit_rows(item_vectors).astype(np.float32)
+    nov = item_novelty(split.item_popularity(), split.n_users)
+    stats = {lam: ListStats(split.n_items, nov, unit, k) for lam in lambdas}
+    hits = {lam: [] for lam in lambdas}
+    gains = {lam: [] for lam in lambdas}
+    discount = 1.0 / np.log2(np.arange(k) + 2.0)
+    for ub, _, s in scored_chunks(score, split, stage, chunk):
+        for lam in lambdas:
+            lists = mmr(s, unit, k, lam, redundancy=redundancy)
+            stats[lam].add(lists)
+            at = lists == target[ub][:, None]
+            hits[lam].append(at.any(1))
+            gains[lam].append((at * discount[:lists.shape[1]]).sum(1))
+    return [{"lambda": lam, f"full/hr@{k}": float(np.concatenate(hits[lam]).mean()),
+             f"full/ndcg@{k}": float(np.concatenate(gains[lam]).mean()), **stats[lam].summary()}
+            for lam in lambdas]
+
+
+def random_list_ild(item_vectors: np.ndarray) -> float:
+    """Expected ILD of a list drawn uniformly from the catalog: 1 - the mean cosine over
+    distinct item pairs (the scale's reference point: PLM vectors are anisotropic)."""
+    u = unit_rows(item_vectors)
+    n = len(u)
+    total = float(np.square(u.sum(0)).sum())  # sum over all ordered pairs, i = j included
+    return 1.0 - (total - n) / (n * (n - 1))
+
+
+def curve_runs(run_dirs: list[str], lambdas: str) -> dict:
+    """`fedrec diversity-curve`: lambda_curve on the test users of each run (seeds), mean
+    ± std per lambda: a result file's body."""
+    import torch
+
+    from fedrec.errors import FedrecError
+    from fedrec.models.train import scorer
+    from fedrec.ranking.recommend import load_for_dataset
+    from fedrec.results import summarize
+
+    try:
+        grid = [float(x) for x in lambdas.split(",")]
+    except ValueError:
+        raise FedrecError(f"--lambdas: '{lambdas}' is not a comma-separated list of numbers") from None
+    if not all(0.0 <= x <= 1.0 for x in grid):
+        raise FedrecError(f"--lambdas: every weight must be in [0, 1], got {lambdas}")
+    runs = []
+    for run_dir in run_dirs:
+        cfg, net, p = load_for_dataset(run_dir)
+        rows = lambda_curve(scorer(net, torch.from_numpy(p.item_emb)), p.split, p.item_emb, grid)
+        runs.append({"model": run_dir, "seed": cfg.train.seed, "curve": rows})
+    keys = [k for k in runs[0]["curve"][0] if k != "lambda"]
+    summary = [{"lambda": lam, **summarize([{k: r["curve"][i][k] for k in keys} for r in runs])}
+               for i, lam in enumerate(grid)]
+    return {"method": "diversity-curve (MMR)", "config": cfg.to_flat(), "runs": runs,
+            "summary": summary, "random-list-ild@10": random_list_ild(p.item_emb)}
