@@ -248,21 +248,12 @@ class SecAggFedAvg(FedAvg):
 
     def configure_fit(self, server_round, parameters, client_manager):
         from fedrec.federation.strategy import _seeded_sampling
-        from fedrec.privacy.user_dp import user_epsilon
+        from fedrec.privacy.user_dp import budget_stop
 
         rnd = server_round + self.done
-        p = self.cfg.privacy
-        if not self.stopped and p.mode == "user" and p.target_epsilon > 0:
-            eps = user_epsilon(self.cfg, rnd, self.q)
-            if eps > p.target_epsilon:
-                from fedrec.privacy.accounting import label
-
-                spent = user_epsilon(self.cfg, rnd - 1, self.q) if rnd > 1 else 0.0
-                self.stopped = (f"privacy budget exhausted: round {rnd} would bring "
-                                f"{label(self.cfg)} to {eps:.3f} > privacy.target-epsilon "
-                                f"{p.target_epsilon:g} (spent after round {rnd - 1}: "
-                                f"{spent:.3f}); stopped before it")
-                self.run.log(self.stopped)
+        if not self.stopped and (stop := budget_stop(self.cfg, rnd, self.q)):
+            self.stopped = stop
+            self.run.log(stop)
         if self.stopped:  # the workflow halts this round and runs the rest as no-ops
             return []
         if server_round == 1 and self.done:  # resumed: keep the devices still here

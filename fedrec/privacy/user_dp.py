@@ -45,6 +45,21 @@ def user_epsilon(cfg, rounds: int, sample_rate: float) -> float:
     return acc.epsilon(cfg.privacy.delta)
 
 
+def budget_stop(cfg, rnd: int, sample_rate: float) -> str:
+    """Why round `rnd` must not run (its user-level ε would exceed privacy.target-epsilon),
+    or "" when it may; both strategies (this wrapper, fedrec/federation/secagg.py) ask it."""
+    p = cfg.privacy
+    if p.mode != "user" or p.target_epsilon <= 0:
+        return ""
+    eps = user_epsilon(cfg, rnd, sample_rate)
+    if eps <= p.target_epsilon:
+        return ""
+    spent = user_epsilon(cfg, rnd - 1, sample_rate) if rnd > 1 else 0.0
+    return (f"privacy budget exhausted: round {rnd} would bring {label(cfg)} to {eps:.3f} > "
+            f"privacy.target-epsilon {p.target_epsilon:g} (spent after round {rnd - 1}: "
+            f"{spent:.3f}); stopped before it")
+
+
 def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int = 0):
     p = cfg.privacy
     if cfg.fed.strategy not in ("fedavg", "fedprox", "fedadam"):
@@ -61,14 +76,8 @@ def wrap_user_dp(cfg, strategy, run, population: int, k: int, done_rounds: int =
 
     class UserDP(base):
         def configure_train(self, server_round, arrays, config, grid):
-            rnd = server_round + done_rounds
-            eps = user_epsilon(cfg, rnd, q)
-            if p.target_epsilon > 0 and eps > p.target_epsilon:
-                spent = user_epsilon(cfg, rnd - 1, q) if rnd > 1 else 0.0
-                raise BudgetExhausted(
-                    f"privacy budget exhausted: round {rnd} would bring {label(cfg)} to "
-                    f"{eps:.3f} > privacy.target-epsilon {p.target_epsilon:g} (spent after "
-                    f"round {rnd - 1}: {spent:.3f}); stopped before it", arrays)
+            if stop := budget_stop(cfg, server_round + done_rounds, q):
+                raise BudgetExhausted(stop, arrays)
             self.start_round()
             return super().configure_train(server_round, arrays, config, grid)
 
