@@ -125,6 +125,25 @@ def _load_cached(path: Path, ds: Dataset, k: int) -> Split | None:
     return s if ok else None
 
 
+def leave_one_out(items: np.ndarray, cold: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """(validation item, test item, training items) of one user's time-ordered history:
+    the last two are held out when there are at least 3 (else -1, -1 and all of them);
+    unreleased (cold) items never train. The split of every user here and of a real
+    device's own history (fedrec/deployment/device.py)."""
+    val = test = -1
+    if len(items) >= 3:
+        val, test, items = int(items[-2]), int(items[-1]), items[:-2]
+    return val, test, items[~cold[items]]
+
+
+def untouched(items: np.ndarray, n_items: int) -> np.ndarray:
+    """The evaluation-negative pool of a user: every item outside `items` (all of the
+    user's interactions, held-out ones included)."""
+    seen = np.zeros(n_items, bool)
+    seen[items] = True
+    return np.flatnonzero(~seen)
+
+
 def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Split:
     rng = np.random.default_rng(seed)
     n_u, n_i = ds.n_users, ds.n_items
@@ -134,19 +153,15 @@ def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Spli
     val, test = np.full(n_u, -1, np.int64), np.full(n_u, -1, np.int64)
     train = []
     for u in range(n_u):
-        items = ds.items[ptr[u]:ptr[u + 1]]  # time order (Dataset invariant)
-        if len(items) >= 3:
-            val[u], test[u], items = items[-2], items[-1], items[:-2]
-        train.append(items[~cold[items]])
+        val[u], test[u], items = leave_one_out(ds.items[ptr[u]:ptr[u + 1]], cold)  # time order
+        train.append(items)
     train_ptr = np.concatenate([[0], np.cumsum([len(t) for t in train])]).astype(np.int64)
     train_items = np.concatenate(train).astype(np.int64) if train else np.zeros(0, np.int64)
     negs = {}
     for stage in ("val", "test"):
         out = np.full((n_u, k), -1, np.int64)
         for u in np.flatnonzero(test >= 0):
-            seen = np.zeros(n_i, bool)
-            seen[ds.items[ptr[u]:ptr[u + 1]]] = True  # every interaction, held-out included
-            pool = np.flatnonzero(~seen)
+            pool = untouched(ds.items[ptr[u]:ptr[u + 1]], n_i)
             take = min(k, len(pool))
             out[u, :take] = rng.choice(pool, size=take, replace=False)
         negs[stage] = out

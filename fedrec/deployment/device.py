@@ -158,17 +158,12 @@ def read_history(path: Path, catalog: Catalog) -> np.ndarray:
 
 def client_data(seq: np.ndarray, catalog: Catalog, eval_negatives: int, seed: int) -> ClientData:
     """Leave-one-out on one device's own history (DESIGN.md protocol, per user)."""
-    n = catalog.n_items
-    val = test = -1
-    train = seq
-    if len(seq) >= 3:
-        val, test, train = int(seq[-2]), int(seq[-1]), seq[:-2]
-    train = train[~catalog.cold[train]]  # new items have no training interactions
+    from fedrec.data.protocol import leave_one_out, untouched
+
+    val, test, train = leave_one_out(seq, catalog.cold)
     negs = {s: np.full(eval_negatives, -1, np.int64) for s in ("val", "test")}
     if test >= 0:
-        seen = np.zeros(n, bool)
-        seen[seq] = True  # held-out items included: candidates the user never touched
-        pool = np.flatnonzero(~seen)
+        pool = untouched(seq, catalog.n_items)
         rng = np.random.default_rng(seed)
         take = min(eval_negatives, len(pool))
         for s in ("val", "test"):
