@@ -345,8 +345,12 @@ AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
                                   "the sweep, its trained model")))
 
 
-def audit_table() -> str:
-    found = [(res, what) for name, what in AUDITS if (res := _load(name, v1=True))]
+AUDITS_V2 = (("audit-seq.json", "v2 seq+id (default), fresh model"),
+             ("audit-seq-trained.json", "v2 seq+id (default), trained federated model"))
+
+
+def audit_table(audits=AUDITS, v1: bool = True) -> str:
+    found = [(res, what) for name, what in audits if (res := _load(name, v1=v1))]
     if not found:
         return ""
     stats = list(found[0][0]["rows"][0]["auc"])
@@ -358,7 +362,7 @@ def audit_table() -> str:
             unit = r["privacy"]["unit"]
             spent = r.get("epsilon_spent") or {}
             sigma = r.get("noise_multiplier_mean")
-            rows.append(f"| {what} | {'no DP' if unit == 'none' else 'DP-SGD, unit: one ' + unit} | "
+            rows.append(f"| {what} | {'no DP' if unit == 'none' else 'DP-SGD, unit: ' + _one(unit)} | "
                         f"{'∞' if r['epsilon'] is None else format(r['epsilon'], 'g')} | "
                         f"{'-' if not sigma else format(sigma, '.3f')} | "
                         f"{format(spent['max'], '.2f') if spent else '-'} | "
@@ -372,6 +376,10 @@ def audit_table() -> str:
                                  f" {max(abs(v - 0.5) for v in r['auc'].values()):.3f}"
                                  for r in res["rows"]) + ".")
     return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
+
+
+def _one(unit: str) -> str:
+    return unit if unit.startswith("block") else "one " + unit
 
 
 def bench_dp_table() -> str:
@@ -511,6 +519,7 @@ def main() -> None:
     for name, make in (("reliability", reliability_table), ("privacy-sweep", sweep_table),
                        ("privacy-tuning", privacy_tuning_table),
                        ("audit", audit_table), ("bench-dp", bench_dp_table),
+                       ("audit-v2", lambda: audit_table(AUDITS_V2, v1=False)),
                        ("explain", explain_table), ("diversity", diversity_table)):
         blocks[name] = make()
     blocks.update(bench_tables())

@@ -53,12 +53,14 @@ def _audit(tiny_root, overrides, users=12):
     return audit(cfg, p.item_emb, p.split, arrays, targets(p.split, users, 0), log=lambda *_: None)
 
 
-def test_attack_finds_members_in_a_leaky_setting_and_dp_hides_them(tiny_root):
-    leaky = _audit(tiny_root, {"train.local-epochs": 20})  # no DP, many local epochs
+@pytest.mark.parametrize("model", [{}, {"model.kind": "seq", "model.user-embedding": False}],
+                         ids=["text", "seq"])  # the v1 text model, the v2 SeqRec
+def test_attack_finds_members_in_a_leaky_setting_and_dp_hides_them(tiny_root, model):
+    leaky = _audit(tiny_root, {**model, "train.local-epochs": 20})  # no DP
     assert set(leaky["auc"]) == set(STATS)
     assert leaky["best"]["auc"] > 0.75 and leaky["epsilon_spent"]["max"] == float("inf")
-    private = _audit(tiny_root, {"train.local-epochs": 20, "privacy.mode": "sample",
-                                 "privacy.target-epsilon": 1.0})
+    private = _audit(tiny_root, {**model, "train.local-epochs": 20,
+                                 "privacy.mode": "sample", "privacy.target-epsilon": 1.0})
     assert 0 < private["epsilon_spent"]["max"] <= 1.0 and private["noise_multiplier_mean"] > 1
     assert private["best"]["auc"] < leaky["best"]["auc"] - 0.15
 
