@@ -12,6 +12,9 @@ Device directory (node_config ``data-dir``; ``fedrec device prepare`` writes one
                                   the catalog. Elsewhere: node_config ``catalog``.
       cache/embeddings/<fp>.npz   catalog embeddings, written by the device on its first
                                   round (the PLM runs once per catalog and model).
+      state/<run key>/            its user-local state and DP-SGD accountant after each
+                                  round it trains, so a resumed run continues them
+                                  (fedrec/federation/local_store.py).
 
 SuperNode node_config keys (``flower-supernode --node-config "data-dir='/path'"``):
 
@@ -23,11 +26,14 @@ SuperNode node_config keys (``flower-supernode --node-config "data-dir='/path'"`
 A device reads only these paths: never data.dataset or data.cache-dir of the run config
 (those are the server's). On devices every message runs in a fresh ClientApp process,
 so nothing in memory survives between rounds: the embeddings come from the on-disk cache
-and the user-local parameters from context.state.
+and the user-local parameters from context.state (in a resumed run, from state/).
 
 The device applies the evaluation protocol to its own history: last interaction = test,
 second-to-last = validation (with at least 3), and the sampled-ranking candidates are
 drawn by the device, with data.split-seed, from catalog items it never touched.
+
+Size: the device's whole file format (catalog, history, embedding cache with its model
+fingerprints) and its error messages, one per field, live here together.
 """
 
 import csv

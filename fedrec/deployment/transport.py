@@ -11,6 +11,9 @@ SuperNodes whose OpenSSH EC public key was registered (``flwr supernode register
 The checks catch the usual deployment mistakes (expired certificate, missing SAN, swapped
 keys, wrong CA) before Flower reports them as a failed handshake. Credentials are secrets:
 never write them inside the repository.
+
+Size: writing the credentials and checking them (expiry, SANs, key/certificate match,
+OpenSSH node keys) share this module's parsing helpers, so they stay together.
 """
 
 import datetime as dt
