@@ -195,17 +195,26 @@ def test_node_config_quoting():
 # ----------------------------------------------------------------------------- real processes
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+def _wait_for(what: str, check, timeout: float, logs):
+    """Poll `check` until it returns something true (that value); fail with `logs()`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout}s\n{logs()}")
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"process exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
+                return True
         except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"port {port} not open after {timeout}s:\n{log.read_text()[-3000:]}")
+            return False
+    _wait_for(f"port {port} open", listening, timeout, lambda: log.read_text()[-3000:])
 
 
 class Deployment:
@@ -297,8 +306,7 @@ def test_two_devices_train_over_tls_with_registered_keys(deployment, world):
         log = out.stdout + out.stderr
     except subprocess.TimeoutExpired as exc:
         log = f"flwr run timed out: {exc.stdout}"
-    results = json.loads((run_dir / "results.json").read_text()) if (
-        run_dir / "results.json").is_file() else {}
+    results = _results(run_dir)
     nodes = "".join((d.root / f"supernode-{i}.log").read_text()[-2000:] for i in range(2))
     assert results.get("status") == "completed", log[-4000:] + nodes
     assert (run_dir / "final.safetensors").is_file()
@@ -344,15 +352,6 @@ def _results(run_dir: Path) -> dict:
 
 def _trained(results: dict) -> list[int]:
     return [r["round"] for r in results.get("rounds", []) if "train" in r]
-
-
-def _wait_for(what: str, check, timeout: float, logs):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout}s\n{logs()}")
 
 
 RESTART_ROUNDS = 6

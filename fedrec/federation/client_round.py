@@ -26,7 +26,7 @@ class Job(NamedTuple):
     user: int
     round: int
     simulated: bool
-    accountant: dict | None  # this device's DP-SGD accountant history (fedrec/privacy/accounting.py), if any
+    accountant: dict | None  # this device's DP-SGD accountant history, if any
 
 
 def load_job(msg: Message, context: Context, training: bool) -> Job:

@@ -16,9 +16,10 @@ state it had before it. The two newest files are kept: the older one is still ne
 the run is killed in the round the newer one was written in; files of later rounds can
 only be an abandoned run's and are removed.
 
-`restore` / `keep` are what both client paths (fedrec/federation/client_round.py, fedrec/federation/secagg.py)
-call: the user-local parameters and the DP-SGD accountant history ("privacy/<key>"
-arrays on disk), so a resumed device's ε continues instead of restarting.
+`restore` / `keep` are what both client paths (fedrec/federation/client_round.py,
+fedrec/federation/secagg.py) call: the user-local parameters and the DP-SGD accountant
+history ("privacy/<key>" arrays on disk), so a resumed device's ε continues instead of
+restarting.
 """
 
 import hashlib
@@ -81,7 +82,8 @@ def restore(context, cfg, user: int, server_round: int, training: bool, simulate
     local, acc = None, context.state.get(PRIVACY)
     if LOCAL in context.state:
         local = {k: a.numpy() for k, a in context.state[LOCAL].items()}
-    elif cfg.fed.resume and (d := device_dir(context, cfg, user, simulated)) is not None:
+    elif (PRIVACY not in context.state and cfg.fed.resume  # not yet kept in this run
+          and (d := device_dir(context, cfg, user, simulated)) is not None):
         disk = load_local(d, server_round if training else server_round + 1) or {}
         local = {k: v for k, v in disk.items() if not k.startswith("privacy/")} or None
         if acc is None and "privacy/steps" in disk:  # ε continues rather than restarting
@@ -98,9 +100,9 @@ def keep(context, cfg, user: int, server_round: int, simulated: bool,
 
     disk = dict(new_local)
     if accountant is not None:
-        context.state[PRIVACY] = ConfigRecord(accountant.to_state())
-        disk.update({f"privacy/{k}": np.asarray(v) for k, v in accountant.to_state().items()
-                     if k in ACCOUNTANT_ON_DISK})
+        state = accountant.to_state()
+        context.state[PRIVACY] = ConfigRecord(state)
+        disk.update({f"privacy/{k}": np.asarray(state[k]) for k in ACCOUNTANT_ON_DISK})
     if new_local:
         context.state[LOCAL] = ArrayRecord({k: Array(v) for k, v in new_local.items()})
     if disk and (d := device_dir(context, cfg, user, simulated)) is not None:

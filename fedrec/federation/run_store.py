@@ -5,11 +5,12 @@ Layout (every file written to a temp name, then renamed):
   results.json             per-round records + summary (status "running" -> "completed");
                            rewritten at the end of every round. A round's "train" record
                            holds the aggregated client metrics and "clients" (replies
-                           aggregated), "failures" and "failures/<reason>" (dropped, by
-                           fedrec/federation/replies.py's reasons), "kept-previous" (1: too few valid
-                           replies, the global model stayed), "update-norm-median"/"-max" (of
-                           the valid updates, before bounding) and "clipped" (updates bounded
-                           by fed.max-update-norm); its "evaluate" record counts the same way
+                           aggregated), "failures" and "failures/<reason>" (dropped,
+                           by fedrec/federation/replies.py's reasons), "kept-previous"
+                           (1: too few valid replies, the global model stayed),
+                           "update-norm-median"/"-max" (of the valid updates, before
+                           bounding) and "clipped" (updates bounded by
+                           fed.max-update-norm); its "evaluate" record counts the same way
   metrics.csv              one row per round
   checkpoints/round-NNNN.safetensors   the global federated parameters after round NNNN
                            (as aggregated, or kept), exact dtype: what a resumed run sends

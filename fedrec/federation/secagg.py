@@ -5,10 +5,10 @@ module: the server runs `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` 
 legacy FedAvg inside a `LegacyContext` (`serve`, called by server/app.py), and each device
 answers through a NumPyClient-style legacy ClientApp with `secaggplus_mod` (`client_app`,
 to which clients/app.py hands every message when the config says so). Rounds are recorded
-into fedrec.federation.run_store.FederatedRun exactly like the Message API path (results.json, metrics.csv,
-checkpoints, final.safetensors), and devices keep their user-local state and DP-SGD
-accountant in context.state and, simulated, on their disk (fedrec.federation.local_store), so a
-resumed run continues both.
+into fedrec.federation.run_store.FederatedRun exactly like the Message API path
+(results.json, metrics.csv, checkpoints, final.safetensors), and devices keep their
+user-local state and DP-SGD accountant in context.state and on their own disk
+(fedrec.federation.local_store), so a resumed run continues both.
 
 A round, per device: it trains with fedrec.federation.local.local_update, computes its update
 d = trained - global (federated parameters only), under privacy.mode = "user" clips it to
@@ -384,8 +384,8 @@ def max_weight(cfg: Config, run) -> float:
 
 
 def serve(grid, context: Context, cfg: Config, run) -> None:
-    """The ServerApp's main under secagg.enabled: the run (a fedrec.federation.run_store.FederatedRun)
-    trains fed.num-rounds rounds of SecAgg+ FedAvg and is finished (or resumed) as usual."""
+    """The ServerApp's main under secagg.enabled: the run (a FederatedRun) trains
+    fed.num-rounds rounds of SecAgg+ FedAvg and is finished (or resumed) as usual."""
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.default_workflows import default_evaluate_workflow

@@ -1,6 +1,6 @@
 """What a resumed run's server needs besides the global model, in one place for both
-strategies (fedrec/federation/strategy.py, the SecAgg+ one in fedrec/federation/secagg.py): FedAdam's moments
-and the per-device ε table. Saved flat with every checkpoint
+strategies (strategy.py, the SecAgg+ one in secagg.py): FedAdam's moments and the
+per-device ε table. Saved flat with every checkpoint
 (``checkpoints/round-NNNN.server.safetensors``: "m_t/<array>", "v_t/<array>",
 "epsilon/<node id>") and read back by FederatedRun.resume.
 """

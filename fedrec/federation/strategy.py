@@ -189,8 +189,9 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             return metrics
 
         def _compute_deltat_and_mt(self, aggregated):  # FedAdam's step (FedOpt) only
-            """User-level DP with FedAdam (fedrec/privacy/user_dp.py): noise on the mean update, before
-            the server optimizer sees it, so Adam's moments are post-processing."""
+            """User-level DP with FedAdam (fedrec/privacy/user_dp.py): noise on the mean
+            update, before the server optimizer sees it, so Adam's moments are
+            post-processing."""
             if self.mean_noise_std > 0:
                 aggregated = add_noise(aggregated, self.mean_noise_std)
             return super()._compute_deltat_and_mt(aggregated)

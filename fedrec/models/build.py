@@ -43,7 +43,17 @@ class Adapter(nn.Module):
         return self.mlp(x) + self.skip(x)
 
 
-class TextRec(nn.Module):
+class ItemTable:
+    """The item-side question SeqRec answers (`item_table`), for the v1 models too:
+    every model scores <h_u, h_i> + b_i, so callers such as the audit need no case."""
+
+    def item_table(self, E: torch.Tensor, idx: torch.Tensor):
+        """E [N, text_dim] rows of items idx [N] -> h [N, d], b [N]."""
+        h, b, _ = self.items(E, idx)
+        return h, b
+
+
+class TextRec(ItemTable, nn.Module):
     """Item side from frozen text embeddings; user side pooled from the user's history.
 
     pooling "none": no user tower at all (no attention, no user adapter): h_u is the
@@ -96,7 +106,7 @@ class TextRec(nn.Module):
         return h if local is None else h + local
 
 
-class FedMF(nn.Module):
+class FedMF(ItemTable, nn.Module):
     """ID-based peer: item vectors and biases are federated, the user vector is local."""
 
     uses_history = False

@@ -7,8 +7,8 @@ settings) and it knows the public catalog embeddings E. For each candidate item 
 computes statistics of Δ alone; members are the user's training items, non-members as
 many random catalog items outside them. The audit reports the ROC AUC of each statistic
 (0.5 = the attacker learns nothing; below 0.5 the statistic separates members the
-other way). Statistics, for the model's item side h(X), b(X) (`item_side`: SeqRec's item
-table, or the v1 models' items) and score s(X) = <h_u, h(X)> + b(X):
+other way). Statistics, for the model's item side h(X), b(X) = model.item_table(E_X) and
+score s(X) = <h_u, h(X)> + b(X):
 
 - bias:        b1(X) - b0(X), the change of the item's score bias.
 - item-vector: <ĥ_u, h1(X) - h0(X)>, the change of the item vector along the user vector
@@ -106,22 +106,13 @@ def targets(split, n_users: int, seed: int) -> list[tuple[int, np.ndarray, np.nd
     return out
 
 
-def item_side(model, E: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h [N, d], b [N]) of items idx (E: their rows): the v2 SeqRec's item table or the v1
-    models' item side; the same shape of score, <h_u, h_i> + b_i, in every model."""
-    if hasattr(model, "item_table"):
-        return model.item_table(E, idx)
-    h, b, _ = model.items(E, idx)
-    return h, b
-
-
 class _Score(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.m = model
 
     def forward(self, e, i, hu):
-        h, b = item_side(self.m, e[None], i[None])
+        h, b = self.m.item_table(e[None], i[None])
         return h[0] @ hu + b[0]
 
 
@@ -149,7 +140,7 @@ def attack_scores(cfg, E: np.ndarray, before: dict, after: dict, items: np.ndarr
     everything = torch.arange(n_items)
     x = torch.from_numpy(np.asarray(items, np.int64))
     with torch.no_grad():
-        (h0, b0), (h1, b1) = item_side(m0, E_t, everything), item_side(m1, E_t, everything)
+        (h0, b0), (h1, b1) = m0.item_table(E_t, everything), m1.item_table(E_t, everything)
         dh, db = h1 - h0, b1 - b0
         dhc, dbc = dh - dh.mean(0), db - db.mean()
         hu = dhc.T @ dbc / dbc.dot(dbc).clamp_min(1e-30)  # Δh(X) ≈ Δb(X) h_u, over the catalog
