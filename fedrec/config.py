@@ -32,6 +32,7 @@ class DataConfig:
     cold_fraction: float
     split_seed: int
     eval_negatives: int
+    users: int  # > 0: the first `users` of a seeded permutation (nested subsets), 0 = all
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ def _validate(cfg: Config) -> None:
             raise FedrecError(f"config: '{key}' must be > 0; got {_short(flat[key])}")
     checks = [
         ("data.cold-fraction", 0.0 <= flat["data.cold-fraction"] < 1.0, "in [0, 1)"),
+        ("data.users", flat["data.users"] >= 0, ">= 0 (0 = every user)"),
         ("model.dropout", 0.0 <= flat["model.dropout"] < 1.0, "in [0, 1)"),
         ("model.id-dropout", 0.0 <= flat["model.id-dropout"] < 1.0, "in [0, 1)"),
         ("train.negatives", flat["train.negatives"] >= 1, ">= 1"),
@@ -357,7 +359,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               # v2 (recommender-v2): the keys of the seq model and central training
               "model.item-text": True, "model.layers": 2, "model.heads": 1,
               "model.max-len": 50, "central.optimizer": "adam",
-              "model.id-dropout": 0.0}
+              "model.id-dropout": 0.0,
+              "data.users": 0}  # population study (issue 14): 0 = every user
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

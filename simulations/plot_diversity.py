@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedrec.files import save_figure
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -36,7 +38,7 @@ def main() -> None:
     ax.set_title(f"MMR re-ranking, {len(res['runs'])} runs")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=130)
+    save_figure(fig, args.out, dpi=130)
     print(f"wrote {args.out}")
 
 

@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedrec.files import save_figure
+
 METRICS = ("full/hr@10", "sampled/hr@10")
 
 
@@ -53,10 +55,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(args.out)
+    save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

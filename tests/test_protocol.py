@@ -207,3 +207,24 @@ def test_split_invariants(rows, cold_fraction, seed):
     if ds.n_items > max(np.diff(s.train_ptr), default=0):
         negs = sample_negatives(s, users, 3, np.random.default_rng(seed))
         assert not s.in_train(users[:, None], negs).any()
+
+
+def test_population_subsets_are_nested_and_keep_each_users_split():
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), t) for u in range(40)
+            for t, i in enumerate(rng.choice(30, size=6, replace=False))]
+    full = make_split(dataset(rows, 30), 0.2, 3, 5)
+    small, large = protocol.population(full, 10, 3), protocol.population(full, 20, 3)
+    assert (small.n_users, large.n_users) == (10, 20)
+
+    def users_of(s):  # each subset user's (history, val, test, negatives), as a key
+        return {(tuple(s.history(u)), int(s.val[u]), int(s.test[u]),
+                 tuple(s.test_negatives[u])) for u in range(s.n_users)}
+
+    assert users_of(small) < users_of(large) < users_of(full)  # nested, split unchanged
+    assert np.array_equal(small.cold, full.cold) and small.n_items == full.n_items
+    assert small.train_ptr[-1] == len(small.train_items)
+    assert protocol.population(full, 0, 3) is full
+    assert users_of(protocol.population(full, 10, 4)) != users_of(small)  # seeded
+    with pytest.raises(FedrecError, match="data.users.*exceeds the 40 users"):
+        protocol.population(full, 41, 3)

@@ -7,7 +7,7 @@ import numpy as np
 from fedrec.config import Config
 from fedrec.data.datasets import Dataset, data_home, load_dataset
 from fedrec.data.encoder import embed_texts
-from fedrec.data.protocol import Split, make_split
+from fedrec.data.protocol import Split, make_split, population
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ def catalog_vectors(cfg: Config, prepared: Prepared | None = None) -> np.ndarray
 def prepare(cfg: Config, progress: bool = False, with_text: bool = True) -> Prepared:
     d = cfg.data
     ds = load_dataset(d.dataset, d.cache_dir)
-    split = make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives, d.cache_dir)
+    split = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives,
+                                  d.cache_dir), d.users, d.split_seed)
     if with_text:
         emb = embed_texts(ds.item_texts(d.item_template), data_home(d.cache_dir),
                           cfg.encoder.model_dir, cfg.encoder.batch_size, cfg.encoder.max_length,

@@ -85,6 +85,17 @@ class Split:
     def _train_keys(self) -> np.ndarray:
         return np.sort(self.train_users * self.n_items + self.train_items)
 
+    def subset(self, users: np.ndarray) -> "Split":
+        """The same split restricted to `users` (renumbered 0..len-1 in that order): each
+        keeps its training history, held-out items and evaluation negatives; the catalog
+        and its cold items stay as they are."""
+        users = np.asarray(users, np.int64)
+        parts = [self.history(u) for u in users]
+        ptr = np.concatenate([[0], np.cumsum([len(h) for h in parts])]).astype(np.int64)
+        items = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        return Split(self.n_items, ptr, items, self.val[users], self.test[users], self.cold,
+                     self.val_negatives[users], self.test_negatives[users])
+
     def in_train(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Broadcast mask: is `items` one of `users`' training items?"""
         keys = self._train_keys
@@ -123,6 +134,19 @@ def _load_cached(path: Path, ds: Dataset, k: int) -> Split | None:
           and s.cold.shape == (ds.n_items,) and s.train_ptr[-1] == len(s.train_items)
           and s.val_negatives.shape == s.test_negatives.shape == (n_u, k))
     return s if ok else None
+
+
+def population(split: Split, n: int, seed: int) -> Split:
+    """The first `n` users of a permutation seeded by `seed` (n = 0: all of them), so
+    smaller populations are nested in larger ones: the population study of
+    docs/privacy.md (accuracy under user-level DP against the number of users)."""
+    if not n or n == split.n_users:
+        return split
+    if n > split.n_users:
+        raise FedrecError(f"config: 'data.users' = {n} exceeds the {split.n_users} users of "
+                          "the dataset; use at most that many (0 = every user)")
+    order = np.random.default_rng([seed, 0x5EED]).permutation(split.n_users)
+    return split.subset(np.sort(order[:n]))
 
 
 def leave_one_out(items: np.ndarray, cold: np.ndarray) -> tuple[int, int, np.ndarray]:

@@ -3,7 +3,8 @@
 `fedrec privacy-sweep` runs one federated configuration at every target ε of a grid
 (inf = no DP), for each unit of privacy and each seed, and writes one table row per
 (unit, ε) with the privacy parameters that produced it and HR@10 / NDCG@10 mean ± std
-(federated evaluation, test at the best-validation round, as `fedrec simulate`).
+(federated evaluation, test at the best-validation round, as `fedrec simulate`), full
+ranking beside sampled, and the population (users) it ran on.
 
 - unit "interaction" (privacy.mode = sample, DP-SGD on each device): each device solves
   its own σ so that its ε over fed.num-rounds at the expected participation stays <= the
@@ -19,11 +20,12 @@ import math
 from pathlib import Path
 
 from fedrec.config import Config, run_identity
+from fedrec.files import save_figure
 from fedrec.privacy.accounting import UNIT, describe, parse_epsilons, solve_noise_multiplier
 from fedrec.results import summarize
 
 MODES = {"interaction": "sample", "user": "user"}
-METRICS = ("sampled/hr@10", "sampled/ndcg@10")
+METRICS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10", "sampled/ndcg@10")
 
 
 def user_sigma(cfg: Config, epsilon: float, population: int) -> float:
@@ -65,7 +67,7 @@ def finished(run_dir: Path, cfg: Config) -> dict | None:
         "summary") else None
 
 
-def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
+def row(cfg: Config, unit: str, epsilon: float, runs: list[dict], population: int) -> dict:
     """One table row from the cell's per-seed results (results.json of each run)."""
     trains = [[r["train"] for r in res["rounds"] if "train" in r] for res in runs]
     sigmas = ([cfg.privacy.noise_multiplier] if unit == "user" else  # one σ for all devices
@@ -83,44 +85,41 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict]) -> dict:
             "batch-size": cfg.train.batch_size, "local-epochs": cfg.train.local_epochs,
             "server-lr": cfg.fed.server_lr, "server-tau": cfg.fed.server_tau, "lr": cfg.train.lr,
             "rounds": max(len(ts) for ts in trains), "planned-rounds": cfg.fed.num_rounds,
-            "clients-per-round": cfg.fed.clients_per_round,
+            "clients-per-round": cfg.fed.clients_per_round, "population": population,
             "seeds": [res["config"]["train.seed"] for res in runs],
-            **{m: best[m] for m in METRICS}}
+            "per-seed": {m: [res["summary"]["best"][m] for res in runs] for m in METRICS},
+            **{m: best[m] for m in METRICS if m in best}}
 
 
 def plot(rows: list[dict], path: str | Path) -> Path:
-    """HR@10 against ε, one line per unit, the non-private run as a horizontal band."""
+    """Full and sampled HR@10 against ε, one line per unit, the non-private run as a
+    horizontal band and 0.9 x it dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if r["unit"] == "none":
-            m, s = r["sampled/hr@10"]["mean"], r["sampled/hr@10"]["std"]
-            ax.axhline(m, color="k", lw=1, label="no DP (ε = ∞)")
-            ax.axhspan(m - s, m + s, color="k", alpha=0.1)
-            ax.axhline(0.9 * m, color="k", lw=1, ls=":", label="0.9 × no DP")
-    for unit, marker in (("interaction", "o"), ("user", "s")):
-        pts = sorted((r["epsilon"], r["sampled/hr@10"]) for r in rows if r["unit"] == unit)
-        if pts:
-            ax.errorbar([e for e, _ in pts], [v["mean"] for _, v in pts],
-                        yerr=[v["std"] for _, v in pts], marker=marker, capsize=3,
-                        label=f"unit: one {unit}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("target ε (δ in the table)")
-    ax.set_ylabel("test sampled HR@10")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("full/hr@10", "sampled/hr@10")):
+        for r in rows:
+            if r["unit"] == "none" and key in r:
+                m, s = r[key]["mean"], r[key]["std"]
+                ax.axhline(m, color="k", lw=1, label="no DP (ε = ∞)")
+                ax.axhspan(m - s, m + s, color="k", alpha=0.1)
+                ax.axhline(0.9 * m, color="k", lw=1, ls=":", label="0.9 × no DP")
+        for unit, marker in (("interaction", "o"), ("user", "s")):
+            pts = sorted((r["epsilon"], r[key]) for r in rows if r["unit"] == unit and key in r)
+            if pts:
+                ax.errorbar([e for e, _ in pts], [v["mean"] for _, v in pts],
+                            yerr=[v["std"] for _, v in pts], marker=marker, capsize=3,
+                            label=f"unit: one {unit}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("target ε (δ in the table)")
+        ax.set_ylabel(f"test {key.split('/')[0]} HR@10")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str,
@@ -151,7 +150,7 @@ def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str
             log(f"privacy sweep: unit {unit}, ε {eps:g}, seed {seed} -> {run_dir}"
                 f"{' (finished earlier: reused)' if done else ''}")
             results.append(done or run_federated(cs, run_dir, engine, log))
-        rows.append(row(c, unit, eps, results))
+        rows.append(row(c, unit, eps, results, population))
     return {"method": "privacy-sweep", "config": cfg.to_flat(), "seed_kind": "train.seed",
             "rows": rows}
 
@@ -161,8 +160,9 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     from fedrec.results import fmt
 
     opt = lambda v, spec: "-" if v is None else format(v, spec)
-    return (["unit", "ε", "ε spent", "δ", "σ", "C", "rounds", "HR@10", "NDCG@10"],
+    return (["unit", "ε", "ε spent", "δ", "σ", "C", "rounds", "full HR@10", "full NDCG@10",
+             "sampled HR@10"],
             [[r["unit"], "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}",
               opt(r["epsilon-spent-max"], ".2f"), opt(r["delta"], "g"), opt(r["sigma"], ".3f"),
-              opt(r["max-grad-norm"], "g"), str(r["rounds"]), fmt(r["sampled/hr@10"]),
-              fmt(r["sampled/ndcg@10"])] for r in rows])
+              opt(r["max-grad-norm"], "g"), str(r["rounds"]), fmt(r["full/hr@10"]),
+              fmt(r["full/ndcg@10"]), fmt(r["sampled/hr@10"])] for r in rows])
