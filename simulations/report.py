@@ -7,6 +7,7 @@ files listed in TABLES. No number in those blocks is ever typed by hand.
 """
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -246,6 +247,119 @@ def sweep_table() -> str:
             rows.append(f"At ε = 8, unit one {unit}: {ratio:.2f} x the non-private HR@10 ("
                         + ("meets" if ratio >= 0.9 else "misses") + " the 0.9 x target).")
     rows.append("\n![privacy-utility](results/v1/privacy_sweep.png)")
+    return "\n".join(rows)
+
+
+V2 = "privacy-v2"  # results/privacy-v2: the sweep, levers and population study on v2
+
+
+def _ratio(row: dict, base: dict | None, key: str) -> str:
+    return "-" if not base or key not in row else format(row[key]["mean"] / base[key]["mean"], ".2f")
+
+
+def _unit(r: dict) -> str:
+    return {"none": "none (no DP)", "user": "one user (whole history)",
+            "interaction": "one block of <= 51 interactions" if r.get("assumes") is None
+            and r.get("model-kind", "seq") == "seq" else "one interaction"}[r["unit"]]
+
+
+def sweep_v2_table() -> str:
+    """The v2 sweep: full and sampled HR@10 per (unit, ε), each against the no-DP run."""
+    res = _load(f"{V2}/sweep.json")
+    if not res:
+        return ""
+    rows = [("| unit of privacy | target ε | ε spent (max) | δ | accountant | σ | C | batch x local "
+            "epochs | rounds | clients/round | full HR@10 | full NDCG@10 | sampled HR@10 | "
+            "full HR@10 / no DP | sampled / no DP |"), "|" + "---|" * 15]
+    base = next((r for r in res["rows"] if r["unit"] == "none"), None)
+    opt = lambda v, f: "-" if v is None else format(v, f)
+    for r in res["rows"]:
+        eps = "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}"
+        rows.append(f"| {_unit(r)} | {eps} | {opt(r['epsilon-spent-max'], '.2f')} | "
+                    f"{opt(r['delta'], 'g')} | {r['accountant'] or '-'} | {opt(r['sigma'], '.3f')} | "
+                    f"{'-' if r['max-grad-norm'] is None else _clip(r)} | {_batch(r)} | "
+                    f"{r['rounds']} | {r['clients-per-round']} | {fmt(r['full/hr@10'])} | "
+                    f"{fmt(r['full/ndcg@10'])} | {fmt(r['sampled/hr@10'])} | "
+                    f"{_ratio(r, base, 'full/hr@10')} | {_ratio(r, base, 'sampled/hr@10')} |")
+    seeds = ",".join(str(s) for s in res["rows"][0]["seeds"])
+    rows.append(f"\nSeeds {seeds} (train.seed), {res['rows'][0]['population']} users, commit "
+                f"{res['machine']['commit'][:7]}; `{res['command']}`")
+    for unit, need in (("user", 0.9), ("interaction", 0.7)):
+        at8 = next((r for r in res["rows"] if r["unit"] == unit and r["epsilon"] == 8), None)
+        if base and at8:
+            full, samp = (at8[k]["mean"] / base[k]["mean"] for k in ("full/hr@10", "sampled/hr@10"))
+            rows.append(f"At ε = 8, unit {_unit(at8)}: {full:.2f} x the non-private full HR@10, "
+                        f"{samp:.2f} x its sampled HR@10 (target {need:g} x: "
+                        + ("met" if min(full, samp) >= need else "not met") + ").")
+    rows.append(f"\n![privacy-utility](results/{V2}/sweep.png)")
+    return "\n".join(rows)
+
+
+LEVERS = {  # name: what the lever changes against the sweep's user-level settings
+    "server-lr-0.03": "server lr 0.03 (sweep: 0.01), private run only",
+    "clip-0.5": "C = 0.5 (sweep: 0.25)",
+    "adaptive-clipping": "adaptive clipping (median quantile), C from 0.5",
+    "local-epochs-4": "4 local epochs per round (sweep: 2), C = 0.5 (0.6 x its median norm)",
+    "text-only": "text-only items (no ID vectors: 112,129 federated parameters, not 221,459), "
+                 "both runs",
+    "full-participation": "q = 1: every user in each of 2 rounds (the same 1,880 device "
+                          "updates as 20 rounds of 94), both runs",
+}
+
+
+def levers_table() -> str:
+    """Each lever: its own non-private run and ε = 8 user-level run (seed 0)."""
+    sweep = _load(f"{V2}/sweep.json")
+    found = [(name, what, res) for name, what in LEVERS.items()
+             if (res := _load(f"{V2}/lever-{name}.json"))]
+    if not found:
+        return ""
+    rows = [("| lever | no DP full HR@10 | ε = 8 full HR@10 | full ratio | sampled ratio | σ | C | "
+            "rounds x clients | result file |"), "|" + "---|" * 9]
+
+    def add(label, res_rows, file, seed_only):
+        base = next(r for r in res_rows if r["unit"] == "none")
+        priv = next(r for r in res_rows if r["unit"] == "user" and r["epsilon"] == 8)
+        pick = (lambda r, k: r["per-seed"][k][r["seeds"].index(0)]) if seed_only else (
+            lambda r, k: r[k]["mean"])
+        f, s = ((pick(priv, k) / pick(base, k)) for k in ("full/hr@10", "sampled/hr@10"))
+        rows.append(f"| {label} | {pick(base, 'full/hr@10'):.4f} | {pick(priv, 'full/hr@10'):.4f} | "
+                    f"{f:.2f} | {s:.2f} | {priv['sigma']:.3f} | {_clip(priv)} | "
+                    f"{priv['rounds']} x {priv['clients-per-round'] or priv['population']} | "
+                    f"`{file}` |")
+
+    if sweep:
+        add("the sweep's settings (seed 0 of its cells)", sweep["rows"], f"results/{V2}/sweep.json",
+            True)
+    for name, what, res in found:
+        add(what, res["rows"], f"results/{V2}/lever-{name}.json", True)
+    cmd = found[0][2]["command"].split(" --units")[0]
+    rows.append(f"\nSeed 0, ε = 8 (unit: one user), 943 users, each row against its own "
+                f"non-private run. `simulations/privacy_v2.sh levers` (e.g. `{cmd} ...`).")
+    return "\n".join(rows)
+
+
+def population_table() -> str:
+    res = _load(f"{V2}/population.json")
+    if not res:
+        return ""
+    runs = {str(r["population"]): r for r in res["runs"]}
+    rows = [("| users | clients/round | σ | full HR@10 ratio (ε = 8 / no DP), per seed | mean ± std "
+            "| sampled ratio mean |"), "|---|---|---|---|---|---|"]
+    for p, v in sorted(res["points"].items(), key=lambda kv: int(kv[0])):
+        r, samp = runs.get(p, {}), res["sampled"]["points"][p]
+        rows.append(f"| {p} | {r.get('clients-per-round', '-')} | {r.get('sigma', float('nan')):.3f} | "
+                    + ", ".join(f"{x:.2f}" for x in v["ratios"])
+                    + f" | {v['mean']:.3f} ± {v['std']:.3f} | {samp['mean']:.3f} |")
+    star, b = res["population-at-target"], res["bootstrap"]
+    say = lambda x: f"{x:,.0f}" if math.isfinite(x) else "never"
+    rows.append(f"\nFit on full HR@10: 1 - ratio = {math.exp(res['log-a']):.3g} x N^-{res['b']:.2f}; "
+                f"it reaches {res['target']:g} x at **N ≈ {say(star)} users** (90% bootstrap interval "
+                f"over seeds {say(b['p05'])}-{say(b['p95'])}; {b['share-never'] * 100:.0f}% of "
+                f"replicates never reach it). On sampled HR@10: N ≈ "
+                f"{say(res['sampled']['population-at-target'])}. Commit "
+                f"{res['machine']['commit'][:7]}; `{res['command']}`")
+    rows.append(f"\n![population study](results/{V2}/population.png)")
     return "\n".join(rows)
 
 
@@ -520,7 +634,9 @@ def main() -> None:
                        ("privacy-tuning", privacy_tuning_table),
                        ("audit", audit_table), ("bench-dp", bench_dp_table),
                        ("audit-v2", lambda: audit_table(AUDITS_V2, v1=False)),
-                       ("explain", explain_table), ("diversity", diversity_table)):
+                       ("explain", explain_table), ("diversity", diversity_table),
+                       ("privacy-sweep-v2", sweep_v2_table), ("privacy-levers", levers_table),
+                       ("population", population_table)):
         blocks[name] = make()
     blocks.update(bench_tables())
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
