@@ -258,9 +258,9 @@ def _ratio(row: dict, base: dict | None, key: str) -> str:
 
 
 def _unit(r: dict) -> str:
-    return {"none": "none (no DP)", "user": "one user (whole history)",
-            "interaction": "one block of <= 51 interactions" if r.get("assumes") is None
-            and r.get("model-kind", "seq") == "seq" else "one interaction"}[r["unit"]]
+    """The unit a row's ε protects (the sweep stores what fedrec.privacy.accounting names)."""
+    return {"none": "none (no DP)", "user": "one user (whole history)"}.get(
+        r["unit"], f"one {r.get('unit-detail', r['unit'])}")
 
 
 def sweep_v2_table() -> str:

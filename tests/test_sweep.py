@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from fedrec.errors import FedrecError
@@ -56,8 +57,11 @@ def test_cli_writes_a_table_json_and_plot_naming_the_unit(cfg, run_cli, tmp_path
     assert [(r["unit"], r["epsilon"]) for r in rows] == [
         ("none", math.inf), ("interaction", 8), ("user", 8)]
     for r in rows:
-        assert r["seeds"] == [0, 1] and r["rounds"] == 2
-        assert 0 <= r["sampled/hr@10"]["mean"] <= 1
+        assert r["seeds"] == [0, 1] and r["rounds"] == 2 and r["population"] > 0
+        assert 0 <= r["sampled/hr@10"]["mean"] <= 1 and 0 <= r["full/hr@10"]["mean"] <= 1
+        per_seed = r["per-seed"]["full/hr@10"]
+        assert len(per_seed) == 2 and np.mean(per_seed) == pytest.approx(r["full/hr@10"]["mean"])
+    assert [r["unit-detail"] for r in rows] == ["none", "interaction", "user"]
     assert rows[1]["assumes"] == "history pool public" and rows[1]["sigma"] > 0
     assert 0 < rows[1]["epsilon-spent-max"] and 0 < rows[2]["epsilon-spent-max"] <= 8
     assert rows[2]["delta"] == cfg.privacy.delta and rows[2]["accountant"] == "rdp"

@@ -74,7 +74,8 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict], population: in
               [t["noise-multiplier"] for ts in trains for t in ts if "noise-multiplier" in t])
     spent = [ts[-1].get("epsilon-max", math.nan) for ts in trains if ts]
     best = summarize([res["summary"]["best"] for res in runs])
-    return {"unit": UNIT.get(MODES.get(unit, ""), "none"), "epsilon": epsilon,
+    return {"unit": UNIT.get(MODES.get(unit, ""), "none"), "unit-detail": describe(cfg)["unit"],
+            "epsilon": epsilon,
             "epsilon-spent-max": max(spent) if spent and unit != "none" else None,
             "delta": cfg.privacy.delta if unit != "none" else None,
             "accountant": cfg.privacy.accountant if unit != "none" else None,
