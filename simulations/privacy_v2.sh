@@ -4,9 +4,11 @@
 #   2. the population study: the ε = 8 user-level cell and its non-private run on nested
 #      user subsets of ml-100k (data.users = 118, 236, 471; 943 is the sweep itself) at the
 #      same sample rate q = 0.1, seeds 0,1,2, then the fitted trend;
-#   3. the levers, one seed each at ε = 8 (user unit) against their own non-private run.
+#   3. the levers, one seed each at ε = 8 against their own non-private run (user unit;
+#      two for the block unit).
 #
-#   simulations/privacy_v2.sh [sweep|population|levers|fit|report]...   # default: all
+#   simulations/privacy_v2.sh [sweep|population|levers|inter_levers|fit|report]...
+#                                                    # default: all, in that order
 #
 # Finished cells are reused, so a killed script continues where it stopped, and parts
 # can run at once (SERIAL=1: a part's two halves in turn rather than side by side).
@@ -74,6 +76,23 @@ lever() {  # NAME "overrides of both cells" ["overrides of the private cell only
     --units user --epsilons inf,8 --seeds 0 --runs-dir "$RUNS/lever-$1" --json "$OUT/lever-$1.json"
 }
 
+inter_lever() {  # NAME "overrides of both cells" ["overrides of the private cell only"]
+  local same="$RUNS/lever-$1/none-epsinf/seed-0"  # the user lever of that name: same no-DP run
+  [ -z "$2" ] && same="$RUNS/sweep/none-epsinf/seed-0"
+  if [ -d "$same" ]; then
+    mkdir -p "$RUNS/lever-interaction-$1/none-epsinf"
+    cp -rn "$same" "$RUNS/lever-interaction-$1/none-epsinf/"
+  fi
+  $FEDREC privacy-sweep --run-config "$BASE $2" --interaction-run-config "$INTER_CFG ${3:-}" \
+    --units interaction --epsilons inf,8 --seeds 0 --runs-dir "$RUNS/lever-interaction-$1" \
+    --json "$OUT/lever-interaction-$1.json"
+}
+
+inter_levers() {  # the unit of one block: fewer federated parameters, a tighter clip
+  side_by_side 'inter_lever text-only "model.id-embeddings=false"' \
+               'inter_lever clip-0.3 "" "privacy.max-grad-norm=0.3"' inter-levers
+}
+
 levers() {
   side_by_side 'lever server-lr-0.03 "" "fed.server-lr=0.03"
                 lever clip-0.5 "" "privacy.max-grad-norm=0.5"
@@ -86,6 +105,6 @@ levers() {
 
 report() { .venv/bin/python simulations/report.py; }
 
-for step in "${@:-sweep population levers fit report}"; do
+for step in "${@:-sweep population levers inter_levers fit report}"; do
   for s in $step; do "$s"; done
 done

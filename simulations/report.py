@@ -295,47 +295,50 @@ def sweep_v2_table() -> str:
     return "\n".join(rows)
 
 
-LEVERS = {  # name: what the lever changes against the sweep's user-level settings
-    "server-lr-0.03": "server lr 0.03 (sweep: 0.01), private run only",
-    "clip-0.5": "C = 0.5 (sweep: 0.25)",
-    "adaptive-clipping": "adaptive clipping (median quantile), C from 0.5",
-    "local-epochs-4": "4 local epochs per round (sweep: 2), C = 0.5 (0.6 x its median norm)",
-    "text-only": "text-only items (no ID vectors: 112,129 federated parameters, not 221,459), "
-                 "both runs",
-    "full-participation": "q = 1: every user in each of 2 rounds (the same 1,880 device "
-                          "updates as 20 rounds of 94), both runs",
+LEVERS = {  # result file name: what the lever changes against the sweep's settings of its unit
+    "lever-server-lr-0.03": "server lr 0.03 (sweep: 0.01), private run only",
+    "lever-clip-0.5": "C = 0.5 (sweep: 0.25)",
+    "lever-adaptive-clipping": "adaptive clipping (median quantile), C from 0.5",
+    "lever-local-epochs-4": "4 local epochs per round (sweep: 2), C = 0.5 (0.6 x its median norm)",
+    "lever-text-only": "text-only items (no ID vectors: 112,129 federated parameters, not 221,459), "
+                       "both runs",
+    "lever-full-participation": "q = 1: every user in each of 2 rounds (the same 1,880 device "
+                                "updates as 20 rounds of 94), both runs",
+    "lever-interaction-text-only": "text-only items (112,129 federated parameters), both runs",
+    "lever-interaction-clip-0.3": "C = 0.3 on each block's gradient (sweep: 1)",
 }
 
 
 def levers_table() -> str:
-    """Each lever: its own non-private run and ε = 8 user-level run (seed 0)."""
+    """Each lever: its own non-private run and ε = 8 run (seed 0), the unit named."""
     sweep = _load(f"{V2}/sweep.json")
     found = [(name, what, res) for name, what in LEVERS.items()
-             if (res := _load(f"{V2}/lever-{name}.json"))]
+             if (res := _load(f"{V2}/{name}.json"))]
     if not found:
         return ""
-    rows = [("| lever | no DP full HR@10 | ε = 8 full HR@10 | full ratio | sampled ratio | σ | C | "
-            "rounds x clients | result file |"), "|" + "---|" * 9]
+    rows = [("| unit | lever | no DP full HR@10 | ε = 8 full HR@10 | full ratio | sampled ratio | σ | "
+            "C | rounds x clients | result file |"), "|" + "---|" * 10]
 
-    def add(label, res_rows, file, seed_only):
+    def add(unit, label, res_rows, file):
         base = next(r for r in res_rows if r["unit"] == "none")
-        priv = next(r for r in res_rows if r["unit"] == "user" and r["epsilon"] == 8)
-        pick = (lambda r, k: r["per-seed"][k][r["seeds"].index(0)]) if seed_only else (
-            lambda r, k: r[k]["mean"])
+        priv = next(r for r in res_rows if r["unit"] == unit and r["epsilon"] == 8)
+        pick = lambda r, k: r["per-seed"][k][r["seeds"].index(0)]  # seed 0: one per lever
         f, s = ((pick(priv, k) / pick(base, k)) for k in ("full/hr@10", "sampled/hr@10"))
-        rows.append(f"| {label} | {pick(base, 'full/hr@10'):.4f} | {pick(priv, 'full/hr@10'):.4f} | "
-                    f"{f:.2f} | {s:.2f} | {priv['sigma']:.3f} | {_clip(priv)} | "
-                    f"{priv['rounds']} x {priv['clients-per-round'] or priv['population']} | "
-                    f"`{file}` |")
+        rows.append(f"| {_unit(priv)} | {label} | {pick(base, 'full/hr@10'):.4f} | "
+                    f"{pick(priv, 'full/hr@10'):.4f} | {f:.2f} | {s:.2f} | {priv['sigma']:.3f} | "
+                    f"{_clip(priv)} | {priv['rounds']} x "
+                    f"{priv['clients-per-round'] or priv['population']} | `{file}` |")
 
-    if sweep:
-        add("the sweep's settings (seed 0 of its cells)", sweep["rows"], f"results/{V2}/sweep.json",
-            True)
-    for name, what, res in found:
-        add(what, res["rows"], f"results/{V2}/lever-{name}.json", True)
+    for unit in ("user", "interaction"):
+        if sweep:
+            add(unit, "the sweep's settings (seed 0 of its cells)", sweep["rows"],
+                f"results/{V2}/sweep.json")
+        for name, what, res in found:
+            if any(r["unit"] == unit for r in res["rows"]):
+                add(unit, what, res["rows"], f"results/{V2}/{name}.json")
     cmd = found[0][2]["command"].split(" --units")[0]
-    rows.append(f"\nSeed 0, ε = 8 (unit: one user), 943 users, each row against its own "
-                f"non-private run. `simulations/privacy_v2.sh levers` (e.g. `{cmd} ...`).")
+    rows.append(f"\nSeed 0, ε = 8, 943 users, each row against its own non-private run; "
+                f"`simulations/privacy_v2.sh levers inter_levers` (e.g. `{cmd} ...`).")
     return "\n".join(rows)
 
 

@@ -60,7 +60,7 @@ def fit(points: dict[int, list[float]], target: float = 0.9, boots: int = 2000,
             "bootstrap": {"replicates": boots, "seed": seed, "p05": lo, "median": med,
                           "p95": hi, "share-never": float(np.mean(np.isinf(stars)))},
             "points": {str(int(p)): {"ratios": r.tolist(), "mean": float(r.mean()),
-                                     "std": float(r.std(ddof=1)) if len(r) > 1 else 0.0}
+                                     "std": float(r.std())}  # population std, as summarize
                        for p, r in zip(pops, ratios)}}
 
 
