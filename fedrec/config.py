@@ -56,6 +56,7 @@ class ModelConfig:
     heads: int        # seq: attention heads (divide model.dim)
     max_len: int      # seq: history items the encoder reads
     id_dropout: float  # seq with text and IDs: share of items trained without their ID vector
+    public_warm_start: int  # seq with text: epochs of pretraining on the public catalog (0 = off)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ def _validate(cfg: Config) -> None:
         ("data.users", flat["data.users"] >= 0, ">= 0 (0 = every user)"),
         ("model.dropout", 0.0 <= flat["model.dropout"] < 1.0, "in [0, 1)"),
         ("model.id-dropout", 0.0 <= flat["model.id-dropout"] < 1.0, "in [0, 1)"),
+        ("model.public-warm-start", flat["model.public-warm-start"] >= 0, ">= 0 (0 = off)"),
         ("train.negatives", flat["train.negatives"] >= 1, ">= 1"),
         ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
@@ -287,6 +289,12 @@ def _validate(cfg: Config) -> None:
         (seq and flat["privacy.mode"] == "sample" and flat["fed.proximal-mu"] > 0
          and flat["fed.strategy"] == "fedprox",
          "privacy.mode = 'sample' does not support FedProx's proximal term; use fedadam or fedavg"),
+        (flat["model.public-warm-start"] and not (seq and flat["model.item-text"]),
+         ("'model.public-warm-start' pretrains the item adapter on catalog text: it needs "
+          "model.kind = 'seq' with model.item-text = true; set it to 0")),
+        (flat["model.public-warm-start"] and flat["fed.min-nodes"] > 0,
+         ("'model.public-warm-start' runs on the server, and a deployed server does not run "
+          "the PLM; set it to 0 for fed.min-nodes > 0")),
         (not seq and not flat["model.item-text"],
          "model.item-text = false (ID-only items) is for model.kind = 'seq'"),
         (flat["model.kind"] == "text" and flat["model.pooling"] == "none"
@@ -360,7 +368,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "model.item-text": True, "model.layers": 2, "model.heads": 1,
               "model.max-len": 50, "central.optimizer": "adam",
               "model.id-dropout": 0.0,
-              "data.users": 0}  # population study (issue 14): 0 = every user
+              "data.users": 0,  # population study (issue 14): 0 = every user
+              "model.public-warm-start": 0}  # privacy levers (issue 14): off
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

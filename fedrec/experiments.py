@@ -50,7 +50,8 @@ def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False) -> di
         log(f"centralized {cfg.model.kind}, seed {seed}")
         t0 = time.time()
         r = train_central(cfg.override(**{"train.seed": seed}), p.split, p.item_emb,
-                          log=(lambda *_: None) if quiet else log, item_vectors=vectors)
+                          log=(lambda *_: None) if quiet else log, item_vectors=vectors,
+                          item_fields=p.dataset.item_fields)
         runs.append({"seed": seed, "best": r["best"], "final": r["final"],
                      "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
                      "seconds": time.time() - t0, "curve": r["curve"]})

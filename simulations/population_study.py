@@ -48,12 +48,12 @@ def main() -> None:
                     r["clients-per-round"], "sigma": r["sigma"], "command": sw.get("command")}
                    for f, r, sw in zip(args.sweeps, user_rows, sweeps)]
     write_result(args.json, {"method": "population-study", **res})
-    star, b = res["population-at-target"], res["bootstrap"]
+    star = res["population-at-target"]
     print(f"{res['metric']} ratio at ε = {args.epsilon:g}: "
           + ", ".join(f"N={p}: {v['mean']:.3f}" for p, v in res["points"].items())
           + f"; trend reaches {args.target:g}x at N = "
-          + (f"{star:.0f}" if math.isfinite(star) else "never")
-          + f" (90% bootstrap {b['p05']:.0f}-{b['p95']:.0f})")
+          + (f"{star:,.0f}" if math.isfinite(star) else "never")
+          + f" (90% bootstrap {population.interval(res)})")
     if args.plot:
         population.plot(res, args.plot)
         print(f"wrote {args.plot}")

@@ -99,7 +99,8 @@ levers() {
                 lever adaptive-clipping "" "privacy.clipping='"'"'adaptive'"'"' privacy.max-grad-norm=0.5"
                 lever local-epochs-4 "train.local-epochs=4" "privacy.max-grad-norm=0.5"' \
                'lever text-only "model.id-embeddings=false"
-                lever full-participation "fed.clients-per-round=0 fed.num-rounds=2 fed.eval-every=2"' \
+                lever full-participation "fed.clients-per-round=0 fed.num-rounds=2 fed.eval-every=2"
+                lever public-warm-start "model.public-warm-start=5"' \
                levers
 }
 

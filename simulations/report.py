@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedrec.privacy import population
 from fedrec.results import fmt
 
 TABLES = {
@@ -304,6 +305,8 @@ LEVERS = {  # result file name: what the lever changes against the sweep's setti
                        "both runs",
     "lever-full-participation": "q = 1: every user in each of 2 rounds (the same 1,880 device "
                                 "updates as 20 rounds of 94), both runs",
+    "lever-public-warm-start": "public warm start: 5 epochs on catalog genre sessions before "
+                               "round 1 (no user data), both runs",
     "lever-interaction-text-only": "text-only items (112,129 federated parameters), both runs",
     "lever-interaction-clip-0.3": "C = 0.3 on each block's gradient (sweep: 1)",
 }
@@ -358,9 +361,10 @@ def population_table() -> str:
     say = lambda x: f"{x:,.0f}" if math.isfinite(x) else "never"
     rows.append(f"\nFit on full HR@10: 1 - ratio = {math.exp(res['log-a']):.3g} x N^-{res['b']:.2f}; "
                 f"it reaches {res['target']:g} x at **N ≈ {say(star)} users** (90% bootstrap interval "
-                f"over seeds {say(b['p05'])}-{say(b['p95'])}; {b['share-never'] * 100:.0f}% of "
+                f"over seeds {population.interval(res)}; {b['share-never'] * 100:.0f}% of "
                 f"replicates never reach it). On sampled HR@10: N ≈ "
-                f"{say(res['sampled']['population-at-target'])}. Commit "
+                f"{say(res['sampled']['population-at-target'])} "
+                f"({population.interval(res['sampled'])}). Commit "
                 f"{res['machine']['commit'][:7]}; `{res['command']}`")
     rows.append(f"\n![population study](results/{V2}/population.png)")
     return "\n".join(rows)

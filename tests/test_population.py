@@ -27,6 +27,16 @@ def test_bootstrap_interval_widens_with_seed_noise_and_holds_the_estimate():
     assert boot["p95"] / boot["p05"] > 1.1
 
 
+def test_interval_names_an_upper_end_the_data_cannot_bound():
+    res = population.fit({100: [0.7, 0.7], 200: [0.75, 0.75]}, boots=20)
+    res["bootstrap"].update(p05=1800.0, p95=4.2e3)
+    assert population.interval(res) == "1,800 to 4,200"
+    res["bootstrap"]["p95"] = 1.7e8  # past 100 x the largest population (200)
+    assert population.interval(res) == "1,800 to unbounded (> 20,000)"
+    res["bootstrap"]["p95"] = math.inf
+    assert population.interval(res).endswith("unbounded (> 20,000)")
+
+
 def test_a_gap_that_does_not_shrink_never_reaches_the_target():
     res = population.fit({100: [0.7, 0.7], 1000: [0.6, 0.6]}, boots=20)
     assert res["b"] < 0 and math.isinf(res["population-at-target"])

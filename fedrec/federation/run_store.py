@@ -51,6 +51,7 @@ from fedrec.errors import FedrecError
 from fedrec.files import atomic_path, write_text_atomic
 from fedrec.models.build import build_model, model_from_arrays, reads_history
 from fedrec.models.train import scorer
+from fedrec.models.warm_start import warm_start
 from fedrec.privacy.accounting import describe
 from fedrec.privacy.accounting import label as privacy_label
 from fedrec.results import SELECT as SELECT_KEY
@@ -90,6 +91,10 @@ class FederatedRun:
     def initial_arrays(self) -> ArrayRecord:
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg, self.text_dim, self.n_items)
+        if self.cfg.model.public_warm_start:  # simulation only (config): public data, no budget
+            p = self.prepared
+            warm_start(model, self.cfg, p.item_emb, p.dataset.item_fields, p.split.released,
+                       self.log)
         return _to_record({k: v.numpy() for k, v in model.state_dict().items()})
 
     def is_eval_round(self, rnd: int) -> bool:

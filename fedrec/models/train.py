@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 from fedrec.config import Config
 from fedrec.data.protocol import Split, evaluate, sample_negatives
+from fedrec.errors import FedrecError
 from fedrec.models.build import build_model, init_local_users, pool_history, uses_local_user
 from fedrec.models.seqrec import SeqRec, batch_inputs, target_mask, windows
+from fedrec.models.warm_start import warm_start
 from fedrec.results import CURVE_KEYS, SELECT
 
 
@@ -189,24 +191,26 @@ def make_optimizer(model, local, cfg: Config) -> torch.optim.Optimizer:
     groups = [{"params": list(model.parameters()), "weight_decay": cfg.train.weight_decay}]
     if local is not None:
         groups.append({"params": [local], "weight_decay": 0.0})
-    return _optimizer(cfg.train.optimizer, groups, cfg.train.lr)
+    return named_optimizer(cfg.train.optimizer, groups, cfg.train.lr)
 
 
-def _optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+def named_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     if name == "sgd":  # plain steps keep gradient magnitudes for averaging
         return torch.optim.SGD(groups, lr=lr)
     return torch.optim.Adam(groups, lr=lr)
 
 
 def train_central(cfg: Config, split: Split, E: np.ndarray, log=print,
-                  item_vectors: np.ndarray | None = None) -> dict:
+                  item_vectors: np.ndarray | None = None,
+                  item_fields: list[dict[str, str]] | None = None) -> dict:
     """Centralized training of the same model on all users' data: the accuracy ceiling.
 
     It has its own optimizer and learning rate (central.*), so a change of the device's
     train.optimizer never changes the reference. Model selection by validation full
     HR@10 only (results.SELECT); returns test metrics at the best-validation epoch and at the final epoch,
     plus the per-epoch curve. item_vectors: the PLM embeddings list diversity is measured
-    in (default E; pipeline.catalog_vectors for a model that reads no text).
+    in (default E; pipeline.catalog_vectors for a model that reads no text). item_fields:
+    the public catalog's fields, for model.public-warm-start (fedrec.models.warm_start).
     """
     div = E if item_vectors is None else item_vectors
     torch.manual_seed(cfg.train.seed)
@@ -215,6 +219,11 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print,
     cfg = cfg.override(**{"train.batch-size": cfg.central.batch_size, "train.lr": cfg.central.lr,
                           "train.optimizer": cfg.central.optimizer})
     model = build_model(cfg, E.shape[1], split.n_items)
+    if cfg.model.public_warm_start:
+        if item_fields is None:
+            raise FedrecError("model.public-warm-start: train_central needs the catalog's "
+                              "item_fields (the public data it pretrains on)")
+        warm_start(model, cfg, E, item_fields, split.released, log)
     local = None
     if uses_local_user(cfg):
         local = init_local_users(split.n_users, cfg.model.dim, cfg.model.kind,

@@ -91,6 +91,14 @@ def study(sweeps: list[dict], epsilon: float = 8.0, key: str = "full/hr@10",
     return {"epsilon": epsilon, "metric": key, **fit(points, target, boots)}
 
 
+def interval(res: dict) -> str:
+    """The 90% bootstrap interval of N* in words: an upper end past 100x the largest
+    population measured (or never reached) is an extrapolation the data cannot bound."""
+    b, cap = res["bootstrap"], 100 * max(int(p) for p in res["points"])
+    hi = b["p95"]
+    return f"{b['p05']:,.0f} to " + (f"{hi:,.0f}" if hi <= cap else f"unbounded (> {cap:,})")
+
+
 def plot(res: dict, path: str | Path) -> Path:
     """The measured ratio per population (mean ± std over seeds), the fitted trend and the
     target line, population on a log axis."""
@@ -102,7 +110,7 @@ def plot(res: dict, path: str | Path) -> Path:
     pops = sorted(int(p) for p in res["points"])
     mean = [res["points"][str(p)]["mean"] for p in pops]
     std = [res["points"][str(p)]["std"] for p in pops]
-    star, hi = res["population-at-target"], res["bootstrap"]["p95"]
+    star = res["population-at-target"]
     right = max(pops) * 4 if not math.isfinite(star) else max(max(pops) * 1.5, star * 1.5)
     grid = np.geomspace(min(pops) * 0.8, right, 200)
     trend = 1.0 - np.exp(res["log-a"]) * grid ** -res["b"]
@@ -112,8 +120,7 @@ def plot(res: dict, path: str | Path) -> Path:
     ax.axhline(res["target"], color="k", ls=":", lw=1, label=f"{res['target']:g} x no DP")
     if math.isfinite(star):
         ax.axvline(star, color="gray", lw=1, ls="--",
-                   label=f"N* = {star:.0f} (90% CI {res['bootstrap']['p05']:.0f}-"
-                   + (f"{hi:.0f})" if math.isfinite(hi) else "never)"))
+                   label=f"N* = {star:,.0f} (90%: {interval(res)})")
     ax.set_xscale("log")
     ax.set_xlabel("users in the federation (ml-100k subsets)")
     ax.set_ylabel(f"{res['metric']} at ε = {res['epsilon']:g} / no DP")

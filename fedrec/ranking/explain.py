@@ -50,15 +50,21 @@ def pick_reasons(drop: torch.Tensor) -> list[list[int]]:
     return out
 
 
+def item_terms(item: dict[str, str]) -> list[tuple[str, str]]:
+    """(field, term) of an item's list-like catalog fields (genres, tags: comma, | or ;
+    separated; not title or year), in the item's order."""
+    return [(field, t) for field, value in item.items() if field not in _SKIP_FIELDS and value
+            for t in _SPLIT.split(value) if t]
+
+
 def shared_terms(item: dict[str, str], reasons: list[dict[str, str]]) -> list[str]:
-    """The text-level reason: values of list-like catalog fields (genres, tags: comma, |
-    or ; separated) that the item shares with its reasons, in the item's order."""
+    """The text-level reason: the terms of list-like catalog fields that the item shares
+    with its reasons, in the item's order."""
+    theirs = {ft for r in reasons for ft in item_terms(r)}
     terms = []
-    for field, value in item.items():
-        if field in _SKIP_FIELDS or not value:
-            continue
-        theirs = {t for r in reasons for t in _SPLIT.split(r.get(field) or "") if t}
-        terms += [t for t in _SPLIT.split(value) if t and t in theirs and t not in terms]
+    for field, t in item_terms(item):
+        if (field, t) in theirs and t not in terms:
+            terms.append(t)
     return terms
 
 
