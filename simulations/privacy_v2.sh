@@ -5,7 +5,7 @@
 #      user subsets of ml-100k (data.users = 118, 236, 471; 943 is the sweep itself) at the
 #      same sample rate q = 0.1, seeds 0,1,2, then the fitted trend;
 #   3. the levers, one seed each at ε = 8 against their own non-private run (user unit;
-#      two for the block unit).
+#      two for the block unit); text-only items, the one that beat the sweep, with three.
 #
 #   simulations/privacy_v2.sh [sweep|population|levers|inter_levers|fit|report]...
 #                                                    # default: all, in that order
@@ -67,13 +67,14 @@ fit() {  # the trend, from the three subsets and the sweep (943 users)
     "$OUT/sweep.json" --json "$OUT/population.json" --plot "$OUT/population.png"
 }
 
-lever() {  # NAME "overrides of both cells" ["overrides of the private cell only"]
+lever() {  # NAME "overrides of both cells" ["overrides of the private cell only"] [seeds]
   if [ -z "$2" ] && [ -d "$RUNS/sweep/none-epsinf/seed-0" ]; then  # same non-private run
     mkdir -p "$RUNS/lever-$1/none-epsinf"
     cp -rn "$RUNS/sweep/none-epsinf/seed-0" "$RUNS/lever-$1/none-epsinf/"
   fi
   $FEDREC privacy-sweep --run-config "$BASE $2" --user-run-config "$USER_CFG ${3:-}" \
-    --units user --epsilons inf,8 --seeds 0 --runs-dir "$RUNS/lever-$1" --json "$OUT/lever-$1.json"
+    --units user --epsilons inf,8 --seeds "${4:-0}" --runs-dir "$RUNS/lever-$1" \
+    --json "$OUT/lever-$1.json"
 }
 
 inter_lever() {  # NAME "overrides of both cells" ["overrides of the private cell only"]
@@ -98,7 +99,7 @@ levers() {
                 lever clip-0.5 "" "privacy.max-grad-norm=0.5"
                 lever adaptive-clipping "" "privacy.clipping='"'"'adaptive'"'"' privacy.max-grad-norm=0.5"
                 lever local-epochs-4 "train.local-epochs=4" "privacy.max-grad-norm=0.5"' \
-               'lever text-only "model.id-embeddings=false"
+               'lever text-only "model.id-embeddings=false" "" 0,1,2
                 lever full-participation "fed.clients-per-round=0 fed.num-rounds=2 fed.eval-every=2"
                 lever public-warm-start "model.public-warm-start=5"' \
                levers

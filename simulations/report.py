@@ -313,35 +313,38 @@ LEVERS = {  # result file name: what the lever changes against the sweep's setti
 
 
 def levers_table() -> str:
-    """Each lever: its own non-private run and ε = 8 run (seed 0), the unit named."""
+    """Each lever: its own non-private run and ε = 8 run (the seeds both ran: seed 0, or
+    0-2 for a lever rerun with three), the unit named."""
     sweep = _load(f"{V2}/sweep.json")
     found = [(name, what, res) for name, what in LEVERS.items()
              if (res := _load(f"{V2}/{name}.json"))]
     if not found:
         return ""
-    rows = [("| unit | lever | no DP full HR@10 | ε = 8 full HR@10 | full ratio | sampled ratio | σ | "
-            "C | rounds x clients | result file |"), "|" + "---|" * 10]
+    rows = [("| unit | lever | seeds | no DP full HR@10 | ε = 8 full HR@10 | full ratio | "
+             "sampled ratio | σ | C | rounds x clients | result file |"), "|" + "---|" * 11]
 
-    def add(unit, label, res_rows, file):
+    def add(unit, label, res_rows, file, seeds=None):
         base = next(r for r in res_rows if r["unit"] == "none")
         priv = next(r for r in res_rows if r["unit"] == unit and r["epsilon"] == 8)
-        pick = lambda r, k: r["per-seed"][k][r["seeds"].index(0)]  # seed 0: one per lever
-        f, s = ((pick(priv, k) / pick(base, k)) for k in ("full/hr@10", "sampled/hr@10"))
-        rows.append(f"| {_unit(priv)} | {label} | {pick(base, 'full/hr@10'):.4f} | "
-                    f"{pick(priv, 'full/hr@10'):.4f} | {f:.2f} | {s:.2f} | {priv['sigma']:.3f} | "
-                    f"{_clip(priv)} | {priv['rounds']} x "
+        seeds = seeds or [s for s in priv["seeds"] if s in base["seeds"]]
+        mean = lambda r, k: sum(r["per-seed"][k][r["seeds"].index(s)] for s in seeds) / len(seeds)
+        f, s = ((mean(priv, k) / mean(base, k)) for k in ("full/hr@10", "sampled/hr@10"))
+        rows.append(f"| {_unit(priv)} | {label} | {','.join(map(str, seeds))} | "
+                    f"{mean(base, 'full/hr@10'):.4f} | {mean(priv, 'full/hr@10'):.4f} | {f:.2f} | "
+                    f"{s:.2f} | {priv['sigma']:.3f} | {_clip(priv)} | {priv['rounds']} x "
                     f"{priv['clients-per-round'] or priv['population']} | `{file}` |")
 
     for unit in ("user", "interaction"):
         if sweep:
             add(unit, "the sweep's settings (seed 0 of its cells)", sweep["rows"],
-                f"results/{V2}/sweep.json")
+                f"results/{V2}/sweep.json", [0])
         for name, what, res in found:
             if any(r["unit"] == unit for r in res["rows"]):
                 add(unit, what, res["rows"], f"results/{V2}/{name}.json")
     cmd = found[0][2]["command"].split(" --units")[0]
-    rows.append(f"\nSeed 0, ε = 8, 943 users, each row against its own non-private run; "
-                f"`simulations/privacy_v2.sh levers inter_levers` (e.g. `{cmd} ...`).")
+    rows.append(f"\nε = 8, 943 users, each row against its own non-private run (ratios of the "
+                f"means over the seeds named); `simulations/privacy_v2.sh levers inter_levers` "
+                f"(e.g. `{cmd} ...`).")
     return "\n".join(rows)
 
 
