@@ -5,7 +5,7 @@
 #      user subsets of ml-100k (data.users = 118, 236, 471; 943 is the sweep itself) at the
 #      same sample rate q = 0.1, seeds 0,1,2, then the fitted trend;
 #   3. the levers, one seed each at ε = 8 against their own non-private run (user unit;
-#      two for the block unit); text-only items, the one that beat the sweep, with three.
+#      two for the block unit); text-only items, the one whose ratio beat the sweep's, with three.
 #
 #   simulations/privacy_v2.sh [sweep|population|levers|inter_levers|fit|report]...
 #                                                    # default: all, in that order
@@ -68,9 +68,12 @@ fit() {  # the trend, from the three subsets and the sweep (943 users)
 }
 
 lever() {  # NAME "overrides of both cells" ["overrides of the private cell only"] [seeds]
-  if [ -z "$2" ] && [ -d "$RUNS/sweep/none-epsinf/seed-0" ]; then  # same non-private run
-    mkdir -p "$RUNS/lever-$1/none-epsinf"
-    cp -rn "$RUNS/sweep/none-epsinf/seed-0" "$RUNS/lever-$1/none-epsinf/"
+  if [ -z "$2" ]; then  # the same non-private run as the sweep's: reuse its finished seeds
+    for seed in $(echo "${4:-0}" | tr , ' '); do
+      [ -d "$RUNS/sweep/none-epsinf/seed-$seed" ] || continue
+      mkdir -p "$RUNS/lever-$1/none-epsinf"
+      cp -rn "$RUNS/sweep/none-epsinf/seed-$seed" "$RUNS/lever-$1/none-epsinf/"
+    done
   fi
   $FEDREC privacy-sweep --run-config "$BASE $2" --user-run-config "$USER_CFG ${3:-}" \
     --units user --epsilons inf,8 --seeds "${4:-0}" --runs-dir "$RUNS/lever-$1" \

@@ -328,10 +328,10 @@ def levers_table() -> str:
         priv = next(r for r in res_rows if r["unit"] == unit and r["epsilon"] == 8)
         seeds = seeds or [s for s in priv["seeds"] if s in base["seeds"]]
         mean = lambda r, k: sum(r["per-seed"][k][r["seeds"].index(s)] for s in seeds) / len(seeds)
-        f, s = ((mean(priv, k) / mean(base, k)) for k in ("full/hr@10", "sampled/hr@10"))
+        full, sampled = (mean(priv, k) / mean(base, k) for k in ("full/hr@10", "sampled/hr@10"))
         rows.append(f"| {_unit(priv)} | {label} | {','.join(map(str, seeds))} | "
-                    f"{mean(base, 'full/hr@10'):.4f} | {mean(priv, 'full/hr@10'):.4f} | {f:.2f} | "
-                    f"{s:.2f} | {priv['sigma']:.3f} | {_clip(priv)} | {priv['rounds']} x "
+                    f"{mean(base, 'full/hr@10'):.4f} | {mean(priv, 'full/hr@10'):.4f} | {full:.2f} | "
+                    f"{sampled:.2f} | {priv['sigma']:.3f} | {_clip(priv)} | {priv['rounds']} x "
                     f"{priv['clients-per-round'] or priv['population']} | `{file}` |")
 
     for unit in ("user", "interaction"):
