@@ -4,8 +4,12 @@ the run directory, start the strategy, stop at the privacy budget, save results)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.federation import linkstate_index
 from fedrec.federation.serve import serve
 
+# In simulation this process also hosts the engine's LinkState: index it by node
+# (fedrec/federation/linkstate_index.py), before the first round's messages are stored.
+linkstate_index.install()
 app = ServerApp()
 
 
