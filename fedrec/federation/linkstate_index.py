@@ -58,12 +58,11 @@ def delete_messages(self, message_ins_ids: set[str]) -> None:
         idx = _index(self)
         dst = {mid: m.metadata.dst_node_id for mid in message_ins_ids
                if (m := self.message_ins_store.get(mid)) is not None}
-        ORIGINAL["delete_messages"](self, message_ins_ids)
+        ORIGINAL["delete_messages"](self, message_ins_ids)  # deletes every stored one
         for mid, node in dst.items():
-            if mid not in self.message_ins_store and node in idx:
-                idx[node].pop(mid, None)
-                if not idx[node]:
-                    del idx[node]
+            del idx[node][mid]
+            if not idx[node]:
+                del idx[node]
 
 
 def get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | None = None):
@@ -75,8 +74,7 @@ def get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | None
         for mid in list(_index(self).get(node_id, ())):
             self._check_stored_messages({mid})  # may delete it (expired, left the federation)
             msg = self.message_ins_store.get(mid)
-            if (msg and msg.metadata.dst_node_id == node_id
-                    and (run_id is None or msg.metadata.run_id == run_id)
+            if (msg and (run_id is None or msg.metadata.run_id == run_id)
                     and msg.metadata.delivered_at == ""):
                 found.append(msg)
             if limit and len(found) == limit:
@@ -92,7 +90,6 @@ def install() -> bool:
     line this was not checked against."""
     if not flwr.__version__.startswith(SUPPORTED):
         return False
-    InMemoryLinkState.store_message_ins = store_message_ins
-    InMemoryLinkState.delete_messages = delete_messages
-    InMemoryLinkState.get_message_ins = get_message_ins
+    for name in ORIGINAL:
+        setattr(InMemoryLinkState, name, globals()[name])
     return True
