@@ -90,6 +90,8 @@ class FedConfig:
     proximal_mu: float
     server_lr: float
     server_tau: float
+    server_lr_warmup: int   # rounds of linear warmup of the server lr (0 = off)
+    server_lr_decay: str    # none | cosine (to 0 at fed.num-rounds)
     run_dir: str
     min_nodes: int  # > 0: a real deployment (the server holds the catalog only)
     round_timeout: float
@@ -216,6 +218,7 @@ _CHOICES = {
     "privacy.clipping": ("fixed", "adaptive"),
     "privacy.pool-gradient": ("full", "none"),
     "fed.sampling": ("uniform", "balanced"),
+    "fed.server-lr-decay": ("none", "cosine"),
 }
 _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden", "model.layers", "model.heads", "model.max-len",
@@ -243,6 +246,8 @@ def _validate(cfg: Config) -> None:
         ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
         ("fed.proximal-mu", flat["fed.proximal-mu"] >= 0, ">= 0"),
+        ("fed.server-lr-warmup", 0 <= flat["fed.server-lr-warmup"] < flat["fed.num-rounds"],
+         f">= 0 (0 = off) and < fed.num-rounds ({flat['fed.num-rounds']})"),
         ("fed.min-nodes", flat["fed.min-nodes"] >= 0, ">= 0 (0 = simulation)"),
         ("fed.min-replies", flat["fed.min-replies"] >= 1, ">= 1"),
         ("fed.min-replies", not 0 < flat["fed.clients-per-round"] < flat["fed.min-replies"],
@@ -369,7 +374,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "model.max-len": 50, "central.optimizer": "adam",
               "model.id-dropout": 0.0,
               "data.users": 0,  # population study (issue 14): 0 = every user
-              "model.public-warm-start": 0}  # privacy levers (issue 14): off
+              "model.public-warm-start": 0,
+              "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none"}  # privacy levers (issue 14): off
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -198,6 +198,9 @@ def resumed(run_dir: Path, rounds: int | None = None,
         if cfg.privacy.mode != "none":
             raise FedrecError(f"--rounds: {run_dir} is a private run; its noise was set for "
                               f"{cfg.fed.num_rounds} rounds, so it cannot be extended")
+        if cfg.fed.server_lr_decay != "none":
+            raise FedrecError(f"--rounds: {run_dir} decays its server lr to 0 at round "
+                              f"{cfg.fed.num_rounds}, so it cannot be extended; start a new run")
         cfg = cfg.override(**{"fed.num-rounds": rounds})
         return cfg, [(cfg, run_dir)], files["results.json"]
     if files["results.json"].get("status") == "completed":

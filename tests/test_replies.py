@@ -255,3 +255,29 @@ def test_more_clients_per_round_than_users_is_one_clear_config_error():
 
     with pytest.raises(FedrecError, match=r"'fed.clients-per-round' must be <= the 6 users"):
         strategy(**{"fed.clients-per-round": N + 1})
+
+
+def test_server_lr_warms_up_linearly_then_decays_along_a_cosine():
+    from fedrec.federation.strategy import server_lr
+
+    cfg = Config.from_flat({**load_defaults(), "fed.num-rounds": 20, "fed.server-lr": 0.03,
+                            "fed.server-lr-warmup": 4, "fed.server-lr-decay": "cosine"})
+    lrs = [server_lr(cfg, r) for r in range(1, 21)]
+    assert lrs[:5] == pytest.approx([0.0075, 0.015, 0.0225, 0.03, 0.03])
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # falls every round after warmup
+    assert lrs[-1] == pytest.approx(0.03 * 0.5 * (1 + np.cos(np.pi * 15 / 16)))
+    flat = cfg.override(**{"fed.server-lr-warmup": 0, "fed.server-lr-decay": "none"})
+    assert {server_lr(flat, r) for r in range(1, 21)} == {0.03}
+
+
+def test_fedadam_steps_with_the_scheduled_server_lr():
+    """Round 1 of a 4-round warmup takes a quarter of the step of a run without one
+    (Adam's first step is eta_norm * sign(update) per value), and the round records it."""
+    steps = {}
+    for warmup in (0, 4):
+        s, run = strategy(**{"fed.strategy": "fedadam", "fed.server-lr": 0.02,
+                             "fed.server-lr-warmup": warmup})
+        arrays, _ = aggregate(s, honest_and_poisoned()[0])
+        steps[warmup] = moved(arrays)
+        assert run.train[1]["server-lr"] == pytest.approx(0.02 / (warmup or 1))
+    assert steps[4] == pytest.approx(steps[0] / 4, rel=1e-6)

@@ -241,6 +241,11 @@ def test_an_extended_run_equals_a_longer_one(tiny_root, tmp_path, run_cli):
 
     code, _, err = run_cli("simulate", "--resume", str(private), "--rounds", str(N + 2))
     assert code == 2 and "private run" in err and "cannot be extended" in err
+    decaying = tmp_path / "decaying"  # its server lr reaches 0 at the planned last round
+    shutil.copytree(run_dir, decaying)
+    (decaying / "run_config.json").write_text(json.dumps({**flat, "fed.server-lr-decay": "cosine"}))
+    code, _, err = run_cli("simulate", "--resume", str(decaying), "--rounds", str(N + 2))
+    assert code == 2 and "decays its server lr" in err and "cannot be extended" in err
     code, _, err = run_cli("simulate", "--resume", str(run_dir), "--rounds", str(N - 1))
     assert code == 2 and "never cut short" in err
     code, _, err = run_cli("simulate", "--rounds", str(N + 2))

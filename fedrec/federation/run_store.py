@@ -129,6 +129,10 @@ class FederatedRun:
                 raise FedrecError(f"{self.dir}: a private run cannot be extended past its "
                                   f"planned {then[rounds]} rounds (its noise was set for them); "
                                   "start a new run with more fed.num-rounds")
+            if self.cfg.fed.server_lr_decay != "none":
+                raise FedrecError(f"{self.dir}: its server lr decays to 0 at round "
+                                  f"{then[rounds]}, so it cannot be extended; start a new "
+                                  "run with more fed.num-rounds")
             then[rounds] = now[rounds]
         if then != now:
             diff = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))

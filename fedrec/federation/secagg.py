@@ -278,6 +278,9 @@ class SecAggFedAvg(FedAvg):
                 rng = np.random.default_rng()
                 mean = [m + rng.normal(0.0, std, m.shape) for m in mean]
             if self.adam is not None:
+                from fedrec.federation.strategy import server_lr
+
+                self.adam.eta = stats["server-lr"] = server_lr(self.cfg, rnd)
                 arrays = self._adam_step(rnd, mean)
             else:
                 arrays = [(np.asarray(s, np.float64) + m).astype(s.dtype)

@@ -79,6 +79,20 @@ def _balanced_sampling(seed: int, server_round: int):
         flower_fedavg.sample_nodes = flower_sample
 
 
+def server_lr(cfg: Config, rnd: int) -> float:
+    """FedAdam's eta for round rnd (1-based, the run's global count): fed.server-lr,
+    reached linearly over fed.server-lr-warmup rounds (round w of W takes w / W of it),
+    then constant or (fed.server-lr-decay = "cosine") falling along a half cosine to 0
+    after round fed.num-rounds."""
+    f = cfg.fed
+    if rnd <= f.server_lr_warmup:
+        return f.server_lr * rnd / f.server_lr_warmup
+    if f.server_lr_decay == "cosine":
+        done = (rnd - 1 - f.server_lr_warmup) / (f.num_rounds - f.server_lr_warmup)
+        return float(f.server_lr * 0.5 * (1.0 + np.cos(np.pi * done)))
+    return f.server_lr
+
+
 def clients_per_round(cfg: Config, population: int) -> int:
     """fed.clients-per-round (0 = every device), refused when above the population."""
     k = cfg.fed.clients_per_round or population
@@ -166,6 +180,9 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             if bound > 0:
                 stats["clipped"] = sum(n > bound for n in norms)
             arrays, metrics = None, None
+            if base is FedAdam:
+                self.eta = server_lr(cfg, rnd)
+                stats["server-lr"] = self.eta
             if len(ok) >= f.min_replies:
                 arrays, metrics = super().aggregate_train(rnd, ok)
                 if arrays is not None:  # FedAdam's step computes in float64: keep the dtype sent
