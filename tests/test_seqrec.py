@@ -220,10 +220,11 @@ def test_blocks_are_disjoint_and_cover_the_history():
         assert all((row != PAD).sum() >= 2 for row in b)
 
 
-def test_clipped_block_sum_is_the_sum_of_each_blocks_clipped_gradient():
+@pytest.mark.parametrize("items", [{}, {"item_text": False}, {"id_embeddings": False}])
+def test_clipped_block_sum_is_the_sum_of_each_blocks_clipped_gradient(items):
     from fedrec.privacy.seq_dpsgd import blocks, clipped_block_sum
 
-    m, E = _model(), torch.randn(20, 12)
+    m, E = _model(**items), torch.randn(20, 12)
     allowed = torch.ones(20, dtype=torch.bool)
     allowed[19] = False
     m.train()  # dropout 0 in _model: per-row gradients are deterministic

@@ -152,20 +152,22 @@ class SeqRec(nn.Module):
         return self.out_norm(x)
 
     def forward(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", table=None) -> torch.Tensor:
         """The training loss (what torch.func and DP-SGD call): see loss."""
-        return self.loss(E, seq, allowed, reduction)
+        return self.loss(E, seq, allowed, reduction, table)
 
     # -- the three questions ------------------------------------------------------------
     def loss(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: str = "mean", table=None) -> torch.Tensor:
         """Next-item cross-entropy over the catalog at every position of seq [B, L+1]
         (input seq[:, :-1], target seq[:, 1:]; a target counts where both it and its input
         are items, so the first item of a history is never predicted from padding). allowed [N] bool:
         the items the softmax may contain (released items); None = all.
         reduction "mean": mean over targets; "row": [B] sum over each row's targets.
-        A target that is not allowed would be an infinite loss: callers keep them out."""
-        h, b = self.item_table(E)
+        A target that is not allowed would be an infinite loss: callers keep them out.
+        table: (h, b) of item_table(E), when the caller computed it (DP-SGD shares one
+        item table among its per-row gradients)."""
+        h, b = self.item_table(E) if table is None else table
         states = self.encode(h, seq[:, :-1])
         target = seq[:, 1:]
         keep = target_mask(seq)

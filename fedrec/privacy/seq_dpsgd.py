@@ -18,8 +18,9 @@ What the guarantee covers, honestly:
   covered too; adding or deleting one interaction shifts the boundaries of every later
   block, and that is not covered at ε (group privacy over the blocks it shifts would be).
   Block boundaries depend only on positions (public given the history length).
-- Cost: a device's item table is computed once per step; its backward pass runs once per
-  sampled block (simulations/bench_dp.py measures the ratio to plain training).
+- Cost: a device's item table is computed once per step and shared by its blocks' per-row
+  gradients; its backward pass runs batched over the sampled blocks
+  (simulations/bench_dp.py measures the ratio to plain training).
 - Everything else is as in fedrec/privacy/dpsgd.py: noise and sampling from the OS's entropy,
   num-examples 1, no training loss in the reply, a cumulative accountant in
   context.state, a device that would pass its target declines the round.
@@ -43,25 +44,41 @@ def blocks(history: np.ndarray, max_len: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, size), np.int64)
 
 
+ITEM_SIDE = ("adapter.", "text_bias.", "id_emb.", "id_bias.")  # what SeqRec.item_table reads
+
+
 def clipped_block_sum(model: SeqRec, E: torch.Tensor, rows: torch.Tensor,
                       allowed: torch.Tensor, max_grad_norm: float):
     """Sum over rows [B, L + 1] of each row's gradient (of its mean target loss) clipped to
-    max_grad_norm: ({name: tensor}, per-row norms before clipping [B])."""
-    def row_loss(p, row):
+    max_grad_norm: ({name: tensor}, per-row norms before clipping [B]).
+
+    The item table (adapter over the whole catalog + ID vectors) is computed once, as in
+    a plain step (one dropout draw for every row): torch.func takes each row's gradient
+    of the encoder and of the table, and one batched backward pass turns the per-row
+    table gradients into the item side's per-row gradients."""
+    params = dict(model.named_parameters())
+
+    def row_loss(p, table, row):
         seq = row[None]
         targets = target_mask(seq).sum().clamp_min(1)
-        return functional_call(model, p, (E, seq, allowed), {"reduction": "row"})[0] / targets
+        return functional_call(model, p, (E, seq, allowed),
+                               {"reduction": "row", "table": table})[0] / targets
 
     if len(rows) == 1:  # one row (most devices have one block): its gradient is the gradient
-        names = [k for k, _ in model.named_parameters()]
-        params = dict(model.named_parameters())
-        g = torch.autograd.grad(row_loss(params, rows[0]), list(params.values()),
+        g = torch.autograd.grad(row_loss(params, None, rows[0]), list(params.values()),
                                 allow_unused=True)
         per_row = {k: (torch.zeros_like(params[k]) if v is None else v)[None]
-                   for k, v in zip(names, g)}
+                   for k, v in zip(params, g)}
     else:
-        params = {k: p.detach() for k, p in model.named_parameters()}
-        per_row = vmap(grad(row_loss), in_dims=(None, 0), randomness="different")(params, rows)
+        item_side = [k for k in params if k.startswith(ITEM_SIDE)]
+        h, b = model.item_table(E)
+        rest = {k: p.detach() for k, p in params.items() if k not in item_side}
+        per_row, (g_h, g_b) = vmap(grad(row_loss, argnums=(0, 1)), in_dims=(None, None, 0),
+                                   randomness="different")(rest, (h.detach(), b.detach()), rows)
+        g = torch.autograd.grad((h, b), [params[k] for k in item_side], (g_h, g_b),
+                                is_grads_batched=True, allow_unused=True)
+        per_row.update({k: torch.zeros(len(rows), *params[k].shape) if v is None else v
+                        for k, v in zip(item_side, g)})
     norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_row.values()))
     scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     return {k: torch.einsum("b,b...->...", scale, g) for k, g in per_row.items()}, norms
