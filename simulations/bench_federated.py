@@ -59,7 +59,7 @@ class PeakRss(threading.Thread):
 
 def bench(cfg, k: int, rounds: int, out: Path) -> dict:
     c = cfg.override(**{"fed.clients-per-round": k, "fed.num-rounds": rounds,
-                        "fed.eval-every": 10 ** 6})
+                        "fed.eval-every": 10 ** 6, "fed.server-lr-warmup": 0})  # a few rounds
     run_dir = out / f"k{k}"
     sampler = PeakRss(run_dir / ".flwr")
     sampler.start()

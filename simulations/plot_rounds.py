@@ -1,6 +1,6 @@
 """Plot test full and sampled HR@10 (federated evaluation) against rounds.
 
-    .venv/bin/python simulations/plot_rounds.py results/fed-seq+id.json results/fed-seq.json \
+    .venv/bin/python simulations/plot_rounds.py results/fed-seq+id-e2.json results/fed-seq.json \
         --central results/central-seq+id.json --out results/rounds.png
 
 Each input is a result file written by `fedrec simulate --json`; each run in it holds its

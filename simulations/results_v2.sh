@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 F=.venv/bin/fedrec
 SIM="$F simulate --engine inprocess --seeds 0,1,2"
+OLD="fed.server-lr=0.01 fed.server-lr-warmup=0 fed.server-lr-decay='none'"
+E4="train.local-epochs=4"
 mkdir -p runs
 $F data fetch ml-100k
 lane_a() {
@@ -21,20 +23,23 @@ lane_a() {
   $F train-central --seeds 0,1,2 --quiet --run-config "model.id-embeddings=false" --json results/central-seq.json
   $F train-central --seeds 0,1,2 --quiet --run-config "model.item-text=false" --json results/central-seq-id.json
   $F train-central --seeds 0,1,2 --quiet --config simulations/configs/fedmf.toml --json results/central-fedmf.json
-  $SIM --runs-dir runs/fed-seq+id --json results/fed-seq+id.json
-  # the text + ID model at 2 local epochs (4 helps the text-only and ID models, not this one)
-  $SIM --run-config "train.local-epochs=2" --runs-dir runs/fed-seq+id-e2 --json results/fed-seq+id-e2.json
+  # the default: text + ID items, 2 local epochs, server lr warmup + cosine decay
+  $SIM --runs-dir runs/fed-seq+id-sched --json results/fed-seq+id-sched.json
+  # the rows below ran before those defaults: constant server lr 0.01 (OLD), and 4 local
+  # epochs (E4, which helps the text-only model) or 2
+  $SIM --run-config "$OLD train.local-epochs=2" --runs-dir runs/fed-seq+id-e2 --json results/fed-seq+id-e2.json
+  $SIM --run-config "$OLD $E4" --runs-dir runs/fed-seq+id --json results/fed-seq+id.json
 }
 lane_b() {
-  $SIM --run-config "model.id-embeddings=false" --runs-dir runs/fed-seq --json results/fed-seq.json
-  $SIM --run-config "model.item-text=false" --runs-dir runs/fed-seq-id --json results/fed-seq-id.json
+  $SIM --run-config "$OLD $E4 model.id-embeddings=false" --runs-dir runs/fed-seq --json results/fed-seq.json
+  $SIM --run-config "$OLD $E4 model.item-text=false" --runs-dir runs/fed-seq-id --json results/fed-seq-id.json
   # one seed: the weakest peer (README), to fit the session's time
-  $F simulate --engine inprocess --seeds 0 --config simulations/configs/fedmf.toml --runs-dir runs/fed-fedmf --json results/fed-fedmf.json
+  $F simulate --engine inprocess --seeds 0 --config simulations/configs/fedmf.toml --run-config "$OLD $E4" --runs-dir runs/fed-fedmf --json results/fed-fedmf.json
 }
 lane_a > runs/results_v2.a.log 2>&1 &
 lane_b > runs/results_v2.b.log 2>&1 &
 wait
-.venv/bin/python simulations/plot_rounds.py results/fed-seq+id.json results/fed-seq.json \
+.venv/bin/python simulations/plot_rounds.py results/fed-seq+id-sched.json results/fed-seq.json \
   results/fed-seq-id.json results/fed-fedmf.json --central results/central-seq+id.json \
   --out results/rounds.png
 # explanations and diversity of the headline federated model (README)

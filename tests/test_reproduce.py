@@ -22,7 +22,7 @@ from fedrec.data.pipeline import prepare
 from fedrec.models.train import train_central
 
 ROOT = Path(__file__).resolve().parents[1]
-CENTRAL, FEDERATED = ROOT / "results" / "central-seq+id.json", ROOT / "results" / "fed-seq+id.json"
+CENTRAL, FEDERATED = ROOT / "results" / "central-seq+id.json", ROOT / "results" / "fed-seq+id-e2.json"
 EPOCHS, LOSS_RTOL, METRIC_ATOL = 2, 5e-3, 0.01
 pytestmark = pytest.mark.slow
 

@@ -142,6 +142,7 @@ TINY = {
     "model.dropout": 0.0,
     "train.lr": 0.3,  # local SGD on a tiny model takes larger steps
     "fed.server-lr": 0.05,  # FedAdam: a few rounds must move the model visibly
+    "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none",  # runs of a few rounds
     "train.batch-size": 8,  # a few optimizer steps per device and round
     "train.negatives": 4,
     "train.local-epochs": 2,
