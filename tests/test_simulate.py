@@ -69,7 +69,8 @@ def test_overrides_file_round_trips(tmp_path, monkeypatch):
     cfg = Config.from_flat(DEFAULTS).override(**{
         "data.dataset": "data", "data.cache-dir": "cache", "train.lr": 0.5,
         "train.weight-decay": 1e-05, "model.kind": "fedmf", "model.user-embedding": False,
-        "fed.num-rounds": 3, "data.item-template": 'Tab\there "q" \\ é ✓ {title}\x7f'})
+        "fed.num-rounds": 3, "fed.server-lr-warmup": 0,
+        "data.item-template": 'Tab\there "q" \\ é ✓ {title}\x7f'})
     ov = config_overrides(cfg, Path("run"))
     assert ov["data.dataset"] == str(data_dir.resolve())
     assert ov["data.cache-dir"] == str((tmp_path / "cache").resolve())
