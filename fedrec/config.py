@@ -247,8 +247,8 @@ def _validate(cfg: Config) -> None:
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
         ("fed.proximal-mu", flat["fed.proximal-mu"] >= 0, ">= 0"),
         ("fed.server-lr-warmup", 0 <= flat["fed.server-lr-warmup"] < flat["fed.num-rounds"],
-         f">= 0 and < fed.num-rounds ({flat['fed.num-rounds']}): for a run this short set "
-         "fed.server-lr-warmup=0 (no warmup)"),
+         (f">= 0 and < fed.num-rounds ({flat['fed.num-rounds']}): for a run this short set "
+          "fed.server-lr-warmup=0 (no warmup)")),
         ("fed.min-nodes", flat["fed.min-nodes"] >= 0, ">= 0 (0 = simulation)"),
         ("fed.min-replies", flat["fed.min-replies"] >= 1, ">= 1"),
         ("fed.min-replies", not 0 < flat["fed.clients-per-round"] < flat["fed.min-replies"],
