@@ -49,8 +49,13 @@ def table(files: list[str]) -> str:
         seeds = ",".join(str(r["seed"]) for r in res["runs"])
         commit = res.get("machine", {}).get("commit", "unknown")[:7]
         label = res["method"]
-        if label.startswith("fed-"):  # federated rows differ in local epochs: say it
-            label += f", {res['config'].get('train.local-epochs')} local epochs"
+        if label.startswith("fed-"):  # federated rows differ in local epochs and server lr
+            c = res["config"]
+            label += (f", {c.get('train.local-epochs')} local epochs, server lr "
+                      f"{c.get('fed.server-lr'):g}")
+            if c.get("fed.server-lr-warmup") or c.get("fed.server-lr-decay", "none") != "none":
+                label += (f" (warmup {c.get('fed.server-lr-warmup', 0)} rounds, "
+                          f"{c.get('fed.server-lr-decay', 'none')} decay)")
         rows.append(f"| {label} | " + " | ".join(fmt(best.get(k)) for k in COLUMNS)
                     + f" | {res.get('seed_kind', 'seed')} {seeds} | {commit} | `{res['command']}` |")
     return "\n".join(rows)

@@ -22,7 +22,7 @@ from fedrec.data.pipeline import prepare
 from fedrec.models.train import train_central
 
 ROOT = Path(__file__).resolve().parents[1]
-CENTRAL, FEDERATED = ROOT / "results" / "central-seq+id.json", ROOT / "results" / "fed-seq+id-e2.json"
+CENTRAL, FEDERATED = ROOT / "results" / "central-seq+id.json", ROOT / "results" / "fed-seq+id-sched.json"
 EPOCHS, LOSS_RTOL, METRIC_ATOL = 2, 5e-3, 0.01
 pytestmark = pytest.mark.slow
 
@@ -52,15 +52,33 @@ def test_centralized_headline_first_epochs_match_its_result_file():
         close(g, w, ["loss", "val/sampled/hr@10", "val/full/hr@10", "val/full/ndcg@10"])
 
 
+class _Stop(Exception):
+    """Raised by the grid at the first message of a round past the compared ones."""
+
+
 def test_federated_headline_first_rounds_match_its_result_file(tmp_path):
+    """The first evaluated rounds of the stored run, under its own config (its planned
+    rounds included: the server lr schedule depends on them), stopped after them."""
+    import clients.app
     from fedrec.experiments import round_curve
+    from fedrec.federation.inprocess import InProcessGrid
     from tiny import run_inprocess
 
     res = json.loads(FEDERATED.read_text())
     first_eval = int(res["config"]["fed.eval-every"])
-    cfg, want = stored(FEDERATED, {"fed.num-rounds": first_eval,
-                                   "fed.run-dir": str(tmp_path / "run")})
-    _, out = run_inprocess(cfg)
+    cfg, want = stored(FEDERATED, {"fed.run-dir": str(tmp_path / "run")})
+
+    class Stopping(InProcessGrid):
+        def _call(self, msg):
+            if int(msg.content["config"]["server-round"]) > first_eval:
+                raise _Stop
+            return super()._call(msg)
+
+    torch.set_num_threads(1)
+    grid = Stopping(clients.app.app, cfg.to_flat(), prepare(cfg).split.n_users)
+    with pytest.raises(_Stop):
+        run_inprocess(cfg, grid)
+    out = json.loads((tmp_path / "run" / "results.json").read_text())
     got = {r["round"]: r for r in round_curve(out["rounds"])}
     want = {r["round"]: r for r in want}
     for rnd in range(1, first_eval + 1):
