@@ -138,7 +138,13 @@ def rounds_to_95(res: dict, key: str = "server/full/hr@10") -> list[int]:
 def interpretation() -> str:
     """The paragraph under the tables, its numbers read from the same files."""
     r = {n: _load(f"{n}.json") for n in ("popularity", "text-similarity", "fed-seq+id",
-                                          *(x for p in PAIRS for x in p[:2]))}
+                                          "fed-seq+id-e2", *(x for p in PAIRS for x in p[:2]))}
+
+    def settings(name):  # what a federated row ran with, in words
+        c = r[name]["config"]
+        sched = (f", warmup {c['fed.server-lr-warmup']} rounds + {c['fed.server-lr-decay']} decay"
+                 if c.get("fed.server-lr-decay", "none") != "none" else " constant")
+        return f"{c['train.local-epochs']} local epochs, server lr {c['fed.server-lr']:g}{sched}"
 
     def m(name, key="full/hr@10"):
         return r[name]["summary"]["best"][key]["mean"]
@@ -171,13 +177,13 @@ def interpretation() -> str:
         head = m(HEADLINE)
         peers = [(n, label) for n, label in (("fed-fedmf", "FedMF"), ("fed-seq-id", "federated SASRec over IDs")) if r[n]]
         for n, label in peers:
-            parts.append(f"The text + ID model is {'ahead of' if head > m(n) else 'behind'} "
-                         f"{label} on full HR@10 ({head:.3f} vs {m(n):.3f}).")
-        if r["fed-seq+id"]:  # the same model at 4 local epochs
-            e4 = r["fed-seq+id"]["config"]["train.local-epochs"]
-            parts.append(f"At {e4} local epochs it reaches full HR@10 {m('fed-seq+id'):.3f}, sampled "
-                         f"{m('fed-seq+id', 'sampled/hr@10'):.3f}, cold-item "
-                         f"{m('fed-seq+id', 'cold/hr@10'):.3f}, at twice the device compute.")
+            parts.append(f"The text + ID model ({settings(HEADLINE)}) is "
+                         f"{'ahead of' if head > m(n) else 'behind'} {label} ({settings(n)}) "
+                         f"on full HR@10 ({head:.3f} vs {m(n):.3f}).")
+        for n in ("fed-seq+id-e2", "fed-seq+id"):  # the same model under earlier defaults
+            if r[n]:
+                parts.append(f"With {settings(n)} it reaches full HR@10 {m(n):.3f}, sampled "
+                             f"{m(n, 'sampled/hr@10'):.3f}, cold-item {m(n, 'cold/hr@10'):.3f}.")
         reach = rounds_to_95(r[HEADLINE])
         if reach:
             parts.append(f"It reaches 95% of its last full HR@10 (server-side evaluation) after "
