@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 COLUMNS=110
 F=.venv/bin/fedrec
-RUN=runs/fed-seq+id/seed-0
+RUN=runs/fed-seq+id-sched/seed-0
 out=results/recommend_example.txt
 tmp=$(mktemp)
 {

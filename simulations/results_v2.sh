@@ -43,7 +43,7 @@ wait
   results/fed-seq-id.json results/fed-fedmf.json --central results/central-seq+id.json \
   --out results/rounds.png
 # explanations and diversity of the headline federated model (README)
-M=runs/fed-seq+id/seed-0,runs/fed-seq+id/seed-1,runs/fed-seq+id/seed-2
+M=runs/fed-seq+id-sched/seed-0,runs/fed-seq+id-sched/seed-1,runs/fed-seq+id-sched/seed-2
 $F explain-eval --model $M --json results/explain.json
 $F diversity-curve --model $M --lambdas 0,0.02,0.04,0.06,0.08,0.1,0.12,0.15 --json results/diversity.json
 .venv/bin/python simulations/plot_diversity.py results/diversity.json --out results/diversity.png
