@@ -375,8 +375,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "model.max-len": 50, "central.optimizer": "adam",
               "model.id-dropout": 0.0,
               "data.users": 0,  # population study (issue 14): 0 = every user
-              "model.public-warm-start": 0,
-              "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none"}  # privacy levers (issue 14): off
+              "model.public-warm-start": 0,  # privacy levers (issue 14): off
+              "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none"}  # constant server lr
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:
