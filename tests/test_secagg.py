@@ -291,7 +291,7 @@ def test_flwr_run_with_secagg_equals_fedavg_of_the_same_updates(tmp_path):
     cfg = Config.from_flat(load_defaults()).override(**{
         "data.dataset": str(data_dir), "data.cache-dir": str(tmp_path / "cache"),
         "data.eval-negatives": 20, "model.kind": "fedmf", "model.dim": 8,
-        "fed.num-rounds": 2, "fed.clients-per-round": 0, "fed.eval-every": 1,
+        "fed.num-rounds": 2, "fed.clients-per-round": 0, "fed.eval-every": 1, "fed.server-lr-warmup": 0,
         "train.batch-size": 32, "secagg.enabled": True, **FEDAVG})
     split = prepare(cfg, with_text=False).split
     run_dir = tmp_path / "run"

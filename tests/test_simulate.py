@@ -155,7 +155,7 @@ def test_flwr_run_smoke(tmp_path):
     cfg = Config.from_flat(DEFAULTS).override(**{
         "data.dataset": str(data_dir), "data.cache-dir": str(tmp_path / "cache"),
         "data.eval-negatives": 20, "model.kind": "fedmf", "model.dim": 8,
-        "fed.num-rounds": 2, "fed.clients-per-round": 3, "fed.eval-every": 1,
+        "fed.num-rounds": 2, "fed.clients-per-round": 3, "fed.eval-every": 1, "fed.server-lr-warmup": 0,
         "train.batch-size": 32,
         # balanced sampling picks the SuperLink's own 64-bit node ids (the in-process grid's
         # are small): every message must reach a node
