@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedrec.config import stored_config
 from fedrec.privacy import population
 from fedrec.results import fmt
 
@@ -35,6 +36,15 @@ LABELS = {"sampled/hr@10": "sampled HR@10", "sampled/ndcg@10": "sampled NDCG@10"
           "div/novelty@10": "novelty@10"}
 
 
+def fed_settings(flat: dict) -> str:
+    """What a federated row ran with, in words: local epochs and the server lr schedule
+    (a stored config predating the schedule keys ran with a constant lr)."""
+    c = stored_config(flat)
+    sched = (f", warmup {c['fed.server-lr-warmup']} rounds + {c['fed.server-lr-decay']} decay"
+             if c["fed.server-lr-warmup"] or c["fed.server-lr-decay"] != "none" else " constant")
+    return f"{c['train.local-epochs']} local epochs, server lr {c['fed.server-lr']:g}{sched}"
+
+
 def table(files: list[str]) -> str:
     """Markdown rows of result files (paths relative to the repository, or absolute)."""
     head = ("| method | " + " | ".join(LABELS[k] for k in COLUMNS)
@@ -50,12 +60,7 @@ def table(files: list[str]) -> str:
         commit = res.get("machine", {}).get("commit", "unknown")[:7]
         label = res["method"]
         if label.startswith("fed-"):  # federated rows differ in local epochs and server lr
-            c = res["config"]
-            label += (f", {c.get('train.local-epochs')} local epochs, server lr "
-                      f"{c.get('fed.server-lr'):g}")
-            if c.get("fed.server-lr-warmup") or c.get("fed.server-lr-decay", "none") != "none":
-                label += (f" (warmup {c.get('fed.server-lr-warmup', 0)} rounds, "
-                          f"{c.get('fed.server-lr-decay', 'none')} decay)")
+            label += f", {fed_settings(res['config'])}"
         rows.append(f"| {label} | " + " | ".join(fmt(best.get(k)) for k in COLUMNS)
                     + f" | {res.get('seed_kind', 'seed')} {seeds} | {commit} | `{res['command']}` |")
     return "\n".join(rows)
@@ -140,11 +145,8 @@ def interpretation() -> str:
     r = {n: _load(f"{n}.json") for n in ("popularity", "text-similarity", "fed-seq+id",
                                           "fed-seq+id-e2", *(x for p in PAIRS for x in p[:2]))}
 
-    def settings(name):  # what a federated row ran with, in words
-        c = r[name]["config"]
-        sched = (f", warmup {c['fed.server-lr-warmup']} rounds + {c['fed.server-lr-decay']} decay"
-                 if c.get("fed.server-lr-decay", "none") != "none" else " constant")
-        return f"{c['train.local-epochs']} local epochs, server lr {c['fed.server-lr']:g}{sched}"
+    def settings(name):
+        return fed_settings(r[name]["config"])
 
     def m(name, key="full/hr@10"):
         return r[name]["summary"]["best"][key]["mean"]
@@ -588,8 +590,9 @@ def compare(out_dir: str) -> None:
     """Print the result files of one `make run` beside the committed rows of the same
     methods (results/), full ranking first."""
     mine = sorted(Path(out_dir).glob("*.json"), key=lambda p: p.stat().st_mtime)
-    def same(res: dict) -> tuple:  # a method and, federated, its local epochs
-        return res["method"], res.get("config", {}).get("train.local-epochs")
+    def same(res: dict) -> tuple:  # a method and, federated, what it ran with
+        fed = res["method"].startswith("fed-")
+        return res["method"], fed_settings(res["config"]) if fed else None
 
     committed = {}
     for p in sorted((ROOT / "results").glob("*.json")):

@@ -52,31 +52,20 @@ def test_centralized_headline_first_epochs_match_its_result_file():
         close(g, w, ["loss", "val/sampled/hr@10", "val/full/hr@10", "val/full/ndcg@10"])
 
 
-class _Stop(Exception):
-    """Raised by the grid at the first message of a round past the compared ones."""
-
-
 def test_federated_headline_first_rounds_match_its_result_file(tmp_path):
     """The first evaluated rounds of the stored run, under its own config (its planned
     rounds included: the server lr schedule depends on them), stopped after them."""
     import clients.app
     from fedrec.experiments import round_curve
-    from fedrec.federation.inprocess import InProcessGrid
-    from tiny import run_inprocess
+    from tiny import Dying, Killed, run_inprocess
 
     res = json.loads(FEDERATED.read_text())
     first_eval = int(res["config"]["fed.eval-every"])
     cfg, want = stored(FEDERATED, {"fed.run-dir": str(tmp_path / "run")})
-
-    class Stopping(InProcessGrid):
-        def _call(self, msg):
-            if int(msg.content["config"]["server-round"]) > first_eval:
-                raise _Stop
-            return super()._call(msg)
-
     torch.set_num_threads(1)
-    grid = Stopping(clients.app.app, cfg.to_flat(), prepare(cfg).split.n_users)
-    with pytest.raises(_Stop):
+    grid = Dying(clients.app.app, cfg.to_flat(), prepare(cfg).split.n_users,
+                 at=("train", first_eval + 1), after=0)
+    with pytest.raises(Killed):
         run_inprocess(cfg, grid)
     out = json.loads((tmp_path / "run" / "results.json").read_text())
     got = {r["round"]: r for r in round_curve(out["rounds"])}

@@ -11,34 +11,14 @@ from safetensors.numpy import load_file
 import clients.app
 from fedrec.data.pipeline import prepare
 from fedrec.errors import FedrecError
-from fedrec.federation.inprocess import InProcessGrid
 from fedrec.federation.run_store import FederatedRun
-from tiny import run_inprocess, tiny_config
+from tiny import Dying, Killed, run_inprocess, tiny_config
 
 N = 4  # rounds
 TIMING = {"update-seconds", "update-seconds-mean"}  # train metrics that time, not train
 
 
 pytestmark = pytest.mark.usefixtures("isolated")
-
-
-class Killed(Exception):
-    """The process dies: raised by the grid, outside any client."""
-
-
-class Dying(InProcessGrid):
-    """Dies at the third message of (kind, round): two devices have handled it already."""
-
-    def __init__(self, *args, at: tuple[str, int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.at, self.seen = at, 0
-
-    def _call(self, msg):
-        if (msg.metadata.message_type, int(msg.content["config"]["server-round"])) == self.at:
-            self.seen += 1
-            if self.seen > 2:
-                raise Killed(self.at)
-        return super()._call(msg)
 
 
 def config(tiny_root, run_dir, **overrides):

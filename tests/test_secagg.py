@@ -21,7 +21,7 @@ from fedrec.federation import secagg
 from fedrec.federation.inprocess import InProcessGrid
 from fedrec.federation.local import client_seed, load_simulated_client, local_update
 from fedrec.models.build import build_model
-from tiny import run_inprocess, tiny_config
+from tiny import Killed, run_inprocess, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
 # Named, so a changed default strategy doesn't matter. FedAdam's step is compared up to
@@ -173,10 +173,6 @@ def test_a_device_dropping_after_key_sharing_is_left_out(tiny_root, tmp_path):
     lengths = np.diff(prepare(cfg).split.train_ptr).astype(float)
     assert _max_diff(want, got) <= quantisation_bound(cfg, np.delete(lengths, 3),
                                                       lengths.max()) + 1e-6
-
-
-class Killed(Exception):
-    """The server process dies (raised by the grid, outside any device)."""
 
 
 def test_a_killed_secagg_fedadam_run_resumes_with_its_moments(tiny_root, tmp_path):

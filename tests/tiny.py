@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.config import Config, load_defaults
+from fedrec.federation.inprocess import InProcessGrid
 
 N_USERS = 12          # regular users (plus one light user with 2 interactions)
 N_ITEMS = 60          # half Comedy, half Horror
@@ -184,6 +185,26 @@ def holding(arrays: dict, vec, rtol: float = 1e-4, atol: float = 1e-6) -> list[s
             if np.isclose(vectors(a, len(vec)), vec, rtol=rtol, atol=atol).all(axis=1).any()]
 
 
+class Killed(Exception):
+    """The process dies: raised by the grid, outside any client."""
+
+
+class Dying(InProcessGrid):
+    """Dies at message `after` + 1 of (kind, round): `after` devices have handled it
+    already (after=0: before any device of that round trains)."""
+
+    def __init__(self, *args, at: tuple[str, int], after: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.after, self.seen = at, after, 0
+
+    def _call(self, msg):
+        if (msg.metadata.message_type, int(msg.content["config"]["server-round"])) == self.at:
+            self.seen += 1
+            if self.seen > self.after:
+                raise Killed(self.at)
+        return super()._call(msg)
+
+
 def run_inprocess(cfg: Config, grid=None) -> tuple[object, dict]:
     """The real ServerApp main and ClientApp in this process (InProcessGrid unless `grid`
     is given); returns (grid, results.json of cfg's fed.run-dir)."""
@@ -194,7 +215,6 @@ def run_inprocess(cfg: Config, grid=None) -> tuple[object, dict]:
     import clients.app
     import server.app
     from fedrec.data.pipeline import prepare
-    from fedrec.federation.inprocess import InProcessGrid
 
     flat = cfg.to_flat()
     if grid is None:
