@@ -1,6 +1,7 @@
 """Training: exact loss values, leave-one-out row scores, central training learns the tiny
 data, and the frozen PLM never runs once the catalog is encoded."""
 
+import copy
 import math
 
 import numpy as np
@@ -13,7 +14,17 @@ from fedrec.data.pipeline import prepare
 from fedrec.data.protocol import evaluate
 from fedrec.federation.local import ClientData, local_update
 from fedrec.models.build import build_model, pool_history
-from fedrec.models.train import Histories, row_loss, row_scores, scorer, train_central
+from fedrec.models.seqrec import windows
+from fedrec.models.train import (
+    Histories,
+    Proximal,
+    _step,
+    make_optimizer,
+    row_loss,
+    row_scores,
+    scorer,
+    train_central,
+)
 from tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -140,3 +151,40 @@ def test_the_frozen_plm_never_runs_during_training(cfg, monkeypatch):
     model = build_model(cfg, p.item_emb.shape[1], p.split.n_items)
     arrays = {k: v.numpy() for k, v in model.state_dict().items()}
     local_update(cfg, p.item_emb, ClientData.from_split(p.split, 0), arrays, None, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["seq", "text"])
+def test_the_proximal_gradient_is_the_proximal_loss_term_bit_for_bit(cfg, prepared, kind):
+    """FedProx's term added to the gradients after backward (Proximal) takes the same
+    SGD step, to the bit, as adding 0.5 * mu * ||w - w_global||^2 to the loss."""
+    cfg = cfg.override(**{"model.kind": kind, "model.user-embedding": kind != "seq"})
+    split, E = prepared.split, torch.from_numpy(prepared.item_emb)
+    data = ClientData.from_split(split, 0)
+    torch.manual_seed(0)
+    start = build_model(cfg, E.shape[1], split.n_items)
+    mu = 0.01
+    after = []
+    for use_proximal in (True, False):
+        model = copy.deepcopy(start)
+        global_w = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():  # away from the global model, so the term is not zero
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        proximal = Proximal(model.parameters(), mu) if use_proximal else None
+        if proximal is not None:
+            proximal.pairs = list(zip(model.parameters(), global_w))
+        opt = make_optimizer(model, None, cfg)
+        torch.manual_seed(1)
+        if kind == "seq":
+            loss = model.loss(E, torch.from_numpy(windows(data.history, model.max_len)),
+                              torch.from_numpy(data.warm))
+        else:
+            h, b, _ = model.items(E, torch.arange(split.n_items))
+            loss = (h.sum(1) + b).square().mean()
+        if proximal is None:
+            loss = loss + 0.5 * mu * sum(((p - s) ** 2).sum()
+                                         for p, s in zip(model.parameters(), global_w))
+        _step(opt, loss, proximal)
+        after.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*after))
+    assert not all(torch.equal(a, b) for a, b in zip(after[0], start.parameters()))

@@ -19,6 +19,7 @@ from fedrec.models.build import build_model, init_local_users, uses_local_user
 from fedrec.models.seqrec import SeqRec, windows
 from fedrec.models.train import (
     Histories,
+    Proximal,
     make_optimizer,
     score_histories,
     seq_train_epoch,
@@ -77,7 +78,7 @@ def sample_client_negatives(data: ClientData, rows: int, k: int, rng: np.random.
 def _model_and_local(cfg: Config, E: torch.Tensor, data: ClientData, arrays: dict,
                      local_state: dict | None, seed: int):
     model = build_model(cfg, E.shape[1], data.n_items)
-    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in arrays.items()})
+    load_arrays(model, arrays)
     local = None
     if uses_local_user(cfg):
         if local_state and "user" in local_state:
@@ -87,6 +88,21 @@ def _model_and_local(cfg: Config, E: torch.Tensor, data: ClientData, arrays: dic
             local = init_local_users(1, cfg.model.dim, cfg.model.kind, g, cfg.model.pooling)
         local.requires_grad_(True)
     return model, local
+
+
+def load_arrays(model: torch.nn.Module, arrays: dict) -> None:
+    """Copy the global arrays into the model's tensors in place (as load_state_dict with
+    strict keys, without its per-module recursion: ~1 ms of each client update)."""
+    state = model.state_dict()
+    if state.keys() != arrays.keys():
+        missing, extra = sorted(state.keys() - arrays.keys()), sorted(arrays.keys() - state.keys())
+        raise ValueError(f"arrays do not match the model: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for k, t in state.items():
+            a = torch.as_tensor(arrays[k])
+            if a.shape != t.shape:
+                raise ValueError(f"array {k}: shape {tuple(a.shape)}, the model's is {tuple(t.shape)}")
+            t.copy_(a)
 
 
 def sample_catalog_negatives(data: ClientData, positives: np.ndarray, k: int,
@@ -119,25 +135,19 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
     model, local = _model_and_local(cfg, E_t, data, arrays, local_state, seed)
     hist = _histories(data)
     opt = make_optimizer(model, local, cfg)
-    penalty = None
-    if proximal_mu > 0:
-        start = [p.detach().clone() for p in model.parameters()]
-
-        def penalty():
-            return 0.5 * proximal_mu * sum(((p - s) ** 2).sum()
-                                           for p, s in zip(model.parameters(), start))
+    proximal = Proximal(model.parameters(), proximal_mu) if proximal_mu > 0 else None
     if isinstance(model, SeqRec) and cfg.privacy.mode == "sample":
         return _seq_dp_update(cfg, model, opt, E_t, data, accountant, participation)
     if isinstance(model, SeqRec):
         rows = windows(data.history, model.max_len)
         allowed = torch.from_numpy(data.warm)
         per_step = windows_per_step(cfg.train.batch_size, model.max_len)
-        losses = [seq_train_epoch(model, opt, E_t, rows, allowed, per_step, rng, penalty)
+        losses = [seq_train_epoch(model, opt, E_t, rows, allowed, per_step, rng, proximal)
                   for _ in range(cfg.train.local_epochs)]
     elif cfg.privacy.mode == "sample":
         if accountant is None:
             raise ValueError("privacy.mode = 'sample' needs the device's accountant")
-        if penalty is not None:
+        if proximal is not None:
             raise ValueError("privacy.mode = 'sample' does not support FedProx's proximal term")
         sigma = noise_multiplier(cfg, len(data.history), participation)
         check_device_budget(cfg, accountant, sigma, len(data.history), participation)
@@ -158,7 +168,7 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         losses = [train_epoch(model, local, opt, E_t, hist, cfg, rng,
                               lambda segs: sample_client_negatives(data, len(segs),
                                                                    cfg.train.negatives, rng),
-                              penalty)
+                              proximal)
                   for _ in range(cfg.train.local_epochs)]
     new_local = {} if local is None else {"user": local.detach().reshape(-1).numpy().copy()}
     params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}

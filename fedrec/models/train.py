@@ -95,11 +95,11 @@ def row_loss(scores: torch.Tensor, loss: str) -> torch.Tensor:
 
 def train_epoch(model, local, opt, E, hist: Histories, cfg: Config, rng: np.random.Generator,
                 negatives: Callable[[np.ndarray], np.ndarray],
-                penalty: Callable[[], torch.Tensor] | None = None) -> float:
+                proximal: "Proximal | None" = None) -> float:
     """One pass over every training interaction in `hist`; returns the mean loss.
 
-    negatives(segments [B]) -> [B, K] sampled negative items for those rows; penalty() is an
-    extra loss term (FedProx's proximal term).
+    negatives(segments [B]) -> [B, K] sampled negative items for those rows; proximal:
+    FedProx's term, if any.
     """
     model.train()
     seg_of_pos = hist.seg.numpy()
@@ -114,16 +114,36 @@ def train_epoch(model, local, opt, E, hist: Histories, cfg: Config, rng: np.rand
         loss = row_loss(scores, cfg.train.loss)
         total += loss.item() * len(rows)
         n += len(rows)
-        _step(opt, loss, penalty)
+        _step(opt, loss, proximal)
     return total / max(n, 1)
 
 
-def _step(opt, loss: torch.Tensor, penalty: Callable[[], torch.Tensor] | None) -> None:
+class Proximal:
+    """FedProx's proximal term 0.5 * mu * ||w - w_start||^2 over `params`, from their
+    values now (the global model). Its gradient mu * (w - w_start) is added to the loss's
+    after backward: the same step (bit for bit: tests/test_train.py) without a second
+    autograd graph over every parameter in each step."""
+
+    def __init__(self, params, mu: float):
+        self.mu = mu
+        self.pairs = [(p, p.detach().clone()) for p in params]
+
+    def add_gradient(self) -> None:
+        with torch.no_grad():
+            for p, start in self.pairs:
+                g = (p - start) * self.mu
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad += g
+
+
+def _step(opt, loss: torch.Tensor, proximal: Proximal | None) -> None:
     """One optimizer step on loss (+ FedProx's proximal term)."""
-    if penalty is not None:
-        loss = loss + penalty()
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if proximal is not None:
+        proximal.add_gradient()
     opt.step()
 
 
@@ -166,7 +186,7 @@ def seq_rows(histories: list[np.ndarray], max_len: int) -> np.ndarray:
 
 def seq_train_epoch(model: SeqRec, opt, E: torch.Tensor, rows: np.ndarray, allowed: torch.Tensor,
                     per_step: int, rng: np.random.Generator,
-                    penalty: Callable[[], torch.Tensor] | None = None) -> float:
+                    proximal: Proximal | None = None) -> float:
     """One pass over training windows rows [W, L + 1], per_step windows a step; returns
     the mean loss over targets. allowed [N] bool: the released items (the softmax)."""
     model.train()
@@ -178,7 +198,7 @@ def seq_train_epoch(model: SeqRec, opt, E: torch.Tensor, rows: np.ndarray, allow
         targets = int(target_mask(batch).sum())
         total += loss.item() * targets
         n += targets
-        _step(opt, loss, penalty)
+        _step(opt, loss, proximal)
     return total / max(n, 1)
 
 
