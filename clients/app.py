@@ -14,7 +14,9 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fedrec.config import Config
-from fedrec.federation import client_round
+from fedrec.federation import array_decode, client_round
+
+array_decode.install()  # the global arrays, decoded without re-parsing .npy headers
 
 app = ClientApp()
 
