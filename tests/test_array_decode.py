@@ -30,7 +30,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("a", CASES, ids=lambda a: f"{a.dtype}-{a.shape}")
-@pytest.mark.parametrize("version", [None, (2, 0)])
+@pytest.mark.parametrize("version", [None, (2, 0), (3, 0)])
 def test_decode_matches_np_load(a, version):
     data = npy(a, version)
     want = np.load(BytesIO(data), allow_pickle=False)

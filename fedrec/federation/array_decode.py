@@ -20,14 +20,15 @@ import numpy as np
 from flwr.app import Array
 
 MAGIC = b"\x93NUMPY"
+MAX_HEADER = 10_000  # np.load's default max_header_size: a longer header goes to np.load
 ORIGINAL = Array.numpy
 
 
 @lru_cache(maxsize=256)
-def _header(raw: bytes) -> tuple[np.dtype, bool, tuple[int, ...]] | None:
+def _header(raw: bytes, encoding: str) -> tuple[np.dtype, bool, tuple[int, ...]] | None:
     try:
-        h = ast.literal_eval(raw.decode("latin1"))
-    except (ValueError, SyntaxError):
+        h = ast.literal_eval(raw.decode(encoding))
+    except (ValueError, SyntaxError, UnicodeDecodeError):
         return None
     if not isinstance(h, dict) or set(h) != {"descr", "fortran_order", "shape"}:
         return None
@@ -52,7 +53,8 @@ def decode(data: bytes) -> np.ndarray:
         width = 2 if view[6] == 1 else 4
         start = 8 + width
         size = int.from_bytes(view[8:start], "little")
-        parsed = _header(bytes(view[start:start + size]))
+        if size <= MAX_HEADER:
+            parsed = _header(bytes(view[start:start + size]), "utf8" if view[6] == 3 else "latin1")
         offset = start + size
     if parsed is None:
         return np.load(BytesIO(data), allow_pickle=False)
