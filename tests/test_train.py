@@ -167,12 +167,10 @@ def test_the_proximal_gradient_is_the_proximal_loss_term_bit_for_bit(cfg, prepar
     for use_proximal in (True, False):
         model = copy.deepcopy(start)
         global_w = [p.detach().clone() for p in model.parameters()]
+        proximal = Proximal(model.parameters(), mu) if use_proximal else None  # at the global model
         with torch.no_grad():  # away from the global model, so the term is not zero
             for p in model.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        proximal = Proximal(model.parameters(), mu) if use_proximal else None
-        if proximal is not None:
-            proximal.pairs = list(zip(model.parameters(), global_w))
         opt = make_optimizer(model, None, cfg)
         torch.manual_seed(1)
         if kind == "seq":
