@@ -92,6 +92,7 @@ class FedConfig:
     server_tau: float
     server_lr_warmup: int   # rounds of linear warmup of the server lr (0 = off)
     server_lr_decay: str    # none | cosine (to 0 at fed.num-rounds)
+    server_lr_ids: float    # multiplier of the server lr for the per-item ID tables (fedadam)
     run_dir: str
     min_nodes: int  # > 0: a real deployment (the server holds the catalog only)
     round_timeout: float
@@ -224,7 +225,7 @@ _SEED_MAX = 2**63  # numpy and torch both accept [0, 2**63)
 _POSITIVE = ("encoder.batch-size", "encoder.max-length", "model.dim", "model.hidden", "model.layers", "model.heads", "model.max-len",
              "train.lr", "train.batch-size", "train.local-epochs", "central.epochs",
              "central.patience", "central.batch-size", "central.lr", "data.eval-negatives", "fed.num-rounds", "fed.eval-every",
-             "fed.server-lr", "fed.server-tau", "fed.round-timeout")
+             "fed.server-lr", "fed.server-lr-ids", "fed.server-tau", "fed.round-timeout")
 
 
 def _validate(cfg: Config) -> None:
@@ -376,7 +377,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "model.id-dropout": 0.0,
               "data.users": 0,  # population study (issue 14): 0 = every user
               "model.public-warm-start": 0,  # privacy levers (issue 14): off
-              "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none"}  # constant server lr
+              "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none",  # constant server lr
+              "fed.server-lr-ids": 1.0}  # one server lr for every parameter
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

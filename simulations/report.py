@@ -37,12 +37,14 @@ LABELS = {"sampled/hr@10": "sampled HR@10", "sampled/ndcg@10": "sampled NDCG@10"
 
 
 def fed_settings(flat: dict) -> str:
-    """What a federated row ran with, in words: local epochs and the server lr schedule
-    (a stored config predating the schedule keys ran with a constant lr)."""
+    """What a federated row ran with, in words: local epochs, the server lr schedule and
+    the ID tables' multiplier of it (a stored config predating those keys ran with one
+    constant lr)."""
     c = stored_config(flat)
     sched = (f", warmup {c['fed.server-lr-warmup']} rounds + {c['fed.server-lr-decay']} decay"
              if c["fed.server-lr-warmup"] or c["fed.server-lr-decay"] != "none" else " constant")
-    return f"{c['train.local-epochs']} local epochs, server lr {c['fed.server-lr']:g}{sched}"
+    ids = f", ID tables x{c['fed.server-lr-ids']:g}" if c["fed.server-lr-ids"] != 1 else ""
+    return f"{c['train.local-epochs']} local epochs, server lr {c['fed.server-lr']:g}{sched}{ids}"
 
 
 def table(files: list[str]) -> str:

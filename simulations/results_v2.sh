@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 F=.venv/bin/fedrec
 SIM="$F simulate --engine inprocess --seeds 0,1,2"
-OLD="fed.server-lr=0.01 fed.server-lr-warmup=0 fed.server-lr-decay='none'"
+OLD="fed.server-lr=0.01 fed.server-lr-warmup=0 fed.server-lr-decay='none' fed.server-lr-ids=1"
 E4="train.local-epochs=4"
 mkdir -p runs
 $F data fetch ml-100k
@@ -23,9 +23,9 @@ lane_a() {
   $F train-central --seeds 0,1,2 --quiet --run-config "model.id-embeddings=false" --json results/central-seq.json
   $F train-central --seeds 0,1,2 --quiet --run-config "model.item-text=false" --json results/central-seq-id.json
   $F train-central --seeds 0,1,2 --quiet --config simulations/configs/fedmf.toml --json results/central-fedmf.json
-  # the default: text + ID items, 2 local epochs, server lr warmup + cosine decay
+  # the default: text + ID items, 2 local epochs, server lr warmup + cosine decay, ID tables x2
   $SIM --runs-dir runs/fed-seq+id-sched --json results/fed-seq+id-sched.json
-  # the rows below ran before those defaults: constant server lr 0.01 (OLD), and 4 local
+  # the rows below ran before those defaults: one constant server lr 0.01 (OLD), and 4 local
   # epochs (E4, which helps the text-only model) or 2
   $SIM --run-config "$OLD train.local-epochs=2" --runs-dir runs/fed-seq+id-e2 --json results/fed-seq+id-e2.json
   $SIM --run-config "$OLD $E4" --runs-dir runs/fed-seq+id --json results/fed-seq+id.json

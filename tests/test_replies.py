@@ -281,3 +281,19 @@ def test_fedadam_steps_with_the_scheduled_server_lr():
         steps[warmup] = moved(arrays)
         assert run.train[1]["server-lr"] == pytest.approx(0.02 / (warmup or 1))
     assert steps[4] == pytest.approx(steps[0] / 4, rel=1e-6)
+
+
+def test_fedadam_scales_the_step_of_the_id_tables_only(monkeypatch):
+    """fed.server-lr-ids multiplies FedAdam's step of the per-item ID tables (the seq
+    model's id_emb / id_bias) and leaves every other array's step as it was."""
+    monkeypatch.setitem(SENT, "id_emb.weight", np.ones((4, 2), np.float32))
+    steps = {}
+    for scale in (1.0, 3.0):
+        s, _ = strategy(**{"fed.strategy": "fedadam", "fed.server-lr-ids": scale})
+        arrays, _ = aggregate(s, honest_and_poisoned()[0])
+        steps[scale] = {k: arrays[k].astype(np.float64) - SENT[k] for k in SENT}
+    assert np.abs(steps[1.0]["id_emb.weight"]).min() > 0
+    np.testing.assert_allclose(steps[3.0]["id_emb.weight"], 3 * steps[1.0]["id_emb.weight"],
+                               rtol=1e-4)  # float32 values near 1
+    for k in ("w", "b"):
+        np.testing.assert_array_equal(steps[3.0][k], steps[1.0][k])

@@ -310,8 +310,11 @@ class SecAggFedAvg(FedAvg):
                     for v, d in zip(self.v_t or zeros, delta)]
         eta_norm = (a.eta * np.sqrt(1 - np.power(a.beta_2, rnd + 1.0))
                     / (1 - np.power(a.beta_1, rnd + 1.0)))
-        return [(x + eta_norm * m / (np.sqrt(v) + a.tau)).astype(x.dtype)
-                for x, m, v in zip(self.sent, self.m_t, self.v_t)]
+        from fedrec.federation.strategy import server_lr_scale
+
+        scales = [server_lr_scale(self.cfg, n) for n in self.names]
+        return [(x + s * eta_norm * m / (np.sqrt(v) + a.tau)).astype(x.dtype)
+                for x, m, v, s in zip(self.sent, self.m_t, self.v_t, scales)]
 
     def server_state(self) -> dict[str, np.ndarray]:
         """What a resumed run's server needs (fedrec/federation/server_state.py)."""

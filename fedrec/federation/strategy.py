@@ -93,6 +93,15 @@ def server_lr(cfg: Config, rnd: int) -> float:
     return f.server_lr
 
 
+def server_lr_scale(cfg: Config, name: str) -> float:
+    """The multiplier of FedAdam's step for array `name`: fed.server-lr-ids for the model's
+    per-item ID tables (fedrec.models.build.ID_TABLES), 1 for the rest. Adam's moments do
+    not depend on the lr, so scaling an array's step is Adam with that array's lr scaled."""
+    from fedrec.models.build import ID_TABLES
+
+    return cfg.fed.server_lr_ids if name.startswith(ID_TABLES[cfg.model.kind]) else 1.0
+
+
 def clients_per_round(cfg: Config, population: int) -> int:
     """fed.clients-per-round (0 = every device), refused when above the population."""
     k = cfg.fed.clients_per_round or population
@@ -186,12 +195,17 @@ def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: 
             if len(ok) >= f.min_replies:
                 arrays, metrics = super().aggregate_train(rnd, ok)
                 if arrays is not None:  # FedAdam's step computes in float64: keep the dtype sent
-                    arrays = ArrayRecord({k: Array(a.numpy().astype(self.sent[k].dtype, copy=False))
-                                          for k, a in arrays.items()})
+                    arrays = ArrayRecord({k: Array(self._scaled(k, a.numpy()).astype(
+                        self.sent[k].dtype, copy=False)) for k, a in arrays.items()})
             stats["kept-previous"] = int(arrays is None)
             run.on_train(rnd, arrays if arrays is not None else self.sent,
                          {**(metrics or {}), **stats}, self.server_state())
             return arrays, metrics
+
+        def _scaled(self, name, new):
+            """The aggregate of `name`; FedAdam's step scaled by server_lr_scale."""
+            s = server_lr_scale(cfg, name) if base is FedAdam else 1.0
+            return new if s == 1.0 else self.sent[name] + s * (new - self.sent[name])
 
         def aggregate_evaluate(self, server_round, replies):
             rnd = server_round + done_rounds

@@ -126,6 +126,11 @@ class FedMF(ItemTable, nn.Module):
         return local
 
 
+# Each model kind's per-item ID tables (one row per catalog item), by array-name prefix.
+ID_TABLES = {"seq": ("id_emb.", "id_bias."), "text": ("id_emb.", "id_bias."),
+             "fedmf": ("item_emb.", "item_bias.")}
+
+
 def build_model(cfg, text_dim: int, n_items: int) -> nn.Module:
     m = cfg.model
     if m.kind == "seq":
