@@ -13,6 +13,7 @@ from fedrec.models.seqrec import SeqRec, batch_inputs
 from fedrec.ranking.diversity import (
     intra_list_diversity,
     item_novelty,
+    dpp,
     lambda_curve,
     mmr,
     top_k,
@@ -102,6 +103,43 @@ def test_mmr_replaces_a_near_duplicate_and_ild_rises():
     assert ild[0] == pytest.approx(0.0, abs=1e-3) and ild[1] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="lambda"):
         mmr(s, unit, 2, 1.5)
+
+
+def test_dpp_at_lambda_zero_is_the_plain_ranking_and_drops_a_near_duplicate():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(7, 40))
+    s[:, :3] = -np.inf
+    unit = unit_rows(rng.normal(size=(40, 5)))  # 5 dimensions: volume runs out after 5 items
+    plain = np.argsort(-s, axis=1, kind="stable")[:, :10]
+    assert (dpp(s, unit, 10, 0.0) == plain).all()
+    lists = dpp(s, unit, 10, 0.3)
+    assert (lists[:, 0] == plain[:, 0]).all()
+    assert all(len(set(r)) == 10 and not set(r) & {0, 1, 2} for r in lists)
+    vecs = np.array([[1.0, 0, 0], [1.0, 0.01, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    near = np.array([[4.0, 3.9, 3.0, 2.0]])
+    assert dpp(near, unit_rows(vecs), 2, 0.5).tolist() == [[0, 2]]
+    with pytest.raises(ValueError, match="lambda"):
+        dpp(near, unit_rows(vecs), 2, -0.1)
+
+
+def test_dpp_greedy_steps_maximise_the_log_determinant():
+    """Each pick of the incremental-Cholesky greedy is the argmax of log det L over the
+    list so far plus one candidate, computed directly."""
+    rng = np.random.default_rng(2)
+    s, vecs = rng.normal(size=(5, 12)), unit_rows(rng.normal(size=(12, 8)))
+    lam, k = 0.4, 6
+    lists = dpp(s, vecs, k, lam)
+    p = np.exp(s - s.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    q = p ** ((1 - lam) / (2 * lam))
+    for u in range(len(s)):
+        L = q[u][:, None] * (vecs @ vecs.T) * q[u][None]
+        picked = []
+        for _ in range(k):
+            logdet = [np.linalg.slogdet(L[np.ix_(picked + [i], picked + [i])])[1]
+                      if i not in picked else -np.inf for i in range(12)]
+            picked.append(int(np.argmax(logdet)))
+        assert lists[u].tolist() == picked
 
 
 def test_novelty_is_minus_log2_of_the_smoothed_popularity():

@@ -10,9 +10,10 @@ evaluation input's, the held-out item included: the list a user would see):
 - novelty ``div/novelty@k``: mean -log2 p_i over the listed items, p_i = (training users
   of i + 1) / (users + 1) (the +1 keeps never-trained, cold items finite).
 
-Re-ranking: maximal marginal relevance (Carbonell & Goldstein, 1998) over the top
-`pool` items by score, with the PLM cosine as the similarity (see `mmr`). lam = 0 is the
-plain ranking.
+Re-ranking over the top `pool` items by score, with the PLM cosine as the similarity:
+maximal marginal relevance (Carbonell & Goldstein, 1998; `mmr`) or the greedy MAP of a
+determinantal point process (Chen, Zhang & Zhou, NeurIPS 2018; `dpp`). lam = 0 is the
+plain ranking for both.
 """
 
 import numpy as np
@@ -53,11 +54,7 @@ def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: i
     cand = top_k(scores, max(k, min(pool, scores.shape[1])))
     if lam == 0.0:
         return cand[:, :k]
-    s = np.asarray(scores, np.float64)
-    top = np.take_along_axis(s, cand[:, :1], 1)
-    mass = np.exp(np.where(np.isfinite(s), s - top, -np.inf)).sum(1, keepdims=True)
-    sc = np.take_along_axis(s, cand, 1)
-    rel = np.where(np.isfinite(sc), np.exp(sc - top) / mass, -np.inf)  # -inf: never listed
+    rel = np.where(*_pool_probs(scores, cand), -np.inf)  # -inf: never listed
     rows = np.arange(len(cand))
     vecs = unit[cand]                                  # [U, P, D]
     red = np.zeros(cand.shape)   # redundancy with the items picked so far (0 before any)
@@ -73,6 +70,57 @@ def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: i
         total += sim
         red = total / (t + 1) if redundancy == "mean" else (sim if t == 0 else np.maximum(red, sim))
     return np.take_along_axis(cand, np.stack(picked, 1), 1)
+
+
+def _pool_probs(scores: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(listable [U, P], p [U, P]): the softmax over each row's candidates (-inf scores
+    excluded) at its top-`pool` items cand."""
+    s = np.asarray(scores, np.float64)
+    top = np.take_along_axis(s, cand[:, :1], 1)
+    mass = np.exp(np.where(np.isfinite(s), s - top, -np.inf)).sum(1, keepdims=True)
+    sc = np.take_along_axis(s, cand, 1)
+    ok = np.isfinite(sc)
+    return ok, np.where(ok, np.exp(np.where(ok, sc, top) - top) / mass, 0.0)
+
+
+def dpp(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float,
+        pool: int = POOL) -> np.ndarray:
+    """[U, k] items re-ranked by the greedy MAP of a determinantal point process over each
+    user's top `pool` items (Chen, Zhang & Zhou, NeurIPS 2018, with its incremental
+    Cholesky): kernel L = diag(q) S diag(q), S the PLM cosine Gram matrix of the candidates,
+    q_i = p_i ** a with a = (1 - lam) / (2 lam) and p the softmax as in `mmr`, so each step
+    maximises 2a * sum log p + log det S over the list. lam = 0 is the plain ranking; larger
+    lam weights the volume the list's vectors span (diversity) more. Candidates the kernel
+    cannot add volume with (numerically dependent) are listed by score after the others."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"diversity lambda must be in [0, 1], got {lam}")
+    cand = top_k(scores, max(k, min(pool, scores.shape[1])))
+    if lam == 0.0:
+        return cand[:, :k]
+    ok, p = _pool_probs(scores, cand)
+    a = (1 - lam) / (2 * lam)
+    logq = np.where(ok, a * np.log(np.maximum(p, 1e-300)), -np.inf)
+    q = np.exp(logq - logq.max(1, keepdims=True))        # scaled per row: same argmax
+    rows, n = np.arange(len(cand)), min(k, cand.shape[1])
+    vecs = unit[cand].astype(np.float64)                 # [U, P, D]
+    gain = q ** 2                                        # d_i^2: L_ii minus what is explained
+    basis = np.zeros((len(cand), n, cand.shape[1]))      # Cholesky rows of the picked items
+    taken = ~ok
+    picked = []
+    for t in range(n):
+        g = np.where(taken, -np.inf, np.maximum(gain, 0.0))
+        j = g.argmax(1)  # ties at 0 (no volume left): the best-scored remaining item
+        picked.append(j)
+        taken[rows, j] = True
+        col = q[rows, j][:, None] * np.einsum("upd,ud->up", vecs, vecs[rows, j]) * q  # L[j, :]
+        e = (col - np.einsum("ut,utp->up", basis[rows, :t, j], basis[:, :t])) / np.sqrt(
+            np.maximum(gain[rows, j], 1e-300))[:, None]
+        basis[:, t] = np.where((gain[rows, j] > 1e-12)[:, None], e, 0.0)
+        gain = gain - basis[:, t] ** 2
+    return np.take_along_axis(cand, np.stack(picked, 1), 1)
+
+
+RERANKERS = {"mmr": mmr, "dpp": dpp}
 
 
 def intra_list_diversity(lists: np.ndarray, unit: np.ndarray) -> np.ndarray:
@@ -120,10 +168,12 @@ class ListStats:
 
 
 def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k: int = 10,
-                 stage: str = "test", chunk: int = 256, redundancy: str = "mean") -> list[dict]:
-    """Full-ranking HR@k / NDCG@k and list diversity of MMR-re-ranked top-k lists, one row
-    per lambda (same users, inputs and candidates as fedrec.data.protocol.evaluate's full
-    ranking; lambda 0 reproduces its full HR@k up to ties)."""
+                 stage: str = "test", chunk: int = 256, method: str = "mmr") -> list[dict]:
+    """Full-ranking HR@k / NDCG@k and list diversity of top-k lists re-ranked by `method`
+    (RERANKERS), one row per lambda (same users, inputs and candidates as
+    fedrec.data.protocol.evaluate's full ranking; lambda 0 reproduces its full HR@k up to
+    ties)."""
+    rerank = RERANKERS[method]
     from fedrec.data.protocol import scored_chunks
 
     target = split.target(stage)
@@ -135,7 +185,7 @@ def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k
     discount = 1.0 / np.log2(np.arange(k) + 2.0)
     for ub, _, s in scored_chunks(score, split, stage, chunk):
         for lam in lambdas:
-            lists = mmr(s, unit, k, lam, redundancy=redundancy)
+            lists = rerank(s, unit, k, lam)
             stats[lam].add(lists)
             at = lists == target[ub][:, None]
             hits[lam].append(at.any(1))
@@ -154,9 +204,9 @@ def random_list_ild(item_vectors: np.ndarray) -> float:
     return 1.0 - (total - n) / (n * (n - 1))
 
 
-def curve_runs(run_dirs: list[str], lambdas: str) -> dict:
-    """`fedrec diversity-curve`: lambda_curve on the test users of each run (seeds), mean
-    ± std per lambda: a result file's body."""
+def curve_runs(run_dirs: list[str], lambdas: str, method: str = "mmr") -> dict:
+    """`fedrec diversity-curve`: lambda_curve of `method` on the test users of each run
+    (seeds), mean ± std per lambda: a result file's body."""
     import torch
 
     from fedrec.errors import FedrecError
@@ -164,6 +214,8 @@ def curve_runs(run_dirs: list[str], lambdas: str) -> dict:
     from fedrec.ranking.recommend import load_for_dataset
     from fedrec.results import summarize
 
+    if method not in RERANKERS:
+        raise FedrecError(f"--method: '{method}' is not one of {', '.join(RERANKERS)}")
     try:
         grid = [float(x) for x in lambdas.split(",")]
     except ValueError:
@@ -173,10 +225,11 @@ def curve_runs(run_dirs: list[str], lambdas: str) -> dict:
     runs = []
     for run_dir in run_dirs:
         cfg, net, p = load_for_dataset(run_dir)
-        rows = lambda_curve(scorer(net, torch.from_numpy(p.item_emb)), p.split, p.item_emb, grid)
+        rows = lambda_curve(scorer(net, torch.from_numpy(p.item_emb)), p.split, p.item_emb, grid,
+                            method=method)
         runs.append({"model": run_dir, "seed": cfg.train.seed, "curve": rows})
     keys = [k for k in runs[0]["curve"][0] if k != "lambda"]
     summary = [{"lambda": lam, **summarize([{k: r["curve"][i][k] for k in keys} for r in runs])}
                for i, lam in enumerate(grid)]
-    return {"method": "diversity-curve (MMR)", "config": cfg.to_flat(), "runs": runs,
+    return {"method": f"diversity-curve ({method.upper()})", "config": cfg.to_flat(), "runs": runs,
             "summary": summary, "random-list-ild@10": random_list_ild(p.item_emb)}
