@@ -11,9 +11,9 @@ import torch
 from fedrec.data.protocol import evaluate
 from fedrec.models.seqrec import SeqRec, batch_inputs
 from fedrec.ranking.diversity import (
+    dpp,
     intra_list_diversity,
     item_novelty,
-    dpp,
     lambda_curve,
     mmr,
     top_k,
