@@ -1,9 +1,11 @@
-"""Plot full HR@10 against intra-list diversity of MMR re-ranked top-10 lists.
+"""Plot full HR@10 against intra-list diversity of re-ranked top-10 lists, one curve per
+re-ranker's file.
 
-    .venv/bin/python simulations/plot_diversity.py results/diversity.json --out results/diversity.png
+    .venv/bin/python simulations/plot_diversity.py results/diversity.json \
+        results/diversity-dpp.json --out results/diversity.png
 
-The input is written by `fedrec diversity-curve --json`; one point per lambda, mean ± std
-over its runs (seeds).
+The inputs are written by `fedrec diversity-curve [--method dpp] --json`; one point per
+lambda, mean ± std over its runs (seeds).
 """
 
 import argparse
@@ -20,22 +22,25 @@ from fedrec.files import save_figure
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("result")
+    ap.add_argument("results", nargs="+")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    res = json.loads(Path(args.result).read_text())
-    rows = res["summary"]
-    x = [r["div/ild@10"]["mean"] for r in rows]
-    y = [r["full/hr@10"]["mean"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.errorbar(x, y, xerr=[r["div/ild@10"]["std"] for r in rows],
-                yerr=[r["full/hr@10"]["std"] for r in rows], marker="o", capsize=2)
-    for r, xi, yi in zip(rows, x, y):
-        ax.annotate(f"λ={r['lambda']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+    for path in args.results:
+        res = json.loads(Path(path).read_text())
+        rows = res["summary"]
+        x = [r["div/ild@10"]["mean"] for r in rows]
+        y = [r["full/hr@10"]["mean"] for r in rows]
+        ax.errorbar(x, y, xerr=[r["div/ild@10"]["std"] for r in rows],
+                    yerr=[r["full/hr@10"]["std"] for r in rows], marker="o", capsize=2,
+                    label=f"{res['method'].split('(')[-1].rstrip(')')}, {len(res['runs'])} runs")
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(f"λ={r['lambda']:g}", (xi, yi), textcoords="offset points",
+                        xytext=(4, 4), fontsize=6)
     ax.set_xlabel("intra-list diversity of the top-10 (1 - mean PLM cosine)")
     ax.set_ylabel("full-ranking HR@10 (test)")
-    ax.set_title(f"MMR re-ranking, {len(res['runs'])} runs")
+    ax.set_title("re-ranking for diversity")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, args.out, dpi=130)

@@ -633,13 +633,17 @@ def explain_table() -> str:
 
 
 def diversity_table() -> str:
-    res = _load("diversity.json")
-    if not res:
-        return ""
+    """One table per re-ranker's curve file (MMR, DPP), then the plot of both."""
+    parts = [_curve_table(res) for res in map(_load, ("diversity.json", "diversity-dpp.json")) if res]
+    return "\n\n".join(parts + ["![HR@10 against diversity](results/diversity.png)"]) if parts else ""
+
+
+def _curve_table(res: dict) -> str:
     rows = res["summary"]
     base = rows[0]
     hr0, ild0 = base["full/hr@10"]["mean"], base["div/ild@10"]["mean"]
-    out = ["| λ | full HR@10 | vs λ = 0 | full NDCG@10 | ILD@10 | vs λ = 0 | coverage@10 | novelty@10 |",
+    out = [f"**{res['method']}**\n",
+           "| λ | full HR@10 | vs λ = 0 | full NDCG@10 | ILD@10 | vs λ = 0 | coverage@10 | novelty@10 |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hr, ild = r["full/hr@10"]["mean"], r["div/ild@10"]["mean"]
@@ -661,7 +665,6 @@ def diversity_table() -> str:
                    f"{ild0:.3f}; +20% ({1.2 * ild0:.3f}) "
                    + ("asks for lists more varied than random ones." if 1.2 * ild0 > rand
                       else "stays below a random list's."))
-    out.append("\n![HR@10 against diversity](results/diversity.png)")
     return "\n".join(out)
 
 

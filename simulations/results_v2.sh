@@ -46,5 +46,6 @@ wait
 M=runs/fed-seq+id-sched/seed-0,runs/fed-seq+id-sched/seed-1,runs/fed-seq+id-sched/seed-2
 $F explain-eval --model $M --json results/explain.json
 $F diversity-curve --model $M --lambdas 0,0.02,0.04,0.06,0.08,0.1,0.12,0.15 --json results/diversity.json
-.venv/bin/python simulations/plot_diversity.py results/diversity.json --out results/diversity.png
+$F diversity-curve --model $M --method dpp --lambdas 0,0.5,0.6,0.65,0.7,0.75,0.8,0.85 --json results/diversity-dpp.json
+.venv/bin/python simulations/plot_diversity.py results/diversity.json results/diversity-dpp.json --out results/diversity.png
 bash simulations/recommend_example.sh
