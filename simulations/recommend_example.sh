@@ -12,7 +12,7 @@ tmp=$(mktemp)
 {
   echo "\$ fedrec device prepare --out runs/dev-user1 --user 1"
   $F device prepare --out runs/dev-user1 --user 1 > /dev/null
-  for extra in "" " --diversity 0.08"; do
+  for extra in "" " --diversity 0.06"; do
     echo "\$ fedrec recommend --history runs/dev-user1/history.csv --model $RUN -k 10$extra"
     $F recommend --history runs/dev-user1/history.csv --model $RUN -k 10 $extra
   done

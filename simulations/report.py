@@ -633,9 +633,19 @@ def explain_table() -> str:
 
 
 def diversity_table() -> str:
-    """One table per re-ranker's curve file (MMR, DPP), then the plot of both."""
-    parts = [_curve_table(res) for res in map(_load, ("diversity.json", "diversity-dpp.json")) if res]
-    return "\n\n".join(parts + ["![HR@10 against diversity](results/diversity.png)"]) if parts else ""
+    """One table per re-ranker's curve file (MMR, DPP), the scale's reference, the plot."""
+    found = [res for res in map(_load, ("diversity.json", "diversity-dpp.json")) if res]
+    if not found:
+        return ""
+    parts = [_curve_table(res) for res in found]
+    rand, ild0 = found[0].get("random-list-ild@10"), found[0]["summary"][0]["div/ild@10"]["mean"]
+    if rand is not None:
+        parts.append(f"The scale's reference: a list drawn at random from the catalog has ILD@10 "
+                     f"{rand:.3f} (MiniLM's vectors are anisotropic), the model's own lists "
+                     f"{ild0:.3f}; +20% ({1.2 * ild0:.3f}) "
+                     + ("asks for lists more varied than random ones." if 1.2 * ild0 > rand
+                        else "stays below a random list's."))
+    return "\n\n".join(parts + ["![HR@10 against diversity](results/diversity.png)"])
 
 
 def _curve_table(res: dict) -> str:
@@ -658,13 +668,6 @@ def _curve_table(res: dict) -> str:
                + ("meets" if gain >= 0.2 else "misses") + " the +20% target). "
                f"{len(res['runs'])} runs ({', '.join(r['model'] for r in res['runs'])}), commit "
                f"{res['machine']['commit'][:7]}: `{res['command']}`")
-    rand = res.get("random-list-ild@10")
-    if rand is not None:
-        out.append(f"\nThe scale's reference: a list drawn at random from the catalog has ILD@10 "
-                   f"{rand:.3f} (MiniLM's vectors are anisotropic), the model's own lists "
-                   f"{ild0:.3f}; +20% ({1.2 * ild0:.3f}) "
-                   + ("asks for lists more varied than random ones." if 1.2 * ild0 > rand
-                      else "stays below a random list's."))
     return "\n".join(out)
 
 
