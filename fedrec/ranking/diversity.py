@@ -173,9 +173,9 @@ def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k
     (RERANKERS), one row per lambda (same users, inputs and candidates as
     fedrec.data.protocol.evaluate's full ranking; lambda 0 reproduces its full HR@k up to
     ties)."""
-    rerank = RERANKERS[method]
     from fedrec.data.protocol import scored_chunks
 
+    rerank = RERANKERS[method]
     target = split.target(stage)
     unit = unit_rows(item_vectors).astype(np.float32)
     nov = item_novelty(split.item_popularity(), split.n_users)
