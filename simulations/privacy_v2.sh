@@ -29,8 +29,9 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/privacy-v2}
 OUT=results/privacy-v2
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-# the server lr of these runs: constant 0.01 (the default before its warmup and cosine decay)
-BASE="fed.num-rounds=20 fed.eval-every=20 train.local-epochs=2 privacy.accountant='prv' fed.server-lr=0.01 fed.server-lr-warmup=0 fed.server-lr-decay='none'"
+# the server lr of these runs: one constant 0.01 for every parameter (the default before its
+# warmup, cosine decay and the ID tables' multiplier)
+BASE="fed.num-rounds=20 fed.eval-every=20 train.local-epochs=2 privacy.accountant='prv' fed.server-lr=0.01 fed.server-lr-warmup=0 fed.server-lr-decay='none' fed.server-lr-ids=1"
 USER_CFG="privacy.max-grad-norm=0.25"
 INTER_CFG="privacy.max-grad-norm=1.0 train.local-epochs=1 fed.sampling='balanced' privacy.accountant='rdp'"
 FEDREC=.venv/bin/fedrec
