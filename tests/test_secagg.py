@@ -20,6 +20,7 @@ from fedrec.errors import FedrecError
 from fedrec.federation import secagg
 from fedrec.federation.inprocess import InProcessGrid
 from fedrec.federation.local import client_seed, load_simulated_client, local_update
+from fedrec.federation.strategy import server_lr_scale
 from fedrec.models.build import build_model
 from tiny import Killed, run_inprocess, tiny_config
 
@@ -107,6 +108,8 @@ def test_secagg_aggregates_what_fedavg_aggregates(tiny_root, tmp_path, monkeypat
         np.random.default_rng(0), torch.Generator().manual_seed(0)))
     extra = {"none": {}, "user": USER_DP, "sample": SAMPLE_DP}[mode]
     extra = {**extra, "fed.strategy": strategy}
+    if strategy == "fedadam":  # ID tables too, whose step fed.server-lr-ids scales
+        extra["model.id-embeddings"] = True
     cfg, _, plain, want = _run(tiny_root, tmp_path, "plain", **extra)
     cfg_sa, grid, res, got = _run(tiny_root, tmp_path, "secagg", **extra,
                                   **{"secagg.enabled": True})
@@ -114,13 +117,19 @@ def test_secagg_aggregates_what_fedavg_aggregates(tiny_root, tmp_path, monkeypat
     lengths = np.diff(split.train_ptr).astype(float)
     weights, max_w = (lengths, lengths.max()) if mode == "none" else (np.ones(len(lengths)), 1.0)
     bound = quantisation_bound(cfg_sa, weights, max_w)
+    gain = {k: 1.0 for k in want}  # per array: how much the server's step scales an error
     if strategy == "fedadam":
         bound *= adam_gain(cfg)
-    err = _max_diff(want, got)
-    print(f"\n{mode}/{strategy}: max |secagg - plain| = {err:.2e}, bound {bound:.2e}, level "
+        gain = {k: server_lr_scale(cfg, k) for k in want}
+        assert max(gain.values()) == cfg.fed.server_lr_ids > 1  # the scaled step is covered
+    assert want.keys() == got.keys()
+    err = {k: float(np.abs(want[k].astype(np.float64) - got[k]).max()) for k in want}
+    print(f"\n{mode}/{strategy}: max |secagg - plain| / gain = "
+          f"{max(e / gain[k] for k, e in err.items()):.2e}, bound {bound:.2e}, level "
           f"{2 * cfg_sa.secagg.clipping_range / cfg_sa.secagg.quantization_range:.2e}")
     assert _max_diff(want, _initial(cfg)) > 100 * bound  # the round did move the model
-    assert err <= bound + 1e-6  # + float32 rounding of the parameters
+    for k, e in err.items():  # + float32 rounding of the parameters
+        assert e <= gain[k] * bound + 1e-6, k
     assert secagg.max_weight(cfg_sa, SimpleNamespace(deployed=False, prepared=prepare(cfg))) \
         == max_w
 

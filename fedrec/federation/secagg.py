@@ -24,7 +24,8 @@ it to the global model (FedAvg on updates = FedAvg on parameters; fedprox device
 with the proximal term); fedadam takes it as the pseudo-gradient of Flower's FedAdam step
 (same hyperparameters and bias correction as fedrec/federation/strategy.py). Quantisation error per
 value of the mean is below n * 2r / levels / sum(w_i / max_weight) (n devices; tests
-measure it); FedAdam's step scales it by at most eta_norm (1 - beta_1) / tau.
+measure it); FedAdam's step scales it by at most eta_norm (1 - beta_1) / tau, times
+fed.server-lr-ids on the per-item ID tables.
 
 What the server sees from one device: two public keys, key shares encrypted for other
 devices, its masked vector (uniformly random on its own), the shares it holds of its

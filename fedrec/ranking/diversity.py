@@ -47,11 +47,9 @@ def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: i
     already picked: their mean ("mean", the greedy step of maximising intra-list
     diversity) or their maximum ("max", Carbonell & Goldstein's original). lam = 0 is the
     plain ranking; useful values are small (README: about 0.05-0.1)."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"diversity lambda must be in [0, 1], got {lam}")
     if redundancy not in ("mean", "max"):
         raise ValueError(f"redundancy must be 'mean' or 'max', got {redundancy!r}")
-    cand = top_k(scores, max(k, min(pool, scores.shape[1])))
+    cand = _candidates(scores, k, lam, pool)
     if lam == 0.0:
         return cand[:, :k]
     rel = np.where(*_pool_probs(scores, cand), -np.inf)  # -inf: never listed
@@ -70,6 +68,13 @@ def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: i
         total += sim
         red = total / (t + 1) if redundancy == "mean" else (sim if t == 0 else np.maximum(red, sim))
     return np.take_along_axis(cand, np.stack(picked, 1), 1)
+
+
+def _candidates(scores: np.ndarray, k: int, lam: float, pool: int) -> np.ndarray:
+    """A re-ranker's [U, max(k, pool)] candidates, best first (lam checked: in [0, 1])."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"diversity lambda must be in [0, 1], got {lam}")
+    return top_k(scores, max(k, min(pool, scores.shape[1])))
 
 
 def _pool_probs(scores: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,9 +97,7 @@ def dpp(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float,
     maximises 2a * sum log p + log det S over the list. lam = 0 is the plain ranking; larger
     lam weights the volume the list's vectors span (diversity) more. Candidates the kernel
     cannot add volume with (numerically dependent) are listed by score after the others."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"diversity lambda must be in [0, 1], got {lam}")
-    cand = top_k(scores, max(k, min(pool, scores.shape[1])))
+    cand = _candidates(scores, k, lam, pool)
     if lam == 0.0:
         return cand[:, :k]
     ok, p = _pool_probs(scores, cand)
