@@ -1,12 +1,12 @@
 """Flower ClientApp: one device = one user. Flower glue only: the round itself is
-fedrec.federation.client_round (load the user's data and state, train or evaluate, keep the state,
-the reply's content); SecAgg+ hands over to fedrec/federation/secagg.py.
+fedrec.federation.client_round (load the user's data and state, train or evaluate, keep
+the state, the reply's content); SecAgg+ hands over to fedrec/federation/secagg.py.
 
 Two ways to find the user's data: a real device names its own directory in node_config
-"data-dir" (fedrec.deployment.device documents the layout); a virtual SuperNode of the simulation
-gets "partition-id" = its user index in the run's dataset, keeps its user-local state on
-its simulated disk too (fedrec.federation.local_store, for resumed runs) and misbehaves when the
-simulation asks it to (fedrec.federation.faults).
+"data-dir" (fedrec.data.device documents the layout); a virtual SuperNode of the
+simulation gets "partition-id" = its user index in the run's dataset, keeps its
+user-local state on its simulated disk too (fedrec.federation.local_store, for resumed
+runs) and misbehaves when the simulation asks it to (fedrec.federation.faults).
 """
 
 from flwr.app import Context, Message
@@ -14,9 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fedrec.config import Config
-from fedrec.federation import array_decode, client_round
-
-array_decode.install()  # the global arrays, decoded without re-parsing .npy headers
+from fedrec.federation import client_round, flower, secagg
 
 app = ClientApp()
 
@@ -24,12 +22,12 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """privacy.mode = "user": Flower's fixedclipping_mod (or adaptiveclipping_mod, which also
-    reports whether it clipped) clips this device's update. It is applied here, by config,
-    rather than in @app.train(mods=...), which is fixed at import time and would fail every
-    message without a clipping norm."""
-    if context.run_config.get("secagg.enabled"):  # hook: SecAgg+ (fedrec/federation/secagg.py)
-        from fedrec.federation.secagg import client_app
-        return client_app()(msg, context)
+    reports whether it clipped) clips this device's update to the norm the server sends.
+    It is applied here, by config, rather than in @app.train(mods=...), which is fixed at
+    import time and would fail every message without a clipping norm."""
+    flower.install()  # fedrec's Flower adaptations (fedrec/federation/flower.py)
+    if context.run_config.get("secagg.enabled"):
+        return secagg.client_app()(msg, context)
     privacy = Config.from_flat(context.run_config).privacy
     if privacy.mode == "user":
         mod = adaptiveclipping_mod if privacy.clipping == "adaptive" else fixedclipping_mod
@@ -43,7 +41,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    if context.run_config.get("secagg.enabled"):  # hook: SecAgg+ (fedrec/federation/secagg.py)
-        from fedrec.federation.secagg import client_app
-        return client_app()(msg, context)
+    flower.install()
+    if context.run_config.get("secagg.enabled"):
+        return secagg.client_app()(msg, context)
     return Message(client_round.evaluate(msg, context), reply_to=msg)

@@ -96,11 +96,14 @@ def baseline_text_similarity(config: str | None = ConfigOpt, run_config: str = R
 @app.command("train-central")
 def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                       seeds: str = SeedsOpt, json_path: str | None = JsonOpt,
-                      quiet: bool = typer.Option(False, help="no per-epoch lines")):
+                      quiet: bool = typer.Option(False, help="no per-epoch lines"),
+                      save_dir: str | None = typer.Option(None, help="keep the best model as a "
+                                                          "run directory (DIR/seed-N for several seeds)")):
     """Centralized training of the same model on all users' data (the accuracy ceiling)."""
-    from fedrec.experiments import central
+    from fedrec.experiments.runs import central
 
-    body = central(_config(config, run_config), parse_seeds(seeds), log=console.print, quiet=quiet)
+    body = central(_config(config, run_config), parse_seeds(seeds), log=console.print,
+                   quiet=quiet, save_dir=save_dir)
     _report(body, json_path, "epoch")
 
 
@@ -113,7 +116,7 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                  rounds: int | None = typer.Option(None, help="with --resume: extend to this many "
                                                    "rounds in all (non-private runs)")):
     """Federated simulation of the whole user population on this machine."""
-    from fedrec.experiments import federated
+    from fedrec.experiments.runs import federated
 
     body = federated(None if resume else _config(config, run_config), parse_seeds(seeds),
                      engine=engine, runs_dir=runs_dir, resume=resume, rounds=rounds,
@@ -125,20 +128,20 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
 def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                       seeds: str = SeedsOpt,
                       epsilons: str = typer.Option("inf,8,4,2,1", help="target ε grid; inf = no DP"),
-                      units: str = typer.Option("interaction,user", help="interaction and/or user"),
+                      units: str = typer.Option("block,user", help="block and/or user"),
                       engine: str = typer.Option("inprocess", help="inprocess | flower"),
                       runs_dir: str | None = RunsOpt, json_path: str | None = JsonOpt,
                       plot_path: str | None = typer.Option(None, "--plot", help="privacy-utility PNG"),
-                      interaction_config: str = typer.Option("", "--interaction-run-config",
-                                                             help="overrides of the interaction cells"),
+                      block_config: str = typer.Option("", "--block-run-config",
+                                                       help="overrides of the block cells"),
                       user_config: str = typer.Option("", "--user-run-config",
                                                       help="overrides of the user cells")):
     """Accuracy against ε for each unit of privacy (finished cells are reused)."""
-    from fedrec.privacy import sweep
+    from fedrec.experiments import sweep
 
     body = sweep.run(_config(config, run_config), seeds=parse_seeds(seeds), epsilons=epsilons,
                      units=units, engine=engine, runs_dir=runs_dir, log=console.print,
-                     per_unit={"interaction": interaction_config, "user": user_config})
+                     per_unit={"block": block_config, "user": user_config})
     _show("privacy sweep (test at best-validation round)", *sweep.table(body["rows"]))
     write_result(json_path, body)
     if plot_path:
@@ -165,14 +168,14 @@ def device_prepare(out: str = typer.Option(..., help="device directory to write"
                    config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                    encode: bool = typer.Option(True, help="also cache the catalog embeddings")):
     """A device directory for one user of a dataset: history.csv, items.csv, cache/."""
-    from fedrec.deployment.device import prepare_user_device
+    from fedrec.data.device import prepare_user_device
 
     console.print(prepare_user_device(_config(config, run_config), out, user, encode), highlight=False)
 
 
 @app.command("recommend")
 def recommend_cmd(history: str = typer.Option(..., help="the user's history file (item,timestamp)"),
-                  model: str = typer.Option(..., help="a run directory (final.safetensors)"),
+                  model: str = typer.Option(..., help="a run directory (simulate, train-central --save-dir)"),
                   k: int = typer.Option(10, "-k", "--top-k", help="how many items"),
                   catalog: str | None = typer.Option(None, help="default: beside the history"),
                   model_dir: str = typer.Option("", help="PLM (default: the run's)"),
@@ -216,16 +219,18 @@ def diversity_curve_cmd(model: str = ModelsOpt, json_path: str | None = JsonOpt,
 
 @app.command("audit")
 def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
-              params: str | None = typer.Option(None, help="a run's final.safetensors "
-                                                 "(default: a fresh model)"),
+              model: str | None = typer.Option(None, help="a run directory, with its config "
+                                                "(default: a fresh model of --config)"),
               users: int = typer.Option(200, help="random target users"),
               epsilons: str = typer.Option("inf,8", help="inf = no DP, else DP-SGD's target ε"),
               json_path: str | None = JsonOpt):
     """Membership inference from one device update: AUC per attack statistic and ε."""
-    from fedrec.privacy import audit
+    from fedrec.experiments import audit
+    from fedrec.models.saved import load_run
 
-    body = audit.run(_config(config, run_config), params=params, users=users,
-                     epsilons=epsilons, log=console.print)
+    cfg = (load_run(model)[0].override(**parse_overrides(run_config)) if model
+           else _config(config, run_config))
+    body = audit.run(cfg, model=model, users=users, epsilons=epsilons, log=console.print)
     _show(f"membership inference from one update (AUC, mean over {body['rows'][0]['users']} users)",
           *audit.table(body["rows"]))
     write_result(json_path, body)

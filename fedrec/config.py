@@ -48,9 +48,7 @@ class ModelConfig:
     dim: int
     hidden: int
     dropout: float
-    pooling: str
     id_embeddings: bool
-    user_embedding: bool
     item_text: bool   # seq: items carry adapter(PLM text); false = ID-only (SASRec over IDs)
     layers: int       # seq: self-attention blocks
     heads: int        # seq: attention heads (divide model.dim)
@@ -64,8 +62,6 @@ class TrainConfig:
     optimizer: str
     lr: float
     batch_size: int
-    negatives: int
-    loss: str
     weight_decay: float
     local_epochs: int
     seed: int
@@ -116,7 +112,6 @@ class PrivacyConfig:
     clipping: str          # user mode: fixed (C = max-grad-norm) | adaptive (C tracks a quantile)
     clipped_quantile: float  # adaptive: target fraction of updates clipped
     clip_norm_lr: float    # adaptive: geometric step of C per round
-    pool_gradient: str     # sample mode, history-pooled models: full | none (pool = row input)
 
 
 @dataclass(frozen=True)
@@ -142,6 +137,7 @@ class Config:
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "Config":
         """Parse Flower's flat run_config ({"train.lr": 0.001, ...}); every key required."""
+        _refuse_retired(flat)
         known = {key for key, _, _ in _schema()}
         unknown = sorted(set(flat) - known, key=str)  # keys may be any type: never crash
         if unknown:
@@ -168,7 +164,27 @@ class Config:
 
 def uses_text(cfg: Config) -> bool:
     """Whether the model reads the frozen PLM item table (else it needs no encoding)."""
-    return cfg.model.kind == "text" or (cfg.model.kind == "seq" and cfg.model.item_text)
+    return cfg.model.kind == "seq" and cfg.model.item_text
+
+
+# The v1 model (an attention-pooled bag of history items, BCE with sampled negatives) and
+# the keys only it read; its results stay in results/v1/ (docs/v1.md).
+RETIRED_AFTER = "19bee52"  # the last commit that shipped it
+RETIRED_KEYS = ("model.pooling", "model.user-embedding", "train.negatives", "train.loss",
+                "privacy.pool-gradient")
+
+
+def _refuse_retired(flat: Mapping[str, Any]) -> None:
+    if flat.get("model.kind") == "text":
+        raise FedrecError(f"config: model.kind = 'text' (the v1 pooled-bag model) was retired "
+                          f"after commit {RETIRED_AFTER}; use model.kind = 'seq' (the default: "
+                          "text + ID items read as a sequence), or check out that commit to "
+                          "rerun v1")
+    used = [k for k in RETIRED_KEYS if k in flat]
+    if used:
+        raise FedrecError(f"config: '{used[0]}' belonged to the v1 model, retired after commit "
+                          f"{RETIRED_AFTER}; remove it (every model now trains with a full "
+                          "softmax over the released items)")
 
 
 def _schema() -> list[tuple[str, str, dataclasses.Field]]:
@@ -207,9 +223,7 @@ def _short(value: Any) -> str:
 
 
 _CHOICES = {
-    "model.kind": ("seq", "text", "fedmf"),
-    "model.pooling": ("attention", "mean", "none"),
-    "train.loss": ("bce", "bpr"),
+    "model.kind": ("seq", "fedmf"),
     "train.optimizer": ("adam", "sgd"),
     "central.optimizer": ("adam", "sgd"),
     "fed.strategy": ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
@@ -217,7 +231,6 @@ _CHOICES = {
     "privacy.mode": ("none", "sample", "user"),
     "privacy.accountant": ("rdp", "prv", "gdp"),
     "privacy.clipping": ("fixed", "adaptive"),
-    "privacy.pool-gradient": ("full", "none"),
     "fed.sampling": ("uniform", "balanced"),
     "fed.server-lr-decay": ("none", "cosine"),
 }
@@ -243,7 +256,6 @@ def _validate(cfg: Config) -> None:
         ("model.dropout", 0.0 <= flat["model.dropout"] < 1.0, "in [0, 1)"),
         ("model.id-dropout", 0.0 <= flat["model.id-dropout"] < 1.0, "in [0, 1)"),
         ("model.public-warm-start", flat["model.public-warm-start"] >= 0, ">= 0 (0 = off)"),
-        ("train.negatives", flat["train.negatives"] >= 1, ">= 1"),
         ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
         ("fed.proximal-mu", flat["fed.proximal-mu"] >= 0, ">= 0"),
@@ -290,9 +302,6 @@ def _validate(cfg: Config) -> None:
          "model.kind = 'seq' needs model.item-text = true, model.id-embeddings = true or both"),
         (seq and flat["model.dim"] % flat["model.heads"] != 0,
          f"'model.heads' ({flat['model.heads']}) must divide model.dim ({flat['model.dim']})"),
-        (seq and flat["model.user-embedding"],
-         ("model.kind = 'seq' reads the user from the history and has no user-local "
-          "embedding; set model.user-embedding = false")),
         (seq and flat["privacy.mode"] == "sample" and flat["fed.proximal-mu"] > 0
          and flat["fed.strategy"] == "fedprox",
          "privacy.mode = 'sample' does not support FedProx's proximal term; use fedadam or fedavg"),
@@ -304,11 +313,6 @@ def _validate(cfg: Config) -> None:
           "the PLM; set it to 0 for fed.min-nodes > 0")),
         (not seq and not flat["model.item-text"],
          "model.item-text = false (ID-only items) is for model.kind = 'seq'"),
-        (flat["model.kind"] == "text" and flat["model.pooling"] == "none"
-         and not flat["model.user-embedding"],
-         ("'model.pooling' = 'none' needs model.user-embedding = true (the user vector is then "
-          "the user-local embedding alone); set model.user-embedding=true or model.pooling to "
-          "attention or mean")),
         (flat["privacy.clipping"] == "adaptive" and flat["secagg.enabled"],
          ("'privacy.clipping' = 'adaptive' does not work with secagg.enabled (the server would "
           "need each device's clipped bit in the clear); use privacy.clipping = 'fixed' with "
@@ -369,8 +373,7 @@ LOCATION_KEYS = ("fed.run-dir", "fed.resume")  # where a run lives, not what it 
 # what a run stored without it did (add every new key here).
 ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used before the key
               "privacy.clipping": "fixed", "privacy.clipped-quantile": 0.5,
-              "privacy.clip-norm-lr": 0.2, "privacy.pool-gradient": "full",
-              "fed.sampling": "uniform",
+              "privacy.clip-norm-lr": 0.2, "fed.sampling": "uniform",
               # v2 (recommender-v2): the keys of the seq model and central training
               "model.item-text": True, "model.layers": 2, "model.heads": 1,
               "model.max-len": 50, "central.optimizer": "adam",
@@ -382,9 +385,11 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """A run directory's stored flat config, completed with ADDED_KEYS it predates, so
-    older runs can still be resumed, extended and compared."""
-    return {**ADDED_KEYS, **flat}
+    """A run directory's stored flat config, completed with ADDED_KEYS it predates and
+    without the keys retired since (a v1 model's config is refused), so older runs can
+    still be resumed, extended and compared."""
+    _refuse_retired({"model.kind": flat.get("model.kind")})
+    return {**ADDED_KEYS, **{k: v for k, v in flat.items() if k not in RETIRED_KEYS}}
 
 
 def run_identity(flat: Mapping[str, Any], *more: str) -> dict[str, Any]:

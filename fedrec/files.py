@@ -1,4 +1,5 @@
-"""Atomic file writes: every file fedrec writes appears whole or not at all."""
+"""Where fedrec keeps files, and atomic writes: every file it writes appears whole or not
+at all."""
 
 import os
 from collections.abc import Iterator
@@ -27,11 +28,26 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib  # lazy: ~0.5 s to import, and only plots need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: as above
+
+    return plt
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure atomically and close it."""
-    import matplotlib.pyplot as plt
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
     return Path(path)
+
+
+def data_home(cache_dir: str = "") -> Path:
+    """The cache of datasets, splits, embeddings and runs: cache_dir, else $FEDREC_HOME,
+    else ~/.cache/fedrec."""
+    base = cache_dir or os.environ.get("FEDREC_HOME") or "~/.cache/fedrec"
+    return Path(base).expanduser()

@@ -9,12 +9,10 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from fedrec.data.datasets import data_home
 from fedrec.files import write_text_atomic
 
 HEADLINE = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
@@ -63,13 +61,6 @@ def git_commit() -> str:
 
 def command_line() -> str:
     return " ".join(["fedrec", *sys.argv[1:]]) if sys.argv[0].endswith("fedrec") else " ".join(sys.argv)
-
-
-def run_dir_for(cfg) -> Path:
-    """A federated run's directory: fed.run-dir, else <cache>/runs/<time>-<model kind>."""
-    if cfg.fed.run_dir:
-        return Path(cfg.fed.run_dir).expanduser()
-    return data_home(cfg.data.cache_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}"
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

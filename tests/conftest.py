@@ -13,7 +13,7 @@ from rich.console import Console
 
 import fedrec.cli
 import fedrec.data.encoder
-import fedrec.federation.local
+import fedrec.data.pipeline
 from fedrec.data.pipeline import prepare
 from tiny import tiny_config
 
@@ -27,10 +27,10 @@ def isolated(tmp_path, monkeypatch):
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    fedrec.federation.local._population.cache_clear()
+    fedrec.data.pipeline._PREPARED.clear()
     fedrec.data.encoder._encoder.cache_clear()
     yield
-    fedrec.federation.local._population.cache_clear()
+    fedrec.data.pipeline._PREPARED.clear()
 
 
 @pytest.fixture(scope="module")

@@ -129,11 +129,7 @@ def build(root: Path) -> Path:
 
 # Small and fast, yet enough for the model to learn the tiny data's structure.
 TINY = {
-    # The v1 text model (pooled bag of history items) unless a test asks for another:
-    # most tests were written for it; tests/test_seqrec.py covers the seq model.
-    "model.kind": "text",
-    "model.user-embedding": True,
-    "model.id-embeddings": False,
+    "model.max-len": 8, "model.layers": 2, "model.heads": 2,
     "data.eval-negatives": 40,
     "data.item-template": "{title}. {genres}",  # year tokens would only add noise
     "data.cold-fraction": 0.1,
@@ -141,11 +137,10 @@ TINY = {
     "model.dim": 32,  # = the PLM width: the adapters start as the identity (text similarity)
     "model.hidden": 32,
     "model.dropout": 0.0,
-    "train.lr": 0.3,  # local SGD on a tiny model takes larger steps
+    "train.optimizer": "adam", "train.lr": 0.01,  # a few steps must move the tiny model
     "fed.server-lr": 0.05,  # FedAdam: a few rounds must move the model visibly
     "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none",  # runs of a few rounds
-    "train.batch-size": 8,  # a few optimizer steps per device and round
-    "train.negatives": 4,
+    "train.batch-size": 8,  # one window of model.max-len per step
     "train.local-epochs": 2,
     "central.epochs": 10,
     "central.patience": 100,
@@ -228,19 +223,13 @@ def write_run(root: Path, cfg: Config, scale: float, seed: int) -> Path:
     """A run directory root/run as a finished run leaves it (final.safetensors,
     run_config.json), holding cfg's model moved away from its init by scale * N(0, 1)."""
     import torch
-    from safetensors.numpy import save_file
 
     from fedrec.models.build import build_model
-    from fedrec.results import write_json
+    from fedrec.models.saved import save_model
 
     torch.manual_seed(seed)
     model = build_model(cfg, HIDDEN, N_ITEMS)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
-    run = root / "run"
-    run.mkdir()
-    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
-              str(run / "final.safetensors"))
-    write_json(run / "run_config.json", cfg.to_flat())
-    return run
+    return save_model(root / "run", cfg, model)

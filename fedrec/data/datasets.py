@@ -22,7 +22,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import string
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.errors import FedrecError
+from fedrec.files import data_home
 
 GROUPLENS_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
                     "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror",
@@ -115,6 +115,17 @@ def _fallback_texts(item_fields: list[dict[str, str]], where: str, missing: str)
         first, *rest = [(n, " ".join(str(f.get(n) or "").split())) for n in names]
         return ". ".join([first[1], *(f"{n}: {v}" for n, v in rest if v)]).strip()
     return [text(f) for f in item_fields]
+
+
+_TERMS = re.compile(r"\s*[,|;]\s*")
+_NOT_TERMS = {"title", "year", "cold"}
+
+
+def item_terms(item: dict[str, str]) -> list[tuple[str, str]]:
+    """(field, term) of an item's list-like catalog fields (genres, tags: comma, | or ;
+    separated; not title or year), in the item's order."""
+    return [(field, t) for field, value in item.items() if field not in _NOT_TERMS and value
+            for t in _TERMS.split(value) if t]
 
 
 # ----------------------------------------------------------------------------- readers
@@ -359,10 +370,3 @@ def load_dataset(spec: str, cache_dir: str = "") -> Dataset:
         return read_generic(root)
     raise FedrecError(f"{root}: no known layout (u.data + u.item, NAME.inter + NAME.item, "
                       f"or interactions.csv + items.csv/items.jsonl); {LAYOUT_HINT}")
-
-
-# ----------------------------------------------------------------------------- fetching
-
-def data_home(cache_dir: str = "") -> Path:
-    base = cache_dir or os.environ.get("FEDREC_HOME") or "~/.cache/fedrec"
-    return Path(base).expanduser()

@@ -14,8 +14,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from fedrec.data.datasets import data_home, load_dataset
+from fedrec.data.datasets import load_dataset
 from fedrec.errors import FedrecError
+from fedrec.files import data_home
 
 RECBOLE_WHEEL = "recbole==1.2.1"
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"

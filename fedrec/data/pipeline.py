@@ -1,43 +1,56 @@
-"""Shared set-up of every command: dataset -> protocol split -> frozen item embeddings."""
+"""Shared set-up of every command: dataset -> protocol split -> frozen item embeddings,
+prepared once per process (a federated run's CLI process, its ServerApp process and each
+ClientApp actor each ask many times)."""
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedrec.config import Config
-from fedrec.data.datasets import Dataset, data_home, load_dataset
+from fedrec.config import Config, uses_text
+from fedrec.data.datasets import Dataset, load_dataset
 from fedrec.data.encoder import embed_texts
 from fedrec.data.protocol import Split, make_split, population
+from fedrec.files import data_home
 
 
 @dataclass(frozen=True)
 class Prepared:
     dataset: Dataset
     split: Split
-    item_emb: np.ndarray  # float32 [n_items, text_dim], frozen PLM output
+    item_emb: np.ndarray  # float32 [n_items, text_dim], frozen PLM output ([n, 0]: no text)
 
 
-def catalog_vectors(cfg: Config, prepared: Prepared | None = None) -> np.ndarray:
+def catalog_vectors(cfg: Config, prepared: Prepared) -> np.ndarray:
     """The frozen PLM embeddings of the catalog, whatever the model reads: the common
-    space of every method's list diversity (fedrec.ranking.diversity). Reuses `prepared`'s when
-    it has them; otherwise encodes (cached) without loading the PLM twice."""
-    if prepared is not None and prepared.item_emb.shape[1]:
+    space of every method's list diversity (fedrec.data.evaluate)."""
+    if prepared.item_emb.shape[1]:
         return prepared.item_emb
-    d = cfg.data
-    ds = prepared.dataset if prepared is not None else load_dataset(d.dataset, d.cache_dir)
-    return embed_texts(ds.item_texts(d.item_template), data_home(d.cache_dir),
-                       cfg.encoder.model_dir, cfg.encoder.batch_size, cfg.encoder.max_length)
+    return _encode(prepared.dataset, cfg, False)
 
 
-def prepare(cfg: Config, progress: bool = False, with_text: bool = True) -> Prepared:
-    d = cfg.data
-    ds = load_dataset(d.dataset, d.cache_dir)
-    split = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives,
-                                  d.cache_dir), d.users, d.split_seed)
-    if with_text:
-        emb = embed_texts(ds.item_texts(d.item_template), data_home(d.cache_dir),
-                          cfg.encoder.model_dir, cfg.encoder.batch_size, cfg.encoder.max_length,
-                          progress=progress)
-    else:
-        emb = np.zeros((ds.n_items, 0), np.float32)
-    return Prepared(ds, split, emb)
+def prepare(cfg: Config, progress: bool = False) -> Prepared:
+    """The dataset, split and (for a model that reads text) item embeddings of cfg; the
+    same object for every call of this process with the same data and encoder keys."""
+    d, e = cfg.data, cfg.encoder
+    key = (d.dataset, str(data_home(d.cache_dir)), d.item_template, d.cold_fraction,
+           d.split_seed, d.eval_negatives, d.users, e.model_dir, e.batch_size, e.max_length,
+           uses_text(cfg))
+    if key not in _PREPARED:
+        ds = load_dataset(d.dataset, d.cache_dir)
+        split = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives,
+                                      d.cache_dir), d.users, d.split_seed)
+        emb = (_encode(ds, cfg, progress) if uses_text(cfg)
+               else np.zeros((ds.n_items, 0), np.float32))
+        while len(_PREPARED) >= 4:  # a few configurations per process at most
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[key] = Prepared(ds, split, emb)
+    return _PREPARED[key]
+
+
+_PREPARED: dict[tuple, Prepared] = {}
+
+
+def _encode(ds: Dataset, cfg: Config, progress: bool) -> np.ndarray:
+    return embed_texts(ds.item_texts(cfg.data.item_template), data_home(cfg.data.cache_dir),
+                       cfg.encoder.model_dir, cfg.encoder.batch_size, cfg.encoder.max_length,
+                       progress=progress)

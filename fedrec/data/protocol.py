@@ -1,33 +1,30 @@
-"""The evaluation protocol of DESIGN.md, the same for every method.
+"""The evaluation protocol (docs/protocol.md), the same for every method: the split.
 
 - Leave-one-out by time: last interaction = test, second-to-last = validation, rest =
   train; users with fewer than 3 interactions train only.
 - Cold-start items: a fixed fraction of items is not yet released at training time: all
-  its interactions are removed from training, and it is never a training negative nor in
-  a training softmax (a device cannot know an item that does not exist yet). At
-  evaluation it is a candidate like any other.
-- Training negatives: uniform over released items not in the user's *training* items.
-  The validation/test items may be drawn (a device does not know its future).
+  its interactions are removed from training, and it is never in a training softmax (a
+  device cannot know an item that does not exist yet). At evaluation it is a candidate
+  like any other.
 - Evaluation input: the training history at validation; the training history plus the
   validation item at test (it lies in the past then). Every method gets the same input.
 - Sampled ranking: the held-out item vs `eval-negatives` items the user never touched,
   drawn once with the split seed and stored. Full ranking: vs every item but the
   evaluation input's items.
 The split is computed once per (dataset, cold fraction, seed, negatives) and cached.
+`ClientData` is what one device holds of it (its own history, held-out items and
+candidates, and the public catalog's released items); fedrec.data.evaluate scores it all.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from fedrec.data.datasets import Dataset, data_home
+from fedrec.data.datasets import Dataset
+from fedrec.files import data_home
 from fedrec.errors import FedrecError
 from fedrec.files import atomic_path
-from fedrec.ranking.diversity import ListStats, item_novelty, top_k, unit_rows
-from fedrec.ranking.metrics import rank_of_positive, summarize, user_auc
 
 
 @dataclass(frozen=True)
@@ -79,12 +76,6 @@ class Split:
             raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
         return self.test if stage == "test" else self.val
 
-    # Cached because training samples negatives every epoch; cached_property writes to
-    # __dict__ directly, so it works on a frozen dataclass.
-    @cached_property
-    def _train_keys(self) -> np.ndarray:
-        return np.sort(self.train_users * self.n_items + self.train_items)
-
     def subset(self, users: np.ndarray) -> "Split":
         """The same split restricted to `users` (renumbered 0..len-1 in that order): each
         keeps its training history, held-out items and evaluation negatives; the catalog
@@ -96,13 +87,35 @@ class Split:
         return Split(self.n_items, ptr, items, self.val[users], self.test[users], self.cold,
                      self.val_negatives[users], self.test_negatives[users])
 
-    def in_train(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Broadcast mask: is `items` one of `users`' training items?"""
-        keys = self._train_keys
-        q = np.asarray(users, np.int64) * self.n_items + np.asarray(items, np.int64)
-        if not len(keys):
-            return np.zeros(q.shape, bool)
-        return keys[np.minimum(np.searchsorted(keys, q), len(keys) - 1)] == q
+
+@dataclass(frozen=True)
+class ClientData:
+    """One user's private data plus the public catalog facts a device may know."""
+
+    history: np.ndarray          # int64 [L] training items, time order
+    val: int                     # held-out items (-1 = none)
+    test: int
+    val_negatives: np.ndarray    # int64 [K] sampled-ranking candidates (-1 = padding)
+    test_negatives: np.ndarray
+    warm: np.ndarray             # bool [n_items]: released at training time (the softmax)
+    test_is_cold: bool
+
+    @classmethod
+    def from_split(cls, split: Split, u: int) -> "ClientData":
+        test = int(split.test[u])
+        # Cold items are not released yet: never in a training softmax.
+        return cls(split.history(u).copy(), int(split.val[u]), test, split.val_negatives[u],
+                   split.test_negatives[u], split.released.copy(),
+                   bool(test >= 0 and split.cold[test]))
+
+    def eval_history(self, stage: str) -> np.ndarray:
+        """The input when ranking for `stage` (the protocol's Split.eval_history)."""
+        h = self.history
+        return np.append(h, self.val) if stage == "test" and self.val >= 0 else h
+
+    @property
+    def n_items(self) -> int:
+        return len(self.warm)
 
 
 def make_split(ds: Dataset, cold_fraction: float, seed: int, eval_negatives: int,
@@ -153,7 +166,7 @@ def leave_one_out(items: np.ndarray, cold: np.ndarray) -> tuple[int, int, np.nda
     """(validation item, test item, training items) of one user's time-ordered history:
     the last two are held out when there are at least 3 (else -1, -1 and all of them);
     unreleased (cold) items never train. The split of every user here and of a real
-    device's own history (fedrec/deployment/device.py)."""
+    device's own history (fedrec/data/device.py)."""
     val = test = -1
     if len(items) >= 3:
         val, test, items = int(items[-2]), int(items[-1]), items[:-2]
@@ -190,91 +203,3 @@ def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Spli
             out[u, :take] = rng.choice(pool, size=take, replace=False)
         negs[stage] = out
     return Split(n_i, train_ptr, train_items, val, test, cold, negs["val"], negs["test"])
-
-
-def sample_negatives(split: Split, users: np.ndarray, per_positive: int,
-                     rng: np.random.Generator) -> np.ndarray:
-    """[len(users), per_positive] released items outside each user's training items."""
-    users = np.asarray(users, np.int64)
-    warm = np.flatnonzero(split.released)  # unreleased (cold) items cannot be negatives
-    out = warm[rng.integers(0, len(warm), size=(len(users), per_positive))]
-    for _ in range(20):  # rejection sampling: uniform over the allowed items
-        bad = split.in_train(users[:, None], out)
-        if not bad.any():
-            return out
-        out[bad] = warm[rng.integers(0, len(warm), size=int(bad.sum()))]
-    # Only users who touched nearly every item get here: draw from their allowed set.
-    bad = split.in_train(users[:, None], out)
-    for r in np.flatnonzero(bad.any(1)):
-        allowed = np.setdiff1d(warm, split.history(users[r]))
-        if not len(allowed):
-            raise FedrecError(f"user index {users[r]} has interacted with every item, "
-                              "so no training negative exists; drop that user from the data")
-        out[r, bad[r]] = rng.choice(allowed, size=int(bad[r].sum()))
-    return out
-
-
-# users [B], their evaluation inputs (item arrays, time order) -> scores [B, n_items]
-Scorer = Callable[[np.ndarray, list[np.ndarray]], np.ndarray]
-
-
-def scored_chunks(score: Scorer, split: Split, stage: str, chunk: int):
-    """Per chunk of `stage`'s evaluation users: (users, scores, full-ranking candidates).
-    scores [B, n_items] are the scorer's (float64, shape checked); the candidates are a
-    copy with each evaluation input's items at -inf (never candidates)."""
-    users = split.eval_users(stage)
-    for start in range(0, len(users), chunk):
-        ub = users[start:start + chunk]
-        inputs = [split.eval_history(u, stage) for u in ub]
-        s = np.asarray(score(ub, inputs), dtype=np.float64)
-        if s.shape != (len(ub), split.n_items):
-            raise ValueError(f"scorer returned shape {s.shape}, expected "
-                             f"{(len(ub), split.n_items)} (users x items)")
-        full = s.copy()  # np.asarray may alias the scorer's own array: never write to it
-        for r, seen in enumerate(inputs):
-            full[r, seen] = -np.inf
-        yield ub, s, full
-
-
-def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
-             chunk: int = 512, item_vectors: np.ndarray | None = None) -> dict[str, float]:
-    """Sampled, full and cold-start ranking metrics with the protocol's keys, and the
-    diversity of each user's top-k (fedrec.ranking.diversity: coverage, novelty, and intra-list
-    diversity when `item_vectors`, the frozen PLM item embeddings, are given).
-
-    The scorer gets each user's evaluation input (Split.eval_history): the training
-    history at "val", plus the validation item at "test".
-    Users are scored `chunk` at a time and only per-user ranks are kept, so memory stays
-    at one [chunk, n_items] block however many users there are. With no eval users every
-    metric is NaN (the keys are still present).
-    """
-    users = split.eval_users(stage)
-    target = split.target(stage)
-    negatives = split.test_negatives if stage == "test" else split.val_negatives
-    ranks: dict[str, list] = {"sampled": [], "full": []}
-    aucs: dict[str, list] = {"sampled": [], "full": []}
-    if item_vectors is not None and not np.shape(item_vectors)[1]:
-        item_vectors = None  # no text vectors: no ILD (callers pass pipeline.catalog_vectors)
-    lists = ListStats(split.n_items, item_novelty(split.item_popularity(), split.n_users),
-                      None if item_vectors is None else unit_rows(item_vectors), k)
-    for ub, s, full in scored_chunks(score, split, stage, chunk):
-        rows = np.arange(len(ub))
-        pos = s[rows, target[ub]]
-        neg = negatives[ub]
-        samp = np.where(neg >= 0, s[rows[:, None], np.maximum(neg, 0)], -np.inf)
-        lists.add(top_k(full, k))                # the list the user sees (positive included)
-        full[rows, target[ub]] = -np.inf         # the positive is scored separately
-        for name, cand in (("sampled", samp), ("full", full)):
-            ranks[name].append(rank_of_positive(pos, cand))
-            aucs[name].append(user_auc(pos, cand))
-    cat = {n: (np.concatenate(r) if r else np.zeros(0, np.int64)) for n, r in ranks.items()}
-    cat_auc = {n: (np.concatenate(a) if a else np.zeros(0)) for n, a in aucs.items()}
-    out = {**summarize("sampled", cat["sampled"], cat_auc["sampled"], k),
-           **summarize("full", cat["full"], cat_auc["full"], k)}
-    cold = split.cold[target[users]]
-    for name, mask in (("cold", cold), ("warm", ~cold)):  # on the sampled candidates
-        m = summarize(name, cat["sampled"][mask], cat_auc["sampled"][mask], k)
-        out[f"{name}/hr@{k}"], out[f"{name}/ndcg@{k}"] = m[f"{name}/hr@{k}"], m[f"{name}/ndcg@{k}"]
-        out[f"{name}/users"] = int(mask.sum())
-    out["users"] = len(users)
-    return {**out, **lists.summary()}

@@ -1,2 +1,3 @@
-"""Real deployments: a device's own directory (device), TLS and node-key credentials
-(transport), and the SuperLink / SuperNode / flwr commands (commands)."""
+"""Real deployments: TLS and node-key credentials (transport) and the SuperLink /
+SuperNode / flwr commands (commands); a device's own directory is read by
+fedrec.data.device."""

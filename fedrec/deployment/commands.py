@@ -15,7 +15,7 @@ test all use these, so the documented commands are the tested ones:
    CA, then one ``flwr supernode register node-<i>.pub <connection>`` per device.
 3. Each device: ``flower-supernode --superlink HOST:8000 --root-certificates ca.crt
    --auth-supernode-private-key node-<i> --node-config "data-dir='/device/dir'"``
-   (fedrec.deployment.device documents the directory); ``--port`` is the SuperNode's local
+   (fedrec.data.device documents the directory); ``--port`` is the SuperNode's local
    runtime API, distinct for SuperNodes sharing a host.
 4. ``flwr run . <connection> --run-config deploy.toml --stream`` with fed.min-nodes > 0.
 

@@ -6,12 +6,15 @@ simulated device, its own disk) and never enter a reply."""
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrec.config import Config
-from fedrec.deployment.device import load_client
+from fedrec.data.device import DATA_DIR, load_device_client
+from fedrec.data.pipeline import prepare
+from fedrec.data.protocol import ClientData
 from fedrec.federation.faults import InjectedFailure, corrupt, planned_fault
-from fedrec.federation.local import ClientData, client_seed, local_evaluate, local_update
+from fedrec.federation.local import client_seed, local_evaluate, local_update
 from fedrec.federation.local_store import keep, restore
 from fedrec.privacy.accounting import Accountant
 
@@ -38,10 +41,29 @@ def load_job(msg: Message, context: Context, training: bool) -> Job:
     return Job(cfg, E, data, arrays, local, seed, user, rnd, simulated, acc)
 
 
-def participation(j: Job, context: Context) -> float:
+def load_client(context: Context) -> tuple[Config, np.ndarray, ClientData, int, bool]:
+    """(config, catalog embeddings, the user's data, user id, simulated) for a ClientApp's
+    Context: a virtual SuperNode's partition (user index: one virtual client per user,
+    the population prepared once per process), or a real device's own files."""
+    if DATA_DIR in context.node_config:
+        cfg, E, data = load_device_client(context.run_config, context.node_config)
+        return cfg, E, data, context.node_id, False  # node id: stable per registered SuperNode
+    user = int(context.node_config["partition-id"])
+    cfg = Config.from_flat(context.run_config)
+    # One thread per client process: the simulation runs one actor per core, and torch's
+    # default thread pool oversubscribes the cores (measured ~40x slower client updates).
+    torch.set_num_threads(1)
+    p = prepare(cfg)
+    if not 0 <= user < p.split.n_users:
+        raise ValueError(f"partition-id {user} outside 0..{p.split.n_users - 1}; run with "
+                         "num-supernodes equal to the number of users")
+    return cfg, p.item_emb, ClientData.from_split(p.split, user), user, True
+
+
+def participation(cfg: Config, context: Context) -> float:
     """Expected fraction of rounds this device trains in: clients-per-round / population."""
-    population = int(context.node_config.get("num-partitions", 0)) or j.cfg.fed.min_nodes
-    k = j.cfg.fed.clients_per_round
+    population = int(context.node_config.get("num-partitions", 0)) or cfg.fed.min_nodes
+    k = cfg.fed.clients_per_round
     return 1.0 if not k or not population else min(1.0, k / population)
 
 
@@ -58,7 +80,7 @@ def train(msg: Message, context: Context) -> RecordDict:
     if j.cfg.privacy.mode == "sample":  # this device's cumulative accountant
         acc = Accountant.from_state(j.accountant, j.cfg.privacy.accountant)
     params, new_local, metrics = local_update(j.cfg, j.E, j.data, j.arrays, j.local, j.seed, mu,
-                                              accountant=acc, participation=participation(j, context))
+                                              accountant=acc, participation=participation(j.cfg, context))
     keep(context, j.cfg, j.user, j.round, j.simulated, new_local, acc)
     if j.cfg.privacy.mode == "user":  # equal weights, nothing data-dependent but the update
         metrics = {"num-examples": 1}

@@ -11,14 +11,15 @@ from types import SimpleNamespace
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.federation.flower import set_task_identity
 
 CLIENT_APP_RAISED = 100
 
 
 class InProcessGrid(Grid):
     def __init__(self, client_app, run_config: dict, num_nodes: int, run_id: int = 1):
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+        set_task_identity(run_id)
         self.client_app, self._run_id = client_app, run_id
         self.contexts = {
             node: Context(run_id=run_id, node_id=node, state=RecordDict(), run_config=run_config,

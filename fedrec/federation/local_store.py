@@ -28,8 +28,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from safetensors.numpy import load_file, save_file
 
+from fedrec.data.device import DATA_DIR
 from fedrec.files import atomic_path
 
 _NAME = re.compile(r"round-(\d{4,})\.safetensors")
@@ -41,8 +43,6 @@ def device_dir(context, cfg, user: int, simulated: bool) -> Path | None:
         return None
     if simulated:
         return Path(cfg.fed.run_dir).expanduser() / "devices" / str(user)
-    from fedrec.deployment.device import DATA_DIR
-
     key = hashlib.sha256(cfg.fed.run_dir.encode()).hexdigest()[:16]
     return Path(str(context.node_config[DATA_DIR])).expanduser() / "state" / key
 
@@ -96,8 +96,6 @@ def keep(context, cfg, user: int, server_round: int, simulated: bool,
          new_local: dict[str, np.ndarray], accountant=None) -> None:
     """After training: the new user-local parameters and accountant (fedrec.privacy.accounting.
     Accountant or None) into context.state and onto the device's disk."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord
-
     disk = dict(new_local)
     if accountant is not None:
         state = accountant.to_state()

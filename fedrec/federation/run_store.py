@@ -41,23 +41,31 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from fedrec.config import Config, run_identity, uses_text
+from fedrec.config import Config, run_identity
+from fedrec.data.device import read_catalog, text_dim
+from fedrec.data.evaluate import evaluate
 from fedrec.data.pipeline import catalog_vectors, prepare
-from fedrec.data.protocol import evaluate
-from fedrec.deployment.device import read_catalog, text_dim
 from fedrec.errors import FedrecError
-from fedrec.files import atomic_path, write_text_atomic
-from fedrec.models.build import build_model, model_from_arrays, reads_history
+from fedrec.files import data_home, write_text_atomic
+from fedrec.models.build import build_model, model_from_arrays
+from fedrec.models.saved import FINAL, RUN_CONFIG, save_params
 from fedrec.models.train import scorer
 from fedrec.models.warm_start import warm_start
 from fedrec.privacy.accounting import describe
 from fedrec.privacy.accounting import label as privacy_label
 from fedrec.results import SELECT as SELECT_KEY
-from fedrec.results import run_dir_for, write_json
+from fedrec.results import write_json
 
 SELECT = f"val/{SELECT_KEY}"  # model selection: validation only
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """A federated run's directory: fed.run-dir, else <cache>/runs/<time>-<model kind>."""
+    if cfg.fed.run_dir:
+        return Path(cfg.fed.run_dir).expanduser()
+    return data_home(cfg.data.cache_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.kind}"
 
 
 class FederatedRun:
@@ -65,7 +73,7 @@ class FederatedRun:
         self.cfg, self.log = cfg, log
         self.dir = run_dir_for(cfg)
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "run_config.json", cfg.to_flat())
+        write_json(self.dir / RUN_CONFIG, cfg.to_flat())
         if not cfg.fed.resume:  # a fresh run: no earlier run's device state may leak in
             shutil.rmtree(self.dir / "devices", ignore_errors=True)
         # A deployment's server knows the public catalog only (the histories stay on the
@@ -76,7 +84,7 @@ class FederatedRun:
             self.n_items = read_catalog(cfg.data.dataset, cfg.data.cache_dir).n_items
             self.text_dim = text_dim(cfg)
         else:  # simulation: encode the catalog once here, before any client asks for it
-            self.prepared = prepare(cfg, with_text=uses_text(cfg))
+            self.prepared = prepare(cfg)
             self.n_items = self.prepared.split.n_items
             self.text_dim = self.prepared.item_emb.shape[1]
         self.rounds: dict[int, dict] = {}
@@ -111,9 +119,9 @@ class FederatedRun:
         checkpoint the global arrays after it, aggregated or kept."""
         self.record(rnd, "train", metrics)
         ckpt = self.dir / "checkpoints"
-        _save(ckpt / f"round-{rnd:04d}.safetensors", arrays, dtype=None)
+        save_params(ckpt / f"round-{rnd:04d}.safetensors", arrays, dtype=None)
         if server_state:
-            _save(ckpt / f"round-{rnd:04d}.server.safetensors", server_state, dtype=None)
+            save_params(ckpt / f"round-{rnd:04d}.server.safetensors", server_state, dtype=None)
 
     def resume(self) -> tuple[int, ArrayRecord, dict]:
         """(last completed round, the global arrays after it, server state) of this run
@@ -169,16 +177,15 @@ class FederatedRun:
         """Global-model metrics on all users (simulation only: the server holds the split;
         in a deployment only the devices evaluate).
 
-        User vectors come from each history through the federated user tower; user-local
-        residuals live on the devices, so they are absent here (see federated metrics).
-        Models whose user vector is the user-local embedding alone (FedMF, TextRec with
-        pooling "none") have no user vector here: only the devices evaluate them.
+        User vectors come from each history through the federated encoder; a model whose
+        user state is a user-local vector (FedMF) has none here: only the devices
+        evaluate it.
         """
-        out = None
-        if (not self.deployed and reads_history(self.cfg)
-                and (rnd == 0 or self.is_eval_round(rnd))):
+        out, model = None, None
+        if not self.deployed and (rnd == 0 or self.is_eval_round(rnd)):
             model = model_from_arrays(self.cfg, self.prepared.item_emb.shape[1],
                                       self.prepared.split.n_items, arrays)
+        if model is not None and not model.user_dim:
             split, E = self.prepared.split, torch.from_numpy(self.prepared.item_emb)
             if self.diversity_vectors is None:  # the PLM space, also for ID-only models
                 self.diversity_vectors = catalog_vectors(self.cfg, self.prepared)
@@ -241,7 +248,7 @@ class FederatedRun:
     def finish(self, arrays: ArrayRecord, stopped: str = "") -> None:
         """stopped: why training ended early (status "stopped", the reason in results.json)."""
         if len(arrays):
-            _save(self.dir / "final.safetensors", arrays)
+            save_params(self.dir / FINAL, arrays)
         self.stopped = stopped
         self.flush("stopped" if stopped else "completed")
         self.log(f"run directory: {self.dir}")
@@ -249,13 +256,6 @@ class FederatedRun:
 
 def _to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
-
-
-def _save(path: Path, arrays: ArrayRecord | dict, dtype=np.float32) -> None:
-    """arrays: an ArrayRecord or numpy arrays by name; dtype None keeps each array's own."""
-    with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(a.numpy() if isinstance(a, Array) else a, dtype=dtype)
-                   for k, a in arrays.items()}, str(tmp))
 
 
 def load_json(path: Path) -> dict:

@@ -21,8 +21,8 @@ removes the surviving devices' private masks and the dropped devices' pairwise m
 secagg.reconstruction-threshold shares each, and so obtains sum(w_i d_i) and sum(w_i) of
 the devices whose masked vector arrived: the weighted mean update. fedavg and fedprox add
 it to the global model (FedAvg on updates = FedAvg on parameters; fedprox devices train
-with the proximal term); fedadam takes it as the pseudo-gradient of Flower's FedAdam step
-(same hyperparameters and bias correction as fedrec/federation/strategy.py). Quantisation error per
+with the proximal term); fedadam takes it as the pseudo-gradient of the FedAdam step
+(server_opt.py, as the Message path). Quantisation error per
 value of the mean is below n * 2r / levels / sum(w_i / max_weight) (n devices; tests
 measure it); FedAdam's step scales it by at most eta_norm (1 - beta_1) / tau, times
 fed.server-lr-ids on the per-item ID tables.
@@ -34,9 +34,9 @@ neighbours' secrets, and the plaintext reply metadata: a status, the weight zero
 but for the device's own ε under privacy.mode = "sample". Weights: the history length
 (as plain FedAvg), or 1 under either DP mode (as the DP paths do).
 
-With privacy.mode = "user" the server adds N(0, (sigma C / n)^2) to the unmasked mean of
-the n updates (n <= clients per round, so never less noise than DP-FedAvg's sigma C / k)
-and accounts ε as fedrec/privacy/user_dp.py does, stopping before a round that would exceed
+With privacy.mode = "user" the server turns the unmasked mean of the n updates into the
+mean over the k sampled devices and adds N(0, (sigma C / k)^2) (server_opt.UserDP), and
+accounts ε as the Message path does, stopping before a round that would exceed
 privacy.target-epsilon. With privacy.mode = "sample" devices run DP-SGD as without SecAgg.
 
 Not protected by SecAgg+: who takes part in a round; federated evaluation replies
@@ -68,8 +68,9 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
 from fedrec.config import Config
-from fedrec.deployment.device import load_client
 from fedrec.errors import FedrecError
+from fedrec.federation.client_round import load_client, participation
+from fedrec.federation.flower import seeded_sampling
 from fedrec.federation.local import (
     aggregate_client_metrics,
     client_seed,
@@ -77,9 +78,11 @@ from fedrec.federation.local import (
     local_update,
 )
 from fedrec.federation.local_store import keep, restore
-from fedrec.federation.server_state import MOMENTS, EpsilonTable, moments_from, pack
+from fedrec.federation.server_opt import ServerAdam, UserDP, server_lr
+from fedrec.federation.server_state import EpsilonTable, moments_from, pack
+from fedrec.federation.strategy import clients_per_round
 from fedrec.models.build import build_model
-from fedrec.privacy.accounting import EPSILON_METRIC, Accountant
+from fedrec.privacy.accounting import EPSILON_METRIC, Accountant, budget_stop, user_epsilon
 
 DEVICE_MAX_WEIGHT = 1000  # deployment: weights are capped here (Flower's default max_weight)
 MODULUS = 2**32  # SecAgg+ masks are uniform mod this (Flower's default modulus_range)
@@ -152,12 +155,10 @@ class Device(NumPyClient):
         ctx, acc = self.context, None
         if cfg.privacy.mode == "sample":  # this device's cumulative accountant
             acc = Accountant.from_state(acc_state, cfg.privacy.accountant)
-        population = int(ctx.node_config.get("num-partitions", 0)) or cfg.fed.min_nodes
-        k = cfg.fed.clients_per_round
-        participation = 1.0 if not k or not population else min(1.0, k / population)
         mu = float(config.get("proximal-mu", 0.0))  # fedprox
         params, new_local, metrics = local_update(cfg, E, data, arrays, local, seed, mu,
-                                                  accountant=acc, participation=participation)
+                                                  accountant=acc,
+                                                  participation=participation(cfg, ctx))
         keep(ctx, cfg, user, rnd, simulated, new_local, acc)
         update = [np.asarray(params[k], np.float64) - np.asarray(a, np.float64)
                   for k, a in arrays.items()]
@@ -238,19 +239,11 @@ class SecAggFedAvg(FedAvg):
         self.stopped = ""  # why training stopped early (privacy budget)
         self.pending = None  # (server round, arrays): server-side evaluation still to run
         self.server_eval = run.evaluate_fn(done_rounds)
-        self.adam, self.m_t, self.v_t = None, None, None  # fedadam: Flower's FedAdam, moments
-        if cfg.fed.strategy == "fedadam":  # built as fedrec/federation/strategy.py builds it
-            from flwr.serverapp.strategy import FedAdam as MessageFedAdam
-
-            self.adam = MessageFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr,
-                                       tau=cfg.fed.server_tau)
-            for name, part in moments_from(server_state).items():  # a resumed run's moments
-                setattr(self, name, [part[n] for n in names])
+        self.adam = (ServerAdam(cfg, moments_from(server_state))
+                     if cfg.fed.strategy == "fedadam" else None)
+        self.dp = UserDP(cfg, k, population) if cfg.privacy.mode == "user" else None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        from fedrec.federation.strategy import _seeded_sampling
-        from fedrec.privacy.user_dp import budget_stop
-
         rnd = server_round + self.done
         if not self.stopped and (stop := budget_stop(self.cfg, rnd, self.q)):
             self.stopped = stop
@@ -260,7 +253,7 @@ class SecAggFedAvg(FedAvg):
         if server_round == 1 and self.done:  # resumed: keep the devices still here
             self.epsilon.forget_absent(c.node_id for c in client_manager.all().values())
         self.sent = parameters_to_ndarrays(parameters)
-        with _seeded_sampling(self.cfg.train.seed, rnd):
+        with seeded_sampling(self.cfg.train.seed, rnd):
             instructions = super().configure_fit(server_round, parameters, client_manager)
         self.expected["train"] = len(instructions)
         return instructions
@@ -274,22 +267,18 @@ class SecAggFedAvg(FedAvg):
             mean = parameters_to_ndarrays(results[0][1].parameters)  # the same in every result
             if p.mode == "none":  # devices append their training loss (Device.fit)
                 stats["train-loss"] = float(mean.pop()[0])
-            if p.mode == "user" and p.noise_multiplier > 0:  # DP-FedAvg's noise, on the mean
-                std = p.noise_multiplier * p.max_grad_norm / n
-                rng = np.random.default_rng()
-                mean = [m + rng.normal(0.0, std, m.shape) for m in mean]
-            if self.adam is not None:
-                from fedrec.federation.strategy import server_lr
-
-                self.adam.eta = stats["server-lr"] = server_lr(self.cfg, rnd)
-                arrays = self._adam_step(rnd, mean)
-            else:
-                arrays = [(np.asarray(s, np.float64) + m).astype(s.dtype)
-                          for s, m in zip(self.sent, mean)]
-            if p.mode == "user":
-                from fedrec.privacy.user_dp import user_epsilon
-
+            delta = dict(zip(self.names, mean))
+            if self.dp is not None:  # DP-FedAvg's noise, on the mean update
+                delta = self.dp.noised(delta, n)
                 stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
+            sent = dict(zip(self.names, self.sent))
+            if self.adam is not None:
+                stats["server-lr"] = server_lr(self.cfg, rnd)
+                new = self.adam.step(rnd, sent, delta)
+            else:
+                new = {k: (np.asarray(sent[k], np.float64) + d).astype(sent[k].dtype)
+                       for k, d in delta.items()}
+            arrays = [new[k] for k in self.names]
         stats.update(self.epsilon.update(  # sample-level DP: devices' own ε
             [(proxy.node_id, res.metrics) for proxy, res in results]))
         stats["kept-previous"] = int(arrays is None)
@@ -300,27 +289,9 @@ class SecAggFedAvg(FedAvg):
         self.sent = arrays
         return ndarrays_to_parameters(arrays), {}
 
-    def _adam_step(self, rnd: int, mean: list[np.ndarray]) -> list[np.ndarray]:
-        """Flower's FedAdam step (its aggregate_train after averaging) with the (noised)
-        secure mean update as delta_t; bias-corrected with the global round number."""
-        a = self.adam
-        delta = [m.astype(s.dtype) for s, m in zip(self.sent, mean)]
-        zeros = [np.zeros_like(d) for d in delta]
-        self.m_t = [a.beta_1 * m + (1 - a.beta_1) * d for m, d in zip(self.m_t or zeros, delta)]
-        self.v_t = [a.beta_2 * v + (1 - a.beta_2) * d ** 2
-                    for v, d in zip(self.v_t or zeros, delta)]
-        eta_norm = (a.eta * np.sqrt(1 - np.power(a.beta_2, rnd + 1.0))
-                    / (1 - np.power(a.beta_1, rnd + 1.0)))
-        from fedrec.federation.strategy import server_lr_scale
-
-        scales = [server_lr_scale(self.cfg, n) for n in self.names]
-        return [(x + s * eta_norm * m / (np.sqrt(v) + a.tau)).astype(x.dtype)
-                for x, m, v, s in zip(self.sent, self.m_t, self.v_t, scales)]
-
     def server_state(self) -> dict[str, np.ndarray]:
         """What a resumed run's server needs (fedrec/federation/server_state.py)."""
-        return pack({name: dict(zip(self.names, getattr(self, name) or []))
-                     for name in MOMENTS}, self.epsilon)
+        return pack(self.adam.state() if self.adam else {}, self.epsilon)
 
     def evaluate(self, server_round, parameters):
         """Server-side evaluation; run after the federated one, as the Message API
@@ -393,11 +364,9 @@ def max_weight(cfg: Config, run) -> float:
 def serve(grid, context: Context, cfg: Config, run) -> None:
     """The ServerApp's main under secagg.enabled: the run (a FederatedRun) trains
     fed.num-rounds rounds of SecAgg+ FedAvg and is finished (or resumed) as usual."""
-    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server import LegacyContext, ServerConfig  # lazy: the legacy server stack
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.server.workflow.default_workflows import default_evaluate_workflow
-
-    from fedrec.federation.strategy import clients_per_round
 
     population = run.population
     k = clients_per_round(cfg, population)

@@ -5,20 +5,19 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid
 
 from fedrec.config import Config
+from fedrec.federation import secagg
 from fedrec.federation.run_store import FederatedRun
-from fedrec.federation.strategy import make_strategy
-from fedrec.privacy.user_dp import BudgetExhausted
+from fedrec.federation.strategy import BudgetExhausted, Recording
 
 
 def serve(grid: Grid, context: Context) -> None:
     cfg = Config.from_flat(context.run_config)
     run = FederatedRun(cfg)
-    if cfg.secagg.enabled:  # SecAgg+ runs on Flower's legacy path (fedrec/federation/secagg.py)
-        from fedrec.federation.secagg import serve as serve_secagg
-        return serve_secagg(grid, context, cfg, run)
+    if cfg.secagg.enabled:  # SecAgg+ runs on Flower's legacy path (secagg.py)
+        return secagg.serve(grid, context, cfg, run)
     done, arrays, server_state = run.resume() if cfg.fed.resume else (0, run.initial_arrays(), {})
-    strategy = make_strategy(cfg, run, population=run.population, done_rounds=done,
-                             server_state=server_state)
+    strategy = Recording(cfg, run, population=run.population, done_rounds=done,
+                         server_state=server_state)
     try:
         result = strategy.start(grid=grid, initial_arrays=arrays,
                                 num_rounds=cfg.fed.num_rounds - done,

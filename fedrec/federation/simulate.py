@@ -40,11 +40,11 @@ import psutil
 
 import fedrec
 from fedrec.config import Config, load_defaults
-from fedrec.data.datasets import data_home
+from fedrec.files import data_home
 from fedrec.data.pipeline import prepare
 from fedrec.errors import FedrecError
 from fedrec.files import write_text_atomic
-from fedrec.results import run_dir_for
+from fedrec.federation.run_store import run_dir_for
 
 PROJECT_DIR = Path(fedrec.__file__).resolve().parents[1]  # holds pyproject.toml
 OVERRIDES_FILE = "overrides.toml"
@@ -237,7 +237,7 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
     if run_dir is None:
         run_dir = run_dir_for(cfg)
     run_dir = Path(run_dir).expanduser().resolve()
-    n_users = prepare(cfg, with_text=False).split.n_users  # data.users may take a subset
+    n_users = prepare(cfg).split.n_users  # data.users may take a subset
     if num_supernodes is None:
         num_supernodes = n_users
     if num_supernodes != n_users:  # fewer: the server waits forever; more: clients fail

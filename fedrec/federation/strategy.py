@@ -1,26 +1,31 @@
-"""Flower strategy chosen by config (FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg),
-sampling exactly `fed.clients-per-round` devices every round, recording every round into
-the run.
+"""The server's strategy. A Flower strategy chosen by config samples the devices and
+aggregates their replies (FedAvg, FedProx, FedMedian, FedTrimmedAvg; fedadam is FedAvg's
+mean followed by the FedAdam step of server_opt.py), held by `Recording`, which around it,
+every round:
 
-Around the chosen Flower strategy, every round:
-- sampling is seeded by (train.seed, round), so a resumed run samples what the
-  uninterrupted one would have (given the same node ids, as in the in-process engine);
-  fed.sampling = "balanced" trains the devices in a seeded order, k at a time in turn;
-- replies are checked before Flower sees them (fedrec/federation/replies.py): bad ones are dropped
-  and counted, updates are norm-bounded when fed.max-update-norm > 0, and with fewer
-  than fed.min-replies valid replies the round keeps the previous global model;
-- rounds are numbered from `done_rounds + 1` on, so a resumed run continues the count.
+- samples exactly fed.clients-per-round devices, seeded by (train.seed, round), so a
+  resumed run samples what the uninterrupted one would have (given the same node ids, as
+  in the in-process engine); fed.sampling = "balanced" trains the devices in a seeded
+  order, k at a time in turn (flower.py);
+- checks replies before Flower sees them (replies.py): bad ones are dropped and counted,
+  updates are norm-bounded when fed.max-update-norm > 0, and with fewer than
+  fed.min-replies valid replies the round keeps the previous global model;
+- takes the server's step (server_opt.py: FedAdam; user-level DP noise on the mean
+  update before it, stopping before a round that would exceed privacy.target-epsilon);
+- records the round into the run (run_store.py), numbering rounds from done_rounds + 1,
+  so a resumed run continues the count.
 """
 
-import random
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedrec.config import Config
 from fedrec.errors import FedrecError
+from fedrec.federation.flower import balanced_sampling, seeded_sampling
 from fedrec.federation.local import aggregate_client_metrics
 from fedrec.federation.replies import (
     bound_update,
@@ -30,76 +35,20 @@ from fedrec.federation.replies import (
     update_norm,
 )
 from fedrec.federation.run_store import FederatedRun
-from fedrec.federation.server_state import MOMENTS, EpsilonTable, moments_from, pack
-from fedrec.privacy.user_dp import add_noise
+from fedrec.federation.server_opt import ServerAdam, UserDP, server_lr
+from fedrec.federation.server_state import EpsilonTable, moments_from, pack
+from fedrec.privacy.accounting import budget_stop, user_epsilon
 
-BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian,
-         "fedtrimmedavg": FedTrimmedAvg}
-
-
-def _aggregate_eval(records, weighted_by_key: str) -> MetricRecord:
-    return MetricRecord(aggregate_client_metrics(
-        [{k: float(v) for k, v in rd["metrics"].items()} for rd in records]))
+AGGREGATORS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAvg, "fedmedian": FedMedian,
+               "fedtrimmedavg": FedTrimmedAvg}
 
 
-@contextmanager
-def _seeded_sampling(seed: int, server_round: int):
-    """Flower samples nodes with the global `random`: seed it per round, then restore it."""
-    outer = random.getstate()
-    random.seed(int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0]))
-    try:
-        yield
-    finally:
-        random.setstate(outer)
+class BudgetExhausted(FedrecError):
+    """Raised before a round that would exceed privacy.target-epsilon; holds the model."""
 
-
-@contextmanager
-def _balanced_sampling(seed: int, server_round: int):
-    """fed.sampling = "balanced": a seeded order of the connected devices, taken k at a
-    time in turn (round t trains positions (t - 1) k .. t k - 1, wrapping around), so every
-    device joins the same number of rounds, +-1, and none more than ceil(T k / N): the
-    participation sample-level DP solves sigma for. Flower's configure_train samples with
-    its module's sample_nodes, which this replaces for one call (it still waits for the
-    devices as Flower does)."""
-    import flwr.serverapp.strategy.fedavg as flower_fedavg
-
-    flower_sample = flower_fedavg.sample_nodes
-
-    def in_turn(grid, min_available_nodes: int, sample_size: int):
-        _, nodes = flower_sample(grid, min_available_nodes, sample_size)
-        ids = sorted(nodes)  # Python ints: node ids use all 64 bits, beyond numpy's int64
-        order = [ids[i] for i in np.random.default_rng([seed, 1]).permutation(len(ids))]
-        start = (server_round - 1) * sample_size
-        return [order[(start + i) % len(order)] for i in range(sample_size)], nodes
-
-    flower_fedavg.sample_nodes = in_turn
-    try:
-        yield
-    finally:
-        flower_fedavg.sample_nodes = flower_sample
-
-
-def server_lr(cfg: Config, rnd: int) -> float:
-    """FedAdam's eta for round rnd (1-based, the run's global count): fed.server-lr,
-    reached linearly over fed.server-lr-warmup rounds (round w of W takes w / W of it),
-    then constant or (fed.server-lr-decay = "cosine") falling along a half cosine to 0
-    after round fed.num-rounds."""
-    f = cfg.fed
-    if rnd <= f.server_lr_warmup:
-        return f.server_lr * rnd / f.server_lr_warmup
-    if f.server_lr_decay == "cosine":
-        done = (rnd - 1 - f.server_lr_warmup) / (f.num_rounds - f.server_lr_warmup)
-        return float(f.server_lr * 0.5 * (1.0 + np.cos(np.pi * done)))
-    return f.server_lr
-
-
-def server_lr_scale(cfg: Config, name: str) -> float:
-    """The multiplier of FedAdam's step for array `name`: fed.server-lr-ids for the model's
-    per-item ID tables (fedrec.models.build.ID_TABLES), 1 for the rest. Adam's moments do
-    not depend on the lr, so scaling an array's step is Adam with that array's lr scaled."""
-    from fedrec.models.build import ID_TABLES
-
-    return cfg.fed.server_lr_ids if name.startswith(ID_TABLES[cfg.model.kind]) else 1.0
+    def __init__(self, message: str, arrays):
+        super().__init__(message)
+        self.arrays = arrays
 
 
 def clients_per_round(cfg: Config, population: int) -> int:
@@ -111,132 +60,130 @@ def clients_per_round(cfg: Config, population: int) -> int:
     return k
 
 
-def make_strategy(cfg: Config, run: FederatedRun, population: int, done_rounds: int = 0,
-                  server_state: dict | None = None):
+class Recording(Strategy):
     """population: devices expected online (every user in simulation). done_rounds and
     server_state: where a resumed run continues (FederatedRun.resume)."""
-    base = BASES[cfg.fed.strategy]
-    k = clients_per_round(cfg, population)
-    if cfg.fed.min_replies > k:
-        raise FedrecError(f"config: 'fed.min-replies' must be <= the {k} clients per round; "
-                          f"got {cfg.fed.min_replies}")
-    kwargs = {
-        # fraction ~0 makes the sample size exactly min_train_nodes; waiting for the whole
-        # population first avoids round-1 under-sampling while virtual nodes register.
-        "fraction_train": 1.0 if k == population else 1e-9, "min_train_nodes": k,
-        "fraction_evaluate": 1.0, "min_evaluate_nodes": population, "min_available_nodes": population,
-        "evaluate_metrics_aggr_fn": _aggregate_eval}
-    if base is FedProx:
-        kwargs["proximal_mu"] = cfg.fed.proximal_mu
-    if base is FedAdam:
-        kwargs.update(eta=cfg.fed.server_lr, eta_l=cfg.train.lr, tau=cfg.fed.server_tau)
-    if base is FedTrimmedAvg:
-        kwargs["beta"] = cfg.fed.trim_beta
-    f = cfg.fed
 
-    class Recording(base):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
-            self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
-            self.epsilon = EpsilonTable(server_state)  # node -> its cumulative DP-SGD ε
-            self.mean_noise_std = 0.0  # user-level DP with FedAdam (fedrec/privacy/user_dp.py)
+    def __init__(self, cfg: Config, run: FederatedRun, population: int, done_rounds: int = 0,
+                 server_state: dict | None = None):
+        super().__init__()
+        f = cfg.fed
+        k = clients_per_round(cfg, population)
+        if f.min_replies > k:
+            raise FedrecError(f"config: 'fed.min-replies' must be <= the {k} clients per "
+                              f"round; got {f.min_replies}")
+        kwargs = {  # fraction ~0: the sample is exactly min_train_nodes; waiting for the
+            # whole population first avoids round-1 under-sampling while nodes register
+            "fraction_train": 1.0 if k == population else 1e-9, "min_train_nodes": k,
+            "fraction_evaluate": 1.0, "min_evaluate_nodes": population,
+            "min_available_nodes": population}
+        if f.strategy == "fedprox":
+            kwargs["proximal_mu"] = f.proximal_mu
+        if f.strategy == "fedtrimmedavg":
+            kwargs["beta"] = f.trim_beta
+        self.inner = AGGREGATORS[f.strategy](**kwargs)
+        self.cfg, self.run, self.done, self.q = cfg, run, done_rounds, k / population
+        self.adam = ServerAdam(cfg, moments_from(server_state)) if f.strategy == "fedadam" else None
+        self.dp = UserDP(cfg, k, population) if cfg.privacy.mode == "user" else None
+        self.epsilon = EpsilonTable(server_state)  # node -> its cumulative DP-SGD ε
+        self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
+        self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
 
-        def _configure(self, kind, server_round, arrays, config, grid):
-            rnd = server_round + done_rounds
-            parent = getattr(super(), f"configure_{kind}")
-            balanced = kind == "train" and cfg.fed.sampling == "balanced"
-            with _seeded_sampling(cfg.train.seed, rnd), (
-                    _balanced_sampling(cfg.train.seed, rnd) if balanced else nullcontext()):
-                messages = list(parent(rnd, arrays, config, grid))
-            self.expected[kind] = len(messages)
-            return messages
+    def summary(self) -> None:
+        self.inner.summary()
 
-        def configure_train(self, server_round, arrays, config, grid):
-            if server_round == 1 and done_rounds:  # resumed: keep the devices still here
-                self.epsilon.forget_absent(grid.get_node_ids())
-            self.sent = {k: a.numpy() for k, a in arrays.items()}
-            return self._configure("train", server_round, arrays, config, grid)
+    def _configure(self, kind, rnd, arrays, config, grid):
+        balanced = kind == "train" and self.cfg.fed.sampling == "balanced"
+        with seeded_sampling(self.cfg.train.seed, rnd), (
+                balanced_sampling(self.cfg.train.seed, rnd) if balanced else nullcontext()):
+            messages = list(getattr(self.inner, f"configure_{kind}")(rnd, arrays, config, grid))
+        self.expected[kind] = len(messages)
+        return messages
 
-        def configure_evaluate(self, server_round, arrays, config, grid):
-            if not run.is_eval_round(server_round + done_rounds):
-                self.expected["evaluate"] = 0
-                return []
-            return self._configure("evaluate", server_round, arrays, config, grid)
+    def configure_train(self, server_round, arrays, config, grid):
+        rnd = server_round + self.done
+        if self.dp and (stop := budget_stop(self.cfg, rnd, self.q)):
+            raise BudgetExhausted(stop, arrays)
+        if server_round == 1 and self.done:  # resumed: keep the devices still here
+            self.epsilon.forget_absent(grid.get_node_ids())
+        self.sent = {k: a.numpy() for k, a in arrays.items()}
+        if self.dp:  # what the devices' clipping mod clips to
+            config[KEY_CLIPPING_NORM] = self.dp.clip
+        return self._configure("train", rnd, arrays, config, grid)
 
-        def aggregate_train(self, server_round, replies):
-            rnd = server_round + done_rounds
-            ok, failures = filter_replies(replies, self.expected["train"],
-                                          lambda m: train_problem(m, self.sent))
-            stats = {"clients": len(ok), "failures": sum(failures.values()),
-                     **{f"failures/{r}": n for r, n in failures.items()}}
-            if ok:  # for the benchmark: unweighted mean over devices, bytes of one upload
-                if "update-seconds" in ok[0].content["metrics"]:  # same keys in every reply
-                    stats["update-seconds-mean"] = sum(
-                        float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
-                stats["upload-bytes"] = sum(  # from metadata: no need to deserialise
-                    int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-                    for a in ok[0].content["arrays"].values())
-            stats.update(self.epsilon.update(  # sample-level DP: devices' own ε
-                [(m.metadata.src_node_id, m.content["metrics"]) for m in ok]))
-            # update norms (before any bounding): what fed.max-update-norm should be set from
-            bound = f.max_update_norm
-            norms = [bound_update(m, self.sent, bound) if bound > 0 else update_norm(m, self.sent)
-                     for m in ok]
-            if norms:
-                stats["update-norm-median"] = float(np.median(norms))
-                stats["update-norm-max"] = max(norms)
-            if bound > 0:
-                stats["clipped"] = sum(n > bound for n in norms)
-            arrays, metrics = None, None
-            if base is FedAdam:
-                self.eta = server_lr(cfg, rnd)
-                stats["server-lr"] = self.eta
-            if len(ok) >= f.min_replies:
-                arrays, metrics = super().aggregate_train(rnd, ok)
-                if arrays is not None:  # FedAdam's step computes in float64: keep the dtype sent
-                    arrays = ArrayRecord({k: Array(self._scaled(k, a.numpy()).astype(
-                        self.sent[k].dtype, copy=False)) for k, a in arrays.items()})
-            stats["kept-previous"] = int(arrays is None)
-            run.on_train(rnd, arrays if arrays is not None else self.sent,
-                         {**(metrics or {}), **stats}, self.server_state())
-            return arrays, metrics
+    def aggregate_train(self, server_round, replies):
+        rnd = server_round + self.done
+        ok, failures = filter_replies(replies, self.expected["train"],
+                                      lambda m: train_problem(m, self.sent))
+        stats = {"clients": len(ok), "failures": sum(failures.values()),
+                 **{f"failures/{r}": n for r, n in failures.items()}}
+        if ok:  # for the benchmark: unweighted mean over devices, bytes of one upload
+            if "update-seconds" in ok[0].content["metrics"]:  # same keys in every reply
+                stats["update-seconds-mean"] = sum(
+                    float(m.content["metrics"]["update-seconds"]) for m in ok) / len(ok)
+            stats["upload-bytes"] = sum(  # from metadata: no need to deserialise
+                int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                for a in ok[0].content["arrays"].values())
+        stats.update(self.epsilon.update(  # sample-level DP: devices' own ε
+            [(m.metadata.src_node_id, m.content["metrics"]) for m in ok]))
+        # update norms (before any bounding): what fed.max-update-norm should be set from
+        bound = self.cfg.fed.max_update_norm
+        norms = [bound_update(m, self.sent, bound) if bound > 0 else update_norm(m, self.sent)
+                 for m in ok]
+        if norms:
+            stats["update-norm-median"] = float(np.median(norms))
+            stats["update-norm-max"] = max(norms)
+        if bound > 0:
+            stats["clipped"] = sum(n > bound for n in norms)
+        arrays, metrics = None, None
+        if len(ok) >= self.cfg.fed.min_replies:
+            mean, metrics = self.inner.aggregate_train(rnd, ok)
+            if mean is not None:
+                arrays = self._step(rnd, {k: a.numpy() for k, a in mean.items()}, ok, stats)
+        stats["kept-previous"] = int(arrays is None)
+        self.run.on_train(rnd, arrays if arrays is not None else self.sent,
+                          {**(metrics or {}), **stats}, self.server_state())
+        if arrays is None:
+            return None, metrics
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
 
-        def _scaled(self, name, new):
-            """The aggregate of `name`; FedAdam's step scaled by server_lr_scale."""
-            s = server_lr_scale(cfg, name) if base is FedAdam else 1.0
-            return new if s == 1.0 else self.sent[name] + s * (new - self.sent[name])
+    def _step(self, rnd: int, mean: dict, ok: list, stats: dict) -> dict[str, np.ndarray]:
+        """The new global arrays from the aggregate of this round's replies."""
+        sent = self.sent
+        if self.dp is None and self.adam is None:
+            return {k: m.astype(sent[k].dtype, copy=False) for k, m in mean.items()}
+        delta = {k: m - sent[k] for k, m in mean.items()}
+        if self.dp is not None:
+            stats["clipping-norm"] = self.dp.clip  # what the devices clipped to
+            clipped = sum(int(bool(m.content["metrics"].get(KEY_NORM_BIT, 0))) for m in ok)
+            delta = self.dp.noised(delta, len(ok), clipped)
+            stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
+        if self.adam is not None:
+            stats["server-lr"] = server_lr(self.cfg, rnd)
+            return self.adam.step(rnd, sent, delta)
+        return {k: (sent[k] + d).astype(sent[k].dtype) for k, d in delta.items()}
 
-        def aggregate_evaluate(self, server_round, replies):
-            rnd = server_round + done_rounds
-            if not self.expected["evaluate"]:
-                return None
-            ok, failures = filter_replies(replies, self.expected["evaluate"], evaluate_problem)
-            run.record(rnd, "evaluate", {"clients": len(ok), "failures": sum(failures.values()),
-                                         **{f"failures/{r}": n for r, n in failures.items()}})
-            metrics = super().aggregate_evaluate(rnd, ok)
-            if metrics:
-                run.record(rnd, "federated", metrics)
-            return metrics
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        rnd = server_round + self.done
+        if not self.run.is_eval_round(rnd):
+            self.expected["evaluate"] = 0
+            return []
+        return self._configure("evaluate", rnd, arrays, config, grid)
 
-        def _compute_deltat_and_mt(self, aggregated):  # FedAdam's step (FedOpt) only
-            """User-level DP with FedAdam (fedrec/privacy/user_dp.py): noise on the mean
-            update, before the server optimizer sees it, so Adam's moments are
-            post-processing."""
-            if self.mean_noise_std > 0:
-                aggregated = add_noise(aggregated, self.mean_noise_std)
-            return super()._compute_deltat_and_mt(aggregated)
+    def aggregate_evaluate(self, server_round, replies):
+        rnd = server_round + self.done
+        if not self.expected["evaluate"]:
+            return None
+        ok, failures = filter_replies(replies, self.expected["evaluate"], evaluate_problem)
+        self.run.record(rnd, "evaluate", {"clients": len(ok), "failures": sum(failures.values()),
+                                          **{f"failures/{r}": n for r, n in failures.items()}})
+        metrics = aggregate_client_metrics([{k: float(v) for k, v in m.content["metrics"].items()}
+                                            for m in ok])
+        if not metrics:
+            return None
+        self.run.record(rnd, "federated", metrics)
+        return MetricRecord(metrics)
 
-        def server_state(self) -> dict[str, np.ndarray]:
-            """What a resumed run's server needs (fedrec/federation/server_state.py)."""
-            return pack({name: getattr(self, name, None) for name in MOMENTS}, self.epsilon)
-
-    Recording.__name__ = base.__name__
-    strategy = Recording(**kwargs)
-    for name, part in moments_from(server_state).items():  # a resumed run's FedAdam moments
-        setattr(strategy, name, part)
-    if cfg.privacy.mode == "user":  # DP-FedAvg around it (fedrec/privacy/user_dp.py)
-        from fedrec.privacy.user_dp import wrap_user_dp
-
-        return wrap_user_dp(cfg, strategy, run, population, k, done_rounds)
-    return strategy
+    def server_state(self) -> dict[str, np.ndarray]:
+        """What a resumed run's server needs (server_state.py)."""
+        return pack(self.adam.state() if self.adam else {}, self.epsilon)

@@ -1,2 +1,4 @@
-"""Models: the v2 sequence model (SeqRec), the v1 text model and FedMF (build_model for
-every kind), central training and the non-learned baselines."""
+"""Models: the protocol every model answers (protocol), the sequence model (seqrec) and
+FedMF (fedmf), built from the config (build); one training epoch and optimizer (train),
+the centralized reference (central), the public warm start, saved models (saved) and the
+non-learned baselines."""

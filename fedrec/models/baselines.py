@@ -3,8 +3,10 @@
 import numpy as np
 
 from fedrec.config import Config
-from fedrec.data.pipeline import prepare
-from fedrec.data.protocol import evaluate
+from fedrec.data.datasets import load_dataset
+from fedrec.data.evaluate import evaluate
+from fedrec.data.pipeline import catalog_vectors, prepare
+from fedrec.data.protocol import make_split, population
 from fedrec.results import summarize
 
 
@@ -15,7 +17,7 @@ def popularity(cfg: Config, split_seeds: list[int]) -> dict:
         p = prepare(cfg.override(**{"data.split-seed": seed}))
         pop = p.split.item_popularity().astype(np.float64)
         runs.append({"seed": seed, "test": evaluate(lambda u, _, q=pop: np.tile(q, (len(u), 1)),
-                                                    p.split, item_vectors=p.item_emb)})
+                                                    p.split, item_vectors=catalog_vectors(cfg, p))})
     summary = summarize([r["test"] for r in runs])
     name = "popularity" + ("" if cfg.data.cold_fraction else " (no cold items)")
     return {"method": name, "config": cfg.to_flat(), "seed_kind": "data.split-seed",
@@ -26,12 +28,12 @@ def text_similarity(cfg: Config) -> dict:
     """The untrained content model: cosine of each item's frozen PLM embedding with the
     mean embedding of the input's last model.max-len items (cold items included)."""
     p = prepare(cfg, progress=True)
-    E, L = p.item_emb.astype(np.float64), cfg.model.max_len
+    E, L = catalog_vectors(cfg, p).astype(np.float64), cfg.model.max_len
     E = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 
     def score(users, inputs):
         return np.stack([E[h[-L:]].mean(0) for h in inputs]) @ E.T
-    summary = summarize([evaluate(score, p.split, item_vectors=p.item_emb)])
+    summary = summarize([evaluate(score, p.split, item_vectors=catalog_vectors(cfg, p))])
     return {"method": "text-similarity", "config": cfg.to_flat(),
             "seed_kind": "none (deterministic)", "runs": [{"seed": 0, "test": summary}],
             "summary": {"best": summary, "final": summary}}
@@ -39,8 +41,10 @@ def text_similarity(cfg: Config) -> dict:
 
 def dataset_stats(cfg: Config) -> list[tuple[str, object]]:
     """Users, items, interactions and the protocol split of the configured dataset."""
-    p = prepare(cfg, with_text=False)
-    s, ds = p.split, p.dataset
+    d = cfg.data
+    ds = load_dataset(d.dataset, d.cache_dir)
+    s = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives, d.cache_dir),
+                   d.users, d.split_seed)
     lengths = np.diff(s.train_ptr)
     test_users = s.eval_users("test")
     return [("dataset", ds.name), ("users", ds.n_users), ("items", ds.n_items), ("interactions", len(ds.users)),

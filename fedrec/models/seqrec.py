@@ -1,30 +1,17 @@
-"""The v2 recommender: a SASRec-style causal self-attention encoder over the user's
+"""The default recommender: a SASRec-style causal self-attention encoder over the user's
 history, whose item vectors come from the frozen PLM through a small adapter (plus,
 optionally, an ID vector that stays zero for items never trained on).
 
-The model answers the three questions every path asks (RecBole style), in one place:
-
-  loss(E, seq, allowed)     next-item softmax cross-entropy at every position  -> scalar
-  score_pairs(E, seq, cand) scores of candidate items for each sequence        -> [B, C]
-  score_all(E, seq)         scores of every catalog item for each sequence     -> [B, N]
-
-E [N, text_dim] is the frozen item-text table (never a parameter, never uploaded); seq
-[B, L] holds item indices in time order, left-padded with -1. Scores are <h_u, h_i> + b_i
-with h_u the encoder's state at the last position (r_ui = sigmoid(score)).
-
-Everything in the nn.Module is federated. Only Linear, LayerNorm and Embedding layers
-hold parameters (Opacus' per-sample hooks support them); attention is written with
-plain Linear projections for that reason.
+It answers the model protocol (fedrec.models.protocol). Everything in the nn.Module is
+federated. Only Linear, LayerNorm and Embedding layers hold parameters; attention is
+written with plain Linear projections.
 """
 
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD = -1
+from fedrec.models.protocol import Recommender
 
 
 class TextAdapter(nn.Module):
@@ -77,13 +64,14 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
-class SeqRec(nn.Module):
+class SeqRec(Recommender):
     """Item side: adapter(E) (item_text) + ID vector (id_embeddings, zero-initialised when
     text is present, so a never-trained item is scored from its text alone; id_dropout:
     the share of items seen without their ID vector in a training step). User side:
     causal self-attention over the last max_len items of the history."""
 
-    uses_history = True
+    item_side = ("adapter.", "text_bias.", "id_emb.", "id_bias.")
+    id_tables = ("id_emb.", "id_bias.")
 
     def __init__(self, text_dim: int, n_items: int, *, dim: int = 64, hidden: int = 128,
                  layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2,
@@ -134,9 +122,9 @@ class SeqRec(nn.Module):
         return h, b
 
     # -- user side ----------------------------------------------------------------------
-    def encode(self, h_items: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        """h_items [N, d] (the item table), seq [B, L] left-padded -> states [B, L, d]:
-        state t has read items 0..t of the row. Padding positions hold unused values."""
+    def states(self, h_items: torch.Tensor, seq: torch.Tensor, user=None) -> torch.Tensor:
+        """Causal self-attention over seq [B, L] (left-padded) read through the item table
+        h_items [N, d] -> states [B, L, d]."""
         L = seq.shape[1]
         valid = seq >= 0
         x = torch.where(valid[..., None], h_items[seq.clamp_min(0)], 0.0)
@@ -150,86 +138,3 @@ class SeqRec(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.out_norm(x)
-
-    def forward(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
-                reduction: str = "mean", table=None) -> torch.Tensor:
-        """The training loss (what torch.func and DP-SGD call): see loss."""
-        return self.loss(E, seq, allowed, reduction, table)
-
-    # -- the three questions ------------------------------------------------------------
-    def loss(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
-             reduction: str = "mean", table=None) -> torch.Tensor:
-        """Next-item cross-entropy over the catalog at every position of seq [B, L+1]
-        (input seq[:, :-1], target seq[:, 1:]; a target counts where both it and its input
-        are items, so the first item of a history is never predicted from padding). allowed [N] bool:
-        the items the softmax may contain (released items); None = all.
-        reduction "mean": mean over targets; "row": [B] sum over each row's targets.
-        A target that is not allowed would be an infinite loss: callers keep them out.
-        table: (h, b) of item_table(E), when the caller computed it (DP-SGD shares one
-        item table among its per-row gradients)."""
-        h, b = self.item_table(E) if table is None else table
-        states = self.encode(h, seq[:, :-1])
-        target = seq[:, 1:]
-        keep = target_mask(seq)
-        logits = states @ h.T + b  # [B, L, N]; no boolean indexing, so torch.func can vmap it
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, -math.inf)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.clamp_min(0).flatten(),
-                             reduction="none").view(keep.shape)
-        ce = torch.where(keep, ce, 0.0)  # padding's stand-in target may be a disallowed item
-        if reduction == "mean":
-            return ce.sum() / keep.sum().clamp_min(1)
-        return ce.sum(1)
-
-    def user_vectors(self, E: torch.Tensor, seq: torch.Tensor):
-        """seq [B, L] -> (h_u [B, d], item table h [N, d], b [N])."""
-        h, b = self.item_table(E)
-        return self.encode(h, seq)[:, -1], h, b
-
-    def user_states(self, h: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
-        """h_u [len(histories), d] of each history's last max_len items, given the item
-        table h (item_table): for callers scoring many inputs against one table."""
-        return self.encode(h, batch_inputs(histories, self.max_len))[:, -1]
-
-    def score_all(self, E: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        """seq [B, L] (last position = most recent item) -> scores [B, N]."""
-        hu, h, b = self.user_vectors(E, seq)
-        return hu @ h.T + b
-
-    def score_pairs(self, E: torch.Tensor, seq: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """seq [B, L], cand [B, C] item indices -> scores [B, C]."""
-        hu, h, b = self.user_vectors(E, seq)
-        return torch.einsum("bd,bcd->bc", hu, h[cand]) + b[cand]
-
-
-# -- sequences ---------------------------------------------------------------------------
-def target_mask(seq: torch.Tensor) -> torch.Tensor:
-    """seq [B, L + 1] training rows -> bool [B, L]: the positions SeqRec.loss counts (an item
-    predicted from an item, never from padding)."""
-    return (seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)
-
-
-def last_items(history: np.ndarray, max_len: int) -> np.ndarray:
-    """The model input for ranking: the last max_len items, left-padded -> [max_len]."""
-    out = np.full(max_len, PAD, np.int64)
-    tail = np.asarray(history, np.int64)[-max_len:]
-    if len(tail):
-        out[-len(tail):] = tail
-    return out
-
-
-def windows(history: np.ndarray, max_len: int) -> np.ndarray:
-    """Training rows [W, max_len + 1] of one history: windows ending at n, n - L, n - 2L,
-    ..., so every item after the first is a target exactly once, read with up to L
-    items before it. Empty for histories shorter than 2."""
-    h = np.asarray(history, np.int64)
-    rows = []
-    for end in range(len(h), 1, -max_len):
-        rows.append(last_items(h[max(0, end - max_len - 1):end], max_len + 1))
-    return np.stack(rows) if rows else np.zeros((0, max_len + 1), np.int64)
-
-
-def batch_inputs(histories: list[np.ndarray], max_len: int) -> torch.Tensor:
-    """[len(histories), max_len] model inputs for ranking."""
-    return torch.from_numpy(np.stack([last_items(h, max_len) for h in histories])
-                            if histories else np.zeros((0, max_len), np.int64))

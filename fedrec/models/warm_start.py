@@ -4,7 +4,7 @@ Before any user takes part, the server trains the model (model.public-warm-start
 on synthetic sessions built only from what the catalog publishes: each session is one
 catalog term (a genre, a tag) drawn uniformly, then up to SESSION_LEN released items that
 carry it, drawn uniformly without replacement, in random order. Training is the v2 loss
-itself (next-item softmax over the released items, fedrec.models.train.seq_train_epoch)
+itself (next-item softmax over the released items, fedrec.models.train.train_epoch)
 with the central optimizer, so the adapter learns a term-aware geometry of the frozen PLM
 embeddings and the encoder learns to read a history before the first noisy round.
 
@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from fedrec.config import Config
+from fedrec.data.datasets import item_terms
 from fedrec.errors import FedrecError
-from fedrec.models.seqrec import SeqRec
-from fedrec.ranking.explain import item_terms
+from fedrec.models.protocol import Recommender, stack_rows
+from fedrec.models.train import make_optimizer, train_epoch, windows_per_step
 
 SESSION_LEN = 20     # items per synthetic session
 SESSIONS_PER_ITEM = 2  # sessions per released item
@@ -45,22 +46,19 @@ def sessions(item_fields: list[dict[str, str]], released: np.ndarray,
                                                          rng.integers(len(groups), size=n))]
 
 
-def warm_start(model: SeqRec, cfg: Config, E: np.ndarray, item_fields: list[dict[str, str]],
+def warm_start(model: Recommender, cfg: Config, E: np.ndarray, item_fields: list[dict[str, str]],
                released: np.ndarray, log=print) -> list[float]:
     """Train `model` in place for cfg.model.public_warm_start epochs on public sessions
     (its ID vectors left out); returns the loss per epoch. Seeded by train.seed."""
-    from fedrec.models.train import named_optimizer, seq_rows, seq_train_epoch, windows_per_step
-
     rng = np.random.default_rng(cfg.train.seed)
-    rows = seq_rows(sessions(item_fields, released, rng), model.max_len)
-    params = [p for n, p in model.named_parameters() if not n.startswith("id_")]
-    opt = named_optimizer(cfg.central.optimizer,
-                     [{"params": params, "weight_decay": cfg.train.weight_decay}], cfg.central.lr)
+    rows, _ = stack_rows(sessions(item_fields, released, rng), model.max_len)
+    opt = make_optimizer(cfg.central.optimizer, cfg.central.lr, cfg.train.weight_decay, model,
+                         skip=model.id_tables)
     E_t, allowed = torch.from_numpy(E), torch.from_numpy(np.asarray(released, bool))
     per_step = windows_per_step(cfg.central.batch_size, model.max_len)
     losses = []
     for epoch in range(cfg.model.public_warm_start):
-        losses.append(seq_train_epoch(model, opt, E_t, rows, allowed, per_step, rng))
+        losses.append(train_epoch(model, opt, E_t, rows, allowed, per_step, rng))
         log(f"public warm start: epoch {epoch + 1} of {cfg.model.public_warm_start}, "
             f"{len(rows)} catalog sessions, loss {losses[-1]:.4f}")
     model.zero_grad(set_to_none=True)

@@ -1,3 +1,3 @@
-"""Differential privacy: sample-level DP-SGD (v1 models: dpsgd, pooled_norms; the sequence
-model: seq_dpsgd), user-level DP-FedAvg (user_dp), the accountants and every ε's unit
-(accounting), the privacy-budget sweep and the membership-inference audit."""
+"""Differential privacy: sample-level DP-SGD on the device (dpsgd), the accountants and
+every ε's unit (accounting), and the population study of user-level DP (population).
+User-level DP-FedAvg's server side is fedrec.federation.server_opt."""

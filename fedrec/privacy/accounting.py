@@ -13,9 +13,9 @@ from functools import lru_cache
 import numpy as np
 
 from fedrec.errors import FedrecError
-from fedrec.models.build import reads_history
+from fedrec.models.train import windows_per_step
 
-UNIT = {"sample": "interaction", "user": "user"}
+UNIT = {"sample": "block", "user": "user"}
 EPSILON_METRIC = "epsilon"  # a device's cumulative sample-level ε in every train reply
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
@@ -25,17 +25,14 @@ def describe(cfg) -> dict:
     p = cfg.privacy
     out = {"mode": p.mode, "unit": UNIT.get(p.mode, "none"), "accountant": p.accountant,
            "delta": p.delta}
-    if p.mode == "sample" and cfg.model.kind == "seq":  # fedrec/privacy/seq_dpsgd.py
+    if p.mode == "sample":  # fedrec/privacy/dpsgd.py
         out["unit"] = f"block of up to {cfg.model.max_len + 1} consecutive interactions"
-    elif p.mode == "sample" and reads_history(cfg):  # pooling "none": no assumption
-        out["assumes"] = "history pool public"
     return out
 
 
 def label(cfg) -> str:
     d = describe(cfg)
-    extra = f", {d['assumes']}" if "assumes" in d else ""
-    return f"ε ({d['unit']}{extra}; {d['accountant']}, δ={d['delta']:g})"
+    return f"ε ({d['unit']}; {d['accountant']}, δ={d['delta']:g})"
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -216,12 +213,8 @@ def solve_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: 
 
 def local_plan(cfg, n: int, participation: float) -> tuple[float, int, int]:
     """(sample_rate, steps per round, expected rounds joined) of a device with n rows
-    (interactions; for the seq model, blocks: fedrec/privacy/seq_dpsgd.py)."""
-    from fedrec.models.train import windows_per_step
-
-    per_step = cfg.train.batch_size
-    if cfg.model.kind == "seq":
-        per_step = windows_per_step(cfg.train.batch_size, cfg.model.max_len)
+    (blocks: fedrec/privacy/dpsgd.py)."""
+    per_step = windows_per_step(cfg.train.batch_size, cfg.model.max_len)
     q = min(1.0, per_step / max(n, 1))
     per_round = cfg.train.local_epochs * max(1, round(1.0 / q))
     rounds = max(1, math.ceil(cfg.fed.num_rounds * participation - 1e-9))
@@ -238,3 +231,27 @@ def noise_multiplier(cfg, n: int, participation: float) -> float:
     return solve_noise_multiplier(target_epsilon=p.target_epsilon, delta=p.delta,
                                   sample_rate=q, steps=per_round * rounds,
                                   accountant=p.accountant)
+
+
+def user_epsilon(cfg, rounds: int, sample_rate: float) -> float:
+    """User-level ε after `rounds` rounds of DP-FedAvg at `sample_rate` (k / population)
+    with privacy.noise-multiplier: Poisson subsampling at q = k / N is the usual
+    approximation of Flower's fixed-size sample without replacement, not an exact bound."""
+    acc = Accountant(cfg.privacy.accountant)
+    acc.step(cfg.privacy.noise_multiplier, sample_rate, rounds)
+    return acc.epsilon(cfg.privacy.delta)
+
+
+def budget_stop(cfg, rnd: int, sample_rate: float) -> str:
+    """Why round `rnd` must not run (its user-level ε would exceed privacy.target-epsilon),
+    or "" when it may; both server paths ask it before each round."""
+    p = cfg.privacy
+    if p.mode != "user" or p.target_epsilon <= 0:
+        return ""
+    eps = user_epsilon(cfg, rnd, sample_rate)
+    if eps <= p.target_epsilon:
+        return ""
+    spent = user_epsilon(cfg, rnd - 1, sample_rate) if rnd > 1 else 0.0
+    return (f"privacy budget exhausted: round {rnd} would bring {label(cfg)} to {eps:.3f} > "
+            f"privacy.target-epsilon {p.target_epsilon:g} (spent after round {rnd - 1}: "
+            f"{spent:.3f}); stopped before it")

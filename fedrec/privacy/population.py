@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.errors import FedrecError
-from fedrec.files import save_figure
+from fedrec.files import pyplot, save_figure
 
 FLOOR = 1e-3  # a gap at or below 0 (private as good as not) is fitted as this
 
@@ -102,11 +102,7 @@ def interval(res: dict) -> str:
 def plot(res: dict, path: str | Path) -> Path:
     """The measured ratio per population (mean ± std over seeds), the fitted trend and the
     target line, population on a log axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pops = sorted(int(p) for p in res["points"])
     mean = [res["points"][str(p)]["mean"] for p in pops]
     std = [res["points"][str(p)]["std"] for p in pops]

@@ -1,2 +1,2 @@
-"""What a ranked list is judged and explained by: ranking metrics, list diversity and MMR
-re-ranking, leave-one-out explanations, on-device top-K."""
+"""What a ranked list is re-ranked and explained by: MMR and DPP re-ranking (diversity),
+leave-one-out explanations (explain), on-device top-K (recommend)."""

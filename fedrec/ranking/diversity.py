@@ -1,14 +1,4 @@
-"""Beyond-accuracy metrics of top-k lists, and on-device re-ranking for diversity.
-
-Every evaluation reports, for each user's top-k of the full ranking (every item but the
-evaluation input's, the held-out item included: the list a user would see):
-
-- intra-list diversity ``div/ild@k``: 1 - mean pairwise cosine of the list's frozen PLM
-  item embeddings, averaged over users (the same public vectors for every method, so
-  methods compare on one scale);
-- catalog coverage ``div/coverage@k``: distinct items in all users' lists / catalog size;
-- novelty ``div/novelty@k``: mean -log2 p_i over the listed items, p_i = (training users
-  of i + 1) / (users + 1) (the +1 keeps never-trained, cold items finite).
+"""On-device re-ranking for diversity, and its accuracy/diversity curve.
 
 Re-ranking over the top `pool` items by score, with the PLM cosine as the similarity:
 maximal marginal relevance (Carbonell & Goldstein, 1998; `mmr`) or the greedy MAP of a
@@ -17,22 +7,15 @@ plain ranking for both.
 """
 
 import numpy as np
+import torch
+
+from fedrec.data.evaluate import ListStats, item_novelty, scored_chunks, unit_rows
+from fedrec.errors import FedrecError
+from fedrec.models.saved import load_for_dataset
+from fedrec.models.train import scorer
+from fedrec.results import summarize
 
 POOL = 100
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    v = np.asarray(vectors, np.float64)
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """[U, k] item indices, best first (-inf = excluded; NaN ranks last)."""
-    s = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
-    k = min(k, s.shape[1])
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, 1)
 
 
 def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: int = POOL,
@@ -126,58 +109,12 @@ def dpp(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float,
 RERANKERS = {"mmr": mmr, "dpp": dpp}
 
 
-def intra_list_diversity(lists: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """[U] 1 - mean pairwise cosine within each list (NaN for lists under 2 items)."""
-    v = unit[lists]                                    # [U, k, D]
-    k = lists.shape[1]
-    if k < 2:
-        return np.full(len(lists), np.nan)
-    sims = np.einsum("ukd,ujd->ukj", v, v)
-    off = (sims.sum((1, 2)) - np.einsum("ukk->u", sims)) / (k * (k - 1))
-    return 1.0 - off
-
-
-def item_novelty(popularity: np.ndarray, n_users: int) -> np.ndarray:
-    """[n_items] -log2 p_i, p_i = (training users of i + 1) / (n_users + 1)."""
-    return -np.log2((np.asarray(popularity, np.float64) + 1.0) / (n_users + 1.0))
-
-
-class ListStats:
-    """Accumulates the beyond-accuracy metrics of top-k lists chunk by chunk."""
-
-    def __init__(self, n_items: int, novelty: np.ndarray, unit: np.ndarray | None, k: int):
-        self.k, self.novelty, self.unit = k, novelty, unit
-        self.seen = np.zeros(n_items, bool)
-        self.ild: list[np.ndarray] = []
-        self.nov: list[np.ndarray] = []
-
-    def add(self, lists: np.ndarray) -> None:
-        self.seen[lists.ravel()] = True
-        self.nov.append(self.novelty[lists].mean(1))
-        if self.unit is not None:
-            self.ild.append(intra_list_diversity(lists, self.unit))
-
-    def summary(self) -> dict[str, float]:
-        """NaN when no list was added (no evaluation users)."""
-        def mean(parts: list[np.ndarray]) -> float:
-            values = np.concatenate(parts) if parts else np.zeros(0)
-            return float(np.nanmean(values)) if len(values) else float("nan")
-        k = self.k
-        out = {f"div/coverage@{k}": float(self.seen.mean()) if self.nov else float("nan"),
-               f"div/novelty@{k}": mean(self.nov)}
-        if self.unit is not None:
-            out[f"div/ild@{k}"] = mean(self.ild)
-        return out
-
-
 def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k: int = 10,
                  stage: str = "test", chunk: int = 256, method: str = "mmr") -> list[dict]:
     """Full-ranking HR@k / NDCG@k and list diversity of top-k lists re-ranked by `method`
     (RERANKERS), one row per lambda (same users, inputs and candidates as
     fedrec.data.protocol.evaluate's full ranking; lambda 0 reproduces its full HR@k up to
     ties)."""
-    from fedrec.data.protocol import scored_chunks
-
     rerank = RERANKERS[method]
     target = split.target(stage)
     unit = unit_rows(item_vectors).astype(np.float32)
@@ -210,13 +147,6 @@ def random_list_ild(item_vectors: np.ndarray) -> float:
 def curve_runs(run_dirs: list[str], lambdas: str, method: str = "mmr") -> dict:
     """`fedrec diversity-curve`: lambda_curve of `method` on the test users of each run
     (seeds), mean ± std per lambda: a result file's body."""
-    import torch
-
-    from fedrec.errors import FedrecError
-    from fedrec.models.train import scorer
-    from fedrec.ranking.recommend import load_for_dataset
-    from fedrec.results import summarize
-
     if method not in RERANKERS:
         raise FedrecError(f"--method: '{method}' is not one of {', '.join(RERANKERS)}")
     try:

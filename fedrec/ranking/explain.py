@@ -1,4 +1,4 @@
-"""Reasons for SeqRec recommendations, and a test of whether they are faithful.
+"""Reasons for recommendations, and a test of whether they are faithful.
 
 A reason for recommending item i is a history item j whose removal lowers i's score
 most: leave-one-out on the input sequence (the model re-reads the input without j,
@@ -13,16 +13,15 @@ against deleting as many random items of the input window; reasons are faithful 
 average. Specificity: the number of distinct reason sets among a user's top-k.
 """
 
-import re
-
 import numpy as np
 import torch
 
-from fedrec.models.seqrec import SeqRec
+from fedrec.data.datasets import item_terms
+from fedrec.models.protocol import Recommender, batch_inputs
+from fedrec.models.saved import load_for_dataset
+from fedrec.results import summarize
 
 MAX_REASONS = 3
-_SPLIT = re.compile(r"\s*[,|;]\s*")
-_SKIP_FIELDS = {"title", "year", "cold"}
 
 
 def window_positions(seq: np.ndarray, max_len: int) -> np.ndarray:
@@ -30,13 +29,20 @@ def window_positions(seq: np.ndarray, max_len: int) -> np.ndarray:
     return np.arange(max(0, len(seq) - max_len), len(seq))
 
 
+def scores(model: Recommender, h: torch.Tensor, b: torch.Tensor, inputs: list[np.ndarray]
+           ) -> torch.Tensor:
+    """[len(inputs), N] scores of every item for each input, given the model's item table
+    h, b (item_table): for callers scoring many inputs against one table."""
+    return model.states(h, batch_inputs(inputs, model.max_len), None)[:, -1] @ h.T + b
+
+
 @torch.no_grad()
-def loo_drops(model: SeqRec, h: torch.Tensor, b: torch.Tensor, seq: np.ndarray,
+def loo_drops(model: Recommender, h: torch.Tensor, b: torch.Tensor, seq: np.ndarray,
               items: torch.Tensor) -> torch.Tensor:
     """[len(window), len(items)]: how much each window item's removal lowers each item's
-    score. h, b: the model's item table (SeqRec.item_table)."""
+    score. h, b: the model's item table (item_table)."""
     rows = [seq] + [np.delete(seq, p) for p in window_positions(seq, model.max_len)]
-    s = model.user_states(h, rows) @ h[items].T + b[items]
+    s = scores(model, h, b, rows)[:, items]
     return s[:1] - s[1:]
 
 
@@ -48,13 +54,6 @@ def pick_reasons(drop: torch.Tensor) -> list[list[int]]:
         order = torch.argsort(drop[:, r], descending=True)[:MAX_REASONS].tolist()
         out.append([j for j in order if drop[j, r] > 0] or order[:1])
     return out
-
-
-def item_terms(item: dict[str, str]) -> list[tuple[str, str]]:
-    """(field, term) of an item's list-like catalog fields (genres, tags: comma, | or ;
-    separated; not title or year), in the item's order."""
-    return [(field, t) for field, value in item.items() if field not in _SKIP_FIELDS and value
-            for t in _SPLIT.split(value) if t]
 
 
 def shared_terms(item: dict[str, str], reasons: list[dict[str, str]]) -> list[str]:
@@ -69,7 +68,7 @@ def shared_terms(item: dict[str, str], reasons: list[dict[str, str]]) -> list[st
 
 
 @torch.no_grad()
-def deletion_test(model: SeqRec, E: torch.Tensor, histories: list[np.ndarray], k: int = 10,
+def deletion_test(model: Recommender, E: torch.Tensor, histories: list[np.ndarray], k: int = 10,
                   n_random: int = 10, seed: int = 0) -> dict:
     """Faithfulness of the leave-one-out reasons over users' evaluation inputs.
 
@@ -86,7 +85,7 @@ def deletion_test(model: SeqRec, E: torch.Tensor, histories: list[np.ndarray], k
         window = window_positions(seq, L)
         if len(window) < 2 * MAX_REASONS:
             continue
-        base = (model.user_states(h, [seq]) @ h.T + b)[0]
+        base = scores(model, h, b, [seq])[0]
         base[torch.from_numpy(seq)] = -torch.inf
         top = torch.topk(base, k).indices
         reasons = pick_reasons(loo_drops(model, h, b, seq, top))
@@ -97,7 +96,7 @@ def deletion_test(model: SeqRec, E: torch.Tensor, histories: list[np.ndarray], k
             rows.append(np.delete(seq, window[r]))
             rows += [np.delete(seq, rng.choice(window, len(r), replace=False))
                      for _ in range(n_random)]
-        s = model.user_states(h, rows) @ h.T + b   # [k * (1 + R), N]
+        s = scores(model, h, b, rows)   # [k * (1 + R), N]
         s[:, torch.from_numpy(seq)] = -torch.inf  # candidates: the original input's complement
         target = top.repeat_interleave(1 + n_random)
         after = (s > s[torch.arange(len(s)), target][:, None]).sum(1).view(k, 1 + n_random)
@@ -122,27 +121,13 @@ def deletion_test(model: SeqRec, E: torch.Tensor, histories: list[np.ndarray], k
     return {"summary": summary, "distinct-reason-sets": n_sets}
 
 
-def trained_seqrec(run_dir: str):
-    """(config, SeqRec, Prepared) of a finished seq run on its own dataset and split."""
-    from fedrec.errors import FedrecError
-    from fedrec.ranking.recommend import load_for_dataset
-
-    cfg, model, p = load_for_dataset(run_dir)
-    if not isinstance(model, SeqRec):
-        raise FedrecError(f"--model: '{run_dir}' trained model.kind '{cfg.model.kind}'; this "
-                          "command evaluates the seq model (model.kind=seq)")
-    return cfg, model, p
-
-
 def evaluate_runs(run_dirs: list[str], users: int = 0, n_random: int = 10) -> dict:
     """`fedrec explain-eval`: the deletion test on the first `users` test users (0 = all)
     of each run (seeds): a result file's body."""
-    from fedrec.results import summarize
-
     torch.set_num_threads(1)
     runs = []
     for run_dir in run_dirs:
-        cfg, net, p = trained_seqrec(run_dir)
+        cfg, net, p = load_for_dataset(run_dir)
         ids = p.split.eval_users("test")[:users or None]
         res = deletion_test(net, torch.from_numpy(p.item_emb),
                             [p.split.eval_history(u, "test") for u in ids], n_random=n_random,

@@ -13,20 +13,19 @@ import time
 import tomllib
 from pathlib import Path
 
+from flwr.app import Context, RecordDict
+
 from fedrec.config import PYPROJECT, Config, run_identity, stored_config
+from fedrec.data.pipeline import catalog_vectors, prepare
 from fedrec.errors import FedrecError
-from fedrec.results import CURVE_KEYS, run_dir_for, summarize
-
-
-def model_name(cfg: Config) -> str:
-    """seq (text items), seq+id (text + ID items), seq-id (SASRec over IDs); text, text+id,
-    text-nopool (user vector = the user-local embedding only); fedmf."""
-    m = cfg.model
-    if m.kind == "seq":
-        return "seq" + ("" if m.item_text else "-id") + ("+id" if m.item_text and m.id_embeddings else "")
-    if m.kind != "text":
-        return m.kind
-    return "text" + ("-nopool" if m.pooling == "none" else "") + ("+id" if m.id_embeddings else "")
+from fedrec.federation.inprocess import InProcessGrid
+from fedrec.federation.run_store import run_dir_for
+from fedrec.federation.simulate import run_simulation
+from fedrec.federation.strategy import clients_per_round
+from fedrec.models.build import model_name
+from fedrec.models.central import train_central
+from fedrec.models.saved import save_model
+from fedrec.results import CURVE_KEYS, summarize
 
 
 def seed_results(name: str, cfg: Config, runs: list[dict]) -> dict:
@@ -37,24 +36,27 @@ def seed_results(name: str, cfg: Config, runs: list[dict]) -> dict:
             "summary": summary}
 
 
-def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False) -> dict:
-    """Centralized training of the configured model for each seed: a result file's body."""
-    from fedrec.config import uses_text
-    from fedrec.data.pipeline import catalog_vectors, prepare
-    from fedrec.models.train import train_central
-
-    p = prepare(cfg, progress=True, with_text=uses_text(cfg))
+def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False,
+            save_dir: str | None = None) -> dict:
+    """Centralized training of the configured model for each seed: a result file's body.
+    save_dir: also keep each seed's best model as a run directory (fedrec.models.saved):
+    save_dir itself for one seed, save_dir/seed-N for several."""
+    p = prepare(cfg, progress=True)
     vectors = catalog_vectors(cfg, p)
     runs = []
     for seed in seeds:
         log(f"centralized {cfg.model.kind}, seed {seed}")
         t0 = time.time()
-        r = train_central(cfg.override(**{"train.seed": seed}), p.split, p.item_emb,
-                          log=(lambda *_: None) if quiet else log, item_vectors=vectors,
-                          item_fields=p.dataset.item_fields)
+        c = cfg.override(**{"train.seed": seed})
+        r = train_central(c, p.split, p.item_emb, log=(lambda *_: None) if quiet else log,
+                          item_vectors=vectors, item_fields=p.dataset.item_fields)
         runs.append({"seed": seed, "best": r["best"], "final": r["final"],
                      "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
                      "seconds": time.time() - t0, "curve": r["curve"]})
+        if save_dir:
+            d = Path(save_dir).expanduser() / (f"seed-{seed}" if len(seeds) > 1 else "")
+            runs[-1]["run_dir"] = str(save_model(d, c, r["model"]).resolve())
+            log(f"model saved in {runs[-1]['run_dir']}")
     return seed_results(f"central-{model_name(cfg)}", cfg, runs)
 
 
@@ -64,10 +66,6 @@ def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: st
     """Federated runs over seeds: new (cfg), or the comma-separated run directories of
     `resume` continued or extended to `rounds` with their own configs (so no config
     `overrides`). A result file's body, or None when nothing ran or completed."""
-    from fedrec.config import uses_text
-    from fedrec.data.pipeline import prepare
-    from fedrec.federation.strategy import clients_per_round
-
     check_engine(engine)
     if rounds is not None and not resume:
         raise FedrecError("--rounds extends runs given with --resume; for a new run set "
@@ -83,7 +81,7 @@ def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: st
         jobs = [(cfg.override(**{"train.seed": s}), base / f"seed-{s}") for s in seeds]
         done = []
     if jobs:  # encode once, up front; refuse a sample larger than the population first
-        clients_per_round(cfg, prepare(cfg, progress=True, with_text=uses_text(cfg)).split.n_users)
+        clients_per_round(cfg, prepare(cfg, progress=True).split.n_users)
     runs = [run_entry(c.train.seed, res, d, res.get("seconds")) for c, d, res in done]
     for c, run_dir in jobs:
         log(f"federated {cfg.model.kind} ({cfg.fed.strategy}), seed {c.train.seed} -> {run_dir}")
@@ -114,14 +112,8 @@ def app_component(name: str):
 
 def run_inprocess(cfg: Config, run_dir: Path) -> dict:
     """The same ServerApp and ClientApp, Ray-free: real Messages through an in-process Grid."""
-    from flwr.app import Context, RecordDict
-
-    from fedrec.data.pipeline import prepare
-    from fedrec.federation.inprocess import InProcessGrid
-
     flat = cfg.override(**{"fed.run-dir": str(run_dir)}).to_flat()
-    grid = InProcessGrid(app_component("clientapp"), flat,
-                         prepare(cfg, with_text=False).split.n_users)
+    grid = InProcessGrid(app_component("clientapp"), flat, prepare(cfg).split.n_users)
     app_component("serverapp")(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                run_config=flat))
     return json.loads((run_dir / "results.json").read_text())
@@ -129,8 +121,6 @@ def run_inprocess(cfg: Config, run_dir: Path) -> dict:
 
 def run_federated(cfg: Config, run_dir: Path, engine: str, log=print) -> dict:
     """One federated run (flwr run or in-process); its results.json, evaluated."""
-    from fedrec.federation.simulate import run_simulation
-
     check_engine(engine)
     res = (run_simulation(cfg, run_dir=run_dir, log=log) if engine == "flower"
            else run_inprocess(cfg, run_dir))

@@ -6,25 +6,31 @@
 (federated evaluation, test at the best-validation round, as `fedrec simulate`), full
 ranking beside sampled, and the population (users) it ran on.
 
-- unit "interaction" (privacy.mode = sample, DP-SGD on each device): each device solves
-  its own σ so that its ε over fed.num-rounds at the expected participation stays <= the
-  target (fedrec/privacy/dpsgd.py); the row's σ is the mean over the devices that trained, and
-  "ε spent" is the largest cumulative ε any device reported.
+- unit "block" (privacy.mode = sample, DP-SGD on each device over disjoint blocks of its
+  history): each device solves its own σ so that its ε over fed.num-rounds at the
+  expected participation stays <= the target (fedrec/privacy/dpsgd.py); the row's σ is the
+  mean over the devices that trained, and "ε spent" is the largest cumulative ε any
+  device reported.
 - unit "user" (privacy.mode = user, DP-FedAvg / DP-FedAdam): σ is solved here so that
   fed.num-rounds rounds at sample rate q = clients-per-round / users spend exactly the
-  target; the same target is the run's hard budget (fedrec/privacy/user_dp.py).
+  target; the same target is the run's hard budget (fedrec/federation/server_opt.py).
 The ε = inf row is the same run without DP, once per seed (it has no unit).
 """
 
+import json
 import math
 from pathlib import Path
 
-from fedrec.config import Config, run_identity
-from fedrec.files import save_figure
+from fedrec.config import Config, parse_overrides, run_identity
+from fedrec.data.pipeline import prepare
+from fedrec.errors import FedrecError
+from fedrec.experiments.runs import check_engine, run_federated
+from fedrec.federation.run_store import run_dir_for
+from fedrec.files import pyplot, save_figure
 from fedrec.privacy.accounting import UNIT, describe, parse_epsilons, solve_noise_multiplier
-from fedrec.results import summarize
+from fedrec.results import fmt, summarize
 
-MODES = {"interaction": "sample", "user": "user"}
+MODES = {"block": "sample", "user": "user"}
 METRICS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10", "sampled/ndcg@10")
 
 
@@ -56,8 +62,6 @@ def finished(run_dir: Path, cfg: Config) -> dict | None:
     """results.json of a run of exactly this config that ended (all rounds, or stopped by
     its privacy budget) in run_dir, or None: such a cell need not run again, so a killed
     sweep continues and sweeps run side by side (one per unit) combine into one table."""
-    import json
-
     try:
         res = json.loads((Path(run_dir) / "results.json").read_text())
     except (OSError, ValueError):
@@ -79,7 +83,6 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict], population: in
             "epsilon-spent-max": max(spent) if spent and unit != "none" else None,
             "delta": cfg.privacy.delta if unit != "none" else None,
             "accountant": cfg.privacy.accountant if unit != "none" else None,
-            "assumes": describe(cfg).get("assumes") if unit == "interaction" else None,
             "sigma": sum(sigmas) / len(sigmas) if sigmas else None,
             "max-grad-norm": cfg.privacy.max_grad_norm if unit != "none" else None,
             "clipping": cfg.privacy.clipping if unit == "user" else None,
@@ -95,11 +98,7 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict], population: in
 def plot(rows: list[dict], path: str | Path) -> Path:
     """Full and sampled HR@10 against ε, one line per unit, the non-private run as a
     horizontal band and 0.9 x it dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("full/hr@10", "sampled/hr@10")):
         for r in rows:
@@ -108,7 +107,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
                 ax.axhline(m, color="k", lw=1, label="no DP (ε = ∞)")
                 ax.axhspan(m - s, m + s, color="k", alpha=0.1)
                 ax.axhline(0.9 * m, color="k", lw=1, ls=":", label="0.9 × no DP")
-        for unit, marker in (("interaction", "o"), ("user", "s")):
+        for unit, marker in (("block", "o"), ("user", "s")):
             pts = sorted((r["epsilon"], r[key]) for r in rows if r["unit"] == unit and key in r)
             if pts:
                 ax.errorbar([e for e, _ in pts], [v["mean"] for _, v in pts],
@@ -127,18 +126,12 @@ def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str
         runs_dir: str | None, per_unit: dict[str, str], log=print) -> dict:
     """Every (unit, ε) cell over the seeds (a finished cell's run directory is reused),
     per_unit: more --run-config overrides for one unit's cells: a result file's body."""
-    from fedrec.config import parse_overrides, uses_text
-    from fedrec.data.pipeline import prepare
-    from fedrec.errors import FedrecError
-    from fedrec.experiments import check_engine, run_federated
-    from fedrec.results import run_dir_for
-
     eps_grid = parse_epsilons(epsilons)
     unit_list = [u.strip() for u in units.split(",") if u.strip()]
     if not unit_list or any(u not in MODES for u in unit_list):
-        raise FedrecError(f"--units: '{units}' must name interaction and/or user")
+        raise FedrecError(f"--units: '{units}' must name block and/or user")
     check_engine(engine)
-    population = prepare(cfg, progress=True, with_text=uses_text(cfg)).split.n_users
+    population = prepare(cfg, progress=True).split.n_users
     base = (Path(runs_dir).expanduser() if runs_dir else run_dir_for(cfg)).resolve()
     rows = []
     for unit, eps in cells(unit_list, eps_grid):
@@ -158,8 +151,6 @@ def run(cfg: Config, *, seeds: list[int], epsilons: str, units: str, engine: str
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(columns, cells) of the sweep's console table."""
-    from fedrec.results import fmt
-
     opt = lambda v, spec: "-" if v is None else format(v, spec)
     return (["unit", "ε", "ε spent", "δ", "σ", "C", "rounds", "full HR@10", "full NDCG@10",
              "sampled HR@10"],

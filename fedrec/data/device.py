@@ -61,8 +61,8 @@ from fedrec.data.encoder import (
     resolve_model_dir,
     text_key,
 )
+from fedrec.data.protocol import ClientData, leave_one_out, untouched
 from fedrec.errors import FedrecError
-from fedrec.federation.local import ClientData
 from fedrec.files import write_text_atomic
 
 DATA_DIR, CATALOG, MODEL_DIR = "data-dir", "catalog", "model-dir"  # node_config keys
@@ -163,9 +163,7 @@ def read_history(path: Path, catalog: Catalog) -> np.ndarray:
 
 
 def client_data(seq: np.ndarray, catalog: Catalog, eval_negatives: int, seed: int) -> ClientData:
-    """Leave-one-out on one device's own history (DESIGN.md protocol, per user)."""
-    from fedrec.data.protocol import leave_one_out, untouched
-
+    """Leave-one-out on one device's own history (the protocol, per user)."""
     val, test, train = leave_one_out(seq, catalog.cold)
     negs = {s: np.full(eval_negatives, -1, np.int64) for s in ("val", "test")}
     if test >= 0:
@@ -275,23 +273,9 @@ def write_device_dir(out: Path, catalog: Catalog, items: list[str], times: list[
     return out
 
 
-def load_client(context) -> tuple[Config, np.ndarray, ClientData, int, bool]:
-    """(config, catalog embeddings, the user's data, user id, simulated) for a ClientApp's
-    Context: a virtual SuperNode's partition (user index), or a real device's own files."""
-    from fedrec.federation.local import load_simulated_client
-
-    if DATA_DIR not in context.node_config:
-        user = int(context.node_config["partition-id"])
-        return (*load_simulated_client(context.run_config, user), user, True)
-    cfg, E, data = load_device_client(context.run_config, context.node_config)
-    return cfg, E, data, context.node_id, False  # node id: stable per registered SuperNode
-
-
 def prepare_user_device(cfg: Config, out: str, user: str, encode: bool = True) -> str:
     """`fedrec device prepare`: a device directory for one user of data.dataset (its
     history, the catalog and, with `encode`, the catalog embeddings); returns a summary."""
-    from fedrec.data.datasets import load_dataset
-
     ds = load_dataset(cfg.data.dataset, cfg.data.cache_dir)
     if user not in ds.user_ids:
         raise FedrecError(f"--user: '{user}' is not a user of {ds.name} (ids such as "

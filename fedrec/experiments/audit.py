@@ -1,7 +1,7 @@
 """Membership-inference audit: from one uploaded update, can the server tell which items
 a user trained on?
 
-Threat: the honest-but-curious server (DESIGN.md). It sent the global parameters θ0, it
+Threat: the honest-but-curious server (docs/privacy.md). It sent the global parameters θ0, it
 receives a device's update Δ = θ1 - θ0 (one `local_update`, with the config's privacy
 settings) and it knows the public catalog embeddings E. For each candidate item X it
 computes statistics of Δ alone; members are the user's training items, non-members as
@@ -35,10 +35,13 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedrec.data.pipeline import prepare
+from fedrec.data.protocol import ClientData
 from fedrec.errors import FedrecError
-from fedrec.federation.local import ClientData, client_seed, local_update
+from fedrec.federation.local import client_seed, local_update
 from fedrec.models.build import build_model, model_from_arrays
-from fedrec.privacy.accounting import EPSILON_METRIC, Accountant
+from fedrec.models.saved import load_run
+from fedrec.privacy.accounting import EPSILON_METRIC, Accountant, describe, parse_epsilons
 
 STATS = ("bias", "item-vector", "score", "grad-align")
 
@@ -61,35 +64,18 @@ def privacy_settings(cfg, epsilons: str) -> list[tuple[float, object]]:
     """--epsilons "inf,8" -> [(ε, config)]: inf = privacy.mode none, a number = sample-level
     DP-SGD (privacy.mode sample) with that privacy.target-epsilon; the rest of privacy.*
     comes from cfg."""
-    from fedrec.privacy.accounting import parse_epsilons
-
     return [(eps, cfg.override(**({"privacy.mode": "none"} if math.isinf(eps) else
                                   {"privacy.mode": "sample", "privacy.target-epsilon": eps})))
             for eps in parse_epsilons(epsilons)]
 
 
-def global_params(cfg, text_dim: int, n_items: int, path: str | None = None) -> dict:
-    """The global federated parameters the audited round starts from: a saved file (a
-    run's final.safetensors) or a fresh model (seed train.seed)."""
+def global_params(cfg, text_dim: int, n_items: int, run_dir: str | None = None) -> dict:
+    """The global federated parameters the audited round starts from: a trained model's
+    (a run directory) or a fresh model's (seed train.seed)."""
+    if run_dir is not None:
+        return {k: v.astype(np.float32) for k, v in load_run(run_dir)[1].items()}
     torch.manual_seed(cfg.train.seed)
-    fresh = {k: v.numpy() for k, v in build_model(cfg, text_dim, n_items).state_dict().items()}
-    if path is None:
-        return fresh
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        arrays = load_file(path)
-    except (OSError, SafetensorError) as exc:
-        raise FedrecError(f"--params: cannot read '{path}' ({str(exc).splitlines()[0]}); "
-                          "give a run's final.safetensors") from None
-    bad = sorted(set(fresh) ^ set(arrays)) or [k for k in fresh
-                                                 if arrays[k].shape != fresh[k].shape]
-    if bad:
-        raise FedrecError(f"--params: '{path}' does not fit the configured model "
-                          f"(parameter {bad[0]}); give the run's config with --config or "
-                          "--run-config")
-    return {k: arrays[k].astype(np.float32) for k in fresh}
+    return {k: v.numpy() for k, v in build_model(cfg, text_dim, n_items).state_dict().items()}
 
 
 def targets(split, n_users: int, seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -197,24 +183,15 @@ def audit(cfg, E: np.ndarray, split, arrays: dict, target_list, log=print) -> di
             "nonmembers": int(sum(len(n) for _, _, n in target_list))}
 
 
-def run(cfg, *, params: str | None, users: int, epsilons: str, log=print) -> dict:
-    """The audit at every ε of `epsilons` on `users` random targets: a result file's body."""
-    import math
-    from pathlib import Path
-
-    from fedrec.config import uses_text
-    from fedrec.data.pipeline import prepare
-    from fedrec.errors import FedrecError
-    from fedrec.privacy.accounting import describe
-
+def run(cfg, *, model: str | None, users: int, epsilons: str, log=print) -> dict:
+    """The audit at every ε of `epsilons` on `users` random targets, from the trained
+    model in run directory `model` (cfg: its config) or a fresh one: a result file's
+    body."""
     if users < 1:
         raise FedrecError(f"--users must be >= 1, got {users}")
-    if params is not None and not Path(params).expanduser().is_file():
-        raise FedrecError(f"--params: '{params}' is not a file; give a run's final.safetensors")
     settings = privacy_settings(cfg, epsilons)
-    p = prepare(cfg, progress=True, with_text=uses_text(cfg))
-    arrays = global_params(cfg, p.item_emb.shape[1], p.split.n_items,
-                           params and str(Path(params).expanduser()))
+    p = prepare(cfg, progress=True)
+    arrays = global_params(cfg, p.item_emb.shape[1], p.split.n_items, model)
     chosen = targets(p.split, users, cfg.train.seed)
     rows = []
     for eps, c in settings:
@@ -224,7 +201,7 @@ def run(cfg, *, params: str | None, users: int, epsilons: str, log=print) -> dic
             r["epsilon_spent"] = None
         rows.append({"epsilon": None if math.isinf(eps) else eps, "privacy": describe(c), **r})
     return {"method": "audit", "config": cfg.to_flat(),
-            "params": params or f"fresh model (train.seed {cfg.train.seed})", "rows": rows}
+            "params": model or f"fresh model (train.seed {cfg.train.seed})", "rows": rows}
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
