@@ -8,7 +8,7 @@ import pytest
 
 from fedrec.data.pipeline import prepare
 from fedrec.federation.simulate import write_overrides
-from fedrec.privacy.audit import STATS, audit, global_params, roc_auc, targets
+from fedrec.experiments.audit import STATS, audit, global_params, roc_auc, targets
 from tiny import TINY, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")

@@ -13,8 +13,9 @@ import clients.app
 import server.app
 from fedrec.data.pipeline import prepare
 from fedrec.federation.inprocess import InProcessGrid
-from fedrec.models.build import build_model, pool_history
-from tiny import holding
+from fedrec.models.build import build_model
+from fedrec.models.protocol import batch_inputs
+from tiny import holding, tiny_config
 
 EVAL_KEYS = {"sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10",
              "num-examples"}
@@ -57,23 +58,33 @@ def test_train_reply_holds_the_federated_parameters_and_num_examples(cfg, prepar
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == len(prepared.split.history(0))
     assert np.isfinite(metrics["train-loss"])
-    assert "user-local" in ctx.state
+    assert "user-local" not in ctx.state  # the seq model reads the user from the history
+
+
+def test_a_user_local_vector_stays_in_context_state_across_rounds(tiny_root):
+    cfg = tiny_config(tiny_root, {"model.kind": "fedmf"})
+    p = prepare(cfg)
+    state = global_state(cfg, p)
+    ctx = context(cfg, 0, p.split.n_users)
+    reply = clients.app.app(message("train", state), ctx)
     user = ctx.state["user-local"]["user"].numpy()
     assert user.shape == (cfg.model.dim,) and np.abs(user).max() > 0
     # round 2 starts from the stored user-local state and replaces it
-    reply2 = clients.app.app(message("train", arrays.to_torch_state_dict(), 2), ctx)
+    reply2 = clients.app.app(message("train", reply.content["arrays"].to_torch_state_dict(), 2),
+                             ctx)
     assert list(reply2.content["arrays"]) == list(state)
     assert not np.array_equal(ctx.state["user-local"]["user"].numpy(), user)
 
 
-@pytest.mark.parametrize("pooling", ["attention", "none"])
+@pytest.mark.parametrize("kind", ["seq", "fedmf"])
 @pytest.mark.parametrize("user", [0, 1])
-def test_train_reply_carries_no_plm_no_user_vector_no_user_local_state(cfg, prepared, user,
-                                                                       pooling):
+def test_train_reply_carries_no_plm_no_user_vector_no_user_local_state(tiny_root, user, kind):
     from transformers import AutoModel
 
-    cfg = cfg.override(**{"model.pooling": pooling})
-    split, E = prepared.split, prepared.item_emb
+    cfg = tiny_config(tiny_root, {"model.kind": kind})
+    prepared = prepare(cfg)
+    E = prepare(tiny_config(tiny_root)).item_emb  # the PLM's output, even where unused
+    split = prepared.split
     state = global_state(cfg, prepared)
     ctx = context(cfg, user, split.n_users)
     reply = clients.app.app(message("train", state), ctx)
@@ -98,26 +109,25 @@ def test_train_reply_carries_no_plm_no_user_vector_no_user_local_state(cfg, prep
         assert not holding(got, row)
 
     # 2. no user-local state, neither as a value nor as an update
-    local = ctx.state["user-local"]["user"].numpy()
-    assert np.abs(local).max() > 1e-4  # it trained, so a copy would be visible
-    assert not holding(got, local), "user-local vector in the reply"
-    assert not holding(update, local), "user-local update in the reply"
+    local = None
+    if kind == "fedmf":
+        local = ctx.state["user-local"]["user"].numpy()
+        assert np.abs(local).max() > 1e-4  # it trained, so a copy would be visible
+        assert not holding(got, local), "user-local vector in the reply"
+        assert not holding(update, local), "user-local update in the reply"
+    else:
+        assert "user-local" not in ctx.state
 
-    # 3. no user vector h_u (the device's own, with its local residual)
-    model = build_model(cfg, E.shape[1], split.n_items).eval()
+    # 3. no user vector h_u (the device's own)
+    model = build_model(cfg, prepared.item_emb.shape[1], split.n_items).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in got.items()})
     with torch.no_grad():
-        h, _, a = model.items(torch.from_numpy(E), torch.arange(split.n_items))
-        hist = torch.from_numpy(split.history(user))
-        one = torch.zeros(1, dtype=torch.long)
-        pooled = pool_history(h, a, hist, torch.zeros_like(hist), 1, one)
-        hu = model.users(pooled, torch.from_numpy(local)[None])[0].numpy()
+        hu = model.user_vectors(torch.from_numpy(prepared.item_emb),
+                                batch_inputs([split.history(user)], model.max_len),
+                                None if local is None else torch.from_numpy(local)[None])[0]
+    hu = hu[0].numpy()
     assert np.abs(hu).max() > 1e-3
     assert not holding(got, hu) and not holding(update, hu)
-    assert not holding(got, pooled[0].numpy())
-    if pooling == "none":  # h_u is the local vector; no user tower is uploaded at all
-        np.testing.assert_array_equal(hu, local)
-        assert not [k for k in got if k.startswith(("user_adapter.", "attention."))]
 
 
 def test_evaluate_reply_has_the_metric_keys(cfg, prepared):
@@ -137,8 +147,10 @@ def test_evaluate_reply_has_the_metric_keys(cfg, prepared):
     assert all(0.0 <= v <= 1.0 for v in replies[0].values())
 
 
-def test_evaluate_uses_the_stored_user_local_state(cfg, prepared):
-    """A user-local residual pointing at the test item puts it first; pointing away, last."""
+def test_evaluate_uses_the_stored_user_local_state(tiny_root):
+    """A user-local vector pointing at the test item puts it first; pointing away, last."""
+    cfg = tiny_config(tiny_root, {"model.kind": "fedmf"})
+    prepared = prepare(cfg)
     split, E = prepared.split, prepared.item_emb
     user = 2
     state = global_state(cfg, prepared)
@@ -146,7 +158,7 @@ def test_evaluate_uses_the_stored_user_local_state(cfg, prepared):
     model.load_state_dict(state)
     t = int(split.test[user])
     with torch.no_grad():
-        h_t = model.items(torch.from_numpy(E[[t]]), torch.tensor([t]))[0][0].numpy()
+        h_t = model.item_table(torch.from_numpy(E), torch.tensor([t]))[0][0].numpy()
     toward = 1e3 * h_t / np.linalg.norm(h_t)
     metrics = {}
     for name, vec in (("toward", toward), ("away", -toward)):
@@ -201,9 +213,7 @@ def test_in_process_federated_run_learns(cfg, tmp_path, seed):
         evaluated = [node for kind, rnd, node in calls if kind == "evaluate" and rnd == r]
         assert sorted(evaluated) == sorted(grid.contexts)  # every device evaluates
         assert rounds[r]["federated"]["users"] == n_users - 1  # all but the train-only one
-    # devices that trained keep a user-local state; the others have none
-    trained_ever = {node for kind, _, node in calls if kind == "train"}
-    assert {n for n, c in grid.contexts.items() if "user-local" in c.state} == trained_ever
+    assert not [c for c in grid.contexts.values() if "user-local" in c.state]
 
     # the global parameters change between rounds, and only federated ones are saved
     first = load_file(str(run_dir / "checkpoints" / "round-0001.safetensors"))
@@ -228,14 +238,14 @@ def test_in_process_federated_run_learns(cfg, tmp_path, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_in_process_federated_run_learns_without_pooling(tiny_root, tmp_path, seed):
-    """model.pooling = "none": h_u is each device's own user-local vector. The server has
-    no user vectors, so only the devices evaluate (no "server" record, as for FedMF)."""
-    from fedrec.federation.local import ClientData, client_seed, local_evaluate
-    from tiny import tiny_config
+def test_in_process_federated_fedmf_learns_on_the_devices(tiny_root, tmp_path, seed):
+    """FedMF: h_u is each device's own user-local vector. The server has no user vectors,
+    so only the devices evaluate (no "server" record)."""
+    from fedrec.data.protocol import ClientData
+    from fedrec.federation.local import client_seed, local_evaluate
 
     cfg, run_dir, calls, grid = run_federated(
-        tiny_config(tiny_root, {"model.pooling": "none"}), tmp_path, seed)
+        tiny_config(tiny_root, {"model.kind": "fedmf", "train.lr": 0.05}), tmp_path, seed)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed"
     rounds = {r["round"]: r for r in results["rounds"]}
@@ -247,8 +257,7 @@ def test_in_process_federated_run_learns_without_pooling(tiny_root, tmp_path, se
     assert {n for n, c in grid.contexts.items() if "user-local" in c.state} == trained_ever
     final = load_file(str(run_dir / "final.safetensors"))
     p = prepare(cfg)
-    assert set(final) == set(global_state(cfg, p))
-    assert all(k.startswith(("item_adapter.", "item_bias.")) for k in final), sorted(final)
+    assert set(final) == set(global_state(cfg, p)) == {"item_emb.weight", "item_bias.weight"}
 
     # the initial model as a device evaluates it before it ever trained: the initial
     # global parameters and a fresh (random) user-local vector

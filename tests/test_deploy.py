@@ -30,7 +30,7 @@ from fedrec.deployment.commands import (
     supernode_args,
     write_connection,
 )
-from fedrec.deployment.device import (
+from fedrec.data.device import (
     CACHE_DIR,
     client_data,
     load_device_client,
@@ -146,7 +146,7 @@ def test_embedding_cache_follows_the_model_files(world, tmp_path):
     import shutil
 
     from fedrec.data.encoder import _encoder
-    from fedrec.deployment.device import item_embeddings
+    from fedrec.data.device import item_embeddings
 
     bert = shutil.copytree(world / "bert", tmp_path / "bert")
     cfg = deploy_config(world, **{"encoder.model-dir": str(bert)})

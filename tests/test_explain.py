@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.data.protocol import evaluate
-from fedrec.models.seqrec import SeqRec, batch_inputs
-from fedrec.ranking.diversity import (
-    dpp,
-    intra_list_diversity,
-    item_novelty,
-    lambda_curve,
-    mmr,
-    top_k,
-    unit_rows,
-)
+from fedrec.data.evaluate import evaluate, intra_list_diversity, item_novelty, top_k, unit_rows
+from fedrec.models.protocol import batch_inputs
+from fedrec.models.seqrec import SeqRec
+from fedrec.ranking.diversity import dpp, lambda_curve, mmr
 from fedrec.ranking.explain import deletion_test, loo_drops, pick_reasons, shared_terms
 
 
@@ -28,7 +21,6 @@ class SumModel:
     item 7 = 0.9 (e3+e4+e5), item 8 = 0.5 (e0+e3), item 9 = 0."""
 
     max_len = 50
-    user_states = SeqRec.user_states  # the real last-state reader over this encode
 
     def __init__(self):
         h = torch.zeros(10, 6)
@@ -44,7 +36,7 @@ class SumModel:
     def item_table(self, E):
         return self.h, torch.zeros(10)
 
-    def encode(self, h, seq):
+    def states(self, h, seq, user=None):
         x = torch.where((seq >= 0)[..., None], h[seq.clamp_min(0)], 0.0)
         return x.cumsum(1)
 

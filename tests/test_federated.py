@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from flwr.app import Context, RecordDict
+
+from fedrec.data.evaluate import evaluate
 from fedrec.data.pipeline import prepare
-from fedrec.data.protocol import evaluate
+from fedrec.data.protocol import ClientData
+from fedrec.federation.client_round import load_client
 from fedrec.federation.local import (
-    ClientData,
     aggregate_client_metrics,
     client_seed,
-    load_simulated_client,
     local_evaluate,
     local_update,
-    sample_client_negatives,
 )
 from fedrec.models.build import build_model
 from fedrec.models.train import scorer
@@ -34,13 +35,10 @@ def global_arrays(cfg, E, n_items, seed=0):
     return {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
 
-KINDS = {"text": {}, "fedmf": {"model.kind": "fedmf"}, "text-nopool": {"model.pooling": "none"}}
-
-
-@pytest.mark.parametrize("kind", ["text", "fedmf", "text-nopool"])
+@pytest.mark.parametrize("kind", ["seq", "fedmf"])
 def test_local_update_returns_exactly_the_federated_parameters(tiny_root, kind):
-    cfg = tiny_config(tiny_root, KINDS[kind])
-    p = prepare(cfg, with_text=cfg.model.kind == "text")
+    cfg = tiny_config(tiny_root, {"model.kind": kind})
+    p = prepare(cfg)
     E, split = p.item_emb, p.split
     start = global_arrays(cfg, E, split.n_items)
     model = build_model(cfg, E.shape[1], split.n_items)
@@ -52,6 +50,9 @@ def test_local_update_returns_exactly_the_federated_parameters(tiny_root, kind):
     assert all(v.dtype == np.float32 for v in params.values())
     assert any(not np.array_equal(params[k], start[k]) for k in params)  # it trained
     assert metrics["num-examples"] == len(split.history(0))
+    if kind == "seq":  # it reads the user from the history: no user-local state
+        assert local == {}
+        return
     # the user-local vector is returned separately and appears in no federated array
     user = local["user"]
     assert user.shape == (cfg.model.dim,) and np.abs(user).max() > 1e-4
@@ -60,18 +61,9 @@ def test_local_update_returns_exactly_the_federated_parameters(tiny_root, kind):
     assert holding({k: params[k] - start[k] for k in params}, user) == []  # nor as an update
 
 
-def test_no_user_local_state_without_a_user_embedding(cfg, prepared):
-    cfg = cfg.override(**{"model.user-embedding": False})
-    start = global_arrays(cfg, prepared.item_emb, prepared.split.n_items)
-    _, local, _ = local_update(cfg, prepared.item_emb, ClientData.from_split(prepared.split, 2),
-                               start, None, seed=0)
-    assert local == {}
-
-
-@pytest.mark.parametrize("kind", ["text", "fedmf", "text-nopool"])
-def test_user_local_state_round_trips(tiny_root, kind):
-    cfg = tiny_config(tiny_root, KINDS[kind])
-    p = prepare(cfg, with_text=cfg.model.kind == "text")
+def test_user_local_state_round_trips(tiny_root):
+    cfg = tiny_config(tiny_root, {"model.kind": "fedmf", "train.optimizer": "sgd"})
+    p = prepare(cfg)
     E, data = p.item_emb, ClientData.from_split(p.split, 3)
     start = global_arrays(cfg, E, p.split.n_items)
     _, first, _ = local_update(cfg, E, data, start, None, seed=1)
@@ -122,12 +114,8 @@ def test_local_evaluate_reports_the_same_keys_for_every_client(cfg, prepared):
         assert r["sampled/hr@10"] in (0.0, 1.0) and r["cold/users"] + r["warm/users"] <= 1.0
 
 
-@pytest.mark.parametrize("kind", ["text", "seq"])
-def test_devices_rank_exactly_like_the_server(cfg, prepared, kind):
+def test_devices_rank_exactly_like_the_server(cfg, prepared):
     """Mean of the devices' own metrics = the server-side protocol on the same model."""
-    if kind == "seq":
-        cfg = cfg.override(**{"model.kind": "seq", "model.user-embedding": False,
-                              "model.id-embeddings": True, "model.max-len": 8})
     split, E = prepared.split, prepared.item_emb
     arrays = global_arrays(cfg, E, split.n_items, seed=5)
     records = [local_evaluate(cfg, E, ClientData.from_split(split, u), arrays, None, seed=0)
@@ -178,36 +166,20 @@ def test_aggregate_client_metrics_edge_cases():
     assert out["warm/hr@10"] == 1.0
 
 
-def test_client_negatives_cover_the_catalog_outside_the_history(prepared):
-    split = prepared.split
-    rng = np.random.default_rng(0)
-    assert split.cold.any()
-    for u in range(split.n_users):
-        data = ClientData.from_split(split, u)
-        negs = sample_client_negatives(data, 300, 4, rng)
-        assert negs.shape == (300, 4)
-        assert not np.isin(negs, data.history).any()
-        # uniform over everything allowed: with 1200 draws every allowed item shows up,
-        # never an unreleased (cold) one
-        allowed = np.setdiff1d(np.flatnonzero(split.released), data.history)
-        assert set(np.unique(negs)) == set(allowed)
-        assert not split.cold[negs].any()
-        # the device's future (val/test) is not excluded when released: it does not know it
-        if data.test >= 0 and not split.cold[data.test]:
-            assert data.test in allowed
+def test_a_simulated_client_loads_its_users_partition(cfg, prepared):
+    def ctx(user):
+        return Context(run_id=1, node_id=7, state=RecordDict(), run_config=cfg.to_flat(),
+                       node_config={"partition-id": user, "num-partitions": 13})
 
-
-def test_load_simulated_client(cfg, prepared):
-    flat = cfg.to_flat()
-    got_cfg, E, data = load_simulated_client(flat, 4)
-    assert got_cfg == cfg
+    got_cfg, E, data, user, simulated = load_client(ctx(4))
+    assert got_cfg == cfg and user == 4 and simulated
     np.testing.assert_array_equal(E, prepared.item_emb)
     np.testing.assert_array_equal(data.history, prepared.split.history(4))
     assert data.test == prepared.split.test[4] and data.n_items == prepared.split.n_items
-    assert load_simulated_client(flat, 5)[1] is E  # one population per process
+    assert load_client(ctx(5))[1] is E  # one population per process
     n = prepared.split.n_users
     with pytest.raises(ValueError, match=f"partition-id {n} outside 0..{n - 1}"):
-        load_simulated_client(flat, n)
+        load_client(ctx(n))
 
 
 def test_client_seed_is_deterministic_and_distinct(cfg):

@@ -5,7 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from fedrec.ranking.metrics import auc, hit_rate, mrr, ndcg, rank_of_positive, ranking_metrics
+from fedrec.data.evaluate import auc, hit_rate, mrr, ndcg, rank_of_positive, summarize, user_auc
+
+
+def ranking_metrics(prefix, pos, cand, k=10):
+    return summarize(prefix, rank_of_positive(pos, cand), user_auc(pos, cand), k)
 
 
 def test_hr_ndcg_mrr_on_hand_ranks():

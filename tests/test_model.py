@@ -73,7 +73,7 @@ def test_the_three_questions_agree_with_each_other_and_a_hand_computed_loss(mode
 def test_fedmf_reads_no_history_and_its_user_vector_stays_outside_the_module():
     model = FedMF(N_ITEMS, DIM)
     user = model.new_users(2)
-    h, b = model.item_table(None, torch.tensor([1, 1, 7]))
+    h, _ = model.item_table(None, torch.tensor([1, 1, 7]))
     torch.testing.assert_close(h, model.item_emb.weight[[1, 1, 7]])
     a = model.score_all(None, torch.tensor([[1, 2], [3, 4]]), user)
     torch.testing.assert_close(a, model.score_all(None, torch.tensor([[5, 6], [PAD, 0]]), user))

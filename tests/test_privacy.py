@@ -1,5 +1,6 @@
-"""Sample-level DP (fedrec/privacy/dpsgd.py): DP-SGD invariants, cumulative accounting through
-context.state, the noise solved for a target ε, and ε in every train reply."""
+"""Differential privacy: DP-SGD over blocks for every model (fedrec/privacy/dpsgd.py), its
+cumulative accounting through context.state, the noise solved for a target ε, ε in every
+train reply; user-level DP-FedAvg on the server (fedrec/federation/server_opt.py)."""
 
 from pathlib import Path
 
@@ -10,207 +11,137 @@ from flwr.app import ConfigRecord, RecordDict
 from test_clientapp import context, global_state, message
 
 import clients.app
-from fedrec.federation.local import ClientData, _histories, local_update
+from fedrec.data.pipeline import prepare
+from fedrec.data.protocol import ClientData
+from fedrec.errors import FedrecError
+from fedrec.federation.local import local_update
+from fedrec.federation.server_opt import UserDP
 from fedrec.models.build import build_model
-from fedrec.models.train import row_loss, row_scores, train_epoch
-from fedrec.privacy.accounting import Accountant, local_plan, noise_multiplier
-from fedrec.privacy.dpsgd import dp_train_epoch, per_row_grads
+from fedrec.models.fedmf import FedMF
+from fedrec.models.protocol import blocks, target_mask
+from fedrec.models.seqrec import SeqRec
+from fedrec.privacy.accounting import (
+    Accountant,
+    describe,
+    label,
+    local_plan,
+    noise_multiplier,
+    user_epsilon,
+)
+from fedrec.privacy.dpsgd import clipped_grad_sum, dp_epoch
 from tiny import run_inprocess, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
 DP = {"privacy.mode": "sample", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 1.0}
+USER = {"privacy.mode": "user", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 0.5}
 
 
-def _setup(cfg, prepared, user=0, local=True):
+def _seq(**kw) -> SeqRec:
     torch.manual_seed(0)
-    model = build_model(cfg, prepared.item_emb.shape[1], prepared.split.n_items)
-    loc = torch.randn(1, cfg.model.dim).mul(0.1).requires_grad_() if local else None
-    data = ClientData.from_split(prepared.split, user)
-    negs = np.random.default_rng(1).integers(0, prepared.split.n_items,
-                                             size=(len(data.history), cfg.train.negatives))
-    return model, loc, data, negs
+    m = SeqRec(12, 20, dim=16, hidden=16, layers=2, heads=2, max_len=6, dropout=0.0, **kw)
+    with torch.no_grad():  # give the zero-initialised parts values, so every path matters
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.train()
 
 
-def _away_from_init(model, scale: float = 0.1) -> None:
-    """Perturb every parameter (the adapters start with zero last layers), so every gradient
-    in a per-row comparison is live."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
+def _fedmf() -> FedMF:
+    torch.manual_seed(0)
+    return FedMF(20, 16, max_len=6).train()
 
 
-MODELS = {"text": {}, "fedmf": {"model.kind": "fedmf"}, "text-nopool": {"model.pooling": "none"},
-          "text-nopool-id": {"model.pooling": "none", "model.id-embeddings": True}}
+MODELS = {"seq": lambda: _seq(), "seq-text": lambda: _seq(id_embeddings=False),
+          "seq-id": lambda: _seq(item_text=False), "fedmf": _fedmf}
 
 
-@pytest.mark.parametrize("kind", ["text", "fedmf", "text-nopool"])
-def test_per_row_gradients_average_to_the_batch_gradient(tiny_root, kind):
-    from fedrec.data.pipeline import prepare
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_clipped_sum_is_the_sum_of_each_blocks_clipped_gradient(kind):
+    """One path for every model: each block's gradient of its mean target loss, the
+    user-local vector (FedMF) clipped together with the federated parameters."""
+    m, E = MODELS[kind](), torch.randn(20, 12)
+    user = m.new_users(1, torch.Generator().manual_seed(3))[0] if m.user_dim else None
+    allowed = torch.ones(20, dtype=torch.bool)
+    allowed[19] = False
+    for C, rows in ((1e6, blocks(np.arange(1, 19), 6)), (0.05, blocks(np.arange(1, 19), 6)),
+                    (0.05, blocks(np.arange(3, 8), 6))):  # the last: one block alone
+        rows = torch.from_numpy(rows)
+        got, got_user, norms = clipped_grad_sum(m, E, rows, allowed, C, user)
+        want = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
+        want_user = torch.zeros(m.user_dim)
+        for r, row in enumerate(rows):
+            m.zero_grad()
+            u = None if user is None else user.detach().clone().requires_grad_()
+            seq = row[None]
+            loss = m.loss(E, seq, allowed, reduction="row",
+                          user=None if u is None else u[None])[0] / target_mask(seq).sum()
+            loss.backward()
+            g = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                 for k, p in m.named_parameters()}
+            gu = torch.zeros(0) if u is None else u.grad
+            norm = float(torch.sqrt(sum(v.pow(2).sum() for v in g.values()) + gu.pow(2).sum()))
+            assert norms[r] == pytest.approx(norm, rel=1e-4)
+            scale = min(1.0, C / (norm + 1e-6))
+            for k in want:
+                want[k] += g[k] * scale
+            if u is not None:
+                want_user += gu * scale
+        for k, value in want.items():
+            torch.testing.assert_close(got[k], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got_user, want_user, rtol=1e-4, atol=1e-6)
 
-    cfg = tiny_config(tiny_root, MODELS[kind])
-    prepared = prepare(cfg, with_text=cfg.model.kind == "text")
-    model, loc, data, negs = _setup(cfg, prepared)
-    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
-    rows = np.array([0, 2, 3, 5])
-    g, gl = per_row_grads(model, loc, E, hist, rows, negs[rows], cfg.train.loss)
-    cand = torch.from_numpy(np.concatenate([data.history[rows, None], negs[rows]], axis=1))
-    loss = row_loss(row_scores(model, E, hist, loc, torch.zeros(len(rows), dtype=torch.long),
-                               cand), cfg.train.loss)
-    names = [k for k, _ in model.named_parameters()]
-    want = torch.autograd.grad(loss, [p for _, p in model.named_parameters()] + [loc])
-    for name, w in zip(names, want):
-        assert torch.allclose(g[name].mean(0), w, atol=1e-6), name
-    assert torch.allclose(gl.mean(0), want[-1].reshape(-1), atol=1e-6)
 
-
-@pytest.mark.parametrize("pooling", ["attention", "none"])
-def test_dp_with_zero_noise_and_huge_clipping_equals_plain_training(cfg, prepared, pooling):
-    # batch-size >= history: Poisson rate 1, one step per epoch = plain training's one batch
-    # (pooling "none" takes the direct per-row path, attention the pooled ghost norms)
-    cfg = cfg.override(**{"train.batch-size": 64, "model.pooling": pooling})
-    E = torch.from_numpy(prepared.item_emb)
+@pytest.mark.parametrize("kind", ["seq", "fedmf"])
+def test_dp_with_no_noise_and_no_clipping_is_plain_sgd_on_the_mean_block_loss(kind):
+    """sigma 0, C huge, q 1: one step whose gradient is the mean over blocks of each
+    block's mean target loss, for the federated parameters and the user vector alike."""
+    E = torch.randn(20, 12)
+    rows = blocks(np.arange(1, 19), 6)
+    allowed = torch.ones(20, dtype=torch.bool)
     out = []
-    for dp in (False, True):
-        model, loc, data, negs = _setup(cfg, prepared)
-        # SGD, not Adam: Adam rescales a gradient that is mathematically zero (the attention
-        # output bias: softmax ignores a shared shift) so float rounding alone would differ.
-        hist, opt = _histories(data), torch.optim.SGD(list(model.parameters()) + [loc], lr=0.5)
-        rng = np.random.default_rng(0)
-        for _ in range(3):
-            if dp:
-                q, steps = dp_train_epoch(model, loc, opt, E, hist, cfg, rng,
-                                          lambda n, negs=negs: negs,
-                                          noise_multiplier=0.0, max_grad_norm=1e6)
-                assert (q, steps) == (1.0, 1)
-            else:
-                train_epoch(model, loc, opt, E, hist, cfg, rng, lambda segs, negs=negs: negs)
-        out.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
-                    loc.detach().clone()))
-    (plain, plain_loc), (private, private_loc) = out
-    moved = max((plain[k] - _setup(cfg, prepared)[0].state_dict()[k]).abs().max() for k in plain)
-    assert moved > 1e-3  # training did something
-    for k in plain:
-        assert torch.allclose(plain[k], private[k], atol=1e-5), k
-    assert torch.allclose(plain_loc, private_loc, atol=1e-5)
+    for dp in (True, False):
+        m = MODELS[kind]()
+        user = None
+        if m.user_dim:
+            user = m.new_users(1, torch.Generator().manual_seed(3))[0].requires_grad_()
+        opt = torch.optim.SGD(list(m.parameters()) + ([user] if user is not None else []),
+                              lr=0.5)
+        if dp:
+            dp_epoch(m, opt, E, rows, allowed, 1.0, 0.0, 1e9, np.random.default_rng(0),
+                     user=user)
+        else:
+            seq = torch.from_numpy(rows)
+            users = None if user is None else user[None].expand(len(rows), -1)
+            per_row = m.loss(E, seq, allowed, reduction="row", user=users)
+            (per_row / target_mask(seq).sum(1)).mean().backward()
+            opt.step()
+        out.append([p.detach().clone() for p in m.parameters()]
+                   + ([user.detach().clone()] if user is not None else []))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["text-nopool", "text-nopool-id", "fedmf"])
-@pytest.mark.parametrize("loss", ["bce", "bpr"])
-def test_direct_per_row_path_equals_the_torch_func_path(tiny_root, kind, loss):
-    """Ghost norms and the clipped sum without per-row gradients: the same numbers as
-    clipping torch.func's per-row gradients, with some rows clipped and none clipped."""
-    from fedrec.data.pipeline import prepare
-    from fedrec.privacy.dpsgd import clipped_grad_sum, direct_path_ok
-
-    cfg = tiny_config(tiny_root, {**MODELS[kind], "train.loss": loss})
-    prepared = prepare(cfg, with_text=cfg.model.kind == "text")
-    model, loc, data, negs = _setup(cfg, prepared)
-    _away_from_init(model)
-    assert direct_path_ok(model, loc)
-    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
-    rows = np.array([0, 1, 3, 4, 6])
-    negs = negs.copy()
-    negs[1, 1] = negs[1, 0]  # a negative drawn twice in one row (embedding rows coincide)
-    negs[3, 0] = data.history[0]  # another row's positive as a negative
-    g, gl = per_row_grads(model, loc, E, hist, rows, negs[rows], cfg.train.loss)
-    norms = torch.cat([v.reshape(len(rows), -1) for v in g.values()] + [gl], 1).norm(dim=1)
-    for clip in (1e6, float(norms.median())):
-        direct = clipped_grad_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss,
-                                  clip, "direct")
-        vmapped = clipped_grad_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss,
-                                   clip, "vmap")
-        torch.testing.assert_close(direct[2], norms, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(direct[2], vmapped[2], rtol=1e-5, atol=1e-5)
-        assert set(direct[0]) == {n for n, _ in model.named_parameters()}
-        for name, want in vmapped[0].items():
-            torch.testing.assert_close(direct[0][name], want, rtol=1e-5, atol=1e-5, msg=name)
-        torch.testing.assert_close(direct[1], vmapped[1], rtol=1e-5, atol=1e-5)
-    assert (norms > clip).any() and (norms < clip).any()  # the second clip clipped some rows
-    pooled = build_model(tiny_config(tiny_root), 8, prepared.split.n_items)
-    assert not direct_path_ok(pooled, loc)  # a history pool: rows share it
+def test_clipping_and_noise_change_the_update():
+    E, rows = torch.randn(20, 12), blocks(np.arange(1, 19), 6)
+    allowed = torch.ones(20, dtype=torch.bool)
+    results = []
+    for sigma, clip in ((0.0, 1e6), (0.0, 1e-3), (1.0, 1e6)):
+        m = _seq()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        dp_epoch(m, opt, E, rows, allowed, 1.0, sigma, clip, np.random.default_rng(0),
+                 torch.Generator().manual_seed(0))
+        results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert not torch.allclose(results[0], results[1])
+    assert not torch.allclose(results[0], results[2])
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean"])
-@pytest.mark.parametrize("with_local", [True, False])
-@pytest.mark.parametrize("loss", ["bce", "bpr"])
-def test_pooled_ghost_norms_equal_the_torch_func_path(tiny_root, pooling, with_local, loss):
-    """privacy.pool-gradient = "full" without per-row gradients (fedrec/privacy/pooled_norms.py):
-    per-row norms and the clipped sum through each row's leave-one-out pool of the whole
-    history equal torch.func's, with some rows clipped and none clipped; including a row
-    whose positive carries nearly all the attention (the second weight profile)."""
-    from fedrec.data.pipeline import prepare
-    from fedrec.privacy.dpsgd import clipped_grad_sum, per_row_method
-    from fedrec.privacy.pooled_norms import pooled_clipped_sum, pooled_path_ok
-
-    cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0,
-                                  "model.user-embedding": with_local, "train.loss": loss})
-    prepared = prepare(cfg)
-    model, loc, data, negs = _setup(cfg, prepared, local=with_local)
-    _away_from_init(model)
-    assert pooled_path_ok(model) and per_row_method(model, loc) == "pooled"
-    assert per_row_method(model, loc, "none") == "direct"
-    assert per_row_method(build_model(cfg.override(**{"model.id-embeddings": True}), 8,
-                                      prepared.split.n_items), loc) == "vmap"
-    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
-    rows = np.arange(min(6, len(data.history)))
-    negs = negs.copy()
-    negs[2, 0] = data.history[1]  # another row's positive (and a pooled item) as a negative
-    cases = [None]
-    if pooling == "attention":  # then sharpen the attention until one item dominates
-        cases.append(0)
-    for boost in cases:
-        if boost is not None:
-            with torch.no_grad():
-                a = model.items(E[hist.items], hist.items)[2]
-                model.attention[2].weight.mul_(30.0 / (a.max() - a.min()).clamp_min(1e-3))
-                a = model.items(E[hist.items], hist.items)[2]
-            rows = np.array([int(a.argmax())] + [r for r in range(6) if r != int(a.argmax())][:4])
-            assert torch.exp(a - a.max()).sum() - 1 < 0.5  # the rest: under half the top's weight
-        g, gl = per_row_grads(model, loc, E, hist, rows, negs[rows], cfg.train.loss)
-        flat = [v.reshape(len(rows), -1) for v in g.values()] + ([] if gl is None else [gl])
-        norms = torch.cat(flat, 1).norm(dim=1)
-        cache = {}  # the history's text Gram, computed at the first call and then reused
-        for clip in (1e6, float(norms.median())):
-            got = pooled_clipped_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss, clip,
-                                     cache)
-            assert cache["K_x"][0] is hist.items
-            want = clipped_grad_sum(model, loc, E, hist, rows, negs[rows], cfg.train.loss,
-                                    clip, "vmap")
-            torch.testing.assert_close(got[2], norms, rtol=1e-4, atol=1e-5)
-            for name, w_ in want[0].items():
-                torch.testing.assert_close(got[0][name], w_, rtol=1e-4, atol=1e-5, msg=name)
-            if with_local:
-                torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
-            else:
-                assert got[1] is None
-        assert (norms > clip).any() and (norms < clip).any()
-
-
-@pytest.mark.parametrize("pooling", ["attention", "mean"])
-def test_pooled_ghost_norms_on_the_shortest_histories(tiny_root, pooling):
-    """One history item (its row's pool is empty) and two or three: the same clipped sums
-    and norms as torch.func."""
-    from fedrec.data.pipeline import prepare
-    from fedrec.models.train import Histories
-    from fedrec.privacy.dpsgd import clipped_grad_sum
-
-    cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0})
-    prepared = prepare(cfg)
-    E = torch.from_numpy(prepared.item_emb)
-    torch.manual_seed(0)
-    model = build_model(cfg, E.shape[1], prepared.split.n_items)
-    _away_from_init(model, 0.3)
-    loc = torch.randn(1, cfg.model.dim) * 0.1
-    for n in (1, 2, 3):
-        hist = Histories(torch.arange(n) + 3, torch.zeros(n, dtype=torch.long), 1)
-        rows = np.arange(n)
-        negs = np.random.default_rng(n).integers(0, prepared.split.n_items, (n, 4))
-        got, want = (clipped_grad_sum(model, loc, E, hist, rows, negs, "bce", 0.5, method)
-                     for method in ("pooled", "vmap"))
-        torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-5)
-        for name, w in want[0].items():
-            torch.testing.assert_close(got[0][name], w, rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+def test_every_private_result_names_its_unit(cfg):
+    c = cfg.override(**DP)
+    unit = "block of up to 9 consecutive interactions"  # model.max-len 8 in the tiny config
+    assert describe(c) == {"mode": "sample", "unit": unit, "accountant": "rdp", "delta": 1e-4}
+    assert describe(c.override(**{"model.kind": "fedmf"}))["unit"] == unit
+    assert label(c) == f"ε ({unit}; rdp, δ=0.0001)"
+    assert describe(cfg.override(**USER))["unit"] == "user"
+    assert describe(cfg)["unit"] == "none"
 
 
 def test_vectorised_rdp_equals_opacus():
@@ -226,32 +157,6 @@ def test_vectorised_rdp_equals_opacus():
             np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12, err_msg=f"{q} {sigma}")
     assert (_sampled_gaussian_rdp(0.3, 0.0, orders) == np.inf).all()
     assert (_sampled_gaussian_rdp(0.0, 1.0, orders) == 0).all()
-
-
-def test_describe_assumes_a_public_pool_only_for_history_pooled_models(cfg):
-    from fedrec.privacy.accounting import describe, label
-
-    c = cfg.override(**DP)
-    assert describe(c)["assumes"] == "history pool public"
-    assert "history pool public" in label(c)
-    for other in ({"model.pooling": "none"}, {"model.kind": "fedmf"}):
-        d = describe(c.override(**other))
-        assert "assumes" not in d and d["unit"] == "interaction"
-        assert label(c.override(**other)) == "ε (interaction; rdp, δ=0.0001)"
-
-
-def test_clipping_and_noise_change_the_update(cfg, prepared):
-    E = torch.from_numpy(prepared.item_emb)
-    results = []
-    for sigma, clip in ((0.0, 1e6), (0.0, 1e-3), (1.0, 1e6)):
-        model, loc, data, negs = _setup(cfg, prepared)
-        opt = torch.optim.SGD(list(model.parameters()) + [loc], lr=0.1)
-        torch.manual_seed(5)
-        dp_train_epoch(model, loc, opt, E, _histories(data), cfg, np.random.default_rng(0),
-                       lambda n, negs=negs: negs, noise_multiplier=sigma, max_grad_norm=clip)
-        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert not torch.allclose(results[0], results[1])
-    assert not torch.allclose(results[0], results[2])
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -313,25 +218,26 @@ def test_local_update_in_sample_mode_needs_an_accountant(cfg, prepared):
         local_update(c, prepared.item_emb, data, global_state(c, prepared), None, seed=0)
 
 
-@pytest.mark.parametrize("pooling", ["attention", "none"])
-def test_every_train_reply_carries_epsilon_and_the_run_records_it(cfg, prepared, pooling):
-    c = cfg.override(**DP, **{"fed.num-rounds": 3, "fed.clients-per-round": 4,
-                              "model.pooling": pooling})
-    _, results = run_inprocess(c)
-    clean = {"mode": "sample", "unit": "interaction", "accountant": "rdp", "delta": 1e-4}
-    # pooling "none": no history pool, so the ε holds as stated (fedrec/privacy/dpsgd.py)
-    assert results["privacy"] == (clean if pooling == "none"
-                                  else {**clean, "assumes": "history pool public"})
+@pytest.mark.parametrize("kind", ["seq", "fedmf"])
+@pytest.mark.parametrize("mode, unit, clip", [
+    ("user", "user", 0.5),  # DP-FedAdam: each device's update clipped, the mean noised
+    ("sample", "block of up to 9 consecutive interactions", 1.0)])  # DP-SGD over blocks
+def test_both_privacy_modes_run_end_to_end(tiny_root, kind, mode, unit, clip):
+    """Both units of privacy, every model, through the real ServerApp and ClientApp: the
+    unit is named, ε is cumulative and grows, and no reply reports a training loss."""
+    cfg = tiny_config(tiny_root, {"model.kind": kind, "privacy.mode": mode,
+                                  "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": clip,
+                                  "fed.num-rounds": 3, "fed.clients-per-round": 4,
+                                  "fed.run-dir": str(tiny_root / f"{kind}-{mode}-dp")})
+    _, results = run_inprocess(cfg)
+    assert results["status"] == "completed" and results["privacy"]["unit"] == unit
     trains = [r["train"] for r in results["rounds"] if "train" in r]
     assert len(trains) == 3 and all(t["clients"] == 4 and t["failures"] == 0 for t in trains)
-    maxes = [t["epsilon-max"] for t in trains]
+    eps = [t["epsilon-max"] for t in trains]
+    assert 0 < eps[0] <= eps[1] <= eps[2] and eps[0] < eps[2]
     assert all(t["epsilon-mean"] <= t["epsilon-max"] for t in trains)
-    assert 0 < maxes[0] <= maxes[1] <= maxes[2]
-
-
-# -- user-level DP (fedrec/privacy/user_dp.py) -------------------------------------------------------
-
-USER = {"privacy.mode": "user", "privacy.noise-multiplier": 1.0, "privacy.max-grad-norm": 0.5}
+    assert all("train-loss" not in t for t in trains)
+    assert ("server" in results["rounds"][-1]) == (kind == "seq")  # FedMF: devices only
 
 
 def test_user_mode_clips_the_update_on_the_device_and_reports_equal_weights(cfg, prepared):
@@ -351,8 +257,6 @@ def test_user_mode_clips_the_update_on_the_device_and_reports_equal_weights(cfg,
 
 
 def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prepared):
-    from fedrec.privacy.user_dp import user_epsilon
-
     k, n = 4, prepared.split.n_users
     q = k / n
     c = cfg.override(**USER, **{"fed.num-rounds": 6, "fed.clients-per-round": k})
@@ -370,24 +274,33 @@ def test_user_mode_stops_before_the_round_that_would_exceed_the_budget(cfg, prep
     assert (Path(c.fed.run_dir) / "final.safetensors").is_file()  # the last (noised) model
 
 
-def test_user_mode_rejects_a_non_mean_aggregator_and_a_large_delta(cfg):
-    from fedrec.errors import FedrecError
-    from fedrec.privacy.user_dp import wrap_user_dp
-
+def test_user_mode_rejects_a_non_mean_aggregator_a_large_delta_and_a_too_large_sigma(cfg):
     with pytest.raises(FedrecError, match="needs fed.strategy fedavg, fedprox or fedadam"):
-        wrap_user_dp(cfg.override(**USER, **{"fed.strategy": "fedmedian"}), None, None, 13, 4)
+        UserDP(cfg.override(**USER, **{"fed.strategy": "fedmedian"}), 4, 13)
     with pytest.raises(FedrecError, match="'privacy.delta' must be below 1/13 users"):
-        wrap_user_dp(cfg.override(**USER, **{"privacy.delta": 0.1}), None, None, 13, 4)
+        UserDP(cfg.override(**USER, **{"privacy.delta": 0.1}), 4, 13)
+    with pytest.raises(FedrecError, match="'adaptive' does not work with secagg"):
+        cfg.override(**USER, **{"privacy.clipping": "adaptive", "secagg.enabled": True})
+    with pytest.raises(FedrecError, match="privacy.clipping = 'adaptive' with 4 devices"):
+        UserDP(cfg.override(**{**USER, "privacy.clipping": "adaptive",
+                               "privacy.noise-multiplier": 5.0}), 4, 13)
+
+
+def test_user_level_noise_is_sigma_c_over_k_on_the_mean_update_whatever_arrives(cfg):
+    """A fixed denominator: n of k sampled devices arrived, the mean of their updates is
+    scaled to a sum over k, and the noise is sigma C / k per coordinate."""
+    dp = UserDP(cfg.override(**USER), k=4, population=13)
+    out = dp.noised({"w": np.full(200_000, 0.2)}, n=2)["w"]
+    assert out.mean() == pytest.approx(0.2 * 2 / 4, abs=0.002)
+    assert out.std() == pytest.approx(1.0 * 0.5 / 4, rel=0.01)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
-    """privacy.clipping = 'adaptive' (Flower's adaptive clipping wrapper and mod): C starts
-    at max-grad-norm; with every device's update far below it (none clipped, target 0.9
-    clipped) it shrinks round after round; the round's C is recorded, and ε is the bound of
-    fixed clipping at the same total σ (the update and the clipped count share it)."""
-    from fedrec.privacy.user_dp import user_epsilon
-
+    """privacy.clipping = 'adaptive': C starts at max-grad-norm; with every device's update
+    far below it (none clipped, target 0.9 clipped) it shrinks round after round; the
+    round's C is recorded, and ε is the bound of fixed clipping at the same total σ (the
+    update and the clipped count share it)."""
     k = 4
     c = cfg.override(**{**USER, "fed.strategy": strategy, "fed.num-rounds": 3,
                         "fed.clients-per-round": k, "privacy.clipping": "adaptive",
@@ -398,7 +311,7 @@ def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
     assert results["status"] == "completed" and len(trains) == 3
     norms = [t["clipping-norm"] for t in trains]
     assert norms[0] == 10.0 and norms[2] < norms[1] < norms[0]  # nothing clipped: C falls
-    q = k / prepared_users(c)
+    q = k / prepare(c).split.n_users
     assert [t["epsilon-max"] for t in trains] == pytest.approx(
         [user_epsilon(c, r, q) for r in (1, 2, 3)])
     tiny = c.override(**{"privacy.max-grad-norm": 1e-6, "privacy.clipped-quantile": 0.1,
@@ -406,50 +319,6 @@ def test_adaptive_clipping_moves_the_norm_toward_the_quantile(cfg, strategy):
     _, results = run_inprocess(tiny)  # every update clipped: C grows
     norms = [r["train"]["clipping-norm"] for r in results["rounds"] if "train" in r]
     assert norms[0] == 1e-6 and norms[0] < norms[1] < norms[2]
-
-
-def test_adaptive_clipping_is_refused_with_secagg_and_a_too_large_sigma(cfg):
-    from fedrec.errors import FedrecError
-    from fedrec.federation.run_store import FederatedRun
-    from fedrec.federation.strategy import make_strategy
-    from fedrec.privacy.user_dp import wrap_user_dp
-
-    with pytest.raises(FedrecError, match="'adaptive' does not work with secagg"):
-        cfg.override(**USER, **{"privacy.clipping": "adaptive", "secagg.enabled": True})
-    c = cfg.override(**{**USER, "privacy.clipping": "adaptive", "privacy.noise-multiplier": 5.0,
-                        "fed.clients-per-round": 4})
-    with pytest.raises(FedrecError, match="privacy.clipping = 'adaptive'"):
-        make_strategy(c, FederatedRun(c, log=lambda *_: None), population=prepared_users(c))
-    assert wrap_user_dp  # the same entry point as fixed clipping
-
-
-def prepared_users(c) -> int:
-    from fedrec.data.pipeline import prepare
-
-    return prepare(c, with_text=False).split.n_users
-
-
-def test_user_mode_with_fedadam_noises_the_mean_before_the_server_step(cfg, prepared):
-    """Adam's moments must only see noised means: the noise moves inside, before the step."""
-    from fedrec.federation.run_store import FederatedRun
-    from fedrec.federation.strategy import make_strategy
-
-    k, n = 4, prepared.split.n_users
-    c = cfg.override(**USER, **{"fed.strategy": "fedadam", "fed.num-rounds": 2,
-                                "fed.clients-per-round": k})
-    s = make_strategy(c, FederatedRun(c, log=lambda *_: None), population=n)
-    assert s.noise_multiplier == 0.0  # Flower's wrapper would noise the model after Adam
-    assert s.strategy.mean_noise_std == pytest.approx(1.0 * 0.5 / k)  # sigma C / k
-    from flwr.app import Array, ArrayRecord
-
-    mean = {"w": Array(np.zeros(1000, np.float32))}
-    s.strategy.current_arrays = {"w": np.zeros(1000, np.float32)}
-    delta, _, _ = s.strategy._compute_deltat_and_mt(ArrayRecord(mean))
-    assert np.std(delta["w"]) == pytest.approx(0.5 / k, rel=0.1)  # Adam got the noised mean
-    _, results = run_inprocess(c)
-    trains = [r["train"] for r in results["rounds"] if "train" in r]
-    assert results["status"] == "completed" and len(trains) == 2
-    assert all(t["epsilon-max"] > 0 for t in trains)
 
 
 def test_a_device_declines_a_round_that_would_exceed_its_budget(cfg, prepared):
@@ -501,29 +370,6 @@ def test_balanced_sampling_spends_every_budget_without_declined_rounds(cfg, prep
     assert counts.max() > 2 and failures == (counts - 2).clip(0).sum()
 
 
-def test_balanced_sampling_keeps_64_bit_node_ids_and_takes_each_device_in_turn():
-    """Flower's node ids use all 64 bits (a SuperLink's are random); the balanced order
-    must hand back exactly those ids, k at a time, each once per pass over the devices."""
-    import flwr.serverapp.strategy.fedavg as flower_fedavg
-
-    from fedrec.federation.strategy import _balanced_sampling
-
-    class Grid:
-        def get_node_ids(self):
-            # as a SuperLink's random ids: some above 2**63, some below, none exact in float
-            return [2**64 - 1 - 7 * i for i in range(5)] + [2**62 + 3 * i for i in range(5)]
-
-    ids, seen = set(Grid().get_node_ids()), []
-    for rnd in range(1, 6):  # 5 rounds of 4 of 10 devices: two passes
-        with _balanced_sampling(seed=3, server_round=rnd):
-            picked, nodes = flower_fedavg.sample_nodes(Grid(), 10, 4)
-        assert set(nodes) == ids and len(set(picked)) == 4 and set(picked) <= ids
-        seen += picked
-    assert seen[:10] != sorted(seen[:10])  # a seeded order, not the sorted one
-    assert sorted(seen[:10]) == sorted(ids) == sorted(seen[10:])
-    assert flower_fedavg.sample_nodes.__name__ == "sample_nodes"  # Flower's own, restored
-
-
 def test_a_resumed_simulated_device_continues_its_epsilon(cfg, prepared, tmp_path):
     """A killed simulation loses context.state; the device's disk keeps its accountant
     history with its user-local state, so after --resume ε continues, not restarts."""
@@ -559,79 +405,6 @@ def test_a_resumed_secagg_device_continues_its_epsilon(cfg, prepared, tmp_path):
     assert fit(restarted, 2) == pytest.approx(whole) and whole > eps1
     fresh = context(c.override(**{"fed.run-dir": str(tmp_path / "other")}), 0, n)
     assert fit(fresh, 2) == pytest.approx(eps1)
-
-
-@pytest.mark.parametrize("pooling", ["attention", "mean"])
-@pytest.mark.parametrize("with_local", [True, False])
-def test_pool_as_input_direct_path_equals_per_row_autograd(tiny_root, pooling, with_local):
-    """privacy.pool-gradient = "none": each row's gradient with its leave-one-out pool held
-    constant, from ghost norms (item side b x c inputs, user side one per row), equals
-    clipping row-by-row autograd gradients; the attention gets no gradient."""
-    from fedrec.models.build import pool_history
-    from fedrec.privacy.dpsgd import clipped_grad_sum, direct_path_ok, no_gradient
-
-    cfg = tiny_config(tiny_root, {"model.pooling": pooling, "model.dropout": 0.0,
-                                  "model.user-embedding": with_local})
-    from fedrec.data.pipeline import prepare
-
-    prepared = prepare(cfg)
-    model, loc, data, negs = _setup(cfg, prepared, local=with_local)
-    _away_from_init(model)
-    assert direct_path_ok(model, loc, "none") and not direct_path_ok(model, loc, "full")
-    E, hist = torch.from_numpy(prepared.item_emb), _histories(data)
-    rows = np.array([0, 2, 3, 5])
-    negs = negs.copy()
-    negs[2, 0] = data.history[1]  # another row's positive (and a pooled item) as a negative
-    names = [k for k, _ in model.named_parameters()]
-    per_row = []
-    for r in rows:  # the reference: one row at a time, its pool computed and detached
-        with torch.no_grad():
-            h, _, a = model.items(E[hist.items], hist.items)
-            at = torch.arange(len(hist.items))
-            pooled = pool_history(h, a, at, torch.zeros_like(at), 1, torch.zeros(1, dtype=torch.long),
-                                  torch.tensor([r]))
-        cand = torch.from_numpy(np.concatenate([[data.history[r]], negs[r]]))
-        hc, bc, _ = model.items(E[cand], cand)
-        hu = model.users(pooled, loc)
-        loss = row_loss((hc @ hu[0] + bc)[None], cfg.train.loss)  # one row: its loss
-        wrt = [p for _, p in model.named_parameters()] + ([loc] if with_local else [])
-        g = torch.autograd.grad(loss, wrt, allow_unused=True)
-        per_row.append([torch.zeros_like(w) if x is None else x for x, w in zip(g, wrt)])
-    norms = torch.stack([torch.cat([x.flatten() for x in g]).norm() for g in per_row])
-    for clip in (1e6, float(norms.median())):
-        sums, local_sum, got = clipped_grad_sum(model, loc, E, hist, rows, negs[rows],
-                                                cfg.train.loss, clip, "auto", "none")
-        torch.testing.assert_close(got, norms, rtol=1e-5, atol=1e-6)
-        scale = (clip / (norms + 1e-6)).clamp(max=1.0)
-        for i, name in enumerate(names):
-            want = sum(s * g[i] for s, g in zip(scale, per_row))
-            torch.testing.assert_close(sums[name], want, rtol=1e-5, atol=1e-6, msg=name)
-        if with_local:
-            want = sum(s * g[-1] for s, g in zip(scale, per_row)).reshape(-1)
-            torch.testing.assert_close(local_sum, want, rtol=1e-5, atol=1e-6)
-        else:
-            assert local_sum is None
-    skip = no_gradient(model, "none")
-    assert skip == ({n for n in names if n.startswith("attention.")} if pooling == "attention"
-                    else set())
-    for name in skip:
-        assert not sums[name].any()
-
-
-def test_pool_as_input_leaves_the_attention_alone_and_trains_the_rest(cfg, prepared):
-    """dp_train_epoch with privacy.pool-gradient = "none": no noise where no gradient can
-    be (the attention), every other federated parameter and the user vector move."""
-    cfg = cfg.override(**{"privacy.pool-gradient": "none"})
-    model, loc, data, negs = _setup(cfg, prepared)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loc0 = loc.detach().clone()
-    opt = torch.optim.SGD(list(model.parameters()) + [loc], lr=0.1)
-    dp_train_epoch(model, loc, opt, torch.from_numpy(prepared.item_emb), _histories(data), cfg,
-                   np.random.default_rng(0), lambda n, negs=negs: negs, noise_multiplier=1.0,
-                   max_grad_norm=1.0)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]) == k.startswith("attention."), k
-    assert not torch.equal(loc.detach(), loc0)
 
 
 def test_device_noise_and_sampling_do_not_come_from_seeds_the_server_knows(cfg, prepared):

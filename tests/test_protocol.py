@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from fedrec.data import protocol
 from fedrec.data.datasets import Dataset
-from fedrec.data.protocol import Split, evaluate, make_split, sample_negatives
+from fedrec.data.evaluate import evaluate
+from fedrec.data.protocol import Split, make_split
 from fedrec.errors import FedrecError
 
 KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
@@ -45,36 +46,10 @@ def test_leave_one_out_by_time():
     assert s.train_users.tolist() == [0, 0, 1, 1, 2]
 
 
-def test_cold_items_are_unreleased_no_training_interactions_and_never_negatives():
-    rng = np.random.default_rng(0)
-    rows = [(u, int(i), t) for u in range(30)
-            for t, i in enumerate(rng.choice(40, size=8, replace=False))]
-    s = make_split(dataset(rows, 40), 0.25, 1, 5)
-    assert s.cold.sum() == 10
-    assert not s.cold[s.train_items].any()
-    negs = sample_negatives(s, np.repeat(np.arange(30), 50), 4, np.random.default_rng(1))
-    assert not s.cold[negs].any()  # not released yet: a device cannot know it exists
-    assert np.array_equal(s.released, ~s.cold)
-    assert not s.in_train(np.repeat(np.arange(30), 50)[:, None], negs).any()
 
 
-def test_training_negatives_may_be_the_users_future_items():
-    # User 0 trains on {0, 1}; val = 2, test = 3; the items outside training are
-    # {2, 3, 4}. A leak-free sampler must draw 2 and 3 (a device does not know its future);
-    # one that excluded them would only ever return 4.
-    s = make_split(dataset([(0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 3, 4)], 5), 0.0, 0, 1)
-    negs = sample_negatives(s, np.zeros(300, np.int64), 1, np.random.default_rng(0)).ravel()
-    assert set(negs.tolist()) == {2, 3, 4}
 
 
-def test_sampling_falls_back_when_almost_every_item_is_in_training():
-    rows = [(0, i, i) for i in range(200)] + [(1, 0, 0)]
-    s = make_split(dataset(rows, 201), 0.0, 0, 1)  # user 0 trains on 198 of 201 items
-    negs = sample_negatives(s, np.zeros(50, np.int64), 3, np.random.default_rng(0))
-    assert set(negs.ravel().tolist()) <= {198, 199, 200}
-    full = make_split(dataset([(0, 0, 0), (0, 1, 1)], 2), 0.0, 0, 1)
-    with pytest.raises(FedrecError, match="every item"):
-        sample_negatives(full, np.array([0]), 1, np.random.default_rng(0))
 
 
 def test_eval_negatives_are_unseen_fixed_and_cached(fedrec_home, monkeypatch):
@@ -187,28 +162,6 @@ def test_evaluate_rejects_wrong_score_shape():
         evaluate(lambda u, _: np.zeros((len(u), 5)), hand_split())
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 14), st.integers(0, 5)),
-                min_size=1, max_size=60),
-       st.sampled_from([0.0, 0.2, 0.5]), st.integers(0, 3))
-def test_split_invariants(rows, cold_fraction, seed):
-    rows = list({(u, i): (u, i, t) for u, i, t in rows}.values())  # readers dedupe pairs
-    ds = dataset(rows, 15)
-    s = protocol._compute_split(ds, cold_fraction, seed, 5)
-    assert not s.cold[s.train_items].any()
-    for u in range(ds.n_users):
-        mine = ds.items[ds.users == u]
-        held = [x for x in (s.val[u], s.test[u]) if x >= 0]
-        assert len(held) == (2 if len(mine) >= 3 else 0)
-        assert set(s.history(u).tolist()) | set(held) <= set(mine.tolist())
-        for negs in (s.val_negatives[u], s.test_negatives[u]):
-            assert not set(negs[negs >= 0].tolist()) & set(mine.tolist())
-    users = np.arange(ds.n_users)
-    if ds.n_items > max(np.diff(s.train_ptr), default=0):
-        negs = sample_negatives(s, users, 3, np.random.default_rng(seed))
-        assert not s.in_train(users[:, None], negs).any()
-
-
 def test_population_subsets_are_nested_and_keep_each_users_split():
     rng = np.random.default_rng(0)
     rows = [(u, int(i), t) for u in range(40)
@@ -228,3 +181,31 @@ def test_population_subsets_are_nested_and_keep_each_users_split():
     assert users_of(protocol.population(full, 10, 4)) != users_of(small)  # seeded
     with pytest.raises(FedrecError, match="data.users.*exceeds the 40 users"):
         protocol.population(full, 41, 3)
+
+
+def test_cold_items_are_unreleased_and_have_no_training_interactions():
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), t) for u in range(30)
+            for t, i in enumerate(rng.choice(40, size=8, replace=False))]
+    s = make_split(dataset(rows, 40), 0.25, 1, 5)
+    assert s.cold.sum() == 10
+    assert not s.cold[s.train_items].any()
+    assert np.array_equal(s.released, ~s.cold)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 14), st.integers(0, 5)),
+                min_size=1, max_size=60),
+       st.sampled_from([0.0, 0.2, 0.5]), st.integers(0, 3))
+def test_split_invariants(rows, cold_fraction, seed):
+    rows = list({(u, i): (u, i, t) for u, i, t in rows}.values())  # readers dedupe pairs
+    ds = dataset(rows, 15)
+    s = protocol._compute_split(ds, cold_fraction, seed, 5)
+    assert not s.cold[s.train_items].any()
+    for u in range(ds.n_users):
+        mine = ds.items[ds.users == u]
+        held = [x for x in (s.val[u], s.test[u]) if x >= 0]
+        assert len(held) == (2 if len(mine) >= 3 else 0)
+        assert set(s.history(u).tolist()) | set(held) <= set(mine.tolist())
+        for negs in (s.val_negatives[u], s.test_negatives[u]):
+            assert not set(negs[negs >= 0].tolist()) & set(mine.tolist())

@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import tiny
-from fedrec.deployment.device import CACHE_DIR, read_catalog, read_history, write_device_dir
+from fedrec.data.device import CACHE_DIR, read_catalog, read_history, write_device_dir
 from fedrec.errors import FedrecError
 from fedrec.models.build import build_model
 from fedrec.ranking.recommend import recommend

@@ -16,7 +16,7 @@ from fedrec.federation.replies import (
     filter_replies,
     train_problem,
 )
-from fedrec.federation.strategy import make_strategy
+from fedrec.federation.strategy import Recording
 
 SENT = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.zeros(2, np.float32)}
 N = 6  # devices in the strategy tests
@@ -156,7 +156,7 @@ def strategy(**overrides):
     cfg = Config.from_flat({**load_defaults(), "fed.clients-per-round": N, "fed.strategy": "fedavg",
                             **overrides})
     run = FakeRun()
-    s = make_strategy(cfg, run, population=N)
+    s = Recording(cfg, run, population=N)
     grid = InProcessGrid(None, cfg.to_flat(), N)
     sent = ArrayRecord({k: Array(v) for k, v in SENT.items()})
     messages = s.configure_train(1, sent, ConfigRecord(), grid)
@@ -244,10 +244,17 @@ def test_a_poisoned_update_moves_plain_fedavg_but_not_the_defences(defence, limi
 
 
 def test_fedadam_takes_the_configured_server_lr_and_tau():
-    """Flower's FedAdam defaults to tau = 1e-3, which stalls training on mean updates of
-    ~1e-4 per value: the config's tau must reach the strategy."""
-    s, _ = strategy(**{"fed.strategy": "fedadam", "fed.server-lr": 0.02, "fed.server-tau": 1e-7})
-    assert (s.eta, s.tau) == (0.02, 1e-7)
+    """Adam's first step is eta sqrt(1 - b2^2) / (1 - b1^2) m / (sqrt(v) + tau) per value,
+    about eta_norm sign(update) when tau is small against the update (~1 here); Flower's
+    default tau = 1e-3 stalls training on mean updates of ~1e-4 per value, so the
+    config's tau must reach the step."""
+    norm = 0.02 * np.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2)
+    for tau, want in ((1e-7, norm), (1e3, norm * 0.1 / (0.1 + 1e3))):
+        s, _ = strategy(**{"fed.strategy": "fedadam", "fed.server-lr": 0.02,
+                           "fed.server-tau": tau, "fed.server-lr-warmup": 0})
+        arrays, _ = aggregate(s, honest_and_poisoned()[0])
+        step = np.abs(arrays["w"].astype(np.float64) - SENT["w"])
+        np.testing.assert_allclose(step, want, rtol=0.05)
 
 
 def test_more_clients_per_round_than_users_is_one_clear_config_error():
@@ -258,7 +265,7 @@ def test_more_clients_per_round_than_users_is_one_clear_config_error():
 
 
 def test_server_lr_warms_up_linearly_then_decays_along_a_cosine():
-    from fedrec.federation.strategy import server_lr
+    from fedrec.federation.server_opt import server_lr
 
     cfg = Config.from_flat({**load_defaults(), "fed.num-rounds": 20, "fed.server-lr": 0.03,
                             "fed.server-lr-warmup": 4, "fed.server-lr-decay": "cosine"})

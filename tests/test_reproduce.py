@@ -19,7 +19,7 @@ import torch
 from fedrec.config import Config, stored_config
 from fedrec.data.fetch import fetch_ml100k
 from fedrec.data.pipeline import prepare
-from fedrec.models.train import train_central
+from fedrec.models.central import train_central
 
 ROOT = Path(__file__).resolve().parents[1]
 CENTRAL, FEDERATED = ROOT / "results" / "central-seq+id.json", ROOT / "results" / "fed-seq+id-sched.json"
@@ -56,7 +56,7 @@ def test_federated_headline_first_rounds_match_its_result_file(tmp_path):
     """The first evaluated rounds of the stored run, under its own config (its planned
     rounds included: the server lr schedule depends on them), stopped after them."""
     import clients.app
-    from fedrec.experiments import round_curve
+    from fedrec.experiments.runs import round_curve
     from tiny import Dying, Killed, run_inprocess
 
     res = json.loads(FEDERATED.read_text())

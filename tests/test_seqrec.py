@@ -1,23 +1,23 @@
-"""The v2 model (fedrec/models/seqrec.py): causality, padding, the released-items softmax, the
-three questions agreeing with each other, and training on the tiny data."""
+"""The sequence model (fedrec/models/seqrec.py): causality, padding, the released-items
+softmax, windows, and training on the tiny data."""
 
 import numpy as np
 import pytest
 import torch
 
 from fedrec.config import FedrecError
-from fedrec.data.protocol import evaluate
-from fedrec.federation.local import ClientData, local_evaluate, local_update
+from fedrec.data.evaluate import evaluate
+from fedrec.data.protocol import ClientData
+from fedrec.federation.local import local_evaluate, local_update
 from fedrec.models.build import build_model
-from fedrec.models.seqrec import PAD, SeqRec, batch_inputs, last_items, windows
-from fedrec.models.train import scorer, train_central
+from fedrec.models.central import train_central
+from fedrec.models.protocol import PAD, batch_inputs, last_items, windows
+from fedrec.models.seqrec import SeqRec
+from fedrec.models.train import scorer
 from tiny import holding, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
-SEQ = {"model.kind": "seq", "model.user-embedding": False, "model.id-embeddings": True,
-       "model.max-len": 8, "model.layers": 2, "model.heads": 2, "model.dropout": 0.0,
-       "central.lr": 0.01, "central.batch-size": 32, "train.optimizer": "adam",
-       "train.lr": 0.01}
+SEQ = {}  # the tiny config is the sequence model's
 
 
 def _model(n_items=20, text_dim=12, **kw) -> SeqRec:
@@ -53,7 +53,7 @@ def test_encoder_is_causal_and_padding_does_not_change_scores():
     seq = torch.tensor([[3, 5, 7, 9, 11, 13]])
     changed = seq.clone()
     changed[0, 4:] = torch.tensor([1, 2])
-    a, b = m.encode(h, seq), m.encode(h, changed)
+    a, b = m.states(h, seq), m.states(h, changed)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)  # the past never sees the future
     assert not torch.allclose(a[:, 4:], b[:, 4:])
     short = torch.tensor([[PAD, PAD, PAD, 9, 11, 13]])
@@ -67,14 +67,6 @@ def test_encoder_is_causal_and_padding_does_not_change_scores():
     assert torch.allclose(s6, s3, atol=1e-5)
 
 
-def test_score_pairs_equal_score_all_gathered():
-    m, E = _model(), torch.randn(20, 12)
-    seq = batch_inputs([np.array([1, 2, 3]), np.array([4, 5, 6, 7, 8, 9, 10])], 6)
-    cand = torch.tensor([[0, 5, 19], [3, 3, 11]])
-    assert torch.allclose(m.score_pairs(E, seq, cand), m.score_all(E, seq).gather(1, cand),
-                          atol=1e-6)
-
-
 def test_unreleased_items_get_no_gradient_from_the_softmax():
     m, E = _model(), torch.randn(20, 12)
     allowed = torch.ones(20, dtype=torch.bool)
@@ -85,14 +77,6 @@ def test_unreleased_items_get_no_gradient_from_the_softmax():
     g = m.id_emb.weight.grad
     assert g[[4, 15]].abs().sum() == 0 and m.id_bias.weight.grad[[4, 15]].abs().sum() == 0
     assert (g[[1, 2, 3, 8]].abs().sum(1) > 0).all()
-
-
-def test_loss_row_reduction_sums_each_rows_targets():
-    m, E = _model(), torch.randn(20, 12)
-    seq = torch.tensor([[PAD, PAD, PAD, PAD, 1, 2, 3], [0, 8, 9, 10, 11, 12, 13]])
-    rows = m.loss(E, seq, reduction="row")
-    assert rows.shape == (2,)
-    assert torch.allclose(rows.sum() / 8, m.loss(E, seq), atol=1e-6)  # 2 + 6 targets
 
 
 def test_id_only_model_reads_no_text_and_hybrid_ids_start_at_zero():
@@ -171,7 +155,7 @@ def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_pat
     whose removal from the input lowers that item's score by the weight shown."""
 
     import tiny
-    from fedrec.deployment.device import read_catalog, write_device_dir
+    from fedrec.data.device import read_catalog, write_device_dir
     from fedrec.ranking.recommend import recommend
 
     root = tiny.build(tmp_path)
@@ -204,65 +188,3 @@ def test_padding_targets_never_make_the_loss_infinite():
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters()
                                         if p.grad is not None)
-
-
-# -- sample-level DP-SGD over disjoint blocks (fedrec/privacy/seq_dpsgd.py) ---------------------
-
-def test_blocks_are_disjoint_and_cover_the_history():
-    from fedrec.privacy.seq_dpsgd import blocks
-
-    for n in (0, 1, 2, 6, 7, 8, 15):
-        h = np.arange(100, 100 + n)
-        b = blocks(h, 6)
-        real = b[b != PAD]
-        assert len(real) == len(set(real.tolist()))  # no item in two rows
-        assert set(real.tolist()) == set(h.tolist()) - ({h[-1]} if n % 7 == 1 else set())
-        assert all((row != PAD).sum() >= 2 for row in b)
-
-
-@pytest.mark.parametrize("items", [{}, {"item_text": False}, {"id_embeddings": False}])
-def test_clipped_block_sum_is_the_sum_of_each_blocks_clipped_gradient(items):
-    from fedrec.privacy.seq_dpsgd import blocks, clipped_block_sum
-
-    m, E = _model(**items), torch.randn(20, 12)
-    allowed = torch.ones(20, dtype=torch.bool)
-    allowed[19] = False
-    m.train()  # dropout 0 in _model: per-row gradients are deterministic
-    for C, rows in ((1e6, blocks(np.arange(1, 19), 6)), (0.05, blocks(np.arange(1, 19), 6)),
-                    (0.05, blocks(np.arange(3, 8), 6))):  # the last: one block alone
-        rows = torch.from_numpy(rows)
-        got, norms = clipped_block_sum(m, E, rows, allowed, C)
-        want = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
-        for r, row in enumerate(rows):
-            m.zero_grad()
-            seq = row[None]
-            t = ((seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)).sum()
-            (m.loss(E, seq, allowed, reduction="row")[0] / t).backward()
-            g = {k: p.grad.clone() for k, p in m.named_parameters()}
-            norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
-            assert norms[r] == pytest.approx(float(norm), rel=1e-4)
-            for k in want:
-                want[k] += g[k] * min(1.0, C / (float(norm) + 1e-6))
-        for k, value in want.items():
-            torch.testing.assert_close(got[k], value, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("mode, unit, clip", [
-    ("user", "user", 0.5),  # DP-FedAdam: each device's update clipped, the mean noised
-    ("sample", "block of up to 9 consecutive interactions", 1.0)])  # DP-SGD over blocks
-def test_both_privacy_modes_run_end_to_end_on_the_seq_model(tiny_root, mode, unit, clip):
-    """Both units of privacy on the v2 model through the real ServerApp and ClientApp: the
-    unit is named, ε is cumulative and grows, and no reply reports a training loss."""
-    from tiny import run_inprocess
-
-    cfg = tiny_config(tiny_root, {**SEQ, "train.optimizer": "sgd", "train.lr": 0.3,
-                                  "privacy.mode": mode, "privacy.noise-multiplier": 1.0,
-                                  "privacy.max-grad-norm": clip, "fed.num-rounds": 3,
-                                  "fed.clients-per-round": 6,
-                                  "fed.run-dir": str(tiny_root / f"seq-{mode}-dp")})
-    _, results = run_inprocess(cfg)
-    assert results["status"] == "completed" and results["privacy"]["unit"] == unit
-    eps = [r["train"]["epsilon-max"] for r in results["rounds"] if "train" in r]
-    assert len(eps) == 3 and 0 < eps[0] <= eps[1] <= eps[2] and eps[0] < eps[2]
-    assert all("train-loss" not in r["train"] for r in results["rounds"] if "train" in r)
-    assert "server" in results["rounds"][-1]  # the global model is evaluated (simulation)

@@ -9,7 +9,7 @@ import pytest
 from fedrec.errors import FedrecError
 from fedrec.federation.simulate import write_overrides
 from fedrec.privacy.accounting import parse_epsilons
-from fedrec.privacy.sweep import cells, plan, user_sigma
+from fedrec.experiments.sweep import cells, plan, user_sigma
 from fedrec.privacy.user_dp import user_epsilon
 
 pytestmark = pytest.mark.usefixtures("isolated")

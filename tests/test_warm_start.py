@@ -7,11 +7,12 @@ import torch
 from test_seqrec import SEQ
 
 from fedrec.config import FedrecError
+from fedrec.data.datasets import item_terms
 from fedrec.data.pipeline import prepare
 from fedrec.models.build import build_model
-from fedrec.models.train import train_central
+from fedrec.models.central import train_central
 from fedrec.models.warm_start import SESSION_LEN, sessions, warm_start
-from fedrec.ranking.explain import item_terms
+from fedrec.ranking.explain import scores
 from tiny import genre_of, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -50,7 +51,7 @@ def test_warm_start_learns_the_catalog_terms_and_leaves_id_vectors_alone(tiny_ro
         shares = []
         for g in ("Comedy", "Horror"):
             hist = np.flatnonzero((genres == g) & p.split.released)[:6]
-            s = (m.user_states(h, [hist]) @ h.T + b)[0]
+            s = scores(m, h, b, [hist])[0]
             s[torch.from_numpy(hist)] = -torch.inf
             shares.append(float((genres[torch.topk(s, 10).indices.numpy()] == g).mean()))
         return float(np.mean(shares))
@@ -66,13 +67,11 @@ def test_warm_start_learns_the_catalog_terms_and_leaves_id_vectors_alone(tiny_ro
 
 def test_warm_start_is_a_public_seq_text_option(tiny_root):
     with pytest.raises(FedrecError, match="model.public-warm-start.*model.kind = 'seq'"):
-        tiny_config(tiny_root, {"model.public-warm-start": 2})
+        tiny_config(tiny_root, {"model.public-warm-start": 2, "model.kind": "fedmf"})
     with pytest.raises(FedrecError, match="model.public-warm-start.*fed.min-nodes"):
         tiny_config(tiny_root, {**SEQ, "model.public-warm-start": 2, "fed.min-nodes": 2})
     cfg = tiny_config(tiny_root, {**SEQ, "model.public-warm-start": 1, "central.epochs": 1})
     p = prepare(cfg)
-    with pytest.raises(FedrecError, match="item_fields"):
-        train_central(cfg, p.split, p.item_emb, log=lambda *_: None)
     said = []
     train_central(cfg, p.split, p.item_emb, log=said.append, item_fields=p.dataset.item_fields)
     assert any("public warm start: epoch 1 of 1" in s for s in said)

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.data.datasets import Dataset
-from fedrec.files import data_home
 from fedrec.errors import FedrecError
-from fedrec.files import atomic_path
+from fedrec.files import atomic_path, data_home
 
 
 @dataclass(frozen=True)

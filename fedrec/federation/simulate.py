@@ -40,11 +40,10 @@ import psutil
 
 import fedrec
 from fedrec.config import Config, load_defaults
-from fedrec.files import data_home
 from fedrec.data.pipeline import prepare
 from fedrec.errors import FedrecError
-from fedrec.files import write_text_atomic
 from fedrec.federation.run_store import run_dir_for
+from fedrec.files import data_home, write_text_atomic
 
 PROJECT_DIR = Path(fedrec.__file__).resolve().parents[1]  # holds pyproject.toml
 OVERRIDES_FILE = "overrides.toml"

@@ -9,7 +9,7 @@ plain ranking for both.
 import numpy as np
 import torch
 
-from fedrec.data.evaluate import ListStats, item_novelty, scored_chunks, unit_rows
+from fedrec.data.evaluate import ListStats, item_novelty, scored_chunks, top_k, unit_rows
 from fedrec.errors import FedrecError
 from fedrec.models.saved import load_for_dataset
 from fedrec.models.train import scorer
