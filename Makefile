@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# The CPU build of torch first (see NOTES): a later range it satisfies installs nothing more.
+	# The CPU build of torch first: an open range would pull a multi-GB CUDA build, and a later
+	# range that 2.13.0 satisfies installs nothing more.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

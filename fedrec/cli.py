@@ -1,15 +1,18 @@
 """The `fedrec` command: options in, one library call, a table out; a user-fixable error
-is one line on stderr, exit code 2."""
+is one line on stderr, exit code 2. Each command imports its own stack when it runs
+(`# lazy`): torch, Flower and the rest take seconds to import, and `fedrec --help` or
+`fedrec data fetch` need none of them."""
 
 import sys
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedrec.config import Config, load_config, parse_overrides, parse_seeds
 from fedrec.errors import FedrecError
-from fedrec.results import HEADLINE, fmt, write_result
+from fedrec.results import HEADLINE, fmt, git_commit, write_result
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated recommendation with a frozen PLM.")
@@ -61,16 +64,14 @@ def data_fetch(name: str = typer.Argument("ml-100k"),
                cache_dir: str = typer.Option("", help="default $FEDREC_HOME or ~/.cache/fedrec"),
                source: str = typer.Option("auto", help="auto | recbole | grouplens")):
     """Fetch a dataset into the user cache (never into the repository)."""
-    from fedrec.data.fetch import fetch
-
+    from fedrec.data.fetch import fetch  # lazy
     console.print(f"{name} ready in {fetch(name, cache_dir, source)}")
 
 
 @data_app.command("stats")
 def data_stats(config: str | None = ConfigOpt, run_config: str = RunConfigOpt):
     """Users, items, interactions and the protocol split of the configured dataset."""
-    from fedrec.models.baselines import dataset_stats
-
+    from fedrec.models.baselines import dataset_stats  # lazy
     _show("dataset", ["quantity", "value"], dataset_stats(_config(config, run_config)))
 
 
@@ -79,8 +80,7 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
                         split_seeds: str = typer.Option("0", "--split-seeds", help="protocol split seeds"),
                         json_path: str | None = JsonOpt):
     """Rank items by training popularity (cold items score zero)."""
-    from fedrec.models.baselines import popularity
-
+    from fedrec.models.baselines import popularity  # lazy
     _report(popularity(_config(config, run_config), parse_seeds(split_seeds)), json_path)
 
 
@@ -88,8 +88,7 @@ def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunCon
 def baseline_text_similarity(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                              json_path: str | None = JsonOpt):
     """The untrained content model: PLM cosine to the mean of the input's last items."""
-    from fedrec.models.baselines import text_similarity
-
+    from fedrec.models.baselines import text_similarity  # lazy
     _report(text_similarity(_config(config, run_config)), json_path)
 
 
@@ -100,8 +99,7 @@ def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
                       save_dir: str | None = typer.Option(None, help="keep the best model as a "
                                                           "run directory (DIR/seed-N for several seeds)")):
     """Centralized training of the same model on all users' data (the accuracy ceiling)."""
-    from fedrec.experiments.runs import central
-
+    from fedrec.experiments.runs import central  # lazy
     body = central(_config(config, run_config), parse_seeds(seeds), log=console.print,
                    quiet=quiet, save_dir=save_dir)
     _report(body, json_path, "epoch")
@@ -114,13 +112,15 @@ def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                  resume: str | None = typer.Option(None, help="continue these killed run "
                                                    "directories (comma-separated) with their own config"),
                  rounds: int | None = typer.Option(None, help="with --resume: extend to this many "
-                                                   "rounds in all (non-private runs)")):
-    """Federated simulation of the whole user population on this machine."""
-    from fedrec.experiments.runs import federated
-
+                                                   "rounds in all (non-private runs)"),
+                 ray_address: str | None = typer.Option(None, help="HOST:PORT of a Ray cluster's "
+                                                        "head to simulate on (docs/federated.md)")):
+    """Federated simulation of the whole user population (one machine or a Ray cluster)."""
+    from fedrec.experiments.runs import federated  # lazy
     body = federated(None if resume else _config(config, run_config), parse_seeds(seeds),
                      engine=engine, runs_dir=runs_dir, resume=resume, rounds=rounds,
-                     overrides=bool(config or run_config), log=console.print)
+                     overrides=bool(config or run_config), ray_address=ray_address,
+                     log=console.print)
     _report(body, json_path, "round")
 
 
@@ -137,8 +137,7 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
                       user_config: str = typer.Option("", "--user-run-config",
                                                       help="overrides of the user cells")):
     """Accuracy against ε for each unit of privacy (finished cells are reused)."""
-    from fedrec.experiments import sweep
-
+    from fedrec.experiments import sweep  # lazy
     body = sweep.run(_config(config, run_config), seeds=parse_seeds(seeds), epsilons=epsilons,
                      units=units, engine=engine, runs_dir=runs_dir, log=console.print,
                      per_unit={"block": block_config, "user": user_config})
@@ -155,8 +154,7 @@ def certs_create(out: str = typer.Option(..., help="credentials directory (never
                  days: int = typer.Option(365, help="certificate validity"),
                  force: bool = typer.Option(False, help="replace existing credentials")):
     """CA, SuperLink certificate (SANs: --hosts plus 127.0.0.1, localhost), SuperNode keys."""
-    from fedrec.deployment.commands import create_deployment_credentials
-
+    from fedrec.deployment.commands import create_deployment_credentials  # lazy
     files, steps = create_deployment_credentials(out, hosts, nodes, days, force)
     _show(f"credentials in {out}", ["file", "goes to"], files)
     console.print(steps, markup=False, highlight=False, soft_wrap=True)
@@ -168,8 +166,7 @@ def device_prepare(out: str = typer.Option(..., help="device directory to write"
                    config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                    encode: bool = typer.Option(True, help="also cache the catalog embeddings")):
     """A device directory for one user of a dataset: history.csv, items.csv, cache/."""
-    from fedrec.data.device import prepare_user_device
-
+    from fedrec.data.device import prepare_user_device  # lazy
     console.print(prepare_user_device(_config(config, run_config), out, user, encode), highlight=False)
 
 
@@ -182,8 +179,7 @@ def recommend_cmd(history: str = typer.Option(..., help="the user's history file
                   cache_dir: str | None = typer.Option(None, help="default: <history dir>/cache"),
                   diversity: float = typer.Option(0.0, help="MMR weight in [0, 1] (0 = by score)")):
     """On-device top-K for one user's local history, with the history items behind each."""
-    from fedrec.ranking.recommend import recommend
-
+    from fedrec.ranking.recommend import recommend  # lazy
     recs = recommend(history, model, k, catalog, model_dir, cache_dir, diversity)
     _show(f"top {len(recs)} for {history}", ["rank", "item", "text", "score", "because of (history)"],
           [[r.rank, r.item, r.text, f"{r.score:.3f}", r.reasons_text] for r in recs])
@@ -195,8 +191,7 @@ def explain_eval_cmd(model: str = ModelsOpt,
                      draws: int = typer.Option(10, "--random-draws", help="per recommended item"),
                      json_path: str | None = JsonOpt):
     """Faithfulness of `recommend`'s reasons: deleting them vs random input items."""
-    from fedrec.ranking.explain import evaluate_runs
-
+    from fedrec.ranking.explain import evaluate_runs  # lazy
     body = evaluate_runs(model.split(","), users, draws)
     _show("deletion test (mean ± std over runs)", ["quantity", "value"],
           [[k, f"{v['mean']:.4f} ± {v['std']:.4f}"] for k, v in body["summary"].items()])
@@ -209,7 +204,7 @@ def diversity_curve_cmd(model: str = ModelsOpt, json_path: str | None = JsonOpt,
                                                     "--lambdas", help="diversity weights in [0, 1]"),
                         method: str = typer.Option("mmr", help="mmr | dpp (re-ranker)")):
     """Full HR@10 against intra-list diversity of re-ranked top-10 lists on test users."""
-    from fedrec.ranking.diversity import curve_runs
+    from fedrec.ranking.diversity import curve_runs  # lazy
     body = curve_runs(model.split(","), lambdas, method)
     keys = [k for k in body["summary"][0] if k != "lambda"]
     _show(f"{method.upper()} re-ranking (mean over runs)", ["lambda", *keys], [[f"{r['lambda']:g}", *(
@@ -225,9 +220,8 @@ def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
               epsilons: str = typer.Option("inf,8", help="inf = no DP, else DP-SGD's target ε"),
               json_path: str | None = JsonOpt):
     """Membership inference from one device update: AUC per attack statistic and ε."""
-    from fedrec.experiments import audit
-    from fedrec.models.saved import load_run
-
+    from fedrec.experiments import audit  # lazy
+    from fedrec.models.saved import load_run  # lazy
     cfg = (load_run(model)[0].override(**parse_overrides(run_config)) if model
            else _config(config, run_config))
     body = audit.run(cfg, model=model, users=users, epsilons=epsilons, log=console.print)
@@ -237,10 +231,6 @@ def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
 
 
 def main() -> None:
-    import click
-
-    from fedrec.results import git_commit
-
     git_commit()  # the code this run starts with, recorded in every result file it writes
     try:
         app(standalone_mode=False)

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def machine() -> dict:
     """Where and from which code a result came (the commit is "unknown" outside git)."""
-    import torch
+    import torch  # lazy: ~1.2 s to import, and the CLI reads results at start-up
 
     return {"cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
@@ -45,8 +46,6 @@ def git_commit() -> str:
     simulations/, pyproject.toml) has uncommitted changes;
     read once per process (the CLI asks at start-up, so a long run records the code it
     started with, not what the checkout holds when it ends)."""
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fedrec.data.pipeline import prepare
-from fedrec.federation.simulate import write_overrides
 from fedrec.experiments.audit import STATS, audit, global_params, roc_auc, targets
+from fedrec.federation.simulate import write_overrides
 from tiny import TINY, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -53,8 +53,7 @@ def _audit(tiny_root, overrides, users=12):
     return audit(cfg, p.item_emb, p.split, arrays, targets(p.split, users, 0), log=lambda *_: None)
 
 
-@pytest.mark.parametrize("model", [{}, {"model.kind": "seq", "model.user-embedding": False}],
-                         ids=["text", "seq"])  # the v1 text model, the v2 SeqRec
+@pytest.mark.parametrize("model", [{}, {"model.kind": "fedmf"}], ids=["seq", "fedmf"])
 def test_attack_finds_members_in_a_leaky_setting_and_dp_hides_them(tiny_root, model):
     leaky = _audit(tiny_root, {**model, "train.local-epochs": 20})  # no DP
     assert set(leaky["auc"]) == set(STATS)
@@ -76,7 +75,8 @@ def test_cli_writes_rows_per_epsilon(tiny_root, tmp_path, run_cli):
     assert "membership inference" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["epsilon"] for r in rows] == [None, 8.0]
-    assert [r["privacy"]["unit"] for r in rows] == ["none", "interaction"]
+    assert [r["privacy"]["unit"] for r in rows] == [
+        "none", "block of up to 9 consecutive interactions"]
     assert rows[0]["epsilon_spent"] is None and 0 < rows[1]["epsilon_spent"]["max"] <= 8
     assert all(r["users"] == 4 and r["members"] == r["nonmembers"] > 0 for r in rows)
 
@@ -86,7 +86,7 @@ def test_cli_writes_rows_per_epsilon(tiny_root, tmp_path, run_cli):
     (["--epsilons", "0"], "--epsilons: each ε must be > 0 or inf"),
     (["--epsilons", ","], "--epsilons: give at least one value"),
     (["--users", "0"], "--users must be >= 1"),
-    (["--params", "/nonexistent/final.safetensors"], "is not a file"),
+    (["--model", "/nonexistent/run"], "is not a run directory"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(run_cli, args, message):
     code, _, err = run_cli("audit", *args)
@@ -94,18 +94,23 @@ def test_cli_bad_input_is_one_line_exit_2(run_cli, args, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_params_that_do_not_fit_the_model(tiny_root, tmp_path, run_cli):
+def test_cli_audits_a_saved_model_and_refuses_one_that_does_not_fit(tiny_root, tmp_path,
+                                                                      run_cli):
     from safetensors.numpy import save_file
 
+    import tiny
+
     cfg = tiny_config(tiny_root)
-    conf = write_overrides(tmp_path / "tiny.toml", {**TINY, **{
-        k: v for k, v in cfg.to_flat().items() if k.startswith(("data.", "encoder."))}})
-    bad = tmp_path / "final.safetensors"
-    save_file({"item_bias.weight": np.zeros((1, 3), np.float32)}, str(bad))
-    code, _, err = run_cli("audit", "--config", str(conf), "--params", str(bad))
-    assert code == 2 and "does not fit the configured model" in err
+    run = tiny.write_run(tmp_path, cfg, scale=0.05, seed=0)
+    out = tmp_path / "audit.json"
+    code, _, err = run_cli("audit", "--model", str(run), "--users", "3", "--epsilons", "inf",
+                           "--json", str(out))
+    assert code == 0, err
+    assert json.loads(out.read_text())["params"] == str(run)
+    save_file({"item_bias.weight": np.zeros((1, 3), np.float32)}, str(run / "final.safetensors"))
+    code, _, err = run_cli("audit", "--model", str(run))
+    assert code == 2 and "does not fit its own config" in err
     assert len(err.strip().splitlines()) == 1
-    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    code, _, err = run_cli("audit", "--config", str(conf), "--params",
-                           str(tmp_path / "junk.safetensors"))
+    (run / "final.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run_cli("audit", "--model", str(run))
     assert code == 2 and "cannot read" in err and len(err.strip().splitlines()) == 1

@@ -7,11 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedrec.config import Config, load_config, load_defaults, parse_overrides
+from fedrec.config import (
+    RETIRED_KEYS,
+    Config,
+    load_config,
+    load_defaults,
+    parse_overrides,
+    stored_config,
+)
 from fedrec.errors import FedrecError
 
 DEFAULTS = load_defaults()
-V1 = {**DEFAULTS, "model.kind": "text", "model.user-embedding": True}  # the v1 text model
 
 
 def test_defaults_parse_and_round_trip():
@@ -54,12 +60,9 @@ def test_override_round_trips():
     ("train.lr", -1e-3, "'train.lr' must be > 0"),
     ("train.lr", math.nan, "'train.lr' must be a finite number"),
     ("train.lr", 10**400, "'train.lr' must be a finite number"),
-    ("train.negatives", 0, "'train.negatives' must be >= 1"),
     ("data.cold-fraction", 1.0, r"'data.cold-fraction' must be in \[0, 1\)"),
     ("data.cold-fraction", -0.1, r"'data.cold-fraction' must be in \[0, 1\)"),
-    ("model.kind", "mf", "'model.kind' must be one of seq, text, fedmf"),
-    ("train.loss", "mse", "'train.loss' must be one of bce, bpr"),
-    ("model.pooling", "max", "'model.pooling' must be one of"),
+    ("model.kind", "mf", "'model.kind' must be one of seq, fedmf"),
     ("data.split-seed", -1, "'data.split-seed' must be in"),
     ("data.dataset", " ", "'data.dataset' must be"),
     ("data.item-template", "{title", "'data.item-template' is not a valid template"),
@@ -84,7 +87,7 @@ def test_bad_values_name_the_key(key, value, match):
 
 
 def test_balanced_sampling_is_refused_where_random_sampling_is_assumed():
-    ok = Config.from_flat({**V1, "fed.sampling": "balanced", "privacy.mode": "sample"})
+    ok = Config.from_flat({**DEFAULTS, "fed.sampling": "balanced", "privacy.mode": "sample"})
     assert ok.fed.sampling == "balanced"
     for extra, match in (({"privacy.mode": "user"}, r"privacy.mode = 'user'.*use fed.sampling"),
                          ({"secagg.enabled": True}, r"secagg.enabled.*use fed.sampling")):
@@ -94,17 +97,20 @@ def test_balanced_sampling_is_refused_where_random_sampling_is_assumed():
         assert "\n" not in str(exc.value)
 
 
-def test_pooling_none_needs_the_user_embedding():
-    ok = Config.from_flat({**V1, "model.pooling": "none"})
-    assert ok.model.pooling == "none" and ok.model.user_embedding
-    with pytest.raises(FedrecError, match=r"'model.pooling' = 'none' needs "
-                                          r"model.user-embedding = true.*set "
-                                          r"model.user-embedding=true") as exc:
-        Config.from_flat({**V1, "model.pooling": "none", "model.user-embedding": False})
+def test_the_retired_v1_model_and_its_keys_stop_in_one_line_naming_the_commit():
+    with pytest.raises(FedrecError, match=r"model.kind = 'text' .* retired after commit "
+                                          r"19bee52; use model.kind = 'seq'") as exc:
+        Config.from_flat({**DEFAULTS, "model.kind": "text"})
     assert "\n" not in str(exc.value)
-    # FedMF ignores model.pooling; its user vector is always the local one
-    Config.from_flat({**DEFAULTS, "model.kind": "fedmf", "model.pooling": "none",
-                      "model.user-embedding": False})
+    for key in RETIRED_KEYS:
+        with pytest.raises(FedrecError, match=rf"'{key}' belonged to the v1 model, retired "
+                                              r"after commit 19bee52; remove it"):
+            Config.from_flat({**DEFAULTS, key: 4})
+    # a stored run of a kept model still loads without the keys it carried then
+    old = {**DEFAULTS, "model.pooling": "attention", "train.negatives": 4}
+    assert Config.from_flat(stored_config(old)) == Config.from_flat(DEFAULTS)
+    with pytest.raises(FedrecError, match="retired"):
+        stored_config({**old, "model.kind": "text"})
 
 
 def test_missing_key_is_named():

@@ -20,6 +20,14 @@ from flwr.supercore.task_identity import TaskIdentity
 import tiny
 from fedrec.config import Config
 from fedrec.data.datasets import load_dataset
+from fedrec.data.device import (
+    CACHE_DIR,
+    client_data,
+    load_device_client,
+    read_catalog,
+    read_history,
+    write_device_dir,
+)
 from fedrec.deployment.commands import (
     CONNECTION,
     deploy_env,
@@ -29,14 +37,6 @@ from fedrec.deployment.commands import (
     superlink_args,
     supernode_args,
     write_connection,
-)
-from fedrec.data.device import (
-    CACHE_DIR,
-    client_data,
-    load_device_client,
-    read_catalog,
-    read_history,
-    write_device_dir,
 )
 from fedrec.deployment.transport import create_credentials
 from fedrec.errors import FedrecError
@@ -145,8 +145,8 @@ def test_device_reads_only_its_own_directory(world, tmp_path):
 def test_embedding_cache_follows_the_model_files(world, tmp_path):
     import shutil
 
-    from fedrec.data.encoder import _encoder
     from fedrec.data.device import item_embeddings
+    from fedrec.data.encoder import _encoder
 
     bert = shutil.copytree(world / "bert", tmp_path / "bert")
     cfg = deploy_config(world, **{"encoder.model-dir": str(bert)})
@@ -177,12 +177,20 @@ def test_clientapp_device_path_uploads_only_federated_parameters(world, tmp_path
     reply = clients.app.train(msg, ctx)
     assert list(reply.content["arrays"]) == list(init)  # federated keys only, same order
     assert reply.content["metrics"]["num-examples"] > 0
-    assert LOCAL in ctx.state  # the user-local residual stays on the device
+    assert LOCAL not in ctx.state  # the seq model reads the user from the history
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in reply.content["arrays"].items()})
     ev = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                  dst_node_id=7, message_type="evaluate")
     metrics = clients.app.evaluate(ev, ctx).content["metrics"]
     assert metrics["num-examples"] == 1 and 0.0 <= metrics["sampled/hr@10"] <= 1.0
+    mf = deploy_config(world, **{"fed.run-dir": str(tmp_path / "mf"), "model.kind": "fedmf"})
+    ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(world / "device-u0")},
+                  state=RecordDict(), run_config=mf.to_flat())
+    init = FederatedRun(mf, log=lambda *_: None).initial_arrays()
+    msg = Message(RecordDict({"arrays": init, "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    assert list(clients.app.train(msg, ctx).content["arrays"]) == list(init)
+    assert LOCAL in ctx.state  # FedMF's user vector stays on the device
 
 
 def test_node_config_quoting():

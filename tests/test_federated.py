@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from flwr.app import Context, RecordDict
 
 from fedrec.data.evaluate import evaluate

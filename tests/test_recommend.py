@@ -4,22 +4,19 @@ user mistake is one line on stderr with exit code 2."""
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import tiny
 from fedrec.data.device import CACHE_DIR, read_catalog, read_history, write_device_dir
 from fedrec.errors import FedrecError
-from fedrec.models.build import build_model
 from fedrec.ranking.recommend import recommend
-from fedrec.results import write_json
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny run directory (random federated parameters) and a device for user u0."""
     root = tiny.build(tmp_path_factory.mktemp("rec"))
-    cfg = tiny.tiny_config(root, {"model.pooling": "attention"})
-    # away from the near-identity init, so attention weights differ
+    cfg = tiny.tiny_config(root)
+    # away from the zero-initialised residuals and ID vectors, so every part matters
     run = tiny.write_run(root, cfg, scale=0.2, seed=0)
     cat = read_catalog(root / "data")
     hist = ["1", "4", "7", "10", "13"]
@@ -129,31 +126,22 @@ def test_library_rejects_parameters_of_another_catalog(setup, tmp_path):
     small = type(cat)([cat.item_ids[i] for i in keep], [cat.item_fields[i] for i in keep],
                       cat.cold[keep], cat.source)
     small_dev = write_device_dir(tmp_path / "d", small, ["1", "2"], [1, 2])
-    assert recommend(small_dev / "history.csv", run, k=3)  # text models are catalog-free
-    cfg_run = tmp_path / "idrun"  # ... but a hybrid with per-item rows does not
-    cfg = tiny.tiny_config(root, {"model.id-embeddings": True})
-    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
-    cfg_run.mkdir()
-    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
-              str(cfg_run / "final.safetensors"))
-    write_json(cfg_run / "run_config.json", cfg.to_flat())
+    text_only = tiny.write_run(tmp_path / "text", tiny.tiny_config(
+        root, {"model.id-embeddings": False}), 0.05, 0)
+    assert recommend(small_dev / "history.csv", text_only, k=3)  # text models are catalog-free
+    cfg_run = run  # ... but a hybrid with per-item rows does not
     with pytest.raises(FedrecError, match="do not fit this catalog"):
         recommend(small_dev / "history.csv", cfg_run, k=3)
 
 
-def test_a_run_without_pooling_is_refused_in_one_line(setup, run_cli, tmp_path):
-    """model.pooling = "none": h_u is each device's user-local vector, not in RUN_DIR."""
+def test_a_model_whose_user_vectors_stay_on_the_devices_is_refused_in_one_line(
+        setup, run_cli, tmp_path):
+    """FedMF: h_u is each device's user-local vector, not in the run directory."""
     root, _, dev, _ = setup
-    cfg = tiny.tiny_config(root, {"model.pooling": "none"})
-    model = build_model(cfg, tiny.HIDDEN, tiny.N_ITEMS)
-    run = tmp_path / "nopool"
-    run.mkdir()
-    save_file({k: v.numpy().copy() for k, v in model.state_dict().items()},
-              str(run / "final.safetensors"))
-    write_json(run / "run_config.json", cfg.to_flat())
-    with pytest.raises(FedrecError, match="model.pooling 'none'"):
+    run = tiny.write_run(tmp_path, tiny.tiny_config(root, {"model.kind": "fedmf"}), 0.0, 0)
+    with pytest.raises(FedrecError, match="user vectors stay on the devices"):
         recommend(dev / "history.csv", run)
     code, out, err = run_cli("recommend", "--history", str(dev / "history.csv"),
                              "--model", str(run), "--catalog", str(dev))
-    assert code == 2 and "model.pooling 'none'" in err and err.count("\n") == 1, err
+    assert code == 2 and "user vectors stay on the devices" in err and err.count("\n") == 1, err
     assert "Traceback" not in err and not out.strip()

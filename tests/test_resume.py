@@ -84,19 +84,23 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tiny_root, tmp_path, uninter
     assert [line.split(",")[0] for line in lines[1:]] == [str(r) for r in range(N + 1)]
 
 
-def test_without_the_devices_state_a_resumed_run_differs(tiny_root, tmp_path, uninterrupted):
-    """Why the devices keep their user-local state on disk: without it the rounds after
-    the resume start from fresh user residuals, and the model ends elsewhere."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_resumed_run_needs_the_devices_own_state(tiny_root, tmp_path, keep):
+    """Why the devices keep their user-local state on disk (FedMF's user vectors): with it
+    a resumed run ends exactly where the uninterrupted one does; without it the rounds
+    after the resume start from fresh user vectors, and the model ends elsewhere."""
     import shutil
 
-    whole_dir, _ = uninterrupted("fedadam")
+    mf = {"model.kind": "fedmf"}
+    run_inprocess(config(tiny_root, tmp_path / "whole", **mf))
     run_dir = tmp_path / "run"
-    cfg = interrupted(tiny_root, run_dir, ("train", 3))
-    shutil.rmtree(run_dir / "devices")
+    cfg = interrupted(tiny_root, run_dir, ("train", 3), **mf)
+    if not keep:
+        shutil.rmtree(run_dir / "devices")
     _, results = run_inprocess(cfg.override(**{"fed.resume": True}))
-    assert [r["round"] for r in results["rounds"]] == list(range(N + 1))
-    final, want = (load_file(str(d / "final.safetensors")) for d in (run_dir, whole_dir))
-    assert any(not np.array_equal(final[k], want[k]) for k in want)
+    assert [r["round"] for r in results["rounds"]] == list(range(1, N + 1))
+    final, want = (load_file(str(d / "final.safetensors")) for d in (run_dir, tmp_path / "whole"))
+    assert all(np.array_equal(final[k], want[k]) for k in want) == keep
 
 
 def test_a_resumed_sample_dp_run_keeps_the_servers_epsilon_table(tiny_root, tmp_path):
@@ -150,7 +154,7 @@ def test_resume_refuses_another_config_or_no_run(tiny_root, tmp_path):
 
 def test_a_fresh_run_forgets_an_earlier_runs_device_state(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = interrupted(tiny_root, run_dir, ("train", 2))
+    cfg = interrupted(tiny_root, run_dir, ("train", 2), **{"model.kind": "fedmf"})
     assert any((run_dir / "devices").iterdir())
     FederatedRun(cfg, log=lambda *_: None)  # fed.resume false: a new run in the same place
     assert not (run_dir / "devices").exists()

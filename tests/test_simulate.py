@@ -68,7 +68,7 @@ def test_overrides_file_round_trips(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths must come out absolute
     cfg = Config.from_flat(DEFAULTS).override(**{
         "data.dataset": "data", "data.cache-dir": "cache", "train.lr": 0.5,
-        "train.weight-decay": 1e-05, "model.kind": "fedmf", "model.user-embedding": False,
+        "train.weight-decay": 1e-05, "model.kind": "fedmf",
         "fed.num-rounds": 3, "fed.server-lr-warmup": 0,
         "data.item-template": 'Tab\there "q" \\ é ✓ {title}\x7f'})
     ov = config_overrides(cfg, Path("run"))

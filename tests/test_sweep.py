@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from fedrec.errors import FedrecError
-from fedrec.federation.simulate import write_overrides
-from fedrec.privacy.accounting import parse_epsilons
 from fedrec.experiments.sweep import cells, plan, user_sigma
-from fedrec.privacy.user_dp import user_epsilon
+from fedrec.federation.simulate import write_overrides
+from fedrec.privacy.accounting import parse_epsilons, user_epsilon
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -23,8 +22,8 @@ def test_epsilon_grid_parses_inf_and_rejects_nonpositive():
 
 
 def test_cells_run_the_non_private_baseline_once():
-    assert cells(["interaction", "user"], [math.inf, 8, 1]) == [
-        ("none", math.inf), ("interaction", 8), ("interaction", 1), ("user", 8), ("user", 1)]
+    assert cells(["block", "user"], [math.inf, 8, 1]) == [
+        ("none", math.inf), ("block", 8), ("block", 1), ("user", 8), ("user", 1)]
     assert cells(["user"], [2]) == [("user", 2)]
 
 
@@ -38,8 +37,8 @@ def test_user_level_sigma_spends_the_target_within_2_percent(cfg, eps):
     assert 0.98 * eps <= spent <= eps * 1.0001  # and the budget check lets all 50 rounds run
 
 
-def test_interaction_cell_solves_on_the_device_and_inf_turns_dp_off(cfg):
-    p = plan(cfg, "interaction", 4.0, population=100)
+def test_block_cell_solves_on_the_device_and_inf_turns_dp_off(cfg):
+    p = plan(cfg, "block", 4.0, population=100)
     assert (p.privacy.mode, p.privacy.target_epsilon) == ("sample", 4.0)
     assert plan(p, "user", math.inf, 100).privacy.mode == "none"
 
@@ -55,18 +54,19 @@ def test_cli_writes_a_table_json_and_plot_naming_the_unit(cfg, run_cli, tmp_path
     assert code == 0, err
     rows = json.loads(out_json.read_text())["rows"]
     assert [(r["unit"], r["epsilon"]) for r in rows] == [
-        ("none", math.inf), ("interaction", 8), ("user", 8)]
+        ("none", math.inf), ("block", 8), ("user", 8)]
     for r in rows:
         assert r["seeds"] == [0, 1] and r["rounds"] == 2 and r["population"] > 0
         assert 0 <= r["sampled/hr@10"]["mean"] <= 1 and 0 <= r["full/hr@10"]["mean"] <= 1
         per_seed = r["per-seed"]["full/hr@10"]
         assert len(per_seed) == 2 and np.mean(per_seed) == pytest.approx(r["full/hr@10"]["mean"])
-    assert [r["unit-detail"] for r in rows] == ["none", "interaction", "user"]
-    assert rows[1]["assumes"] == "history pool public" and rows[1]["sigma"] > 0
+    assert [r["unit-detail"] for r in rows] == [
+        "none", "block of up to 9 consecutive interactions", "user"]
+    assert rows[1]["sigma"] > 0
     assert 0 < rows[1]["epsilon-spent-max"] and 0 < rows[2]["epsilon-spent-max"] <= 8
     assert rows[2]["delta"] == cfg.privacy.delta and rows[2]["accountant"] == "rdp"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "interaction" in out and "user" in out
+    assert "block" in out and "user" in out
 
 
 def test_cli_rejects_a_bad_grid_in_one_line(run_cli):
@@ -89,12 +89,12 @@ def test_per_unit_overrides_and_finished_cells_are_reused(cfg, run_cli, tmp_path
     assert code == 0, err
     first = json.loads((runs / "user-eps8" / "seed-0" / "results.json").read_text())
     assert first["config"]["privacy.max-grad-norm"] == 0.25
-    code, out, err = run_cli(*args, "--epsilons", "inf,8", "--units", "interaction,user",
-                             "--interaction-run-config", "privacy.max-grad-norm=2.0")
+    code, out, err = run_cli(*args, "--epsilons", "inf,8", "--units", "block,user",
+                             "--block-run-config", "privacy.max-grad-norm=2.0")
     assert code == 0, err
     assert out.count("reused") == 2  # the ε = ∞ and the user cell
     rows = {r["unit"]: r for r in json.loads(out_json.read_text())["rows"]}
-    assert rows["user"]["max-grad-norm"] == 0.25 and rows["interaction"]["max-grad-norm"] == 2.0
+    assert rows["user"]["max-grad-norm"] == 0.25 and rows["block"]["max-grad-norm"] == 2.0
     again = json.loads((runs / "user-eps8" / "seed-0" / "results.json").read_text())
     assert again["seconds"] == first["seconds"]  # not run again
     code, out, err = run_cli(*args, "--epsilons", "8", "--units", "user",

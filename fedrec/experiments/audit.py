@@ -73,7 +73,14 @@ def global_params(cfg, text_dim: int, n_items: int, run_dir: str | None = None) 
     """The global federated parameters the audited round starts from: a trained model's
     (a run directory) or a fresh model's (seed train.seed)."""
     if run_dir is not None:
-        return {k: v.astype(np.float32) for k, v in load_run(run_dir)[1].items()}
+        arrays = load_run(run_dir)[1]
+        try:
+            model_from_arrays(cfg, text_dim, n_items, arrays)
+        except RuntimeError as exc:
+            raise FedrecError(f"--model: '{run_dir}' does not fit its own config and data "
+                              f"({str(exc).splitlines()[-1].strip()}); give a complete run "
+                              "directory") from None
+        return {k: v.astype(np.float32) for k, v in arrays.items()}
     torch.manual_seed(cfg.train.seed)
     return {k: v.numpy() for k, v in build_model(cfg, text_dim, n_items).state_dict().items()}
 

@@ -62,11 +62,15 @@ def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False,
 
 def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: str | None,
               resume: str | None = None, rounds: int | None = None, overrides: bool = False,
-              log=print) -> dict | None:
+              ray_address: str | None = None, log=print) -> dict | None:
     """Federated runs over seeds: new (cfg), or the comma-separated run directories of
     `resume` continued or extended to `rounds` with their own configs (so no config
-    `overrides`). A result file's body, or None when nothing ran or completed."""
+    `overrides`); ray_address: an existing Ray cluster to simulate on (engine flower). A
+    result file's body, or None when nothing ran or completed."""
     check_engine(engine)
+    if ray_address and engine != "flower":
+        raise FedrecError("--ray-address runs the simulation on a Ray cluster: it needs "
+                          "--engine flower")
     if rounds is not None and not resume:
         raise FedrecError("--rounds extends runs given with --resume; for a new run set "
                           "--run-config \"fed.num-rounds=N\"")
@@ -86,7 +90,7 @@ def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: st
     for c, run_dir in jobs:
         log(f"federated {cfg.model.kind} ({cfg.fed.strategy}), seed {c.train.seed} -> {run_dir}")
         t0 = time.time()
-        res = run_federated(c, run_dir, engine, log)
+        res = run_federated(c, run_dir, engine, log, ray_address)
         runs.append(run_entry(c.train.seed, res, run_dir, time.time() - t0))
     if not runs:
         return None
@@ -119,11 +123,12 @@ def run_inprocess(cfg: Config, run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def run_federated(cfg: Config, run_dir: Path, engine: str, log=print) -> dict:
+def run_federated(cfg: Config, run_dir: Path, engine: str, log=print,
+                  ray_address: str | None = None) -> dict:
     """One federated run (flwr run or in-process); its results.json, evaluated."""
     check_engine(engine)
-    res = (run_simulation(cfg, run_dir=run_dir, log=log) if engine == "flower"
-           else run_inprocess(cfg, run_dir))
+    res = (run_simulation(cfg, run_dir=run_dir, log=log, ray_address=ray_address)
+           if engine == "flower" else run_inprocess(cfg, run_dir))
     if not res["summary"]:
         raise FedrecError(f"{run_dir}/results.json: no evaluated round; set fed.eval-every "
                           "<= fed.num-rounds")

@@ -64,8 +64,13 @@ from functools import cache
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_evaluate_workflow
 
 from fedrec.config import Config
 from fedrec.errors import FedrecError
@@ -197,9 +202,6 @@ def hide_weight_mod(msg: Message, context: Context, call_next) -> Message:
 @cache
 def client_app():
     """The device side: a legacy ClientApp over `Device` with secaggplus_mod."""
-    from flwr.client.mod import secaggplus_mod
-    from flwr.clientapp import ClientApp
-
     return ClientApp(client_fn=lambda context: Device(context).to_client(),
                      mods=[hide_weight_mod, secaggplus_mod])
 
@@ -364,10 +366,6 @@ def max_weight(cfg: Config, run) -> float:
 def serve(grid, context: Context, cfg: Config, run) -> None:
     """The ServerApp's main under secagg.enabled: the run (a FederatedRun) trains
     fed.num-rounds rounds of SecAgg+ FedAvg and is finished (or resumed) as usual."""
-    from flwr.server import LegacyContext, ServerConfig  # lazy: the legacy server stack
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.server.workflow.default_workflows import default_evaluate_workflow
-
     population = run.population
     k = clients_per_round(cfg, population)
     check(cfg, k, population)

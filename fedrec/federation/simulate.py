@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import tomli_w
 
 import fedrec
 from fedrec.config import Config, load_defaults
@@ -80,8 +81,6 @@ def config_overrides(cfg: Config, run_dir: Path) -> dict[str, Any]:
 def write_overrides(path: Path, overrides: Mapping[str, Any]) -> Path:
     """A flat TOML file: one `"dotted.key" = value` line per override (Flower's
     `--run-config FILE` flattens it back to the same dotted keys)."""
-    import tomli_w
-
     for k, v in overrides.items():
         if type(v) not in (bool, int, float, str):
             raise FedrecError(f"config value {k} = {v!r}: only bool, int, float and str are allowed")
@@ -215,10 +214,27 @@ def _read_results(path: Path) -> dict | None:
         return None
 
 
+def check_ray_address(address: str) -> str:
+    """`HOST:PORT` of a running Ray cluster's head (its GCS port), or one FedrecError line."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedrecError(f"--ray-address: '{address}' is not HOST:PORT (the head node's GCS "
+                          "port, e.g. 10.0.0.5:6379, as `ray start --head --port 6379` prints)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise FedrecError(f"--ray-address: no Ray head answers at {host}:{port} ({why}); start "
+                          f"one with `ray start --head --port {port}` (docs/federated.md, "
+                          "'Beyond one machine')") from None
+    return f"{host}:{port}"
+
+
 def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
                    run_dir: str | Path | None = None, num_supernodes: int | None = None,
                    cpus_per_client: int = 1, log: Callable[[str], None] = print, *,
-                   verbose: bool = False, timeout: float | None = None) -> dict:
+                   verbose: bool = False, timeout: float | None = None,
+                   ray_address: str | None = None) -> dict:
     """Run `cfg` as a Flower simulation with `flwr run` and return its results.json.
 
     overrides: extra dotted keys applied on top of `cfg` (optional; `cfg` is enough).
@@ -227,6 +243,8 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
     verbose: pass every line of Flower's stream to `log` (default: round lines, warnings
     and errors). The whole stream always goes to <run_dir>/flwr.log.
     timeout: seconds before the run is stopped and reported as failed (default: none).
+    ray_address: HOST:PORT of an existing Ray cluster to run the virtual SuperNodes on
+    (Flower's Ray backend joins it through RAY_ADDRESS); default: a local one per run.
     With cfg.fed.resume, `run_dir` is a killed run to continue (fedrec/federation/run_store.py).
     Call fedrec.data.pipeline.prepare(cfg) first so the catalog embeddings are cached.
     Raises FedrecError with one line (and the log path) if the run did not complete.
@@ -261,6 +279,9 @@ def run_simulation(cfg: Config, overrides: Mapping[str, Any] | None = None,
     control_port = free_port({http_port})
     ports = (http_port, control_port)
     env = flwr_env(flwr_home, http_port, control_port)
+    env.pop("RAY_ADDRESS", None)  # never a cluster the caller did not name
+    if ray_address:
+        env["RAY_ADDRESS"] = check_ray_address(ray_address)
     cmd = [flwr, "run", str(PROJECT_DIR), "--stream", "--run-config", str(cfg_file),
            "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]

@@ -109,7 +109,7 @@ def rank_items(model: Recommender, E: torch.Tensor, seq: np.ndarray, cat: Catalo
     for r, (i, reasons) in enumerate(zip(top.tolist(), pick_reasons(drop))):
         items = [int(window[j]) for j in reasons]
         out.append(Recommendation(
-            r + 1, cat.item_ids[i], texts[i], float(torch.sigmoid(score[i])),
+            r + 1, cat.item_ids[i], texts[i], float(torch.sigmoid(score[i].double())),
             [(cat.item_ids[j], labels[j], float(drop[w, r])) for j, w in zip(items, reasons)],
             shared_terms(cat.item_fields[i], [cat.item_fields[j] for j in items])))
     return out
