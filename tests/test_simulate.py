@@ -160,7 +160,7 @@ def test_flwr_run_smoke(tmp_path):
         # balanced sampling picks the SuperLink's own 64-bit node ids (the in-process grid's
         # are small): every message must reach a node
         "fed.sampling": "balanced"})
-    prepare(cfg, with_text=False)
+    prepare(cfg)
     run_dir = tmp_path / "run"
     lines: list[str] = []
     results = run_simulation(cfg, None, run_dir, num_supernodes=6, cpus_per_client=1,

@@ -20,7 +20,7 @@ from fedrec.data.pipeline import catalog_vectors, prepare
 from fedrec.errors import FedrecError
 from fedrec.federation.inprocess import InProcessGrid
 from fedrec.federation.run_store import run_dir_for
-from fedrec.federation.simulate import run_simulation
+from fedrec.federation.simulate import check_ray_address, run_simulation
 from fedrec.federation.strategy import clients_per_round
 from fedrec.models.build import model_name
 from fedrec.models.central import train_central
@@ -71,6 +71,8 @@ def federated(cfg: Config | None, seeds: list[int], *, engine: str, runs_dir: st
     if ray_address and engine != "flower":
         raise FedrecError("--ray-address runs the simulation on a Ray cluster: it needs "
                           "--engine flower")
+    if ray_address:
+        ray_address = check_ray_address(ray_address)  # before any data is prepared
     if rounds is not None and not resume:
         raise FedrecError("--rounds extends runs given with --resume; for a new run set "
                           "--run-config \"fed.num-rounds=N\"")

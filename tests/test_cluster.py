@@ -1,0 +1,134 @@
+"""`fedrec simulate --ray-address`: the simulation on a real two-node Ray cluster on this
+host (a head and one worker node, each its own `ray start` process with one CPU, stopped
+by pid), whose ClientApp actors run on both nodes; a wrong address is one error line.
+
+Ray resolves a loopback head address to the host's own interface on purpose (its
+processes bind there as well as on 127.0.0.1); the test names only 127.0.0.1 and its own
+temporary directory, so no other Ray instance on the machine sees this cluster."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_simulate import flwr_processes, write_tiny_dataset
+
+from fedrec.config import Config, load_defaults
+from fedrec.data.pipeline import prepare
+from fedrec.errors import FedrecError
+from fedrec.federation.simulate import check_ray_address, descendants, run_simulation
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _actors(pid: int) -> set[int]:
+    """Pids of Flower's ClientApp actors among one `ray start` process's descendants."""
+    out = set()
+    for p in descendants([pid]):
+        try:
+            if "ClientAppActor" in " ".join(psutil.Process(p).cmdline()):
+                out.add(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _cpu(pids: set[int]) -> float:
+    total = 0.0
+    for p in pids:
+        try:
+            t = psutil.Process(p).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Each node's `ray start` and everything it started, by pid."""
+    pids = descendants([p.pid for p in procs])
+    for pid in pids:
+        try:
+            psutil.Process(pid).terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                 timeout=15)
+    for p in alive:
+        p.kill()
+
+
+@pytest.mark.slow
+def test_a_simulation_runs_its_clients_on_both_nodes_of_a_ray_cluster(tmp_path):
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live here
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block",
+              "--disable-usage-stats"]
+    logs = [open(tmp_path / f"{n}.log", "w") for n in ("head", "worker")]  # noqa: SIM115
+    nodes = [subprocess.Popen([RAY, "start", "--head", "--port", str(port),
+                               "--include-dashboard", "false", "--temp-dir", temp, *common],
+                              stdout=logs[0], stderr=subprocess.STDOUT, env=env)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (Path(temp) / "ray_current_cluster").is_file():
+            assert time.monotonic() < deadline and nodes[0].poll() is None, \
+                (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(0.5)
+        nodes.append(subprocess.Popen([RAY, "start", "--address", f"127.0.0.1:{port}", *common],
+                                      stdout=logs[1], stderr=subprocess.STDOUT, env=env))
+        time.sleep(10)  # the worker registers with the head
+        assert nodes[1].poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+
+        data = write_tiny_dataset(tmp_path / "data", n_users=6)
+        cfg = Config.from_flat(load_defaults()).override(**{
+            "data.dataset": str(data), "data.cache-dir": str(tmp_path / "cache"),
+            "data.eval-negatives": 20, "model.kind": "fedmf", "model.dim": 8,
+            "fed.num-rounds": 3, "fed.clients-per-round": 0, "fed.eval-every": 1,
+            "fed.server-lr-warmup": 0, "train.batch-size": 32})
+        prepare(cfg)
+        run_dir = tmp_path / "run"
+        cpu: list[list[float]] = []  # at each round line: CPU seconds of each node's actors
+
+        def watch(line: str) -> None:
+            if line.startswith("round"):
+                cpu.append([_cpu(_actors(node.pid)) for node in nodes])
+
+        results = run_simulation(cfg, None, run_dir, num_supernodes=6, log=watch,
+                                 timeout=400, ray_address=f"127.0.0.1:{port}")
+        assert results["status"] == "completed"
+        assert all(r["train"]["clients"] == 6 for r in results["rounds"] if "train" in r)
+        # after round 1 (actors started, libraries imported) each node's actors still
+        # worked: rounds 2 and 3 ran ClientApp messages on the head and on the worker
+        assert len(cpu) >= 4 and all(cpu[-1][i] - cpu[1][i] > 0.02 for i in (0, 1)), cpu
+        assert flwr_processes(run_dir / ".flwr") == []  # the run's own processes are gone
+        assert all(n.poll() is None for n in nodes)  # the cluster outlives one run
+    finally:
+        _stop(nodes)
+        for f in logs:
+            f.close()
+    assert not [p for p in descendants([n.pid for n in nodes]) if psutil.pid_exists(p)]
+
+
+def test_a_wrong_ray_address_is_one_clear_error_line(run_cli):
+    port = _free_port()  # nothing listens there
+    with pytest.raises(FedrecError, match=rf"no Ray head answers at 127.0.0.1:{port}"):
+        check_ray_address(f"127.0.0.1:{port}")
+    for bad in ("127.0.0.1", "host:port", ":6379", "h:70000"):
+        with pytest.raises(FedrecError, match="is not HOST:PORT"):
+            check_ray_address(bad)
+    code, _, err = run_cli("simulate", "--ray-address", f"127.0.0.1:{port}", "--seeds", "0")
+    assert code == 2 and "--ray-address: no Ray head answers" in err and err.count("\n") == 1
+    code, _, err = run_cli("simulate", "--ray-address", "127.0.0.1:1", "--engine", "inprocess")
+    assert code == 2 and "needs --engine flower" in err
