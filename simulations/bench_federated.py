@@ -22,7 +22,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrec.config import load_config, parse_overrides, uses_text
+from fedrec.config import load_config, parse_overrides
 from fedrec.data.encoder import resolve_model_dir
 from fedrec.data.pipeline import prepare
 from fedrec.federation.simulate import find_processes, run_simulation
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "results" / "bench_federated.json"))
     args = ap.parse_args()
     cfg = load_config(parse_overrides(args.run_config))
-    prepare(cfg, progress=True, with_text=uses_text(cfg))
+    prepare(cfg, progress=True)
     full = plm_bytes(cfg.encoder.model_dir)
     rows = [bench(cfg, int(k), args.rounds, Path(args.out)) for k in args.sizes.split(",")]
     print(f"\n{'clients/round':>13} {'s/round':>8} {'client update s':>16} {'peak RSS GiB':>13} "
