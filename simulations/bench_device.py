@@ -95,8 +95,8 @@ def main() -> None:
 
     from fedrec.config import load_config
     from fedrec.data.datasets import load_dataset
-    from fedrec.data.encoder import resolve_model_dir
     from fedrec.data.device import CACHE_DIR, Catalog, text_dim, write_device_dir
+    from fedrec.data.encoder import resolve_model_dir
     from fedrec.models.build import build_model
     from fedrec.ranking.recommend import recommend
     from fedrec.results import command_line, machine, write_json

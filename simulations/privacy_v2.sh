@@ -20,7 +20,7 @@
 # - user (DP-FedAvg + FedAdam): C = 0.25 on each whole update, about 0.6 x the median
 #   update norm of the non-private run after its first rounds (results.json
 #   "update-norm-median" ~0.4), server lr 0.01 (see the levers for 0.03);
-# - interaction (DP-SGD over blocks on each device): one local epoch, i.e. one noisy
+# - block (DP-SGD over blocks on each device): one local epoch, i.e. one noisy
 #   full-history step per round (the noise, not the work, limits it; and DP-SGD costs
 #   about 2x plain training per epoch), C = 1 on each block's gradient, balanced sampling
 #   so every device spends its whole budget and none declines a round.
@@ -45,12 +45,12 @@ side_by_side() {  # "commands A" "commands B" NAME: A and B on one core each (SE
 }
 
 sweep_cells() { $FEDREC privacy-sweep --run-config "$BASE" --user-run-config "$USER_CFG" \
-  --interaction-run-config "$INTER_CFG" --runs-dir "$RUNS/sweep" --seeds 0,1,2 "$@"; }
+  --block-run-config "$INTER_CFG" --runs-dir "$RUNS/sweep" --seeds 0,1,2 "$@"; }
 
 sweep() {  # the sweep; its two halves side by side, then one table from every cell
   side_by_side "sweep_cells --units user --epsilons inf,8,4,2,1" \
-               "sweep_cells --units interaction --epsilons 8,4,2,1" sweep
-  sweep_cells --units interaction,user --epsilons inf,8,4,2,1 \
+               "sweep_cells --units block --epsilons 8,4,2,1" sweep
+  sweep_cells --units block,user --epsilons inf,8,4,2,1 \
     --json "$OUT/sweep.json" --plot "$OUT/sweep.png"
 }
 
@@ -89,8 +89,8 @@ inter_lever() {  # NAME "overrides of both cells" ["overrides of the private cel
     mkdir -p "$RUNS/lever-interaction-$1/none-epsinf"
     cp -rn "$same" "$RUNS/lever-interaction-$1/none-epsinf/"
   fi
-  $FEDREC privacy-sweep --run-config "$BASE $2" --interaction-run-config "$INTER_CFG ${3:-}" \
-    --units interaction --epsilons inf,8 --seeds 0 --runs-dir "$RUNS/lever-interaction-$1" \
+  $FEDREC privacy-sweep --run-config "$BASE $2" --block-run-config "$INTER_CFG ${3:-}" \
+    --units block --epsilons inf,8 --seeds 0 --runs-dir "$RUNS/lever-interaction-$1" \
     --json "$OUT/lever-interaction-$1.json"
 }
 

@@ -156,7 +156,7 @@ def interpretation() -> str:
     parts = []
     if r["popularity"] and r["central-seq+id"]:
         parts.append(
-            f"Centrally the v2 model (text + ID items) reaches full HR@10 {m('central-seq+id'):.3f} "
+            f"Centrally the text + ID model reaches full HR@10 {m('central-seq+id'):.3f} "
             f"against popularity's {m('popularity'):.3f} and sampled HR@10 "
             f"{m('central-seq+id', 'sampled/hr@10'):.3f} against {m('popularity', 'sampled/hr@10'):.3f}.")
     for fed, central, what in PAIRS:
@@ -168,10 +168,11 @@ def interpretation() -> str:
                          f"({samp:.0%}), cold-item HR@10 {m(fed, 'cold/hr@10'):.3f}.")
     if r["central-fedmf"] and m("central-fedmf", "cold/hr@10") > m("central-fedmf", "warm/hr@10"):
         parts.append(
-            f"MF scores unreleased items above its warm ones (cold {m('central-fedmf', 'cold/hr@10'):.3f}, "
-            f"warm {m('central-fedmf', 'warm/hr@10'):.3f} centrally): their biases keep their initial "
-            "zero while BCE pushes the biases of the sampled released items down, so they crowd the "
-            "top of its ranking — an artifact of an ID model facing items it never saw, not skill.")
+            f"MF scores unreleased items above its warm ones on the sampled candidates (cold "
+            f"{m('central-fedmf', 'cold/hr@10'):.3f}, warm {m('central-fedmf', 'warm/hr@10'):.3f} "
+            "centrally): an item it never trained on keeps its initial vector and zero bias, "
+            "which sit above most trained items' — an artifact of an ID model facing items it "
+            "never saw, not skill.")
     if r["central-seq-id"] and r["central-seq+id"]:
         parts.append(
             f"Centrally SASRec over item IDs is close on full HR@10 ({m('central-seq-id'):.3f}) but "
@@ -308,7 +309,7 @@ def sweep_v2_table() -> str:
     seeds = ",".join(str(s) for s in res["rows"][0]["seeds"])
     rows.append(f"\nSeeds {seeds} (train.seed), {res['rows'][0]['population']} users, commit "
                 f"{res['machine']['commit'][:7]}; `{res['command']}`")
-    for unit, need in (("user", 0.9), ("interaction", 0.7)):
+    for unit, need in (("user", 0.9), ("interaction", 0.7), ("block", 0.7)):
         at8 = next((r for r in res["rows"] if r["unit"] == unit and r["epsilon"] == 8), None)
         if base and at8:
             full, samp = (at8[k]["mean"] / base[k]["mean"] for k in ("full/hr@10", "sampled/hr@10"))
@@ -357,8 +358,8 @@ def levers_table() -> str:
                     f"{sampled:.2f} | {priv['sigma']:.3f} | {_clip(priv)} | {priv['rounds']} x "
                     f"{priv['clients-per-round'] or priv['population']} | `{file}` |")
 
-    for unit in ("user", "interaction"):
-        if sweep:
+    for unit in ("user", "interaction", "block"):
+        if sweep and any(r["unit"] == unit for r in sweep["rows"]):
             add(unit, "the sweep's settings (seed 0 of its cells)", sweep["rows"],
                 f"results/{V2}/sweep.json", [0])
         for name, what, res in found:
@@ -405,95 +406,13 @@ def _clip(row: dict) -> str:
     return f"adaptive from {c}" if row.get("clipping") == "adaptive" else c
 
 
-def _simulate_epsilon(cfg, res: dict) -> str:
-    """The ε column of a single `fedrec simulate` tuning run. A user-level one's σ is
-    privacy.noise-multiplier (nothing is solved; privacy.target-epsilon is only its budget),
-    so it says what its rounds spent (fedrec.privacy.user_dp.user_epsilon)."""
-    from fedrec.privacy.user_dp import user_epsilon
-
-    p = cfg.privacy
-    if p.mode == "none":
-        return "∞"
-    if p.target_epsilon <= 0:
-        return "-"
-    if p.mode == "sample":  # devices solve σ for the target
-        return f"{p.target_epsilon:g}"
-    users = res["summary"]["best"]["users"]["mean"]  # every device evaluates: the population
-    spent = user_epsilon(cfg, cfg.fed.num_rounds, cfg.fed.clients_per_round / users)
-    return f"{spent:.2f} (σ {p.noise_multiplier:g}; budget {p.target_epsilon:g})"
-
-
-def _hr(stat: dict, seeds: list) -> str:
-    """A tuning run's HR@10: the value (seed 0), or mean ± std with its seeds."""
-    if len(seeds) == 1:
-        return f"{stat['mean']:.4f}" + ("" if seeds[0] == 0 else f" (seed {seeds[0]})")
-    return f"{stat['mean']:.4f} ± {stat['std']:.4f} (seeds {','.join(map(str, seeds))})"
-
-
-def privacy_tuning_table() -> str:
-    """The runs that chose the sweep's per-unit settings (results/privacy-tuning): one seed
-    each, except where a file holds several (mean ± std over them)."""
-    from fedrec.config import Config, load_defaults, stored_config
-    from fedrec.privacy.accounting import UNIT, describe
-
-    default_tau = load_defaults()["fed.server-tau"]
-    files = sorted((ROOT / "results" / "v1" / "privacy-tuning").glob("*.json"))
-    if not files:
-        return ""
-    rows = [("| unit of privacy | ε | model.pooling | model.dim | model.hidden | C | "
-             "batch x local epochs | device lr | server lr | rounds | clients/round | "
-             "accountant | sampled HR@10 (seed 0, or mean ± std over the seeds shown) | "
-             "result file |"), "|---" * 14 + "|"]
-
-    def add(cfg, what, eps, clip, batch, lr, tau, device_lr, hr, name):
-        m, lr = cfg.model, f"{lr:g}" + ("" if tau == default_tau else f" (τ {tau:g})")
-        pooling = m.pooling
-        if what.startswith("interaction") and describe(cfg).get("assumes"):
-            pooling += f" (pool gradient {cfg.privacy.pool_gradient})"
-        acc = "-" if what.startswith("none") else cfg.privacy.accountant
-        rows.append(f"| {what} | {eps} | {pooling} | {m.dim} | {m.hidden} | {clip} | {batch} | "
-                    f"{device_lr:g} | {lr} | {cfg.fed.num_rounds} | {cfg.fed.clients_per_round} | "
-                    f"{acc} | {hr} | `results/privacy-tuning/{name}` |")
-
-    for f in files:
-        res = json.loads(f.read_text())
-        cfg = Config.from_flat(stored_config(res["config"]))  # keys added since: their old values
-        if "rows" not in res:  # one `fedrec simulate` run
-            p = cfg.privacy
-            what = UNIT.get(p.mode, "none")
-            assumes = describe(cfg).get("assumes")
-            if assumes:
-                what += f" ({assumes})"
-            if p.mode != "none" and p.noise_multiplier == 0 == p.target_epsilon:
-                what += ", σ = 0: clipping alone (no guarantee)"
-            elif cfg.fed.server_lr < 1e-9:
-                what += ": global model frozen, devices train their own vectors"
-            if cfg.fed.sampling != "uniform":
-                what += f", {cfg.fed.sampling} sampling"
-            t = cfg.train
-            add(cfg, what, _simulate_epsilon(cfg, res),
-                "-" if p.mode == "none" else f"{p.max_grad_norm:g}",
-                f"{t.batch_size} x {t.local_epochs}", cfg.fed.server_lr, cfg.fed.server_tau, t.lr,
-                _hr(res["summary"]["best"]["sampled/hr@10"], [r["seed"] for r in res["runs"]]),
-                f.name)
-            continue
-        for r in res["rows"]:
-            add(cfg, r["unit"], "∞" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}",
-                "-" if r["max-grad-norm"] is None else _clip(r), _batch(r),
-                r.get("server-lr", cfg.fed.server_lr), r.get("server-tau", cfg.fed.server_tau),
-                r.get("lr", cfg.train.lr), _hr(r["sampled/hr@10"], r.get("seeds", [0])), f.name)
-    return "\n".join(rows) + ("\n\nEach file holds its command (where that command wrote "
-                              "elsewhere, the file was copied from its --json path); all runs: "
-                              "ml-100k, FedAdam.")
-
-
 AUDITS = (("audit.json", "text, history-pooled (default), fresh model"),
           ("audit-nopool.json", ("text, `model.pooling = \"none\"`, `model.dim = 32` as in "
                                   "the sweep, its trained model")))
 
 
-AUDITS_V2 = (("audit-seq.json", "v2 seq+id, fresh model"),
-             ("audit-seq-trained.json", "v2 seq+id, trained federated model"))
+AUDITS_V2 = (("audit-seq.json", "seq+id, fresh model"),
+             ("audit-seq-trained.json", "seq+id, trained federated model"))
 
 
 def audit_table(audits=AUDITS, v1: bool = True) -> str:
@@ -530,17 +449,19 @@ def _one(unit: str) -> str:
     return unit if unit.startswith("block") else "one " + unit
 
 
-def bench_dp_table() -> str:
+BENCH_DP = (("bench_dp.json", "seq (default), DP-SGD over disjoint blocks"),)
+BENCH_DP_V1 = (("bench_dp_pooled.json", ("v1 text, history-pooled user tower, exact gradient "
+                                         "through the pool (`privacy.pool-gradient = \"full\"`)")),
+               ("bench_dp_poolinput.json", ("v1 text, history-pooled user tower, pool as each "
+                                            "row's input (`privacy.pool-gradient = \"none\"`)")),
+               ("bench_dp_nopool.json", "v1 text, `model.pooling = \"none\"`"))
+
+
+def bench_dp_table(files=BENCH_DP, v1: bool = False) -> str:
     rows = [("| model | plain local SGD s/update | DP-SGD s/update | DP / plain | per-row gradients "
             "of one batch | users (mean history) | command |"), "|---|---|---|---|---|---|---|"]
-    pooled = "v1 text, history-pooled user tower, "
-    for name, label in (("bench_dp.json", "seq (v2 default), DP-SGD over disjoint blocks"),
-                        ("bench_dp_pooled.json", pooled + "exact gradient through the pool "
-                         "(`privacy.pool-gradient = \"full\"`)"),
-                        ("bench_dp_poolinput.json", pooled + "pool as each row's input "
-                         "(`privacy.pool-gradient = \"none\"`)"),
-                        ("bench_dp_nopool.json", "v1 text, `model.pooling = \"none\"`")):
-        res = _load(name, v1=name != "bench_dp.json")
+    for name, label in files:
+        res = _load(name, v1=v1)
         if not res:
             continue
         per_row = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in
@@ -564,12 +485,65 @@ def make_run_block() -> str:
         label = next((v for k, v in names.items() if k in step["command"]), None)
         if label:
             parts[label] = parts.get(label, 0.0) + step["seconds"]
-    return (f"Measured on a fresh clone (`{res['command']}`, commit {res['commit'][:7]}, "
-            f"{res['machine']['cpus']} cores): **{res['seconds'] / 60:.1f} min** in all — "
+    return (f"`make run` on a fresh clone (`{res['command']}`, commit {res['commit'][:7]}, "
+            f"{res['machine']['cpus']} cores): **{res['seconds'] / 60:.1f} min** in all ("
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items())
-            + f" — and a peak of {res['peak_rss_bytes'] / 2**30:.1f} GiB of memory (the whole "
-            "process tree: Ray and its workers included). Its last lines:\n\n```\n"
-            + "\n".join(res["tail"][-14:]) + "\n```")
+            + f"), a peak of {res['peak_rss_bytes'] / 2**30:.1f} GiB of memory (the whole "
+            "process tree, Ray included). It ends with one table of its three rows beside the "
+            "committed ones; a short excerpt (full HR@10 and sampled HR@10 columns):\n\n```\n"
+            + "\n".join(_excerpt(res["tail"])) + "\n```")
+
+
+def _excerpt(tail: list[str]) -> list[str]:
+    """The markdown rows of make run's closing table, cut to method | full | sampled."""
+    out = []
+    for line in tail:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) > 4 and not cells[0].startswith("---"):
+            out.append(f"{cells[0][:44]:<44} {cells[1]:>17} {cells[3]:>17}")
+    return out[:4]
+
+
+def make_test_block() -> str:
+    """README: what `make test` cost on a fresh clone (results/make_test.json)."""
+    res = _load("make_test.json")
+    if not res:
+        return ""
+    install = sum(s["seconds"] for s in res["steps"] if "pip install" in s["command"])
+    summary = next((line for line in reversed(res["tail"]) if " passed" in line), "")
+    return (f"`make test` on a fresh clone (`{res['command']}`, commit {res['commit'][:7]}, "
+            f"{res['machine']['cpus']} cores): **{res['seconds'] / 60:.1f} min** in all, "
+            f"{install / 60:.1f} min of it installing; pytest: `{summary.strip('= ')}`.")
+
+
+HEADLINE_ROWS = (("popularity.json", "popularity (all training interactions)", None),
+                 ("central-seq+id.json", "centralized, text + ID items (the accuracy ceiling)", None),
+                 ("central-seq-id.json", "centralized SASRec over item IDs", None),
+                 ("fed-seq+id-sched.json", "**federated, text + ID items (default)**", None),
+                 ("fed-seq-id.json", "federated SASRec over item IDs", None),
+                 ("fed-fedmf.json", "federated FedMF", None))
+
+
+def headline_table() -> str:
+    """README's one compact table: the default model centrally and federated, its peers, and
+    the best private point per unit at ε = 8; every row from its result file."""
+    rows = ["| model | full HR@10 | full NDCG@10 | cold-item HR@10 (sampled) | ε (unit) | seeds |",
+            "|---|---|---|---|---|---|"]
+    for name, label, _ in HEADLINE_ROWS:
+        res = _load(name)
+        if res:
+            b = res["summary"]["best"]
+            rows.append(f"| {label} | {fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | "
+                        f"{fmt(b.get('cold/hr@10'))} | ∞ | {len(res['runs'])} |")
+    sweep = _load(f"{V2}/sweep.json")
+    for unit in ("user", "interaction", "block"):
+        at8 = next((r for r in (sweep or {}).get("rows", []) if r["unit"] == unit
+                    and r["epsilon"] == 8), None)
+        if at8:
+            rows.append(f"| federated, private ({at8['rounds']} rounds) | {fmt(at8['full/hr@10'])} "
+                        f"| {fmt(at8['full/ndcg@10'])} | - | 8 ({_unit(at8)}, δ {at8['delta']:g}) "
+                        f"| {len(at8['seeds'])} |")
+    return "\n".join(rows)
 
 
 def config_table() -> str:
@@ -678,8 +652,9 @@ def main() -> None:
     blocks.update({"config": config_table(), "interpretation": interpretation(),
                    "make-run": make_run_block()})
     for name, make in (("reliability", reliability_table), ("privacy-sweep", sweep_table),
-                       ("privacy-tuning", privacy_tuning_table),
                        ("audit", audit_table), ("bench-dp", bench_dp_table),
+                       ("bench-dp-v1", lambda: bench_dp_table(BENCH_DP_V1, v1=True)),
+                       ("headline", headline_table), ("make-test", make_test_block),
                        ("audit-v2", lambda: audit_table(AUDITS_V2, v1=False)),
                        ("explain", explain_table), ("diversity", diversity_table),
                        ("privacy-sweep-v2", sweep_v2_table), ("privacy-levers", levers_table),

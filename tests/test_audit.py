@@ -1,4 +1,4 @@
-"""Membership-inference audit (fedrec/privacy/audit.py, `fedrec audit`) on the tiny data."""
+"""Membership-inference audit (fedrec/experiments/audit.py, `fedrec audit`) on the tiny data."""
 
 import itertools
 import json

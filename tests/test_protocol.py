@@ -1,4 +1,4 @@
-"""The DESIGN.md evaluation protocol: split, negatives, and exact metric values."""
+"""The evaluation protocol (docs/protocol.md): the split, the candidates, and exact metric values."""
 
 import math
 

@@ -145,3 +145,37 @@ def test_a_model_whose_user_vectors_stay_on_the_devices_is_refused_in_one_line(
                              "--model", str(run), "--catalog", str(dev))
     assert code == 2 and "user vectors stay on the devices" in err and err.count("\n") == 1, err
     assert "Traceback" not in err and not out.strip()
+
+
+def test_recommend_and_explain_eval_use_a_centrally_trained_model(tmp_path, run_cli, monkeypatch):
+    """`fedrec train-central --save-dir DIR` keeps the best model as a run directory, which
+    recommend, explain-eval, diversity-curve and audit read like a federated one."""
+    import json
+
+    from fedrec.federation.simulate import write_overrides
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))
+    root = tiny.build(tmp_path / "tiny")
+    conf = write_overrides(tmp_path / "tiny.toml", tiny.tiny_config(
+        root, {"central.epochs": 3}).to_flat())
+    code, out, err = run_cli("train-central", "--config", str(conf), "--seeds", "0",
+                             "--save-dir", str(tmp_path / "central"), "--quiet")
+    assert code == 0, err
+    model = tmp_path / "central"
+    assert (model / "final.safetensors").is_file() and (model / "run_config.json").is_file()
+    dev = write_device_dir(tmp_path / "dev", read_catalog(root / "data"), ["1", "4", "7"],
+                           [1, 2, 3])
+    code, out, err = run_cli("recommend", "--history", str(dev / "history.csv"), "--model",
+                             str(model), "-k", "3")
+    assert code == 0, err
+    assert out.count("because of") == 1 and "1    " in out
+    for cmd in (["explain-eval", "--users", "3"], ["diversity-curve", "--lambdas", "0,0.1"],
+                ["audit", "--users", "2", "--epsilons", "inf"]):
+        code, _, err = run_cli(*cmd, "--model", str(model), "--json", str(tmp_path / "o.json"))
+        assert code == 0, (cmd, err)
+        assert json.loads((tmp_path / "o.json").read_text())["method"]
+    # several seeds: one run directory each
+    code, _, err = run_cli("train-central", "--config", str(conf), "--seeds", "0,1",
+                           "--save-dir", str(tmp_path / "two"), "--quiet")
+    assert code == 0 and sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        ["seed-0", "seed-1"]

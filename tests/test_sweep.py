@@ -1,4 +1,4 @@
-"""Privacy-budget sweep (fedrec/privacy/sweep.py, `fedrec privacy-sweep`)."""
+"""Privacy-budget sweep (fedrec/experiments/sweep.py, `fedrec privacy-sweep`)."""
 
 import json
 import math
