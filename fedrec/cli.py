@@ -202,10 +202,11 @@ def explain_eval_cmd(model: str = ModelsOpt,
 def diversity_curve_cmd(model: str = ModelsOpt, json_path: str | None = JsonOpt,
                         lambdas: str = typer.Option("0,0.02,0.04,0.06,0.08,0.1,0.12,0.15",
                                                     "--lambdas", help="diversity weights in [0, 1]"),
-                        method: str = typer.Option("mmr", help="mmr | dpp (re-ranker)")):
+                        method: str = typer.Option("mmr", help="mmr | dpp (re-ranker)"),
+                        similarity: str = typer.Option("plm", help="plm | plm-centred | genres")):
     """Full HR@10 against intra-list diversity of re-ranked top-10 lists on test users."""
     from fedrec.ranking.diversity import curve_runs  # lazy
-    body = curve_runs(model.split(","), lambdas, method)
+    body = curve_runs(model.split(","), lambdas, method, similarity)
     keys = [k for k in body["summary"][0] if k != "lambda"]
     _show(f"{method.upper()} re-ranking (mean over runs)", ["lambda", *keys], [[f"{r['lambda']:g}", *(
         f"{r[k]['mean']:.4f}" for k in keys)] for r in body["summary"]])

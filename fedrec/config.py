@@ -33,6 +33,7 @@ class DataConfig:
     split_seed: int
     eval_negatives: int
     users: int  # > 0: the first `users` of a seeded permutation (nested subsets), 0 = all
+    tie_order: str  # random (a seeded permutation of the catalog) | item-id
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TrainConfig:
     optimizer: str
     lr: float
     batch_size: int
+    window_stride: int  # training windows every this many items (0 or >= model.max-len: disjoint)
     weight_decay: float
     local_epochs: int
     seed: int
@@ -224,6 +226,7 @@ def _short(value: Any) -> str:
 
 _CHOICES = {
     "model.kind": ("seq", "fedmf"),
+    "data.tie-order": ("random", "item-id"),
     "train.optimizer": ("adam", "sgd"),
     "central.optimizer": ("adam", "sgd"),
     "fed.strategy": ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
@@ -257,6 +260,8 @@ def _validate(cfg: Config) -> None:
         ("model.id-dropout", 0.0 <= flat["model.id-dropout"] < 1.0, "in [0, 1)"),
         ("model.public-warm-start", flat["model.public-warm-start"] >= 0, ">= 0 (0 = off)"),
         ("train.weight-decay", flat["train.weight-decay"] >= 0, ">= 0"),
+        ("train.window-stride", flat["train.window-stride"] >= 0,
+         ">= 0 (0 = model.max-len: disjoint windows)"),
         ("fed.clients-per-round", flat["fed.clients-per-round"] >= 0, ">= 0 (0 = every user)"),
         ("fed.proximal-mu", flat["fed.proximal-mu"] >= 0, ">= 0"),
         ("fed.server-lr-warmup", 0 <= flat["fed.server-lr-warmup"] < flat["fed.num-rounds"],
@@ -381,7 +386,9 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "data.users": 0,  # population study (issue 14): 0 = every user
               "model.public-warm-start": 0,  # privacy levers (issue 14): off
               "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none",  # constant server lr
-              "fed.server-lr-ids": 1.0}  # one server lr for every parameter
+              "fed.server-lr-ids": 1.0,  # one server lr for every parameter
+              "data.tie-order": "item-id",  # equal timestamps were ordered by item id
+              "train.window-stride": 0}  # disjoint windows
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

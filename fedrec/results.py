@@ -16,7 +16,8 @@ import numpy as np
 
 from fedrec.files import write_text_atomic
 
-HEADLINE = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+HEADLINE = ("full/hr@10", "full/ndcg@10", "full/cold/hr@10", "new-items/hr@10", "sampled/hr@10",
+            "sampled/cold/hr@10")
 SELECT = "full/hr@10"  # model selection (on validation): the headline metric
 CURVE_KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10")  # per epoch/round
 

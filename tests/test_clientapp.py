@@ -17,7 +17,8 @@ from fedrec.models.build import build_model
 from fedrec.models.protocol import batch_inputs
 from tiny import holding, tiny_config
 
-EVAL_KEYS = {"sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10",
+EVAL_KEYS = {"sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "full/cold/hr@10",
+             "new-items/hr@10", "top10/unreleased-share",
              "num-examples"}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.data.evaluate import evaluate, intra_list_diversity, item_novelty, top_k, unit_rows
+from fedrec.data.evaluate import Space, evaluate, item_novelty, top_k, unit_rows
 from fedrec.models.protocol import batch_inputs
 from fedrec.models.seqrec import SeqRec
 from fedrec.ranking.diversity import dpp, lambda_curve, mmr
@@ -76,7 +76,7 @@ def test_mmr_with_lambda_zero_is_the_plain_ranking():
     rng = np.random.default_rng(0)
     s = rng.normal(size=(7, 40))
     s[:, :3] = -np.inf  # excluded items never appear
-    unit = unit_rows(rng.normal(size=(40, 5)))
+    unit = Space.vectors(rng.normal(size=(40, 5)))
     plain = np.argsort(-s, axis=1, kind="stable")[:, :10]
     assert (mmr(s, unit, 10, 0.0) == plain).all() and (top_k(s, 10) == plain).all()
     for red in ("mean", "max"):
@@ -88,10 +88,10 @@ def test_mmr_with_lambda_zero_is_the_plain_ranking():
 def test_mmr_replaces_a_near_duplicate_and_ild_rises():
     vecs = np.array([[1.0, 0, 0], [1.0, 0.01, 0], [0, 1.0, 0], [0, 0, 1.0]])
     s = np.array([[4.0, 3.9, 3.0, 2.0]])
-    unit = unit_rows(vecs)
+    unit = Space.vectors(vecs)
     assert mmr(s, unit, 2, 0.0).tolist() == [[0, 1]]
     assert mmr(s, unit, 2, 0.5).tolist() == [[0, 2]]  # item 1 duplicates item 0
-    ild = intra_list_diversity(np.array([[0, 1], [0, 2]]), unit)
+    ild = unit.ild(np.array([[0, 1], [0, 2]]))
     assert ild[0] == pytest.approx(0.0, abs=1e-3) and ild[1] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="lambda"):
         mmr(s, unit, 2, 1.5)
@@ -101,7 +101,7 @@ def test_dpp_at_lambda_zero_is_the_plain_ranking_and_drops_a_near_duplicate():
     rng = np.random.default_rng(1)
     s = rng.normal(size=(7, 40))
     s[:, :3] = -np.inf
-    unit = unit_rows(rng.normal(size=(40, 5)))  # 5 dimensions: volume runs out after 5 items
+    unit = Space.vectors(rng.normal(size=(40, 5)))  # 5 dimensions: volume runs out after 5 items
     plain = np.argsort(-s, axis=1, kind="stable")[:, :10]
     assert (dpp(s, unit, 10, 0.0) == plain).all()
     lists = dpp(s, unit, 10, 0.3)
@@ -109,9 +109,9 @@ def test_dpp_at_lambda_zero_is_the_plain_ranking_and_drops_a_near_duplicate():
     assert all(len(set(r)) == 10 and not set(r) & {0, 1, 2} for r in lists)
     vecs = np.array([[1.0, 0, 0], [1.0, 0.01, 0], [0, 1.0, 0], [0, 0, 1.0]])
     near = np.array([[4.0, 3.9, 3.0, 2.0]])
-    assert dpp(near, unit_rows(vecs), 2, 0.5).tolist() == [[0, 2]]
+    assert dpp(near, Space.vectors(vecs), 2, 0.5).tolist() == [[0, 2]]
     with pytest.raises(ValueError, match="lambda"):
-        dpp(near, unit_rows(vecs), 2, -0.1)
+        dpp(near, Space.vectors(vecs), 2, -0.1)
 
 
 def test_dpp_greedy_steps_maximise_the_log_determinant():
@@ -120,7 +120,7 @@ def test_dpp_greedy_steps_maximise_the_log_determinant():
     rng = np.random.default_rng(2)
     s, vecs = rng.normal(size=(5, 12)), unit_rows(rng.normal(size=(12, 8)))
     lam, k = 0.4, 6
-    lists = dpp(s, vecs, k, lam)
+    lists = dpp(s, Space.vectors(vecs), k, lam)
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     q = p ** ((1 - lam) / (2 * lam))
@@ -144,10 +144,11 @@ def test_evaluation_reports_diversity_and_lambda_zero_matches_its_hr(tiny_split)
     rng = np.random.default_rng(1)
     table = rng.normal(size=(split.n_users, split.n_items))
     score = lambda users, inputs: table[users]
-    m = evaluate(score, split, item_vectors=vecs)
+    spaces = {"plm": Space.vectors(vecs)}
+    m = evaluate(score, split, spaces=spaces)
     assert {"div/ild@10", "div/coverage@10", "div/novelty@10"} <= set(m)
     assert 0 < m["div/coverage@10"] <= 1 and 0 < m["div/ild@10"] < 2
-    curve = lambda_curve(score, split, vecs, [0.0, 0.5])
+    curve = lambda_curve(score, split, spaces, [0.0, 0.5])
     assert curve[0]["full/hr@10"] == pytest.approx(m["full/hr@10"])
     assert curve[0]["div/ild@10"] == pytest.approx(m["div/ild@10"])
     assert curve[1]["div/ild@10"] > curve[0]["div/ild@10"]
@@ -201,6 +202,7 @@ class _FakeDs:
 
     def __init__(self, users, items, n_users, n_items):
         self.users, self.items, self.n_users, self.n_items = users, items, n_users, n_items
+        self.times = np.arange(len(items))
 
 
 def test_random_list_ild_is_one_minus_the_mean_cosine_over_distinct_pairs():
@@ -208,14 +210,29 @@ def test_random_list_ild_is_one_minus_the_mean_cosine_over_distinct_pairs():
 
     u = unit_rows(np.random.default_rng(0).normal(size=(30, 4)))
     cos = u @ u.T
-    assert random_list_ild(u) == pytest.approx(1 - (cos.sum() - 30) / (30 * 29))
+    assert random_list_ild(Space.vectors(u)) == pytest.approx(1 - (cos.sum() - 30) / (30 * 29))
 
 
-def test_a_model_without_text_vectors_reports_no_ild_rather_than_a_wrong_one(tiny_split):
-    """Zero-width "embeddings" (an ID-only model's) would make every cosine 0 and ILD 1;
-    evaluation leaves ILD out instead, and the commands pass pipeline.catalog_vectors."""
+def test_genre_space_measures_ild_by_jaccard_and_without_spaces_there_is_no_ild(tiny_split):
+    genres = Space.sets([{"a", "b"}, {"a"}, {"c"}, set()])
+    # Jaccard: {a,b}~{a} = 1/2, {a,b}~{c} = 0, {a}~{c} = 0; an empty set is like nothing.
+    assert genres.ild(np.array([[0, 1], [0, 2], [2, 3]])).tolist() == pytest.approx(
+        [0.5, 1.0, 1.0])
+    assert genres.ild(np.array([[0, 1, 2]]))[0] == pytest.approx(1 - (0.5 * 2) / 6)
+    lists = np.array([[0, 1], [1, 0]])
+    assert genres.ild(lists)[0] == genres.ild(lists)[1]  # order within a list is irrelevant
     split, _ = tiny_split
     table = np.random.default_rng(2).normal(size=(split.n_users, split.n_items))
-    m = evaluate(lambda users, inputs: table[users], split,
-                 item_vectors=np.zeros((split.n_items, 0)))
-    assert "div/ild@10" not in m and "div/coverage@10" in m
+    m = evaluate(lambda users, inputs: table[users], split)
+    assert not any(k.startswith("div/ild") or "genre" in k for k in m)
+    assert "div/coverage@10" in m
+
+
+def test_centred_space_removes_the_shared_direction():
+    """Raw vectors sharing a large common component look alike (ILD near 0); centring on
+    the catalog mean restores their spread."""
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(50, 6)) + 20.0
+    lists = rng.integers(0, 50, size=(40, 10))
+    raw, centred = Space.vectors(v).ild(lists), Space.vectors(v, centred=True).ild(lists)
+    assert np.nanmean(raw) < 0.05 and np.nanmean(centred) > 0.5

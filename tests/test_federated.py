@@ -22,7 +22,8 @@ from fedrec.models.build import build_model
 from fedrec.models.train import scorer
 from tiny import holding, tiny_config
 
-KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "full/cold/hr@10",
+        "full/warm/ndcg@10", "sampled/cold/hr@10", "new-items/hr@10", "top10/unreleased-share")
 
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -129,8 +130,9 @@ def test_devices_rank_exactly_like_the_server(cfg, prepared):
         if stage == "test":
             assert fed["users"] == server["users"]
             assert fed["cold/users"] == server["cold/users"] >= 1  # the tiny data has one
-            assert fed["cold/hr@10"] == pytest.approx(server["cold/hr@10"])
-            assert fed["warm/hr@10"] == pytest.approx(server["warm/hr@10"])
+            for key in KEYS[4:] + ("full/cold/ndcg@10", "new-items/ndcg@10",
+                                   "sampled/warm/hr@10"):
+                assert fed[key] == pytest.approx(server[key], abs=1e-6), key
 
 
 def record(hr, ndcg, cold, n=1):
@@ -138,7 +140,9 @@ def record(hr, ndcg, cold, n=1):
            "full/hr@10": hr / 2, "full/ndcg@10": ndcg / 2}
     out["cold/users"], out["warm/users"] = float(cold), 1.0 - cold
     for group, flag in (("cold", cold), ("warm", 1 - cold)):
-        out[f"{group}/hr@10"], out[f"{group}/ndcg@10"] = flag * hr, flag * ndcg
+        out[f"full/{group}/hr@10"], out[f"full/{group}/ndcg@10"] = flag * hr, flag * ndcg
+    out["new-items/hr@10"] = cold * 1.0
+    out["top10/unreleased-share"] = 0.1 * cold
     return out
 
 
@@ -151,9 +155,12 @@ def test_aggregate_client_metrics_by_hand():
     assert out["sampled/ndcg@10"] == pytest.approx((1 + 0.5 + 0 + 0.25) / 4)
     assert out["full/hr@10"] == pytest.approx(3 / 8)
     assert out["cold/users"] == 1.0 and out["warm/users"] == 3.0
-    assert out["cold/hr@10"] == pytest.approx(1.0) and out["cold/ndcg@10"] == pytest.approx(0.5)
-    assert out["warm/hr@10"] == pytest.approx(2 / 3)
-    assert out["warm/ndcg@10"] == pytest.approx(1.25 / 3)
+    assert out["full/cold/hr@10"] == pytest.approx(1.0)
+    assert out["full/cold/ndcg@10"] == pytest.approx(0.5)
+    assert out["full/warm/hr@10"] == pytest.approx(2 / 3)
+    assert out["full/warm/ndcg@10"] == pytest.approx(1.25 / 3)
+    assert out["new-items/hr@10"] == 1.0  # over the cold devices only
+    assert out["top10/unreleased-share"] == pytest.approx(0.1 / 4)  # over every device
     assert "num-examples" not in out
 
 
@@ -161,8 +168,9 @@ def test_aggregate_client_metrics_edge_cases():
     assert aggregate_client_metrics([]) == {}
     assert aggregate_client_metrics([record(1.0, 1.0, cold=0, n=0)]) == {}
     out = aggregate_client_metrics([record(1.0, 1.0, cold=0)])
-    assert math.isnan(out["cold/hr@10"]) and out["cold/users"] == 0.0  # no cold user: NaN
-    assert out["warm/hr@10"] == 1.0
+    assert out["cold/users"] == 0.0  # no cold user: NaN
+    assert math.isnan(out["full/cold/hr@10"]) and math.isnan(out["new-items/hr@10"])
+    assert out["full/warm/hr@10"] == 1.0
 
 
 def test_a_simulated_client_loads_its_users_partition(cfg, prepared):

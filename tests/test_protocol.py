@@ -13,7 +13,8 @@ from fedrec.data.evaluate import evaluate
 from fedrec.data.protocol import Split, make_split
 from fedrec.errors import FedrecError
 
-KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10")
+KEYS = ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "full/cold/hr@10",
+        "full/warm/hr@10", "sampled/cold/hr@10", "new-items/hr@10", "top10/unreleased-share")
 
 
 @pytest.fixture(autouse=True)
@@ -139,13 +140,58 @@ def test_evaluate_exact_values(chunk):
     assert m["sampled/auc"] == pytest.approx((2 / 3 + 0.5) / 2)
     assert m["full/hr@10"] == 1.0
     assert m["full/ndcg@10"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(6)) / 2)
-    assert m["cold/hr@10"] == 1.0 and m["cold/users"] == 1
-    assert m["cold/ndcg@10"] == pytest.approx(1 / math.log2(6))
-    assert m["warm/ndcg@10"] == pytest.approx(1 / math.log2(3)) and m["warm/users"] == 1
+    # user 1's test item (11) is the cold one: full rank 4, sampled rank 4; user 0 warm.
+    assert m["full/cold/hr@10"] == 1.0 and m["cold/users"] == 1
+    assert m["full/cold/ndcg@10"] == m["sampled/cold/ndcg@10"] == pytest.approx(1 / math.log2(6))
+    assert m["full/warm/ndcg@10"] == pytest.approx(1 / math.log2(4)) and m["warm/users"] == 1
+    assert m["sampled/warm/ndcg@10"] == pytest.approx(1 / math.log2(3))
+    # Among the unreleased items alone, 11 has no rival: rank 0.
+    assert m["new-items/hr@10"] == 1.0 and m["new-items/ndcg@10"] == 1.0
+    # Each user's top-10 of the 10 items outside the input holds item 11 (plus the
+    # excluded input items at -inf filling user 0's list): 1 in 10.
+    assert m["top10/unreleased-share"] == pytest.approx(0.1)
     assert m["users"] == 2 and all(key in m for key in KEYS)
     m2 = evaluate(scorer([]), hand_split(), "test", k=2, chunk=chunk)
-    assert (m2["sampled/hr@2"], m2["full/hr@2"], m2["cold/hr@2"], m2["warm/hr@2"]) == \
-        (0.5, 0.0, 0.0, 1.0)
+    assert (m2["sampled/hr@2"], m2["full/hr@2"], m2["full/cold/hr@2"],
+            m2["sampled/warm/hr@2"], m2["new-items/hr@2"]) == (0.5, 0.0, 0.0, 1.0, 1.0)
+
+
+def test_cold_metrics_credit_only_what_the_full_ranking_earns():
+    """A scorer that puts every never-trained item above every trained one (a constant
+    plus noise) looks perfect on the sampled cold column, whose few negatives are mostly
+    released items; in the full ranking a cold target competes with every other unreleased
+    item, and the cold metric is exactly the share of cold users whose target makes the
+    brute-force top 10."""
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), t) for u in range(120)
+            for t, i in enumerate(rng.choice(100, size=12, replace=False))]
+    split = make_split(dataset(rows, 100), 0.3, 0, 20)
+    noise = rng.normal(size=(split.n_users, split.n_items))
+    table = noise + 100.0 * split.cold
+    m = evaluate(lambda users, _: table[users], split)
+    cold_users = [u for u in split.eval_users("test") if split.cold[split.test[u]]]
+    assert m["cold/users"] == len(cold_users) > 10
+    hits = []
+    for u in cold_users:
+        s = table[u].copy()
+        s[split.eval_history(u, "test")] = -np.inf
+        hits.append(split.test[u] in np.argsort(-s, kind="stable")[:10])
+    assert m["full/cold/hr@10"] == pytest.approx(np.mean(hits))
+    assert m["sampled/cold/hr@10"] == 1.0 and m["full/cold/hr@10"] < 0.6
+    assert m["new-items/hr@10"] == pytest.approx(m["full/cold/hr@10"])  # cold above all
+    assert m["top10/unreleased-share"] == 1.0
+    assert m["full/warm/hr@10"] == 0.0  # ten cold items above every warm target
+
+
+def test_a_constant_scorer_earns_nothing_in_the_cold_columns():
+    rng = np.random.default_rng(1)
+    rows = [(u, int(i), t) for u in range(60)
+            for t, i in enumerate(rng.choice(50, size=8, replace=False))]
+    split = make_split(dataset(rows, 50), 0.3, 0, 10)
+    m = evaluate(lambda users, _: np.ones((len(users), split.n_items)), split)
+    assert m["cold/users"] > 0
+    for key in ("full/cold/hr@10", "sampled/cold/hr@10", "new-items/hr@10", "full/hr@10"):
+        assert m[key] == 0.0, key
 
 
 def test_evaluate_val_stage_and_no_users():
@@ -209,3 +255,46 @@ def test_split_invariants(rows, cold_fraction, seed):
         assert set(s.history(u).tolist()) | set(held) <= set(mine.tolist())
         for negs in (s.val_negatives[u], s.test_negatives[u]):
             assert not set(negs[negs >= 0].tolist()) & set(mine.tolist())
+
+
+@pytest.mark.parametrize("tie_order", ["random", "item-id"])
+def test_a_device_orders_equal_timestamps_as_the_split_does(tmp_path, tie_order):
+    """Interactions sharing a timestamp (MovieLens has many) are ordered by the protocol's
+    tie rule on the server and on a device alike, whatever order the file lists them in."""
+    import json
+
+    from fedrec.data.device import read_catalog, read_history
+
+    rng = np.random.default_rng(4)
+    n, seed = 30, 5
+    rows = [(u, int(i), int(t)) for u in range(8)
+            for i, t in zip(rng.choice(n, 10, replace=False), rng.integers(0, 3, 10))]
+    split = make_split(dataset(rows, n), 0.0, seed, 3, tie_order=tie_order)
+    (tmp_path / "items.jsonl").write_text("".join(
+        json.dumps({"item": str(i), "title": f"t{i}"}) + "\n" for i in range(n)))
+    cat = read_catalog(tmp_path)
+    for u in range(8):
+        mine = [(i, t) for uu, i, t in rows if uu == u]
+        rng.shuffle(mine)  # the file's own order is irrelevant
+        path = tmp_path / f"h{u}.csv"
+        path.write_text("item,timestamp\n" + "".join(f"{i},{t}\n" for i, t in mine))
+        seq = read_history(path, cat, seed if tie_order == "random" else None)
+        assert seq.tolist() == [*split.history(u).tolist(), split.val[u], split.test[u]]
+
+
+def test_random_tie_order_is_seeded_and_only_reorders_equal_timestamps():
+    assert np.array_equal(protocol.tie_ranks(50, 3), protocol.tie_ranks(50, 3))
+    assert sorted(protocol.tie_ranks(50, 3)) == list(range(50))
+    assert not np.array_equal(protocol.tie_ranks(50, 3), protocol.tie_ranks(50, 4))
+    rng = np.random.default_rng(0)
+    tied = [(u, int(i), 0) for u in range(20) for i in rng.choice(40, 6, replace=False)]
+    by_id = make_split(dataset(tied, 40), 0.0, 0, 3, tie_order="item-id")
+    mixed = make_split(dataset(tied, 40), 0.0, 0, 3, tie_order="random")
+    # All at one time: item-id order puts each user's two largest ids last; random does not.
+    assert all(by_id.test[u] == max(i for uu, i, _ in tied if uu == u) for u in range(20))
+    assert (mixed.test != by_id.test).sum() >= 10
+    distinct = [(u, i, t) for u, i, t in ((u, int(i), t) for u in range(20)
+                for t, i in enumerate(rng.choice(40, 6, replace=False)))]
+    a = make_split(dataset(distinct, 40), 0.0, 0, 3, tie_order="item-id")
+    b = make_split(dataset(distinct, 40), 0.0, 0, 3, tie_order="random")
+    assert np.array_equal(a.train_items, b.train_items) and np.array_equal(a.test, b.test)

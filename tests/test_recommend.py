@@ -179,3 +179,53 @@ def test_recommend_and_explain_eval_use_a_centrally_trained_model(tmp_path, run_
                            "--save-dir", str(tmp_path / "two"), "--quiet")
     assert code == 0 and sorted(p.name for p in (tmp_path / "two").iterdir()) == \
         ["seed-0", "seed-1"]
+
+
+def test_an_item_added_after_training_is_ranked_by_its_text(tmp_path, monkeypatch):
+    """A catalog that grew after training: every trained item keeps its exact score (its
+    ID rows are found by item id, not position) and the new item, a text twin of a liked
+    item the history lacks, is scored through its text and the learned text-to-ID map,
+    and reaches the top of the list."""
+    import shutil
+
+    import torch
+
+    from fedrec.data.device import item_embeddings
+    from fedrec.data.pipeline import prepare
+    from fedrec.models.central import train_central
+    from fedrec.models.saved import load_model, save_model
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))
+    root = tiny.build(tmp_path / "tiny")
+    cfg = tiny.tiny_config(root, {"central.epochs": 15})
+    p = prepare(cfg)
+    out = train_central(cfg, p.split, p.item_emb, log=lambda _: None)
+    run = save_model(tmp_path / "run", cfg, out["model"], p.dataset.item_ids, p.split.released)
+    # A Horror fan's history of Horror classics (ids 31, 34, ...); item 46 is one too.
+    hist = ["31", "34", "37", "40", "43"]
+    twin = "46"
+    grown = tmp_path / "grown"
+    shutil.copytree(root / "data", grown)
+    rows = (grown / "items.csv").read_text().splitlines()
+    line = next(r for r in rows if r.startswith(f"{twin},"))
+    (grown / "items.csv").write_text("\n".join(rows + ["61" + line[len(twin):]]) + "\n")
+    dev = write_device_dir(tmp_path / "dev", read_catalog(root / "data"), hist, [1, 2, 3, 4, 5])
+    old = {r.item: r.score for r in recommend(dev / "history.csv", run, k=100,
+                                              catalog=root / "data")}
+    new = recommend(dev / "history.csv", run, k=100, catalog=grown,
+                    cache_dir=tmp_path / "cache2")
+    scores = {r.item: r.score for r in new}
+    assert set(scores) == set(old) | {"61"}
+    assert all(scores[i] == pytest.approx(s, abs=1e-6) for i, s in old.items())
+    assert scores["61"] > np.median(list(old.values()))  # in the upper half, by its text
+    # Its item vector is exactly its twin's were the twin new too: text and the map alone.
+    cat = read_catalog(grown)
+    E = torch.from_numpy(item_embeddings(cfg, cat, tmp_path / "cache2"))
+    twin_new = np.isin(cat.item_ids, [twin])
+    _, model = load_model(run, E.shape[1], cat.item_ids, twin_new)
+    h, b = model.eval().item_table(E)
+    a, t = cat.item_ids.index("61"), cat.item_ids.index(twin)
+    assert torch.allclose(h[a], h[t], atol=1e-6) and torch.allclose(b[a], b[t], atol=1e-6)
+    _, model = load_model(run, E.shape[1], cat.item_ids)
+    h2, _ = model.eval().item_table(E)
+    assert not torch.allclose(h2[a], h2[t], atol=1e-3)  # the known twin: its own trained ID vector

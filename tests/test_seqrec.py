@@ -11,7 +11,7 @@ from fedrec.data.protocol import ClientData
 from fedrec.federation.local import local_evaluate, local_update
 from fedrec.models.build import build_model
 from fedrec.models.central import train_central
-from fedrec.models.protocol import PAD, batch_inputs, last_items, windows
+from fedrec.models.protocol import PAD, batch_inputs, last_items, target_mask, windows
 from fedrec.models.seqrec import SeqRec
 from fedrec.models.train import scorer
 from tiny import holding, tiny_config
@@ -30,16 +30,25 @@ def _model(n_items=20, text_dim=12, **kw) -> SeqRec:
     return m.eval()
 
 
-def test_windows_make_every_item_after_the_first_a_target_exactly_once():
+@pytest.mark.parametrize("stride", [1, 2, 3, 6])
+def test_windows_make_every_item_after_the_first_a_target_exactly_once(stride):
+    """With the loss counting from position L - stride (target_mask), every item after
+    the first is a target once, read with min(its position, L - stride + 1) or more items
+    of context; stride = L is the disjoint cut."""
+    L = 6
     for n in (0, 1, 2, 5, 6, 7, 13, 20):
         h = np.arange(100, 100 + n)
-        w = windows(h, 6)
-        targets = w[:, 1:][(w[:, 1:] != PAD) & (w[:, :-1] != PAD)]  # as SeqRec.loss counts
+        w = windows(h, L, stride)
+        keep = target_mask(torch.from_numpy(w), L - stride).numpy()
+        targets = w[:, 1:][keep]
         assert sorted(targets.tolist()) == h[1:].tolist()
-        assert w.shape[1] == 7
+        assert w.shape[1] == L + 1
+        context = (w[:, :-1] != PAD).cumsum(1)[keep]  # items read before each target
+        assert (context >= np.minimum(targets - 100, L - stride + 1)).all()
         for row in w:  # each window is a contiguous run of the history, left-padded
             real = row[row != PAD]
             assert (np.diff(real) == 1).all() and (row[:len(row) - len(real)] == PAD).all()
+    assert len(windows(np.arange(20), L, 1)) == 19 and len(windows(np.arange(20), L)) == 4
 
 
 def test_last_items_pads_left_and_keeps_the_most_recent():
@@ -166,9 +175,9 @@ def test_recommend_with_the_seq_model_names_reasons_that_lower_the_score(tmp_pat
     recs = recommend(dev / "history.csv", run, k=5)
     assert [r.rank for r in recs] == [1, 2, 3, 4, 5] and not {r.item for r in recs} & set(hist)
     assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
-    top = recs[0]
+    assert all(r.because[0][0] in hist for r in recs)
+    top = next(r for r in recs if r.because[0][2] > 0)  # an item some history item lifts
     reason, _, drop = top.because[0]
-    assert reason in hist and drop > 0
     # Removing that item from the history lowers the top item's score by `drop`.
     fewer = [h for h in hist if h != reason]
     dev2 = write_device_dir(root / "device2", read_catalog(root / "data"), fewer,
@@ -188,3 +197,34 @@ def test_padding_targets_never_make_the_loss_infinite():
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters()
                                         if p.grad is not None)
+
+
+def test_an_item_without_a_trained_id_row_gets_its_id_part_from_its_text():
+    m, E = _model(), torch.randn(20, 12)
+    known = np.ones(20, bool)
+    known[[3, 7]] = False
+    h_all, b_all = m.item_table(E)
+    m.know(known)
+    h, b = m.item_table(E)
+    text_h, text_b = m.adapter(E), m.text_bias(E).squeeze(-1)
+    g = m.id_from_text(E)
+    assert torch.allclose(h[[3, 7]], text_h[[3, 7]] + g[[3, 7], :-1])
+    assert torch.allclose(b[[3, 7]], text_b[[3, 7]] + g[[3, 7], -1])
+    assert torch.equal(h[known], h_all[known]) and torch.equal(b[known], b_all[known])
+    assert "_known" not in dict(m.named_buffers()) and "id_from_text.weight" in m.state_dict()
+    # Trained only where an item is seen through its text (unknown or ID-dropped) ...
+    seq = torch.tensor([[PAD, 1, 2, 3, 4, 5, 6], [0, 8, 9, 10, 11, 12, 13]])
+    m.train()
+    m.loss(E, seq).backward()
+    assert m.id_from_text.weight.grad.abs().sum() > 0
+    m.zero_grad()
+    m.know(None)
+    m.loss(E, seq).backward()  # every item known, no ID dropout: the map is not used
+    assert m.id_from_text.weight.grad is None or m.id_from_text.weight.grad.abs().sum() == 0
+    # ... and with ID dropout, on known items too (DropoutNet-style), in training only.
+    d = _model(id_dropout=0.5)
+    d.train()
+    d.loss(E, seq).backward()
+    assert d.id_from_text.weight.grad.abs().sum() > 0
+    d.eval()
+    assert torch.equal(d.item_table(E)[0], d.item_table(E)[0])

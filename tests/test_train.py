@@ -39,7 +39,8 @@ def test_train_central_beats_the_untrained_model(cfg, prepared, seed):
     full = [c["val/full/hr@10"] for c in out["curve"]]
     assert full[out["best_epoch"] - 1] == max(full)
     assert val_hr(out["model"], split, E) == pytest.approx(curve[out["best_epoch"] - 1])
-    for key in ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "cold/hr@10"):
+    for key in ("sampled/hr@10", "sampled/ndcg@10", "full/hr@10", "full/ndcg@10", "full/cold/hr@10",
+                "new-items/hr@10"):
         assert key in out["final"] and key in out["best"]
 
 

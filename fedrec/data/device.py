@@ -61,7 +61,7 @@ from fedrec.data.encoder import (
     resolve_model_dir,
     text_key,
 )
-from fedrec.data.protocol import ClientData, leave_one_out, untouched
+from fedrec.data.protocol import ClientData, leave_one_out, tie_ranks, time_order, untouched
 from fedrec.errors import FedrecError
 from fedrec.files import write_text_atomic
 
@@ -122,9 +122,12 @@ def read_catalog(spec: str | Path, cache_dir: str = "") -> Catalog:
     return Catalog(order, fields, cold, str(found))
 
 
-def read_history(path: Path, catalog: Catalog) -> np.ndarray:
+def read_history(path: Path, catalog: Catalog, tie_seed: int | None = None) -> np.ndarray:
     """Internal item indices of one user's history file, oldest first, repeats dropped
-    (the earliest is kept). Every problem is one FedrecError line naming the file."""
+    (the earliest is kept); equal timestamps in the protocol's seeded order of the catalog
+    (tie_seed: the split seed of data.tie-order = "random"; None: by catalog position,
+    data.tie-order = "item-id"), as the server's split orders them. Every problem is one
+    FedrecError line naming the file."""
     path = Path(path)
     hint = "write one row per interaction with columns item,timestamp"
     if not path.is_file():
@@ -156,10 +159,16 @@ def read_history(path: Path, catalog: Catalog) -> np.ndarray:
         raise FedrecError(f"{path}:{line}: item '{_show(iid)}' is not in the catalog "
                           f"{catalog.source} ({len(unknown)} unknown rows); use the catalog's "
                           "item ids")
-    order = np.argsort(np.array(times), kind="stable")
-    seq = np.array(items, np.int64)[order]
+    ranks = (np.arange(catalog.n_items) if tie_seed is None
+             else tie_ranks(catalog.n_items, tie_seed))
+    seq = time_order(np.array(items, np.int64), np.array(times), ranks)
     _, first = np.unique(seq, return_index=True)
     return seq[np.sort(first)]
+
+
+def tie_seed(cfg: Config) -> int | None:
+    """The seed read_history orders equal timestamps with under cfg's protocol."""
+    return cfg.data.split_seed if cfg.data.tie_order == "random" else None
 
 
 def client_data(seq: np.ndarray, catalog: Catalog, eval_negatives: int, seed: int) -> ClientData:
@@ -233,7 +242,7 @@ def load_device_client(run_config: dict, node_config: dict):
     cfg = Config.from_flat(run_config)
     data_dir, catalog_path, model_dir = device_paths(node_config)
     catalog = read_catalog(catalog_path)
-    seq = read_history(data_dir / HISTORY_FILE, catalog)
+    seq = read_history(data_dir / HISTORY_FILE, catalog, tie_seed(cfg))
     E = item_embeddings(cfg, catalog, data_dir / CACHE_DIR, model_dir)  # PLM: all cores
     # The update itself on one thread, as in simulation: one user's adapters are too small
     # for intra-op parallelism (measured: a 737-interaction update 1.3-1.9 s with 1 thread,

@@ -17,6 +17,7 @@ held-out item included, i.e. the list a user would see):
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,15 +92,46 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, 1)
 
 
-def intra_list_diversity(lists: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """[U] 1 - mean pairwise cosine within each list (NaN for lists under 2 items)."""
-    v = unit[lists]                                    # [U, k, D]
-    k = lists.shape[1]
-    if k < 2:
-        return np.full(len(lists), np.nan)
-    sims = np.einsum("ukd,ujd->ukj", v, v)
-    off = (sims.sum((1, 2)) - np.einsum("ukk->u", sims)) / (k * (k - 1))
-    return 1.0 - off
+@dataclass(frozen=True)
+class Space:
+    """Item features that list diversity and a re-ranker's similarity are measured in:
+    unit rows compared by cosine, or 0/1 sets (genres) compared by Jaccard."""
+
+    features: np.ndarray  # float32 [n_items, D]
+    jaccard: bool = False
+
+    @classmethod
+    def vectors(cls, vectors: np.ndarray, centred: bool = False) -> "Space":
+        """PLM vectors; centred: minus the catalog's mean first (raw MiniLM cosines are
+        anisotropic: a random list's are far from 0)."""
+        v = np.asarray(vectors, np.float64)
+        return cls(unit_rows(v - v.mean(0) if centred else v).astype(np.float32))
+
+    @classmethod
+    def sets(cls, item_sets: list[set]) -> "Space":
+        terms = sorted({t for s in item_sets for t in s})
+        at = {t: j for j, t in enumerate(terms)}
+        out = np.zeros((len(item_sets), max(len(terms), 1)), np.float32)
+        for i, s in enumerate(item_sets):
+            out[i, [at[t] for t in s]] = 1.0
+        return cls(out, jaccard=True)
+
+    def sim(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Similarity of features a [U, P, D] with b [U, D] -> [U, P]."""
+        dot = np.einsum("upd,ud->up", a, b)
+        if not self.jaccard:
+            return dot
+        union = a.sum(-1) + b.sum(-1)[:, None] - dot
+        return np.where(union > 0, dot / np.maximum(union, 1e-12), 0.0)
+
+    def ild(self, lists: np.ndarray) -> np.ndarray:
+        """[U] 1 - mean pairwise similarity within each list (NaN for lists under 2)."""
+        k = lists.shape[1]
+        if k < 2:
+            return np.full(len(lists), np.nan)
+        f = self.features[lists]                                    # [U, k, D]
+        sims = np.stack([self.sim(f, f[:, j]) for j in range(k)], 2)  # [U, k, k]
+        return 1.0 - (sims.sum((1, 2)) - np.einsum("ukk->u", sims)) / (k * (k - 1))
 
 
 def item_novelty(popularity: np.ndarray, n_users: int) -> np.ndarray:
@@ -107,20 +139,26 @@ def item_novelty(popularity: np.ndarray, n_users: int) -> np.ndarray:
     return -np.log2((np.asarray(popularity, np.float64) + 1.0) / (n_users + 1.0))
 
 
-class ListStats:
-    """Accumulates the beyond-accuracy metrics of top-k lists chunk by chunk."""
+ILD_KEYS = {"plm": "div/ild@{k}", "plm-centred": "div/ild-centred@{k}",
+            "genres": "div/genre-ild@{k}"}
 
-    def __init__(self, n_items: int, novelty: np.ndarray, unit: np.ndarray | None, k: int):
-        self.k, self.novelty, self.unit = k, novelty, unit
+
+class ListStats:
+    """Accumulates the beyond-accuracy metrics of top-k lists chunk by chunk: coverage,
+    novelty, and intra-list diversity in each given Space (ILD_KEYS)."""
+
+    def __init__(self, n_items: int, novelty: np.ndarray, spaces: dict[str, Space] | None,
+                 k: int):
+        self.k, self.novelty, self.spaces = k, novelty, spaces or {}
         self.seen = np.zeros(n_items, bool)
-        self.ild: list[np.ndarray] = []
+        self.ild: dict[str, list[np.ndarray]] = {name: [] for name in self.spaces}
         self.nov: list[np.ndarray] = []
 
     def add(self, lists: np.ndarray) -> None:
         self.seen[lists.ravel()] = True
         self.nov.append(self.novelty[lists].mean(1))
-        if self.unit is not None:
-            self.ild.append(intra_list_diversity(lists, self.unit))
+        for name, space in self.spaces.items():
+            self.ild[name].append(space.ild(lists))
 
     def summary(self) -> dict[str, float]:
         """NaN when no list was added (no evaluation users)."""
@@ -130,8 +168,8 @@ class ListStats:
         k = self.k
         out = {f"div/coverage@{k}": float(self.seen.mean()) if self.nov else float("nan"),
                f"div/novelty@{k}": mean(self.nov)}
-        if self.unit is not None:
-            out[f"div/ild@{k}"] = mean(self.ild)
+        for name, parts in self.ild.items():
+            out[ILD_KEYS[name].format(k=k)] = mean(parts)
         return out
 
 
@@ -157,35 +195,52 @@ def scored_chunks(score: Scorer, split: Split, stage: str, chunk: int):
         yield ub, s, full
 
 
+def candidates(s: np.ndarray, full: np.ndarray, target: np.ndarray, negatives: np.ndarray,
+               cold: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A chunk of users' positive scores [U] and their candidates [U, *] per ranking: the
+    stored sampled negatives; the full ranking (`full`: every item but the input's, -inf
+    elsewhere; the positive is taken out here, in place); the unreleased items only
+    ("new-items", for users whose target is one)."""
+    rows = np.arange(len(target))
+    pos = s[rows, target]
+    samp = np.where(negatives >= 0, s[rows[:, None], np.maximum(negatives, 0)], -np.inf)
+    full[rows, target] = -np.inf
+    return pos, {"sampled": samp, "full": full, "new-items": np.where(cold, full, -np.inf)}
+
+
 def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
-             chunk: int = 512, item_vectors: np.ndarray | None = None) -> dict[str, float]:
-    """Sampled, full and cold-start ranking metrics with the protocol's keys, and the
-    diversity of each user's top-k (fedrec.ranking.diversity: coverage, novelty, and intra-list
-    diversity when `item_vectors`, the frozen PLM item embeddings, are given).
+             chunk: int = 512, spaces: dict[str, Space] | None = None) -> dict[str, float]:
+    """Ranking metrics with the protocol's keys (docs/protocol.md), and the diversity of
+    each user's top-k (coverage, novelty, and intra-list diversity in each of `spaces`:
+    fedrec.data.pipeline.list_spaces).
+
+    - `sampled/*`, `full/*`: the target against the stored negatives / every item but the
+      evaluation input's (the headline);
+    - `full/cold/*`, `full/warm/*`, `sampled/cold/*`, `sampled/warm/*`: the same over the
+      users whose target is unreleased (cold) / released;
+    - `new-items/hr@k`: a cold target ranked among the unreleased items only;
+    - `top10/unreleased-share`: the share of unreleased items in the top-k lists.
 
     The scorer gets each user's evaluation input (Split.eval_history): the training
-    history at "val", plus the validation item at "test".
-    Users are scored `chunk` at a time and only per-user ranks are kept, so memory stays
-    at one [chunk, n_items] block however many users there are. With no eval users every
-    metric is NaN (the keys are still present).
+    history at "val", plus the validation item at "test". Users are scored `chunk` at a
+    time and only per-user ranks are kept. With no eval users every metric is NaN (the
+    keys are still present).
     """
     users = split.eval_users(stage)
     target = split.target(stage)
     negatives = split.test_negatives if stage == "test" else split.val_negatives
-    ranks: dict[str, list] = {"sampled": [], "full": []}
-    aucs: dict[str, list] = {"sampled": [], "full": []}
-    if item_vectors is not None and not np.shape(item_vectors)[1]:
-        item_vectors = None  # no text vectors: no ILD (callers pass pipeline.catalog_vectors)
+    names = ("sampled", "full", "new-items")
+    ranks: dict[str, list] = {n: [] for n in names}
+    aucs: dict[str, list] = {n: [] for n in names}
+    share: list[np.ndarray] = []
     lists = ListStats(split.n_items, item_novelty(split.item_popularity(), split.n_users),
-                      None if item_vectors is None else unit_rows(item_vectors), k)
+                      spaces, k)
     for ub, s, full in scored_chunks(score, split, stage, chunk):
-        rows = np.arange(len(ub))
-        pos = s[rows, target[ub]]
-        neg = negatives[ub]
-        samp = np.where(neg >= 0, s[rows[:, None], np.maximum(neg, 0)], -np.inf)
-        lists.add(top_k(full, k))                # the list the user sees (positive included)
-        full[rows, target[ub]] = -np.inf         # the positive is scored separately
-        for name, cand in (("sampled", samp), ("full", full)):
+        top = top_k(full, k)                     # the list the user sees (positive included)
+        lists.add(top)
+        share.append(split.cold[top].mean(1))
+        pos, cands = candidates(s, full, target[ub], negatives[ub], split.cold)
+        for name, cand in cands.items():
             ranks[name].append(rank_of_positive(pos, cand))
             aucs[name].append(user_auc(pos, cand))
     cat = {n: (np.concatenate(r) if r else np.zeros(0, np.int64)) for n, r in ranks.items()}
@@ -193,9 +248,16 @@ def evaluate(score: Scorer, split: Split, stage: str = "test", k: int = 10,
     out = {**summarize("sampled", cat["sampled"], cat_auc["sampled"], k),
            **summarize("full", cat["full"], cat_auc["full"], k)}
     cold = split.cold[target[users]]
-    for name, mask in (("cold", cold), ("warm", ~cold)):  # on the sampled candidates
-        m = summarize(name, cat["sampled"][mask], cat_auc["sampled"][mask], k)
-        out[f"{name}/hr@{k}"], out[f"{name}/ndcg@{k}"] = m[f"{name}/hr@{k}"], m[f"{name}/ndcg@{k}"]
-        out[f"{name}/users"] = int(mask.sum())
+    for group, mask in (("cold", cold), ("warm", ~cold)):
+        for name in ("full", "sampled"):
+            m = summarize(name, cat[name][mask], cat_auc[name][mask], k)
+            for metric in (f"hr@{k}", f"ndcg@{k}"):
+                out[f"{name}/{group}/{metric}"] = m[f"{name}/{metric}"]
+        out[f"{group}/users"] = int(mask.sum())
+    m = summarize("new-items", cat["new-items"][cold], cat_auc["new-items"][cold], k)
+    out[f"new-items/hr@{k}"], out[f"new-items/ndcg@{k}"] = m[f"new-items/hr@{k}"], \
+        m[f"new-items/ndcg@{k}"]
+    out[f"top{k}/unreleased-share"] = (float(np.concatenate(share).mean()) if share
+                                       else float("nan"))
     out["users"] = len(users)
     return {**out, **lists.summary()}

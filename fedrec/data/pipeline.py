@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrec.config import Config, uses_text
-from fedrec.data.datasets import Dataset, load_dataset
+from fedrec.data.datasets import Dataset, item_terms, load_dataset
 from fedrec.data.encoder import embed_texts
+from fedrec.data.evaluate import Space
 from fedrec.data.protocol import Split, make_split, population
 from fedrec.files import data_home
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prepared:
     dataset: Dataset
     split: Split
@@ -28,17 +29,31 @@ def catalog_vectors(cfg: Config, prepared: Prepared) -> np.ndarray:
     return _encode(prepared.dataset, cfg, False)
 
 
+def list_spaces(cfg: Config, prepared: Prepared) -> dict[str, Space]:
+    """What every method's lists are judged in (fedrec.data.evaluate.ILD_KEYS): the frozen
+    PLM vectors, raw and mean-centred, and the catalog's genre (and tag) sets, where the
+    catalog has them. Computed once per Prepared."""
+    if prepared not in _SPACES:
+        vectors = catalog_vectors(cfg, prepared)
+        out = {"plm": Space.vectors(vectors), "plm-centred": Space.vectors(vectors, True)}
+        terms = [{t for _, t in item_terms(f)} for f in prepared.dataset.item_fields]
+        if any(terms):
+            out["genres"] = Space.sets(terms)
+        _SPACES[prepared] = out
+    return _SPACES[prepared]
+
+
 def prepare(cfg: Config, progress: bool = False) -> Prepared:
     """The dataset, split and (for a model that reads text) item embeddings of cfg; the
     same object for every call of this process with the same data and encoder keys."""
     d, e = cfg.data, cfg.encoder
     key = (d.dataset, str(data_home(d.cache_dir)), d.item_template, d.cold_fraction,
-           d.split_seed, d.eval_negatives, d.users, e.model_dir, e.batch_size, e.max_length,
-           uses_text(cfg))
+           d.split_seed, d.eval_negatives, d.users, d.tie_order, e.model_dir, e.batch_size,
+           e.max_length, uses_text(cfg))
     if key not in _PREPARED:
         ds = load_dataset(d.dataset, d.cache_dir)
         split = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives,
-                                      d.cache_dir), d.users, d.split_seed)
+                                      d.cache_dir, d.tie_order), d.users, d.split_seed)
         emb = (_encode(ds, cfg, progress) if uses_text(cfg)
                else np.zeros((ds.n_items, 0), np.float32))
         while len(_PREPARED) >= 4:  # a few configurations per process at most
@@ -48,6 +63,7 @@ def prepare(cfg: Config, progress: bool = False) -> Prepared:
 
 
 _PREPARED: dict[tuple, Prepared] = {}
+_SPACES: dict[Prepared, dict[str, Space]] = {}
 
 
 def _encode(ds: Dataset, cfg: Config, progress: bool) -> np.ndarray:

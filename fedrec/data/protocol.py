@@ -1,7 +1,10 @@
 """The evaluation protocol (docs/protocol.md), the same for every method: the split.
 
 - Leave-one-out by time: last interaction = test, second-to-last = validation, rest =
-  train; users with fewer than 3 interactions train only.
+  train; users with fewer than 3 interactions train only. Interactions sharing a
+  timestamp are ordered by a seeded random permutation of the catalog (`tie_ranks`,
+  data.tie-order = "random"), not by item id, which would make the test item the
+  highest id of its burst.
 - Cold-start items: a fixed fraction of items is not yet released at training time: all
   its interactions are removed from training, and it is never in a training softmax (a
   device cannot know an item that does not exist yet). At evaluation it is a candidate
@@ -117,15 +120,29 @@ class ClientData:
         return len(self.warm)
 
 
+def tie_ranks(n_items: int, seed: int) -> np.ndarray:
+    """int64 [n_items]: each item's rank in a permutation of the catalog seeded by the split
+    seed; interactions sharing a timestamp are ordered by it (the same on a device, which
+    holds the same catalog)."""
+    return np.random.default_rng([seed, 0x71E5]).permutation(n_items)
+
+
+def time_order(items: np.ndarray, times: np.ndarray, ranks: np.ndarray | None) -> np.ndarray:
+    """One user's items by time, equal times by `ranks` (None: as given)."""
+    keys = (np.arange(len(items)), times) if ranks is None else (ranks[items], times)
+    return np.asarray(items)[np.lexsort(keys)]
+
+
 def make_split(ds: Dataset, cold_fraction: float, seed: int, eval_negatives: int,
-               cache_dir: str = "") -> Split:
-    path = (data_home(cache_dir) / "splits" /
-            f"{ds.name}-{ds.fingerprint()}-c{cold_fraction}-s{seed}-n{eval_negatives}.npz")
+               cache_dir: str = "", tie_order: str = "random") -> Split:
+    tag = "" if tie_order == "item-id" else f"-t{tie_order}"
+    path = (data_home(cache_dir) / "splits" / f"{ds.name}-{ds.fingerprint()}-c{cold_fraction}"
+            f"-s{seed}-n{eval_negatives}{tag}.npz")
     if path.is_file():
         cached = _load_cached(path, ds, eval_negatives)
         if cached is not None:
             return cached
-    split = _compute_split(ds, cold_fraction, seed, eval_negatives)
+    split = _compute_split(ds, cold_fraction, seed, eval_negatives, tie_order)
     with atomic_path(path) as tmp:
         np.savez(tmp, **{name: getattr(split, name) for name in _ARRAYS})
     return split
@@ -180,16 +197,20 @@ def untouched(items: np.ndarray, n_items: int) -> np.ndarray:
     return np.flatnonzero(~seen)
 
 
-def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int) -> Split:
+def _compute_split(ds: Dataset, cold_fraction: float, seed: int, k: int,
+                   tie_order: str = "random") -> Split:
     rng = np.random.default_rng(seed)
     n_u, n_i = ds.n_users, ds.n_items
     cold = np.zeros(n_i, bool)
     cold[rng.choice(n_i, size=round(cold_fraction * n_i), replace=False)] = True
     ptr = np.searchsorted(ds.users, np.arange(n_u + 1))
+    ranks = tie_ranks(n_i, seed) if tie_order == "random" else None  # else: by item id
     val, test = np.full(n_u, -1, np.int64), np.full(n_u, -1, np.int64)
     train = []
     for u in range(n_u):
-        val[u], test[u], items = leave_one_out(ds.items[ptr[u]:ptr[u + 1]], cold)  # time order
+        at = slice(ptr[u], ptr[u + 1])
+        val[u], test[u], items = leave_one_out(time_order(ds.items[at], ds.times[at], ranks),
+                                               cold)
         train.append(items)
     train_ptr = np.concatenate([[0], np.cumsum([len(t) for t in train])]).astype(np.int64)
     train_items = np.concatenate(train).astype(np.int64) if train else np.zeros(0, np.int64)

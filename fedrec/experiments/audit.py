@@ -73,7 +73,7 @@ def global_params(cfg, text_dim: int, n_items: int, run_dir: str | None = None) 
     """The global federated parameters the audited round starts from: a trained model's
     (a run directory) or a fresh model's (seed train.seed)."""
     if run_dir is not None:
-        arrays = load_run(run_dir)[1]
+        arrays = load_run(run_dir)[1]  # trained on this very catalog: rows as they are
         try:
             model_from_arrays(cfg, text_dim, n_items, arrays)
         except RuntimeError as exc:
@@ -110,7 +110,7 @@ class _Score(torch.nn.Module):
 
 
 def _model(cfg, E: torch.Tensor, n_items: int, arrays: dict):
-    return model_from_arrays(cfg, E.shape[1], n_items, arrays)
+    return model_from_arrays(cfg, E.shape[1], n_items, arrays)  # every row as it is
 
 
 @torch.no_grad()

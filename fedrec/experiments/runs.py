@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from fedrec.config import PYPROJECT, Config, run_identity, stored_config
-from fedrec.data.pipeline import catalog_vectors, prepare
+from fedrec.data.pipeline import list_spaces, prepare
 from fedrec.errors import FedrecError
 from fedrec.federation.inprocess import InProcessGrid
 from fedrec.federation.run_store import run_dir_for
@@ -42,20 +42,21 @@ def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False,
     save_dir: also keep each seed's best model as a run directory (fedrec.models.saved):
     save_dir itself for one seed, save_dir/seed-N for several."""
     p = prepare(cfg, progress=True)
-    vectors = catalog_vectors(cfg, p)
+    spaces = list_spaces(cfg, p)
     runs = []
     for seed in seeds:
         log(f"centralized {cfg.model.kind}, seed {seed}")
         t0 = time.time()
         c = cfg.override(**{"train.seed": seed})
         r = train_central(c, p.split, p.item_emb, log=(lambda *_: None) if quiet else log,
-                          item_vectors=vectors, item_fields=p.dataset.item_fields)
+                          spaces=spaces, item_fields=p.dataset.item_fields)
         runs.append({"seed": seed, "best": r["best"], "final": r["final"],
                      "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
                      "seconds": time.time() - t0, "curve": r["curve"]})
         if save_dir:
             d = Path(save_dir).expanduser() / (f"seed-{seed}" if len(seeds) > 1 else "")
-            runs[-1]["run_dir"] = str(save_model(d, c, r["model"]).resolve())
+            saved = save_model(d, c, r["model"], p.dataset.item_ids, p.split.released)
+            runs[-1]["run_dir"] = str(saved.resolve())
             log(f"model saved in {runs[-1]['run_dir']}")
     return seed_results(f"central-{model_name(cfg)}", cfg, runs)
 
@@ -155,7 +156,7 @@ def run_entry(seed: int, res: dict, run_dir: Path, seconds: float | None) -> dic
 def round_curve(rounds: list[dict]) -> list[dict]:
     """Per round: seconds, train loss, and the evaluated metrics (federated = the devices'
     own test and val ranking; server = the global model on every user, simulation only)."""
-    keys = [*CURVE_KEYS, *(f"val/{k}" for k in CURVE_KEYS), "cold/hr@10"]
+    keys = [*CURVE_KEYS, *(f"val/{k}" for k in CURVE_KEYS), "full/cold/hr@10", "new-items/hr@10"]
     out = []
     for r in rounds:
         row = {"round": r["round"], "t": r.get("t")}

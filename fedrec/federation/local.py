@@ -12,11 +12,17 @@ import numpy as np
 import torch
 
 from fedrec.config import Config
-from fedrec.data.evaluate import rank_of_positive
+from fedrec.data.evaluate import candidates, rank_of_positive, top_k
 from fedrec.data.protocol import ClientData
 from fedrec.models.build import build_model
 from fedrec.models.protocol import Recommender, batch_inputs, blocks, windows
-from fedrec.models.train import Proximal, make_optimizer, train_epoch, windows_per_step
+from fedrec.models.train import (
+    Proximal,
+    make_optimizer,
+    stride_of,
+    train_epoch,
+    windows_per_step,
+)
 from fedrec.privacy.accounting import EPSILON_METRIC, Accountant, local_plan, noise_multiplier
 from fedrec.privacy.dpsgd import dp_epoch, secret_randomness
 
@@ -26,7 +32,7 @@ def _model_and_user(cfg: Config, E: torch.Tensor, data: ClientData, arrays: dict
                     ) -> tuple[Recommender, torch.Tensor | None]:
     """The global model, and this device's user-local vector [user_dim] (kept, or new
     with a seed of its own; None for a model without one)."""
-    model = build_model(cfg, E.shape[1], data.n_items)
+    model = build_model(cfg, E.shape[1], data.n_items, data.warm)
     load_arrays(model, arrays)
     if not model.user_dim:
         return model, None
@@ -88,13 +94,15 @@ def local_update(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
         metrics = {"num-examples": 1, "noise-multiplier": sigma,
                    EPSILON_METRIC: accountant.epsilon(cfg.privacy.delta)}
     else:
-        rows = windows(data.history, model.max_len)
+        stride = stride_of(cfg)
+        rows = windows(data.history, model.max_len, stride)
         proximal = Proximal(model.parameters(), proximal_mu) if proximal_mu > 0 else None
-        per_step = windows_per_step(cfg.train.batch_size, model.max_len)
+        per_step = windows_per_step(cfg.train.batch_size, stride)
         users = None if user is None else user[None]
         owner = np.zeros(len(rows), np.int64)
         losses = [train_epoch(model, opt, E_t, rows, allowed, per_step, rng, users, owner,
-                              proximal) for _ in range(cfg.train.local_epochs)]
+                              proximal, first=model.max_len - stride)
+                  for _ in range(cfg.train.local_epochs)]
         metrics = {"train-loss": float(losses[-1]), "num-examples": len(data.history),
                    "update-seconds": time.perf_counter() - t0}
     new_local = {} if user is None else {"user": user.detach().numpy().copy()}
@@ -129,15 +137,17 @@ def check_device_budget(cfg: Config, accountant: Accountant, sigma: float, n: in
 
 def local_evaluate(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
                    local_state: dict | None, seed: int, k: int = 10) -> dict[str, float]:
-    """The device ranks its own held-out items (val and test): sampled and full ranking.
-
-    Returns per-user hits/gains; the server averages them over devices (num-examples = 1).
-    """
+    """The device ranks its own held-out items (val and test) as the protocol does on the
+    server (fedrec.data.evaluate): sampled and full ranking, and for a cold test item its
+    rank among the unreleased items. Returns this user's hits and gains with group flags;
+    the server averages them (aggregate_client_metrics, num-examples = 1)."""
     E_t = torch.from_numpy(E)
     model, user = _model_and_user(cfg, E_t, data, arrays, local_state, seed)
-    keys = [f"{p}{n}/{m}@{k}" for p in ("", "val/") for n in ("sampled", "full")
-            for m in ("hr", "ndcg")] + [f"{g}/{m}" for g in ("cold", "warm")
-                                        for m in ("users", f"hr@{k}", f"ndcg@{k}")]
+    ranked = ("sampled", "full")
+    keys = ([f"{p}{n}/{m}@{k}" for p in ("", "val/") for n in ranked for m in ("hr", "ndcg")]
+            + [f"{n}/{g}/{m}@{k}" for n in ranked for g in GROUPS for m in ("hr", "ndcg")]
+            + [f"new-items/{m}@{k}" for m in ("hr", "ndcg")]
+            + [f"{g}/users" for g in GROUPS] + [f"top{k}/unreleased-share"])
     if data.test < 0 or data.val < 0 or len(data.history) == 0:
         return {"num-examples": 0, **dict.fromkeys(keys, 0.0)}  # same keys in every reply
     out: dict[str, float] = {"num-examples": 1}
@@ -145,42 +155,55 @@ def local_evaluate(cfg: Config, E: np.ndarray, data: ClientData, arrays: dict,
     with torch.no_grad():
         both = model.eval().score_all(E_t, batch_inputs(inputs, model.max_len),
                                       None if user is None else user.detach().expand(2, -1))
-    both = both.numpy()
+    both = both.numpy().astype(np.float64)
+    unreleased = ~data.warm
     stages = (("val", data.val, data.val_negatives), ("test", data.test, data.test_negatives))
     for (stage, target, negs), seen, scores in zip(stages, inputs, both):
-        pos = scores[[target]]
-        samp = np.where(negs >= 0, scores[np.maximum(negs, 0)], -np.inf)[None]
-        full = scores.copy()
-        full[seen] = -np.inf
-        full[target] = -np.inf
+        full = scores.copy()[None]
+        full[0, seen] = -np.inf
+        if stage == "test":
+            out[f"top{k}/unreleased-share"] = float(unreleased[top_k(full, k)].mean())
+        pos, cands = candidates(scores[None], full, np.array([target]), negs[None], unreleased)
         prefix = "" if stage == "test" else "val/"
-        for name, cand in (("sampled", samp), ("full", full[None])):
-            r = int(rank_of_positive(pos, cand)[0])
-            out[f"{prefix}{name}/hr@{k}"] = float(r < k)
-            out[f"{prefix}{name}/ndcg@{k}"] = float(1.0 / np.log2(r + 2.0)) if r < k else 0.0
-    cold = float(data.test_is_cold)
-    out["cold/users"], out["warm/users"] = cold, 1.0 - cold
-    for group, flag in (("cold", cold), ("warm", 1.0 - cold)):
-        out[f"{group}/hr@{k}"] = flag * out[f"sampled/hr@{k}"]
-        out[f"{group}/ndcg@{k}"] = flag * out[f"sampled/ndcg@{k}"]
+        for name in (*ranked, "new-items"):
+            r = int(rank_of_positive(pos, cands[name])[0])
+            hit, gain = float(r < k), float(1.0 / np.log2(r + 2.0)) if r < k else 0.0
+            if name in ranked:
+                out[f"{prefix}{name}/hr@{k}"], out[f"{prefix}{name}/ndcg@{k}"] = hit, gain
+            if stage == "test":
+                flags = {"cold": float(data.test_is_cold), "warm": 1.0 - data.test_is_cold}
+                for group, flag in flags.items():
+                    out[f"{group}/users"] = flag
+                    if name in ranked:
+                        out[f"{name}/{group}/hr@{k}"] = flag * hit
+                        out[f"{name}/{group}/ndcg@{k}"] = flag * gain
+                if name == "new-items":
+                    out[f"new-items/hr@{k}"] = flags["cold"] * hit
+                    out[f"new-items/ndcg@{k}"] = flags["cold"] * gain
     return out
 
 
-def aggregate_client_metrics(records: list[dict[str, float]], k: int = 10) -> dict[str, float]:
-    """Mean over evaluated devices; cold/warm metrics are means over their own groups."""
+GROUPS = ("cold", "warm")
+
+
+def aggregate_client_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over evaluated devices; a group's metrics (".../cold/...", ".../warm/...",
+    new-items: cold) are means over that group's devices (NaN for an empty group)."""
     records = [r for r in records if r.get("num-examples", 0) > 0]
     if not records:
         return {}
     keys = [key for key in records[0] if key != "num-examples"]
     sums = {key: float(sum(r[key] for r in records)) for key in keys}
-    n = len(records)
-    out = {key: v / n for key, v in sums.items() if not key.startswith(("cold/", "warm/"))}
-    for group in ("cold", "warm"):
-        users = sums.get(f"{group}/users", 0.0)
-        for m in (f"hr@{k}", f"ndcg@{k}"):
-            out[f"{group}/{m}"] = sums[f"{group}/{m}"] / users if users else float("nan")
-        out[f"{group}/users"] = users
-    out["users"] = float(n)
+    out = {}
+    for key, total in sums.items():
+        group = next((g for g in GROUPS if f"/{g}/" in key), "cold" if key.startswith(
+            "new-items/") else None)
+        if key.endswith("/users") or group is None:
+            out[key] = total if key.endswith("/users") else total / len(records)
+        else:
+            users = sums[f"{group}/users"]
+            out[key] = total / users if users else float("nan")
+    out["users"] = float(len(records))
     return out
 
 

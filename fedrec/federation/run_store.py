@@ -46,11 +46,11 @@ from safetensors.numpy import load_file
 from fedrec.config import Config, run_identity
 from fedrec.data.device import read_catalog, text_dim
 from fedrec.data.evaluate import evaluate
-from fedrec.data.pipeline import catalog_vectors, prepare
+from fedrec.data.pipeline import list_spaces, prepare
 from fedrec.errors import FedrecError
 from fedrec.files import data_home, write_text_atomic
 from fedrec.models.build import build_model, model_from_arrays
-from fedrec.models.saved import FINAL, RUN_CONFIG, save_params
+from fedrec.models.saved import FINAL, RUN_CONFIG, save_catalog, save_params
 from fedrec.models.train import scorer
 from fedrec.models.warm_start import warm_start
 from fedrec.privacy.accounting import describe
@@ -81,14 +81,16 @@ class FederatedRun:
         self.deployed = cfg.fed.min_nodes > 0
         if self.deployed:
             self.prepared = None
-            self.n_items = read_catalog(cfg.data.dataset, cfg.data.cache_dir).n_items
+            catalog = read_catalog(cfg.data.dataset, cfg.data.cache_dir)
+            save_catalog(self.dir, catalog.item_ids, ~catalog.cold)
+            self.n_items = catalog.n_items
             self.text_dim = text_dim(cfg)
         else:  # simulation: encode the catalog once here, before any client asks for it
             self.prepared = prepare(cfg)
+            save_catalog(self.dir, self.prepared.dataset.item_ids, self.prepared.split.released)
             self.n_items = self.prepared.split.n_items
             self.text_dim = self.prepared.item_emb.shape[1]
         self.rounds: dict[int, dict] = {}
-        self.diversity_vectors = None
         self.t0 = time.time()
 
     @property
@@ -183,13 +185,13 @@ class FederatedRun:
         """
         out, model = None, None
         if not self.deployed and (rnd == 0 or self.is_eval_round(rnd)):
+            split = self.prepared.split
             model = model_from_arrays(self.cfg, self.prepared.item_emb.shape[1],
-                                      self.prepared.split.n_items, arrays)
+                                      split.n_items, arrays, split.released)
         if model is not None and not model.user_dim:
             split, E = self.prepared.split, torch.from_numpy(self.prepared.item_emb)
-            if self.diversity_vectors is None:  # the PLM space, also for ID-only models
-                self.diversity_vectors = catalog_vectors(self.cfg, self.prepared)
-            m = evaluate(scorer(model, E), split, "test", item_vectors=self.diversity_vectors)
+            m = evaluate(scorer(model, E), split, "test",
+                         spaces=list_spaces(self.cfg, self.prepared))
             self.record(rnd, "server", m)
             out = MetricRecord({k: float(v) for k, v in m.items()})
         self._log_round(rnd)

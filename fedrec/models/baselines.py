@@ -5,7 +5,7 @@ import numpy as np
 from fedrec.config import Config
 from fedrec.data.datasets import load_dataset
 from fedrec.data.evaluate import evaluate
-from fedrec.data.pipeline import catalog_vectors, prepare
+from fedrec.data.pipeline import catalog_vectors, list_spaces, prepare
 from fedrec.data.protocol import make_split, population
 from fedrec.results import summarize
 
@@ -17,7 +17,7 @@ def popularity(cfg: Config, split_seeds: list[int]) -> dict:
         p = prepare(cfg.override(**{"data.split-seed": seed}))
         pop = p.split.item_popularity().astype(np.float64)
         runs.append({"seed": seed, "test": evaluate(lambda u, _, q=pop: np.tile(q, (len(u), 1)),
-                                                    p.split, item_vectors=catalog_vectors(cfg, p))})
+                                                    p.split, spaces=list_spaces(cfg, p))})
     summary = summarize([r["test"] for r in runs])
     name = "popularity" + ("" if cfg.data.cold_fraction else " (no cold items)")
     return {"method": name, "config": cfg.to_flat(), "seed_kind": "data.split-seed",
@@ -33,7 +33,7 @@ def text_similarity(cfg: Config) -> dict:
 
     def score(users, inputs):
         return np.stack([E[h[-L:]].mean(0) for h in inputs]) @ E.T
-    summary = summarize([evaluate(score, p.split, item_vectors=catalog_vectors(cfg, p))])
+    summary = summarize([evaluate(score, p.split, spaces=list_spaces(cfg, p))])
     return {"method": "text-similarity", "config": cfg.to_flat(),
             "seed_kind": "none (deterministic)", "runs": [{"seed": 0, "test": summary}],
             "summary": {"best": summary, "final": summary}}
@@ -43,8 +43,8 @@ def dataset_stats(cfg: Config) -> list[tuple[str, object]]:
     """Users, items, interactions and the protocol split of the configured dataset."""
     d = cfg.data
     ds = load_dataset(d.dataset, d.cache_dir)
-    s = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives, d.cache_dir),
-                   d.users, d.split_seed)
+    s = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives, d.cache_dir,
+                              d.tie_order), d.users, d.split_seed)
     lengths = np.diff(s.train_ptr)
     test_users = s.eval_users("test")
     return [("dataset", ds.name), ("users", ds.n_users), ("items", ds.n_items), ("interactions", len(ds.users)),

@@ -7,13 +7,15 @@ from fedrec.models.protocol import Recommender
 from fedrec.models.seqrec import SeqRec
 
 
-def build_model(cfg, text_dim: int, n_items: int) -> Recommender:
+def build_model(cfg, text_dim: int, n_items: int, known=None) -> Recommender:
+    """cfg's model for n_items items of text_dim-wide text; known: bool [n_items], the
+    items with trained ID rows (the released ones; None: every item)."""
     m = cfg.model
     if m.kind == "fedmf":
-        return FedMF(n_items, m.dim, m.max_len)
+        return FedMF(n_items, m.dim, m.max_len).know(known)
     return SeqRec(text_dim, n_items, dim=m.dim, hidden=m.hidden, layers=m.layers,
                   heads=m.heads, max_len=m.max_len, dropout=m.dropout, item_text=m.item_text,
-                  id_embeddings=m.id_embeddings, id_dropout=m.id_dropout)
+                  id_embeddings=m.id_embeddings, id_dropout=m.id_dropout).know(known)
 
 
 def model_name(cfg) -> str:
@@ -24,7 +26,7 @@ def model_name(cfg) -> str:
     return "seq" + ("" if m.item_text else "-id") + ("+id" if m.item_text and m.id_embeddings else "")
 
 
-def model_from_arrays(cfg, text_dim: int, n_items: int, arrays) -> Recommender:
+def model_from_arrays(cfg, text_dim: int, n_items: int, arrays, known=None) -> Recommender:
     """The model of `cfg` holding `arrays` (numpy arrays or Flower Arrays, by parameter
     name; copied), in eval mode. Built on the meta device: no random initialisation runs
     (an orthogonal init is a QR per call) and no global RNG state is drawn. A training
@@ -32,6 +34,7 @@ def model_from_arrays(cfg, text_dim: int, n_items: int, arrays) -> Recommender:
     or misshapen arrays raise RuntimeError (strict loading)."""
     with torch.device("meta"):
         model = build_model(cfg, text_dim, n_items)
+    model.know(known)
     model.load_state_dict({k: torch.tensor(v.numpy() if hasattr(v, "numpy") else v,
                                            dtype=torch.float32) for k, v in arrays.items()},
                           assign=True)

@@ -40,6 +40,18 @@ class Recommender(nn.Module):
         """Initial user-local vectors [n, user_dim]."""
         return torch.zeros(n, self.user_dim)
 
+    @property
+    def known(self) -> torch.Tensor:
+        """bool [n_items]: the items with trained ID rows (all, unless `know` says other)."""
+        mask = getattr(self, "_known", None)
+        return torch.ones(self.n_items, dtype=torch.bool) if mask is None else mask
+
+    def know(self, mask) -> "Recommender":
+        """Which items have been trained on (the released ones): public catalog facts,
+        held outside the parameters, so never uploaded; None = every item."""
+        self._known = None if mask is None else torch.as_tensor(np.asarray(mask, bool))
+        return self
+
     def item_table(self, E: torch.Tensor, idx: torch.Tensor | None = None):
         """E [N, text_dim] rows of items idx [N] (None: the whole catalog, in order)
         -> h [N, d], b [N]."""
@@ -51,16 +63,18 @@ class Recommender(nn.Module):
         items 0..t of the row (padding positions hold unused values)."""
         raise NotImplementedError
 
-    def forward(self, E, seq, allowed=None, reduction="mean", table=None, user=None):
+    def forward(self, E, seq, allowed=None, reduction="mean", table=None, user=None, first=0):
         """The training loss (what torch.func and DP-SGD call): see loss."""
-        return self.loss(E, seq, allowed, reduction, table, user)
+        return self.loss(E, seq, allowed, reduction, table, user, first)
 
     def loss(self, E: torch.Tensor, seq: torch.Tensor, allowed: torch.Tensor | None = None,
-             reduction: str = "mean", table=None, user: torch.Tensor | None = None
-             ) -> torch.Tensor:
+             reduction: str = "mean", table=None, user: torch.Tensor | None = None,
+             first: int = 0) -> torch.Tensor:
         """Next-item cross-entropy over the catalog at every position of seq [B, L+1]
         (input seq[:, :-1], target seq[:, 1:]; a target counts where both it and its input
-        are items, so the first item of a history is never predicted from padding).
+        are items, so the first item of a history is never predicted from padding, and
+        from target position `first` on: overlapping windows count the earlier ones in
+        the window that gives them more context, `windows`).
         allowed [N] bool: the items the softmax may contain (released items); None = all.
         reduction "mean": mean over targets; "row": [B] sum over each row's targets.
         A target that is not allowed would be an infinite loss: callers keep them out.
@@ -69,7 +83,7 @@ class Recommender(nn.Module):
         h, b = self.item_table(E) if table is None else table
         states = self.states(h, seq[:, :-1], user)
         target = seq[:, 1:]
-        keep = target_mask(seq)
+        keep = target_mask(seq, first)
         logits = states @ h.T + b  # [B, L, N]; no boolean indexing, so torch.func can vmap it
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -math.inf)
@@ -98,10 +112,10 @@ class Recommender(nn.Module):
 
 
 # -- sequences ---------------------------------------------------------------------------
-def target_mask(seq: torch.Tensor) -> torch.Tensor:
+def target_mask(seq: torch.Tensor, first: int = 0) -> torch.Tensor:
     """seq [B, L + 1] training rows -> bool [B, L]: the positions `loss` counts (an item
-    predicted from an item, never from padding)."""
-    return (seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)
+    predicted from an item, never from padding; from target position `first` on)."""
+    return (seq[:, 1:] >= 0) & (seq[:, :-1] >= 0) & (torch.arange(seq.shape[1] - 1) >= first)
 
 
 def last_items(history: np.ndarray, max_len: int) -> np.ndarray:
@@ -113,13 +127,16 @@ def last_items(history: np.ndarray, max_len: int) -> np.ndarray:
     return out
 
 
-def windows(history: np.ndarray, max_len: int) -> np.ndarray:
-    """Training rows [W, max_len + 1] of one history: windows ending at n, n - L, n - 2L,
-    ..., so every item after the first is a target exactly once, read with up to L
-    items before it. Empty for histories shorter than 2."""
+def windows(history: np.ndarray, max_len: int, stride: int | None = None) -> np.ndarray:
+    """Training rows [W, max_len + 1] of one history: windows of up to L + 1 items ending
+    at n, n - s, n - 2s, ... (s = stride, default L). Counting the last s target positions
+    of each row (loss's first = L - s) makes every item after the first a target exactly
+    once, in the window that reads it with the most context: at least L - s + 1 items
+    before it where the history has them, the whole history before it otherwise. s = L:
+    disjoint windows, every position counted. Empty for histories shorter than 2."""
     h = np.asarray(history, np.int64)
     rows = [last_items(h[max(0, end - max_len - 1):end], max_len + 1)
-            for end in range(len(h), 1, -max_len)]
+            for end in range(len(h), 1, -(stride or max_len))]
     return np.stack(rows) if rows else np.zeros((0, max_len + 1), np.int64)
 
 
@@ -133,11 +150,11 @@ def blocks(history: np.ndarray, max_len: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, size), np.int64)
 
 
-def stack_rows(histories: list[np.ndarray], max_len: int, cut=windows
+def stack_rows(histories: list[np.ndarray], max_len: int, stride: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Every history's training rows stacked [W, max_len + 1], and the index of the
+    """Every history's training windows stacked [W, max_len + 1], and the index of the
     history each row comes from [W]."""
-    parts = [cut(h, max_len) for h in histories]
+    parts = [windows(h, max_len, stride) for h in histories]
     owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     rows = np.concatenate(parts) if parts else np.zeros((0, max_len + 1), np.int64)
     return rows, owner

@@ -65,12 +65,16 @@ class Block(nn.Module):
 
 
 class SeqRec(Recommender):
-    """Item side: adapter(E) (item_text) + ID vector (id_embeddings, zero-initialised when
-    text is present, so a never-trained item is scored from its text alone; id_dropout:
-    the share of items seen without their ID vector in a training step). User side:
-    causal self-attention over the last max_len items of the history."""
+    """Item side: adapter(E) (item_text) + an ID part (id_embeddings): the item's ID vector
+    and bias where it has been trained on (`known`), else a stand-in predicted from its
+    text by a small linear map (`id_from_text`, with text and IDs both). id_dropout: the
+    share of items seen through their text alone, the map's stand-in in place of their ID
+    part, in a training step (DropoutNet-style), which is what trains the map; so an item
+    nobody has interacted with yet (unreleased, or added to the catalog after training) is
+    scored on the footing the known ones are. User side: causal self-attention over the
+    last max_len items of the history."""
 
-    item_side = ("adapter.", "text_bias.", "id_emb.", "id_bias.")
+    item_side = ("adapter.", "text_bias.", "id_emb.", "id_bias.", "id_from_text.")
     id_tables = ("id_emb.", "id_bias.")
 
     def __init__(self, text_dim: int, n_items: int, *, dim: int = 64, hidden: int = 128,
@@ -91,9 +95,14 @@ class SeqRec(Recommender):
                 nn.init.zeros_(self.id_emb.weight)
             else:
                 nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
+        self.id_from_text = (nn.Linear(text_dim, dim + 1) if item_text and id_embeddings
+                             else None)
         if item_text:
             nn.init.zeros_(self.text_bias.weight)
             nn.init.zeros_(self.text_bias.bias)
+        if self.id_from_text is not None:  # starts as no ID part at all, as before training
+            nn.init.zeros_(self.id_from_text.weight)
+            nn.init.zeros_(self.id_from_text.bias)
         self.pos = nn.Embedding(max_len, dim)
         nn.init.normal_(self.pos.weight, std=0.02)
         self.emb_norm = nn.LayerNorm(dim)
@@ -112,11 +121,18 @@ class SeqRec(Recommender):
             h, b = self.adapter(E), self.text_bias(E).squeeze(-1)
         if self.id_emb is not None:
             v, vb = self.id_emb(idx), self.id_bias(idx).squeeze(-1)
+            keep = self.known[idx]
             if self.training and self.id_dropout > 0:
                 # Item-ID dropout (as DropoutNet): in each step a random share of items is
-                # seen through its text alone, so the text path learns to stand in for
-                # the ID vector an unreleased item will not have.
-                keep = (torch.rand(len(idx)) >= self.id_dropout).to(v.dtype)
+                # seen through its text alone, so the text path (and the map) learns to
+                # stand in for the ID part an unreleased item will not have.
+                keep = keep & (torch.rand(len(idx)) >= self.id_dropout)
+            if self.id_from_text is not None:
+                g = self.id_from_text(E)
+                v = torch.where(keep[:, None], v, g[:, :-1])
+                vb = torch.where(keep, vb, g[:, -1])
+            else:  # IDs alone: an unknown item keeps its untrained row
+                keep = keep | ~self.known[idx]
                 v, vb = v * keep[:, None], vb * keep
             h, b = h + v, b + vb
         return h, b

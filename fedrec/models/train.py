@@ -24,9 +24,16 @@ def make_optimizer(name: str, lr: float, weight_decay: float, model: Recommender
     return torch.optim.Adam(groups, lr=lr)
 
 
-def windows_per_step(interactions: int, max_len: int) -> int:
-    """Batch sizes count training interactions; a step takes whole rows of max_len."""
-    return max(1, interactions // max_len)
+def stride_of(cfg) -> int:
+    """The training windows' stride (train.window-stride; 0 or more than model.max-len:
+    model.max-len, disjoint windows)."""
+    return min(cfg.train.window_stride or cfg.model.max_len, cfg.model.max_len)
+
+
+def windows_per_step(interactions: int, stride: int) -> int:
+    """Batch sizes count training interactions (targets); a step takes whole rows, each
+    counting `stride` new targets (fedrec.models.protocol.windows)."""
+    return max(1, interactions // stride)
 
 
 class Proximal:
@@ -52,11 +59,12 @@ class Proximal:
 def train_epoch(model: Recommender, opt, E: torch.Tensor, rows: np.ndarray,
                 allowed: torch.Tensor, per_step: int, rng: np.random.Generator,
                 users: torch.Tensor | None = None, owner: np.ndarray | None = None,
-                proximal: Proximal | None = None) -> float:
+                proximal: Proximal | None = None, first: int = 0) -> float:
     """One pass over training rows [W, L + 1] in a random order, per_step rows a step;
     returns the mean loss over targets. allowed [N] bool: the released items (the
     softmax). users [U, user_dim], owner [W]: the user-local vectors and whose each row
-    is (models with user_dim > 0)."""
+    is (models with user_dim > 0). first: the first counted target position of each row
+    (L - stride for overlapping windows)."""
     model.train()
     order = rng.permutation(len(rows))
     total, n = 0.0, 0
@@ -64,8 +72,8 @@ def train_epoch(model: Recommender, opt, E: torch.Tensor, rows: np.ndarray,
         pick = order[start:start + per_step]
         batch = torch.from_numpy(rows[pick])
         user = None if users is None else users[torch.from_numpy(owner[pick])]
-        loss = model.loss(E, batch, allowed, user=user)
-        targets = int(target_mask(batch).sum())
+        loss = model.loss(E, batch, allowed, user=user, first=first)
+        targets = int(target_mask(batch, first).sum())
         total += loss.item() * targets
         n += targets
         opt.zero_grad(set_to_none=True)

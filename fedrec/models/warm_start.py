@@ -11,8 +11,9 @@ embeddings and the encoder learns to read a history before the first noisy round
 What it uses: item texts (through the frozen PLM), the catalog's list-like fields, the
 released-item set. What it does not: interactions, item popularity (popularity is user
 data), anything per user. It therefore costs no privacy budget under either unit, which
-docs/privacy.md states as an assumption: the catalog is public. ID vectors stay at zero
-(they are learned from interactions only) and unreleased items take no part.
+docs/privacy.md states as an assumption: the catalog is public. The ID part stays at zero
+(ID vectors and the text-to-ID map are learned from interactions only) and unreleased
+items take no part.
 """
 
 import numpy as np
@@ -53,7 +54,7 @@ def warm_start(model: Recommender, cfg: Config, E: np.ndarray, item_fields: list
     rng = np.random.default_rng(cfg.train.seed)
     rows, _ = stack_rows(sessions(item_fields, released, rng), model.max_len)
     opt = make_optimizer(cfg.central.optimizer, cfg.central.lr, cfg.train.weight_decay, model,
-                         skip=model.id_tables)
+                         skip=model.id_tables + ("id_from_text.",))
     E_t, allowed = torch.from_numpy(E), torch.from_numpy(np.asarray(released, bool))
     per_step = windows_per_step(cfg.central.batch_size, model.max_len)
     losses = []

@@ -9,7 +9,8 @@ plain ranking for both.
 import numpy as np
 import torch
 
-from fedrec.data.evaluate import ListStats, item_novelty, scored_chunks, top_k, unit_rows
+from fedrec.data.evaluate import ListStats, Space, item_novelty, scored_chunks, top_k
+from fedrec.data.pipeline import list_spaces
 from fedrec.errors import FedrecError
 from fedrec.models.saved import load_for_dataset
 from fedrec.models.train import scorer
@@ -18,16 +19,17 @@ from fedrec.results import summarize
 POOL = 100
 
 
-def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: int = POOL,
+def mmr(scores: np.ndarray, space: Space | None, k: int, lam: float, pool: int = POOL,
         redundancy: str = "mean") -> np.ndarray:
-    """[U, k] items re-ranked by maximal marginal relevance; unit: [n_items, D] unit rows
-    (unused, and may be None, at lam = 0).
+    """[U, k] items re-ranked by maximal marginal relevance; space: the item similarity
+    (fedrec.data.evaluate.Space: PLM cosine or genre Jaccard; unused, and may be None, at
+    lam = 0).
 
     Greedy over each user's top `pool` items: pick argmax (1 - lam) * p_i - lam * red_i,
     where p = softmax(scores) over the row's candidates (the model's next-item
     distribution, so the relevance given up is the expected hit rate given up: a user
-    the model is unsure about gets more variety) and red_i the cosine of i to the items
-    already picked: their mean ("mean", the greedy step of maximising intra-list
+    the model is unsure about gets more variety) and red_i the similarity of i to the
+    items already picked: their mean ("mean", the greedy step of maximising intra-list
     diversity) or their maximum ("max", Carbonell & Goldstein's original). lam = 0 is the
     plain ranking; useful values are small (README: about 0.05-0.1)."""
     if redundancy not in ("mean", "max"):
@@ -37,7 +39,7 @@ def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: i
         return cand[:, :k]
     rel = np.where(*_pool_probs(scores, cand), -np.inf)  # -inf: never listed
     rows = np.arange(len(cand))
-    vecs = unit[cand]                                  # [U, P, D]
+    vecs = space.features[cand]                        # [U, P, D]
     red = np.zeros(cand.shape)   # redundancy with the items picked so far (0 before any)
     total = np.zeros(cand.shape)
     picked = []
@@ -47,7 +49,7 @@ def mmr(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float, pool: i
             gain[rows[:, None], np.stack(picked, 1)] = -np.inf
         j = gain.argmax(1)
         picked.append(j)
-        sim = np.einsum("upd,ud->up", vecs, vecs[rows, j])
+        sim = space.sim(vecs, vecs[rows, j])
         total += sim
         red = total / (t + 1) if redundancy == "mean" else (sim if t == 0 else np.maximum(red, sim))
     return np.take_along_axis(cand, np.stack(picked, 1), 1)
@@ -71,11 +73,12 @@ def _pool_probs(scores: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.nd
     return ok, np.where(ok, np.exp(np.where(ok, sc, top) - top) / mass, 0.0)
 
 
-def dpp(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float,
+def dpp(scores: np.ndarray, space: Space | None, k: int, lam: float,
         pool: int = POOL) -> np.ndarray:
     """[U, k] items re-ranked by the greedy MAP of a determinantal point process over each
     user's top `pool` items (Chen, Zhang & Zhou, NeurIPS 2018, with its incremental
-    Cholesky): kernel L = diag(q) S diag(q), S the PLM cosine Gram matrix of the candidates,
+    Cholesky): kernel L = diag(q) S diag(q), S the similarity Gram matrix of the candidates
+    in `space` (PLM cosines, or genre Jaccard: a positive semi-definite kernel too),
     q_i = p_i ** a with a = (1 - lam) / (2 lam) and p the softmax as in `mmr`, so each step
     maximises 2a * sum log p + log det S over the list. lam = 0 is the plain ranking; larger
     lam weights the volume the list's vectors span (diversity) more. Candidates the kernel
@@ -88,7 +91,7 @@ def dpp(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float,
     logq = np.where(ok, a * np.log(np.maximum(p, 1e-300)), -np.inf)
     q = np.exp(logq - logq.max(1, keepdims=True))        # scaled per row: same argmax
     rows, n = np.arange(len(cand)), min(k, cand.shape[1])
-    vecs = unit[cand].astype(np.float64)                 # [U, P, D]
+    vecs = space.features[cand].astype(np.float64)       # [U, P, D]
     gain = q ** 2                                        # d_i^2: L_ii minus what is explained
     basis = np.zeros((len(cand), n, cand.shape[1]))      # Cholesky rows of the picked items
     taken = ~ok
@@ -98,7 +101,7 @@ def dpp(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float,
         j = g.argmax(1)  # ties at 0 (no volume left): the best-scored remaining item
         picked.append(j)
         taken[rows, j] = True
-        col = q[rows, j][:, None] * np.einsum("upd,ud->up", vecs, vecs[rows, j]) * q  # L[j, :]
+        col = q[rows, j][:, None] * space.sim(vecs, vecs[rows, j]) * q  # L[j, :]
         e = (col - np.einsum("ut,utp->up", basis[rows, :t, j], basis[:, :t])) / np.sqrt(
             np.maximum(gain[rows, j], 1e-300))[:, None]
         basis[:, t] = np.where((gain[rows, j] > 1e-12)[:, None], e, 0.0)
@@ -109,23 +112,23 @@ def dpp(scores: np.ndarray, unit: np.ndarray | None, k: int, lam: float,
 RERANKERS = {"mmr": mmr, "dpp": dpp}
 
 
-def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k: int = 10,
-                 stage: str = "test", chunk: int = 256, method: str = "mmr") -> list[dict]:
-    """Full-ranking HR@k / NDCG@k and list diversity of top-k lists re-ranked by `method`
-    (RERANKERS), one row per lambda (same users, inputs and candidates as
-    fedrec.data.protocol.evaluate's full ranking; lambda 0 reproduces its full HR@k up to
-    ties)."""
-    rerank = RERANKERS[method]
+def lambda_curve(score, split, spaces: dict[str, Space], lambdas: list[float], k: int = 10,
+                 stage: str = "test", chunk: int = 256, method: str = "mmr",
+                 similarity: str = "plm") -> list[dict]:
+    """Full-ranking HR@k / NDCG@k and list diversity (in every space of `spaces`) of top-k
+    lists re-ranked by `method` (RERANKERS) with spaces[similarity] as its similarity, one
+    row per lambda (same users, inputs and candidates as fedrec.data.evaluate's full
+    ranking; lambda 0 reproduces its full HR@k up to ties)."""
+    rerank, space = RERANKERS[method], spaces[similarity]
     target = split.target(stage)
-    unit = unit_rows(item_vectors).astype(np.float32)
     nov = item_novelty(split.item_popularity(), split.n_users)
-    stats = {lam: ListStats(split.n_items, nov, unit, k) for lam in lambdas}
+    stats = {lam: ListStats(split.n_items, nov, spaces, k) for lam in lambdas}
     hits = {lam: [] for lam in lambdas}
     gains = {lam: [] for lam in lambdas}
     discount = 1.0 / np.log2(np.arange(k) + 2.0)
     for ub, _, s in scored_chunks(score, split, stage, chunk):
         for lam in lambdas:
-            lists = rerank(s, unit, k, lam)
+            lists = rerank(s, space, k, lam)
             stats[lam].add(lists)
             at = lists == target[ub][:, None]
             hits[lam].append(at.any(1))
@@ -135,16 +138,22 @@ def lambda_curve(score, split, item_vectors: np.ndarray, lambdas: list[float], k
             for lam in lambdas]
 
 
-def random_list_ild(item_vectors: np.ndarray) -> float:
-    """Expected ILD of a list drawn uniformly from the catalog: 1 - the mean cosine over
-    distinct item pairs (the scale's reference point: PLM vectors are anisotropic)."""
-    u = unit_rows(item_vectors)
-    n = len(u)
-    total = float(np.square(u.sum(0)).sum())  # sum over all ordered pairs, i = j included
-    return 1.0 - (total - n) / (n * (n - 1))
+def random_list_ild(space: Space, n_pairs: int = 200_000, seed: int = 0) -> float:
+    """Expected ILD of a list drawn uniformly from the catalog: 1 - the mean similarity of
+    distinct item pairs (all of them, or n_pairs random ones in a large catalog): the scale's reference point
+    (raw PLM vectors are anisotropic)."""
+    n = len(space.features)
+    if n * (n - 1) <= n_pairs:  # a small catalog: every distinct pair, exactly
+        a, b = np.nonzero(~np.eye(n, dtype=bool))
+    else:
+        rng = np.random.default_rng(seed)
+        a, b = rng.integers(0, n, n_pairs), rng.integers(0, n - 1, n_pairs)
+        b = b + (b >= a)  # distinct pairs
+    return float(1.0 - space.sim(space.features[a][:, None], space.features[b]).mean())
 
 
-def curve_runs(run_dirs: list[str], lambdas: str, method: str = "mmr") -> dict:
+def curve_runs(run_dirs: list[str], lambdas: str, method: str = "mmr",
+               similarity: str = "plm") -> dict:
     """`fedrec diversity-curve`: lambda_curve of `method` on the test users of each run
     (seeds), mean ± std per lambda: a result file's body."""
     if method not in RERANKERS:
@@ -158,11 +167,16 @@ def curve_runs(run_dirs: list[str], lambdas: str, method: str = "mmr") -> dict:
     runs = []
     for run_dir in run_dirs:
         cfg, net, p = load_for_dataset(run_dir)
-        rows = lambda_curve(scorer(net, torch.from_numpy(p.item_emb)), p.split, p.item_emb, grid,
-                            method=method)
+        spaces = list_spaces(cfg, p)
+        if similarity not in spaces:
+            raise FedrecError(f"--similarity: '{similarity}' is not one of {', '.join(spaces)}"
+                              " (genres needs a catalog with a genre or tag field)")
+        rows = lambda_curve(scorer(net, torch.from_numpy(p.item_emb)), p.split, spaces, grid,
+                            method=method, similarity=similarity)
         runs.append({"model": run_dir, "seed": cfg.train.seed, "curve": rows})
     keys = [k for k in runs[0]["curve"][0] if k != "lambda"]
     summary = [{"lambda": lam, **summarize([{k: r["curve"][i][k] for k in keys} for r in runs])}
                for i, lam in enumerate(grid)]
-    return {"method": f"diversity-curve ({method.upper()})", "config": cfg.to_flat(), "runs": runs,
-            "summary": summary, "random-list-ild@10": random_list_ild(p.item_emb)}
+    return {"method": f"diversity-curve ({method.upper()}, {similarity} similarity)",
+            "config": cfg.to_flat(), "runs": runs, "summary": summary,
+            "random-list-ild@10": {name: random_list_ild(space) for name, space in spaces.items()}}

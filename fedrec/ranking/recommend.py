@@ -25,8 +25,9 @@ from fedrec.data.device import (
     item_embeddings,
     read_catalog,
     read_history,
+    tie_seed,
 )
-from fedrec.data.evaluate import unit_rows
+from fedrec.data.evaluate import Space
 from fedrec.errors import FedrecError
 from fedrec.models.protocol import Recommender
 from fedrec.models.saved import load_model, load_run
@@ -66,14 +67,14 @@ def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
     if not 0.0 <= diversity <= 1.0:
         raise FedrecError(f"--diversity must be in [0, 1] (0 = plain ranking), got {diversity}")
     history = Path(history).expanduser()
-    cfg, _ = load_run(run_dir)
+    cfg = load_run(run_dir)[0]
     if catalog is None:
         catalog = history.parent if catalog_file(history.parent) else cfg.data.dataset
     cat = read_catalog(catalog, cfg.data.cache_dir)
-    seq = read_history(history, cat)
+    seq = read_history(history, cat, tie_seed(cfg))
     cache = Path(cache_dir).expanduser() if cache_dir else history.parent / CACHE_DIR
     E = torch.from_numpy(item_embeddings(cfg, cat, cache, model_dir))
-    _, model = load_model(run_dir, E.shape[1], cat.n_items)
+    _, model = load_model(run_dir, E.shape[1], cat.item_ids, cat.cold)
     # One thread: a ~2k-item catalog is too small for intra-op parallelism, and on a busy
     # device extra threads only contend (measured here: 53 ms with 1 thread, 430 ms with 2
     # on 2 loaded cores).
@@ -98,8 +99,8 @@ def rank_items(model: Recommender, E: torch.Tensor, seq: np.ndarray, cat: Catalo
     k = min(k, cat.n_items - len(np.unique(seq)))
     if k <= 0:
         return []
-    unit = unit_rows(E.numpy()) if diversity else None  # only re-ranking reads it
-    lists = mmr(score[None].numpy(), unit, k, diversity)
+    space = Space.vectors(E.numpy()) if diversity else None  # only re-ranking reads it
+    lists = mmr(score[None].numpy(), space, k, diversity)
     top = torch.from_numpy(lists[0])
     drop = loo_drops(model, h, b, seq, top)  # reasons are among the items the model reads
     window = seq[window_positions(seq, model.max_len)]
