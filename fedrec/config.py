@@ -55,6 +55,7 @@ class ModelConfig:
     heads: int        # seq: attention heads (divide model.dim)
     max_len: int      # seq: history items the encoder reads
     id_dropout: float  # seq with text and IDs: share of items trained without their ID vector
+    new_item_bias: float  # seq with text and IDs: score offset of items without trained ID rows
     public_warm_start: int  # seq with text: epochs of pretraining on the public catalog (0 = off)
 
 
@@ -383,6 +384,7 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "model.item-text": True, "model.layers": 2, "model.heads": 1,
               "model.max-len": 50, "central.optimizer": "adam",
               "model.id-dropout": 0.0,
+              "model.new-item-bias": 0.0,  # accuracy issue: new items scored on the map alone
               "data.users": 0,  # population study (issue 14): 0 = every user
               "model.public-warm-start": 0,  # privacy levers (issue 14): off
               "fed.server-lr-warmup": 0, "fed.server-lr-decay": "none",  # constant server lr

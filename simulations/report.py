@@ -22,17 +22,24 @@ from fedrec.results import fmt
 TABLES = {
     "central": ["results/popularity.json", "results/text-similarity.json",
                 "results/central-seq+id.json", "results/central-seq.json",
-                "results/central-seq-id.json", "results/central-fedmf.json"],
+                "results/central-seq-id.json", "results/recbole-sasrec.json",
+                "results/central-fedmf.json"],
     "federated": ["results/fed-seq+id-sched.json", "results/fed-seq.json", "results/fed-seq-id.json",
                   "results/fed-fedmf.json", "results/fed-seq+id-e2.json", "results/fed-seq+id.json"],
 }
 # Full ranking first: the headline (docs/protocol.md).
-COLUMNS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10", "sampled/ndcg@10", "cold/hr@10",
-           "warm/hr@10", "div/ild@10", "div/coverage@10", "div/novelty@10")
+COLUMNS = ("full/hr@10", "full/ndcg@10", "full/cold/hr@10", "full/cold/ndcg@10",
+           "full/warm/hr@10", "new-items/hr@10", "top10/unreleased-share", "sampled/hr@10",
+           "sampled/cold/hr@10", "div/genre-ild@10", "div/ild-centred@10", "div/coverage@10",
+           "div/novelty@10")
 LABELS = {"sampled/hr@10": "sampled HR@10", "sampled/ndcg@10": "sampled NDCG@10",
           "full/hr@10": "full HR@10", "full/ndcg@10": "full NDCG@10",
-          "cold/hr@10": "cold-start HR@10", "warm/hr@10": "warm-item HR@10",
-          "div/ild@10": "ILD@10", "div/coverage@10": "coverage@10",
+          "full/cold/hr@10": "cold-target full HR@10", "full/cold/ndcg@10": "cold-target full NDCG@10",
+          "full/warm/hr@10": "warm-target full HR@10", "new-items/hr@10": "new-item HR@10",
+          "top10/unreleased-share": "unreleased share of top-10",
+          "sampled/cold/hr@10": "cold-target sampled HR@10 (secondary)",
+          "div/ild@10": "ILD@10 (raw PLM)", "div/genre-ild@10": "genre ILD@10",
+          "div/ild-centred@10": "ILD@10 (centred PLM)", "div/coverage@10": "coverage@10",
           "div/novelty@10": "novelty@10"}
 
 
@@ -151,7 +158,8 @@ def interpretation() -> str:
         return fed_settings(r[name]["config"])
 
     def m(name, key="full/hr@10"):
-        return r[name]["summary"]["best"][key]["mean"]
+        stat = r[name]["summary"]["best"].get(key)
+        return stat["mean"] if stat else float("nan")
 
     parts = []
     if r["popularity"] and r["central-seq+id"]:
@@ -165,19 +173,15 @@ def interpretation() -> str:
             last = r[fed]["summary"]["final"]["full/hr@10"]["mean"]
             parts.append(f"Federated, {what}: full HR@10 {m(fed):.3f} ({full:.0%} of centralized; "
                          f"{last:.3f} at the last round), sampled {m(fed, 'sampled/hr@10'):.3f} "
-                         f"({samp:.0%}), cold-item HR@10 {m(fed, 'cold/hr@10'):.3f}.")
-    if r["central-fedmf"] and m("central-fedmf", "cold/hr@10") > m("central-fedmf", "warm/hr@10"):
-        parts.append(
-            f"MF scores unreleased items above its warm ones on the sampled candidates (cold "
-            f"{m('central-fedmf', 'cold/hr@10'):.3f}, warm {m('central-fedmf', 'warm/hr@10'):.3f} "
-            "centrally): an item it never trained on keeps its initial vector and zero bias, "
-            "which sit above most trained items' — an artifact of an ID model facing items it "
-            "never saw, not skill.")
+                         f"({samp:.0%}), cold-target full HR@10 {m(fed, 'full/cold/hr@10'):.3f}.")
     if r["central-seq-id"] and r["central-seq+id"]:
         parts.append(
-            f"Centrally SASRec over item IDs is close on full HR@10 ({m('central-seq-id'):.3f}) but "
-            f"cannot rank unreleased items (cold {m('central-seq-id', 'cold/hr@10'):.3f}, a random "
-            f"ranking's 0.1), so its sampled HR@10 is {m('central-seq-id', 'sampled/hr@10'):.3f}.")
+            f"Centrally SASRec over item IDs reaches full HR@10 {m('central-seq-id'):.3f} but "
+            f"cannot rank unreleased items (cold-target full HR@10 "
+            f"{m('central-seq-id', 'full/cold/hr@10'):.3f}, new-item HR@10 "
+            f"{m('central-seq-id', 'new-items/hr@10'):.3f}; the text + ID model: "
+            f"{m('central-seq+id', 'full/cold/hr@10'):.3f} and "
+            f"{m('central-seq+id', 'new-items/hr@10'):.3f}).")
     if r[HEADLINE]:
         head = m(HEADLINE)
         peers = [(n, label) for n, label in (("fed-fedmf", "FedMF"), ("fed-seq-id", "federated SASRec over IDs")) if r[n]]
@@ -188,7 +192,7 @@ def interpretation() -> str:
         for n in ("fed-seq+id-e2", "fed-seq+id"):  # the same model under earlier defaults
             if r[n]:
                 parts.append(f"With {settings(n)} it reaches full HR@10 {m(n):.3f}, sampled "
-                             f"{m(n, 'sampled/hr@10'):.3f}, cold-item {m(n, 'cold/hr@10'):.3f}.")
+                             f"{m(n, 'sampled/hr@10'):.3f}.")
         reach = rounds_to_95(r[HEADLINE])
         if reach:
             parts.append(f"It reaches 95% of its last full HR@10 (server-side evaluation) after "
@@ -490,12 +494,12 @@ def make_run_block() -> str:
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items())
             + f"), a peak of {res['peak_rss_bytes'] / 2**30:.1f} GiB of memory (the whole "
             "process tree, Ray included). It ends with one table of its three rows beside the "
-            "committed ones; a short excerpt (full HR@10 and sampled HR@10 columns):\n\n```\n"
+            "committed ones; a short excerpt (full HR@10 and cold-target full HR@10 columns):\n\n```\n"
             + "\n".join(_excerpt(res["tail"])) + "\n```")
 
 
 def _excerpt(tail: list[str]) -> list[str]:
-    """The markdown rows of make run's closing table, cut to method | full | sampled."""
+    """The markdown rows of make run's closing table, cut to method | full | cold-target full."""
     out = []
     for line in tail:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -519,6 +523,7 @@ def make_test_block() -> str:
 HEADLINE_ROWS = (("popularity.json", "popularity (all training interactions)", None),
                  ("central-seq+id.json", "centralized, text + ID items (the accuracy ceiling)", None),
                  ("central-seq-id.json", "centralized SASRec over item IDs", None),
+                 ("recbole-sasrec.json", "centralized RecBole 1.2.1 SASRec (independent)", None),
                  ("fed-seq+id-sched.json", "**federated, text + ID items (default)**", None),
                  ("fed-seq-id.json", "federated SASRec over item IDs", None),
                  ("fed-fedmf.json", "federated FedMF", None))
@@ -527,23 +532,52 @@ HEADLINE_ROWS = (("popularity.json", "popularity (all training interactions)", N
 def headline_table() -> str:
     """README's one compact table: the default model centrally and federated, its peers, and
     the best private point per unit at ε = 8; every row from its result file."""
-    rows = ["| model | full HR@10 | full NDCG@10 | cold-item HR@10 (sampled) | ε (unit) | seeds |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | full HR@10 | full NDCG@10 | cold-target full HR@10 | new-item HR@10 | "
+            "ε (unit) | seeds |", "|---|---|---|---|---|---|---|"]
     for name, label, _ in HEADLINE_ROWS:
         res = _load(name)
         if res:
             b = res["summary"]["best"]
             rows.append(f"| {label} | {fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | "
-                        f"{fmt(b.get('cold/hr@10'))} | ∞ | {len(res['runs'])} |")
+                        f"{fmt(b.get('full/cold/hr@10'))} | {fmt(b.get('new-items/hr@10'))} | "
+                        f"∞ | {len(res['runs'])} |")
     sweep = _load(f"{V2}/sweep.json")
     for unit in ("user", "interaction", "block"):
         at8 = next((r for r in (sweep or {}).get("rows", []) if r["unit"] == unit
                     and r["epsilon"] == 8), None)
         if at8:
             rows.append(f"| federated, private ({at8['rounds']} rounds) | {fmt(at8['full/hr@10'])} "
-                        f"| {fmt(at8['full/ndcg@10'])} | - | 8 ({_unit(at8)}, δ {at8['delta']:g}) "
+                        f"| {fmt(at8['full/ndcg@10'])} | - | - | 8 ({_unit(at8)}, δ {at8['delta']:g}) "
                         f"| {len(at8['seeds'])} |")
     return "\n".join(rows)
+
+
+TIE_ROWS = (("central-seq+id.json", "centralized, text + ID items (default)"),
+            ("central-seq-id.json", "centralized SASRec over item IDs"))
+
+
+def tie_order_table() -> str:
+    """How the centralized rows move between the tie rules (docs/protocol.md): each row's
+    file under the default rule (random) beside its rerun with data.tie-order=item-id."""
+    rows = ["| model | full HR@10, ties random (default) | full HR@10, ties by item id | "
+            "change | full NDCG@10, random | full NDCG@10, by item id | seeds |",
+            "|---|---|---|---|---|---|---|"]
+    cmds = []
+    for name, label in TIE_ROWS:
+        a, b = _load(name), _load(f"tie-item-id/{name}")
+        if not (a and b):
+            continue
+        ha, hb = (r["summary"]["best"]["full/hr@10"] for r in (a, b))
+        rows.append(f"| {label} | {fmt(ha)} | {fmt(hb)} | {ha['mean'] - hb['mean']:+.4f} | "
+                    f"{fmt(a['summary']['best']['full/ndcg@10'])} | "
+                    f"{fmt(b['summary']['best']['full/ndcg@10'])} | {len(b['runs'])} |")
+        cmds.append(f"`{b['command']}` (commit {b['machine']['commit'][:7]})")
+    if len(rows) == 2:
+        return ""
+    return "
+".join(rows) + "
+
+Item-id rows: " + "; ".join(cmds) + "."
 
 
 def config_table() -> str:
@@ -655,6 +689,7 @@ def main() -> None:
                        ("audit", audit_table), ("bench-dp", bench_dp_table),
                        ("bench-dp-v1", lambda: bench_dp_table(BENCH_DP_V1, v1=True)),
                        ("headline", headline_table), ("make-test", make_test_block),
+                       ("tie-order", tie_order_table),
                        ("audit-v2", lambda: audit_table(AUDITS_V2, v1=False)),
                        ("explain", explain_table), ("diversity", diversity_table),
                        ("privacy-sweep-v2", sweep_v2_table), ("privacy-levers", levers_table),

@@ -121,7 +121,7 @@ def test_devices_rank_exactly_like_the_server(cfg, prepared):
     records = [local_evaluate(cfg, E, ClientData.from_split(split, u), arrays, None, seed=0)
                for u in range(split.n_users)]
     fed = aggregate_client_metrics(records)
-    model = build_model(cfg, E.shape[1], split.n_items)
+    model = build_model(cfg, E.shape[1], split.n_items, split.released)  # as devices know
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
     for stage, prefix in (("test", ""), ("val", "val/")):
         server = evaluate(scorer(model, torch.from_numpy(E)), split, stage)

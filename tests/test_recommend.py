@@ -181,11 +181,11 @@ def test_recommend_and_explain_eval_use_a_centrally_trained_model(tmp_path, run_
         ["seed-0", "seed-1"]
 
 
-def test_an_item_added_after_training_is_ranked_by_its_text(tmp_path, monkeypatch):
+def test_an_item_added_after_training_is_ranked_by_its_text(tmp_path, monkeypatch, run_cli):
     """A catalog that grew after training: every trained item keeps its exact score (its
     ID rows are found by item id, not position) and the new item, a text twin of a liked
     item the history lacks, is scored through its text and the learned text-to-ID map,
-    and reaches the top of the list."""
+    in the upper half of the list; `fedrec recommend` lists it."""
     import shutil
 
     import torch
@@ -218,6 +218,13 @@ def test_an_item_added_after_training_is_ranked_by_its_text(tmp_path, monkeypatc
     assert set(scores) == set(old) | {"61"}
     assert all(scores[i] == pytest.approx(s, abs=1e-6) for i, s in old.items())
     assert scores["61"] > np.median(list(old.values()))  # in the upper half, by its text
+    at = [r.item for r in new].index("61") + 1
+    code, out, err = run_cli("recommend", "--history", str(dev / "history.csv"), "--model",
+                             str(run), "--catalog", str(grown), "--cache-dir",
+                             str(tmp_path / "cache2"), "-k", str(at))
+    assert code == 0, err
+    last = [line.split("│")[1:3] for line in out.splitlines() if line.startswith("│")][-1]
+    assert [c.strip() for c in last] == [str(at), "61"]  # the new item, at its rank
     # Its item vector is exactly its twin's were the twin new too: text and the map alone.
     cat = read_catalog(grown)
     E = torch.from_numpy(item_embeddings(cfg, cat, tmp_path / "cache2"))

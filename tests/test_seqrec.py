@@ -228,3 +228,23 @@ def test_an_item_without_a_trained_id_row_gets_its_id_part_from_its_text():
     assert d.id_from_text.weight.grad.abs().sum() > 0
     d.eval()
     assert torch.equal(d.item_table(E)[0], d.item_table(E)[0])
+
+
+def test_new_item_bias_lifts_only_items_without_a_trained_id_row():
+    E, known = torch.randn(20, 12), np.ones(20, bool)
+    known[[3, 7]] = False
+    plain = _model().know(known)
+    lifted = _model(new_item_bias=0.75).know(known)
+    (h0, b0), (h1, b1) = plain.item_table(E), lifted.item_table(E)
+    assert torch.equal(h0, h1)
+    assert torch.allclose(b1 - b0, torch.from_numpy(~known).float() * 0.75)
+    # An ID-dropped known item in training reads the map but is not a new item: no offset.
+    d0, d1 = _model(id_dropout=0.9), _model(id_dropout=0.9, new_item_bias=0.75)
+    torch.manual_seed(1)
+    d0.train()
+    bd0 = d0.item_table(E)[1]
+    torch.manual_seed(1)
+    d1.train()
+    assert torch.equal(d1.item_table(E)[1], bd0)
+    # IDs alone have no text to stand in: the offset does not apply.
+    assert _model(item_text=False, new_item_bias=0.75).new_item_bias == 0.0

@@ -15,7 +15,8 @@ def build_model(cfg, text_dim: int, n_items: int, known=None) -> Recommender:
         return FedMF(n_items, m.dim, m.max_len).know(known)
     return SeqRec(text_dim, n_items, dim=m.dim, hidden=m.hidden, layers=m.layers,
                   heads=m.heads, max_len=m.max_len, dropout=m.dropout, item_text=m.item_text,
-                  id_embeddings=m.id_embeddings, id_dropout=m.id_dropout).know(known)
+                  id_embeddings=m.id_embeddings, id_dropout=m.id_dropout,
+                  new_item_bias=m.new_item_bias).know(known)
 
 
 def model_name(cfg) -> str:

@@ -71,7 +71,9 @@ class SeqRec(Recommender):
     share of items seen through their text alone, the map's stand-in in place of their ID
     part, in a training step (DropoutNet-style), which is what trains the map; so an item
     nobody has interacted with yet (unreleased, or added to the catalog after training) is
-    scored on the footing the known ones are. User side: causal self-attention over the
+    scored on the footing the known ones are; new_item_bias is added to such an item's
+    score (a calibrated offset: the map's bias is learnt from trained biases, which drift
+    below zero, and leaves new items under-exposed). User side: causal self-attention over the
     last max_len items of the history."""
 
     item_side = ("adapter.", "text_bias.", "id_emb.", "id_bias.", "id_from_text.")
@@ -79,7 +81,8 @@ class SeqRec(Recommender):
 
     def __init__(self, text_dim: int, n_items: int, *, dim: int = 64, hidden: int = 128,
                  layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2,
-                 item_text: bool = True, id_embeddings: bool = True, id_dropout: float = 0.0):
+                 item_text: bool = True, id_embeddings: bool = True, id_dropout: float = 0.0,
+                 new_item_bias: float = 0.0):
         super().__init__()
         self.id_dropout = id_dropout if item_text else 0.0
         if not (item_text or id_embeddings):
@@ -97,6 +100,7 @@ class SeqRec(Recommender):
                 nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
         self.id_from_text = (nn.Linear(text_dim, dim + 1) if item_text and id_embeddings
                              else None)
+        self.new_item_bias = new_item_bias if self.id_from_text is not None else 0.0
         if item_text:
             nn.init.zeros_(self.text_bias.weight)
             nn.init.zeros_(self.text_bias.bias)
@@ -131,6 +135,7 @@ class SeqRec(Recommender):
                 g = self.id_from_text(E)
                 v = torch.where(keep[:, None], v, g[:, :-1])
                 vb = torch.where(keep, vb, g[:, -1])
+                vb = vb + self.new_item_bias * ~self.known[idx]  # unknown: never a target
             else:  # IDs alone: an unknown item keeps its untrained row
                 keep = keep | ~self.known[idx]
                 v, vb = v * keep[:, None], vb * keep
