@@ -532,8 +532,8 @@ HEADLINE_ROWS = (("popularity.json", "popularity (all training interactions)", N
 def headline_table() -> str:
     """README's one compact table: the default model centrally and federated, its peers, and
     the best private point per unit at ε = 8; every row from its result file."""
-    rows = ["| model | full HR@10 | full NDCG@10 | cold-target full HR@10 | new-item HR@10 | "
-            "ε (unit) | seeds |", "|---|---|---|---|---|---|---|"]
+    rows = [("| model | full HR@10 | full NDCG@10 | cold-target full HR@10 | new-item HR@10 | "
+            "ε (unit) | seeds |"), "|---|---|---|---|---|---|---|"]
     for name, label, _ in HEADLINE_ROWS:
         res = _load(name)
         if res:
@@ -559,8 +559,8 @@ TIE_ROWS = (("central-seq+id.json", "centralized, text + ID items (default)"),
 def tie_order_table() -> str:
     """How the centralized rows move between the tie rules (docs/protocol.md): each row's
     file under the default rule (random) beside its rerun with data.tie-order=item-id."""
-    rows = ["| model | full HR@10, ties random (default) | full HR@10, ties by item id | "
-            "change | full NDCG@10, random | full NDCG@10, by item id | seeds |",
+    rows = [("| model | full HR@10, ties random (default) | full HR@10, ties by item id | "
+            "change | full NDCG@10, random | full NDCG@10, by item id | seeds |"),
             "|---|---|---|---|---|---|---|"]
     cmds = []
     for name, label in TIE_ROWS:
@@ -574,10 +574,7 @@ def tie_order_table() -> str:
         cmds.append(f"`{b['command']}` (commit {b['machine']['commit'][:7]})")
     if len(rows) == 2:
         return ""
-    return "
-".join(rows) + "
-
-Item-id rows: " + "; ".join(cmds) + "."
+    return "\n".join(rows) + "\n\nItem-id rows: " + "; ".join(cmds) + "."
 
 
 def config_table() -> str:
