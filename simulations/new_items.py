@@ -5,10 +5,12 @@
 
 For each saved text + ID model (a federated run directory or `fedrec train-central
 --save-dir`), the test metrics of the protocol with the unreleased items' ID part taken
-three ways, nothing else changed:
+four ways, nothing else changed:
 
-- `text-map` (the model's own rule): the ID vector and bias predicted from the item's
-  text by the map trained with item-ID dropout (fedrec.models.seqrec);
+- `map+offset` (the model's own rule): the ID vector and bias predicted from the item's
+  text by the map trained with item-ID dropout (fedrec.models.seqrec), plus the
+  calibrated offset `model.new-item-bias`;
+- `map`: the map alone (offset 0);
 - `zero`: no ID part (the rows' zero initialisation, the rule before the map existed):
   an unreleased item competes with the trained items on its text part alone;
 - `mean`: the mean ID vector and bias of the released items (a calibrated constant:
@@ -33,7 +35,7 @@ from fedrec.models.saved import load_for_dataset
 from fedrec.models.train import scorer
 from fedrec.results import summarize, write_result
 
-RULES = ("text-map", "zero", "mean")
+RULES = ("map+offset", "map", "zero", "mean")
 KEYS = ("full/hr@10", "full/ndcg@10", "full/cold/hr@10", "full/cold/ndcg@10",
         "full/warm/hr@10", "new-items/hr@10", "top10/unreleased-share", "sampled/hr@10",
         "sampled/cold/hr@10")
@@ -41,7 +43,7 @@ KEYS = ("full/hr@10", "full/ndcg@10", "full/cold/hr@10", "full/cold/ndcg@10",
 
 def with_rule(model, rule: str, released: np.ndarray):
     """The model's item_table with the unknown items' ID part replaced per `rule`."""
-    if rule == "text-map":
+    if rule == "map+offset":
         return model
     table = model.item_table
     known = torch.from_numpy(released)
@@ -52,6 +54,9 @@ def with_rule(model, rule: str, released: np.ndarray):
         unknown = ~known[idx]
         g = model.id_from_text(E)[unknown]  # what the model added for them
         h, b = h.clone(), b.clone()
+        b[unknown] -= model.new_item_bias
+        if rule == "map":
+            return h, b
         h[unknown] -= g[:, :-1]
         b[unknown] -= g[:, -1]
         if rule == "mean":

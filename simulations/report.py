@@ -54,6 +54,14 @@ def fed_settings(flat: dict) -> str:
     return f"{c['train.local-epochs']} local epochs, server lr {c['fed.server-lr']:g}{sched}{ids}"
 
 
+def earlier(res: dict) -> str:
+    """A label for a row measured before the neutral tie order (its stored config orders
+    equal timestamps by item id): what it lacks, so it is never read as a current peer."""
+    if stored_config(res.get("config", {}))["data.tie-order"] == "item-id":
+        return " *(earlier protocol)*"
+    return ""
+
+
 def table(files: list[str]) -> str:
     """Markdown rows of result files (paths relative to the repository, or absolute)."""
     head = ("| method | " + " | ".join(LABELS[k] for k in COLUMNS)
@@ -66,10 +74,12 @@ def table(files: list[str]) -> str:
         res = json.loads(path.read_text())
         best = res["summary"]["best"]
         seeds = ",".join(str(r["seed"]) for r in res["runs"])
-        commit = res.get("machine", {}).get("commit", "unknown")[:7]
+        commit = res.get("machine", {}).get("commit", "unknown")
+        commit = commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
         label = res["method"]
         if label.startswith("fed-"):  # federated rows differ in local epochs and server lr
             label += f", {fed_settings(res['config'])}"
+        label += earlier(res)
         rows.append(f"| {label} | " + " | ".join(fmt(best.get(k)) for k in COLUMNS)
                     + f" | {res.get('seed_kind', 'seed')} {seeds} | {commit} | `{res['command']}` |")
     return "\n".join(rows)
@@ -153,6 +163,7 @@ def interpretation() -> str:
     """The paragraph under the tables, its numbers read from the same files."""
     r = {n: _load(f"{n}.json") for n in ("popularity", "text-similarity", "fed-seq+id",
                                           "fed-seq+id-e2", *(x for p in PAIRS for x in p[:2]))}
+    r = {n: (res if res and not earlier(res) else None) for n, res in r.items()}  # current only
 
     def settings(name):
         return fed_settings(r[name]["config"])
@@ -538,7 +549,7 @@ def headline_table() -> str:
         res = _load(name)
         if res:
             b = res["summary"]["best"]
-            rows.append(f"| {label} | {fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | "
+            rows.append(f"| {label}{earlier(res)} | {fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | "
                         f"{fmt(b.get('full/cold/hr@10'))} | {fmt(b.get('new-items/hr@10'))} | "
                         f"∞ | {len(res['runs'])} |")
     sweep = _load(f"{V2}/sweep.json")
@@ -546,7 +557,8 @@ def headline_table() -> str:
         at8 = next((r for r in (sweep or {}).get("rows", []) if r["unit"] == unit
                     and r["epsilon"] == 8), None)
         if at8:
-            rows.append(f"| federated, private ({at8['rounds']} rounds) | {fmt(at8['full/hr@10'])} "
+            rows.append(f"| federated, private ({at8['rounds']} rounds){earlier(sweep)} | "
+                        f"{fmt(at8['full/hr@10'])} "
                         f"| {fmt(at8['full/ndcg@10'])} | - | - | 8 ({_unit(at8)}, δ {at8['delta']:g}) "
                         f"| {len(at8['seeds'])} |")
     return "\n".join(rows)
@@ -575,6 +587,35 @@ def tie_order_table() -> str:
     if len(rows) == 2:
         return ""
     return "\n".join(rows) + "\n\nItem-id rows: " + "; ".join(cmds) + "."
+
+
+NEW_ITEM_FILES = (("new-items.json", "federated, text + ID items (default)"),
+                  ("new-items-central.json", "centralized, text + ID items"))
+NEW_ITEM_RULES = {"map+offset": "text map + new-item offset (the model's rule)",
+                  "map": "text map alone (offset 0)", "zero": "no ID part",
+                  "mean": "released items' mean ID part"}
+NEW_ITEM_KEYS = ("full/hr@10", "full/cold/hr@10", "full/warm/hr@10", "new-items/hr@10",
+                 "top10/unreleased-share", "sampled/cold/hr@10")
+
+
+def new_items_table() -> str:
+    """How an item without a trained ID row is scored (simulations/new_items.py): the same
+    trained models under each rule."""
+    parts = []
+    for name, label in NEW_ITEM_FILES:
+        res = _load(name)
+        if not res:
+            continue
+        rows = [f"**{label}**\n", "| rule | " + " | ".join(LABELS[k] for k in NEW_ITEM_KEYS)
+                + " |", "|---|" + "---|" * len(NEW_ITEM_KEYS)]
+        for rule, words in NEW_ITEM_RULES.items():
+            if rule in res["summary"]:
+                rows.append(f"| {words} | " + " | ".join(fmt(res["summary"][rule].get(k))
+                                                        for k in NEW_ITEM_KEYS) + " |")
+        rows.append(f"\n{len(res['runs'])} models, commit {res['machine']['commit'][:7]}: "
+                    f"`{res['command']}`")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)
 
 
 def config_table() -> str:
@@ -638,38 +679,52 @@ def explain_table() -> str:
 
 
 def diversity_table() -> str:
-    """One table per re-ranker's curve file (MMR, DPP), the scale's reference, the plot."""
+    """One table per re-ranker's curve file (MMR, DPP), judged in the space it re-ranked with
+    (genres: 1 - Jaccard of genre sets), with each space's random-list reference, the plot."""
     found = [res for res in map(_load, ("diversity.json", "diversity-dpp.json")) if res]
     if not found:
         return ""
     parts = [_curve_table(res) for res in found]
-    rand, ild0 = found[0].get("random-list-ild@10"), found[0]["summary"][0]["div/ild@10"]["mean"]
-    if rand is not None:
-        parts.append(f"The scale's reference: a list drawn at random from the catalog has ILD@10 "
-                     f"{rand:.3f} (MiniLM's vectors are anisotropic), the model's own lists "
-                     f"{ild0:.3f}; +20% ({1.2 * ild0:.3f}) "
-                     + ("asks for lists more varied than random ones." if 1.2 * ild0 > rand
-                        else "stays below a random list's."))
+    rand = found[0].get("random-list-ild@10")
+    if isinstance(rand, dict):
+        base = found[0]["summary"][0]
+        refs = [f"{ILD_NAMES[name]} {value:.3f} (the model's lists: "
+                f"{base[ILD_KEYS[name].format(k=10)]['mean']:.3f})"
+                for name, value in rand.items() if ILD_KEYS[name].format(k=10) in base]
+        parts.append("The scales' reference, a list drawn at random from the catalog: "
+                     + "; ".join(refs) + ". Raw MiniLM vectors are anisotropic (a random list "
+                     "is barely more varied than the model's), which is why the curves are "
+                     "judged over genres.")
     return "\n\n".join(parts + ["![HR@10 against diversity](results/diversity.png)"])
+
+
+ILD_KEYS = {"plm": "div/ild@{k}", "plm-centred": "div/ild-centred@{k}", "genres": "div/genre-ild@{k}"}
+ILD_NAMES = {"plm": "ILD (raw PLM)", "plm-centred": "ILD (centred PLM)", "genres": "genre ILD"}
 
 
 def _curve_table(res: dict) -> str:
     rows = res["summary"]
     base = rows[0]
-    hr0, ild0 = base["full/hr@10"]["mean"], base["div/ild@10"]["mean"]
+    judged = ILD_KEYS[res.get("similarity", "plm")].format(k=10)
+    others = [ILD_KEYS[n].format(k=10) for n in ILD_KEYS if ILD_KEYS[n].format(k=10) in base
+              and ILD_KEYS[n].format(k=10) != judged]
+    hr0, ild0 = base["full/hr@10"]["mean"], base[judged]["mean"]
+    names = {ILD_KEYS[n].format(k=10): ILD_NAMES[n] for n in ILD_KEYS}
     out = [f"**{res['method']}**\n",
-           "| λ | full HR@10 | vs λ = 0 | full NDCG@10 | ILD@10 | vs λ = 0 | coverage@10 | novelty@10 |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"| λ | full HR@10 | vs λ = 0 | full NDCG@10 | {names[judged]}@10 | vs λ = 0 | "
+           + " | ".join(f"{names[k]}@10" for k in others) + " | coverage@10 | novelty@10 |",
+           "|---|---|---|---|---|---|" + "---|" * len(others) + "---|---|"]
     for r in rows:
-        hr, ild = r["full/hr@10"]["mean"], r["div/ild@10"]["mean"]
+        hr, ild = r["full/hr@10"]["mean"], r[judged]["mean"]
         out.append(f"| {r['lambda']:g} | {fmt(r['full/hr@10'])} | {hr / hr0 - 1:+.1%} | "
-                   f"{fmt(r['full/ndcg@10'])} | {fmt(r['div/ild@10'])} | {ild / ild0 - 1:+.1%} | "
-                   f"{fmt(r['div/coverage@10'])} | {fmt(r['div/novelty@10'])} |")
+                   f"{fmt(r['full/ndcg@10'])} | {fmt(r[judged])} | {ild / ild0 - 1:+.1%} | "
+                   + "".join(f"{fmt(r[k])} | " for k in others)
+                   + f"{fmt(r['div/coverage@10'])} | {fmt(r['div/novelty@10'])} |")
     ok = [r for r in rows if r["full/hr@10"]["mean"] >= 0.95 * hr0]
-    best = max(ok, key=lambda r: r["div/ild@10"]["mean"])
-    gain = best["div/ild@10"]["mean"] / ild0 - 1
-    out.append(f"\nWithin a 5% loss of full HR@10 the largest diversity gain is at λ = "
-               f"{best['lambda']:g}: ILD@10 {gain:+.1%} ("
+    best = max(ok, key=lambda r: r[judged]["mean"])
+    gain = best[judged]["mean"] / ild0 - 1
+    out.append(f"\nWithin a 5% loss of full HR@10 the largest {names[judged]} gain is at λ = "
+               f"{best['lambda']:g}: {gain:+.1%} ("
                + ("meets" if gain >= 0.2 else "misses") + " the +20% target). "
                f"{len(res['runs'])} runs ({', '.join(r['model'] for r in res['runs'])}), commit "
                f"{res['machine']['commit'][:7]}: `{res['command']}`")
@@ -686,7 +741,7 @@ def main() -> None:
                        ("audit", audit_table), ("bench-dp", bench_dp_table),
                        ("bench-dp-v1", lambda: bench_dp_table(BENCH_DP_V1, v1=True)),
                        ("headline", headline_table), ("make-test", make_test_block),
-                       ("tie-order", tie_order_table),
+                       ("tie-order", tie_order_table), ("new-items", new_items_table),
                        ("audit-v2", lambda: audit_table(AUDITS_V2, v1=False)),
                        ("explain", explain_table), ("diversity", diversity_table),
                        ("privacy-sweep-v2", sweep_v2_table), ("privacy-levers", levers_table),

@@ -178,5 +178,5 @@ def curve_runs(run_dirs: list[str], lambdas: str, method: str = "mmr",
     summary = [{"lambda": lam, **summarize([{k: r["curve"][i][k] for k in keys} for r in runs])}
                for i, lam in enumerate(grid)]
     return {"method": f"diversity-curve ({method.upper()}, {similarity} similarity)",
-            "config": cfg.to_flat(), "runs": runs, "summary": summary,
+            "similarity": similarity, "config": cfg.to_flat(), "runs": runs, "summary": summary,
             "random-list-ild@10": {name: random_list_ild(space) for name, space in spaces.items()}}
