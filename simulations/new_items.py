@@ -10,7 +10,11 @@ four ways, nothing else changed:
 - `map+offset` (the model's own rule): the ID vector and bias predicted from the item's
   text by the map trained with item-ID dropout (fedrec.models.seqrec), plus the
   calibrated offset `model.new-item-bias`;
+- `map+calibrated`: the map plus an offset calibrated for this model on validation: the
+  one (bisection) at which the unreleased share of validation top-10 lists equals the
+  share of validation targets that are unreleased;
 - `map`: the map alone (offset 0);
+- `zero+calibrated`: no ID part (the text alone), with an offset calibrated the same way;
 - `zero`: no ID part (the rows' zero initialisation, the rule before the map existed):
   an unreleased item competes with the trained items on its text part alone;
 - `mean`: the mean ID vector and bias of the released items (a calibrated constant:
@@ -35,7 +39,8 @@ from fedrec.models.saved import load_for_dataset
 from fedrec.models.train import scorer
 from fedrec.results import summarize, write_result
 
-RULES = ("map+offset", "map", "zero", "mean")
+RULES = ("map+offset", "map+calibrated", "map", "zero+calibrated", "zero", "mean")
+BASE = {"map+calibrated": "map+offset", "zero+calibrated": "zero"}  # calibrated on top of
 KEYS = ("full/hr@10", "full/ndcg@10", "full/cold/hr@10", "full/cold/ndcg@10",
         "full/warm/hr@10", "new-items/hr@10", "top10/unreleased-share", "sampled/hr@10",
         "sampled/cold/hr@10")
@@ -67,6 +72,28 @@ def with_rule(model, rule: str, released: np.ndarray):
     return model
 
 
+def shifted(score, cold: np.ndarray, beta: float):
+    """score with beta added to the unreleased items' scores."""
+    def out(users, inputs):
+        s = score(users, inputs)
+        s[:, cold] += beta
+        return s
+    return out
+
+
+def calibrate(score, split, lo: float = -3.0, hi: float = 3.0, steps: int = 10) -> float:
+    """The offset (added to the model's own) at which the unreleased share of validation
+    top-10 lists equals the share of validation targets that are unreleased (the share
+    grows with the offset, so bisection)."""
+    m = evaluate(score, split, "val")
+    rate = m["cold/users"] / m["users"]
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        share = evaluate(shifted(score, split.cold, mid), split, "val")["top10/unreleased-share"]
+        lo, hi = (mid, hi) if share < rate else (lo, mid)
+    return (lo + hi) / 2
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="comma-separated run directories")
@@ -79,9 +106,14 @@ def main() -> None:
             cfg, model, p = load_for_dataset(run_dir)
             if getattr(model, "id_from_text", None) is None:
                 raise SystemExit(f"{run_dir}: not a text + ID model")
-            m = evaluate(scorer(with_rule(model, rule, p.split.released),
-                                torch.from_numpy(p.item_emb)), p.split,
-                         spaces=list_spaces(cfg, p))
+            score = scorer(with_rule(model, BASE.get(rule, rule), p.split.released),
+                           torch.from_numpy(p.item_emb))
+            if rule in BASE:  # the offset in place of the model's own
+                own = model.new_item_bias if BASE[rule] == "map+offset" else 0.0
+                extra = calibrate(score, p.split)
+                row[f"{rule}-offset"] = own + extra
+                score = shifted(score, p.split.cold, extra)
+            m = evaluate(score, p.split, spaces=list_spaces(cfg, p))
             row[rule] = {k: m[k] for k in KEYS}
             print(run_dir, rule, " ".join(f"{k} {m[k]:.4f}" for k in KEYS[:6]))
         row["seed"] = cfg.train.seed

@@ -5,7 +5,8 @@ re-ranker's file.
         results/diversity-dpp.json --out results/diversity.png
 
 The inputs are written by `fedrec diversity-curve [--method dpp] --json`; one point per
-lambda, mean ± std over its runs (seeds).
+lambda, mean ± std over its runs (seeds), diversity in the space the file re-ranked with
+(genres: 1 - mean pairwise Jaccard of the items' genre sets; plm: 1 - mean cosine).
 """
 
 import argparse
@@ -19,6 +20,10 @@ import matplotlib.pyplot as plt
 
 from fedrec.files import save_figure
 
+KEYS = {"plm": ("div/ild@10", "1 - mean PLM cosine"),
+        "plm-centred": ("div/ild-centred@10", "1 - mean centred PLM cosine"),
+        "genres": ("div/genre-ild@10", "1 - mean genre Jaccard")}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -26,18 +31,21 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    spaces = set()
     for path in args.results:
         res = json.loads(Path(path).read_text())
         rows = res["summary"]
-        x = [r["div/ild@10"]["mean"] for r in rows]
+        key, words = KEYS[res.get("similarity", "plm")]
+        spaces.add(words)
+        x = [r[key]["mean"] for r in rows]
         y = [r["full/hr@10"]["mean"] for r in rows]
-        ax.errorbar(x, y, xerr=[r["div/ild@10"]["std"] for r in rows],
+        ax.errorbar(x, y, xerr=[r[key]["std"] for r in rows],
                     yerr=[r["full/hr@10"]["std"] for r in rows], marker="o", capsize=2,
                     label=f"{res['method'].split('(')[-1].rstrip(')')}, {len(res['runs'])} runs")
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(f"λ={r['lambda']:g}", (xi, yi), textcoords="offset points",
                         xytext=(4, 4), fontsize=6)
-    ax.set_xlabel("intra-list diversity of the top-10 (1 - mean PLM cosine)")
+    ax.set_xlabel(f"intra-list diversity of the top-10 ({' / '.join(sorted(spaces))})")
     ax.set_ylabel("full-ranking HR@10 (test)")
     ax.set_title("re-ranking for diversity")
     ax.legend(fontsize=8)

@@ -592,7 +592,10 @@ def tie_order_table() -> str:
 NEW_ITEM_FILES = (("new-items.json", "federated, text + ID items (default)"),
                   ("new-items-central.json", "centralized, text + ID items"))
 NEW_ITEM_RULES = {"map+offset": "text map + new-item offset (the model's rule)",
-                  "map": "text map alone (offset 0)", "zero": "no ID part",
+                  "map+calibrated": "text map + an offset calibrated for this model on validation",
+                  "map": "text map alone (offset 0)",
+                  "zero+calibrated": "no ID part, offset calibrated on validation",
+                  "zero": "no ID part",
                   "mean": "released items' mean ID part"}
 NEW_ITEM_KEYS = ("full/hr@10", "full/cold/hr@10", "full/warm/hr@10", "new-items/hr@10",
                  "top10/unreleased-share", "sampled/cold/hr@10")
@@ -612,8 +615,13 @@ def new_items_table() -> str:
             if rule in res["summary"]:
                 rows.append(f"| {words} | " + " | ".join(fmt(res["summary"][rule].get(k))
                                                         for k in NEW_ITEM_KEYS) + " |")
+        cal = "".join(
+            f" Calibrated offsets, {rule}: "
+            + ", ".join(f"{r[f'{rule}-offset']:.2f}" for r in res["runs"]) + "."
+            for rule in ("map+calibrated", "zero+calibrated") if f"{rule}-offset" in res["runs"][0])
+        cal += f" The model's own offset: {res['config']['model.new-item-bias']:g}." if cal else ""
         rows.append(f"\n{len(res['runs'])} models, commit {res['machine']['commit'][:7]}: "
-                    f"`{res['command']}`")
+                    f"`{res['command']}`.{cal}")
         parts.append("\n".join(rows))
     return "\n\n".join(parts)
 
