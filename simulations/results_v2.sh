@@ -35,7 +35,7 @@ lane_b() {
 lane_a > runs/results_v2.a.log 2>&1 &
 lane_b > runs/results_v2.b.log 2>&1 &
 wait
-.venv/bin/python simulations/plot_rounds.py results/fed-seq+id-sched.json results/fed-seq.json \
+.venv/bin/python simulations/plot_rounds.py results/fed-seq+id-sched.json \
   results/fed-seq-id.json --central results/central-seq+id.json \
   --out results/rounds.png
 # explanations, diversity (judged over genres) and new-item rules of the default models
