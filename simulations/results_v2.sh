@@ -41,7 +41,7 @@ wait
 # explanations, diversity (judged over genres) and new-item rules of the default models
 M=runs/fed-seq+id-sched/seed-0,runs/fed-seq+id-sched/seed-1,runs/fed-seq+id-sched/seed-2
 $F diversity-curve --model $M --similarity genres --lambdas 0,0.01,0.02,0.03,0.05,0.08,0.1,0.15 --json results/diversity.json
-$F diversity-curve --model $M --similarity genres --method dpp --lambdas 0,0.5,0.6,0.7,0.8,0.85,0.9,0.95 --json results/diversity-dpp.json
+$F diversity-curve --model $M --similarity genres --method dpp --lambdas 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7 --json results/diversity-dpp.json
 $F explain-eval --model $M --json results/explain.json
 .venv/bin/python simulations/new_items.py --model $M --json results/new-items.json
 .venv/bin/python simulations/new_items.py --model runs/central-seq+id/seed-0,runs/central-seq+id/seed-1,runs/central-seq+id/seed-2 --json results/new-items-central.json
