@@ -47,7 +47,9 @@ KEYS = ("full/hr@10", "full/ndcg@10", "full/cold/hr@10", "full/cold/ndcg@10",
 
 
 def with_rule(model, rule: str, released: np.ndarray):
-    """The model's item_table with the unknown items' ID part replaced per `rule`."""
+    """The model with its item_table's unknown items' ID part replaced per `rule` (the
+    class's own item_table underneath, so one loaded model serves every rule)."""
+    model.__dict__.pop("item_table", None)
     if rule == "map+offset":
         return model
     table = model.item_table
@@ -102,18 +104,18 @@ def main() -> None:
     runs = []
     for run_dir in args.model.split(","):
         row = {"model": run_dir}
+        cfg, model, p = load_for_dataset(run_dir)
+        if getattr(model, "id_from_text", None) is None:
+            raise SystemExit(f"{run_dir}: not a text + ID model")
+        E, spaces = torch.from_numpy(p.item_emb), list_spaces(cfg, p)
         for rule in RULES:
-            cfg, model, p = load_for_dataset(run_dir)
-            if getattr(model, "id_from_text", None) is None:
-                raise SystemExit(f"{run_dir}: not a text + ID model")
-            score = scorer(with_rule(model, BASE.get(rule, rule), p.split.released),
-                           torch.from_numpy(p.item_emb))
+            score = scorer(with_rule(model, BASE.get(rule, rule), p.split.released), E)
             if rule in BASE:  # the offset in place of the model's own
                 own = model.new_item_bias if BASE[rule] == "map+offset" else 0.0
                 extra = calibrate(score, p.split)
                 row[f"{rule}-offset"] = own + extra
                 score = shifted(score, p.split.cold, extra)
-            m = evaluate(score, p.split, spaces=list_spaces(cfg, p))
+            m = evaluate(score, p.split, spaces=spaces)
             row[rule] = {k: m[k] for k in KEYS}
             print(run_dir, rule, " ".join(f"{k} {m[k]:.4f}" for k in KEYS[:6]))
         row["seed"] = cfg.train.seed

@@ -18,11 +18,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedrec.data.evaluate import ILD_KEYS
 from fedrec.files import save_figure
 
-KEYS = {"plm": ("div/ild@10", "1 - mean PLM cosine"),
-        "plm-centred": ("div/ild-centred@10", "1 - mean centred PLM cosine"),
-        "genres": ("div/genre-ild@10", "1 - mean genre Jaccard")}
+WORDS = {"plm": "1 - mean PLM cosine", "plm-centred": "1 - mean centred PLM cosine",
+         "genres": "1 - mean genre Jaccard"}
 
 
 def main() -> None:
@@ -35,8 +35,9 @@ def main() -> None:
     for path in args.results:
         res = json.loads(Path(path).read_text())
         rows = res["summary"]
-        key, words = KEYS[res.get("similarity", "plm")]
-        spaces.add(words)
+        space = res.get("similarity", "plm")
+        key = ILD_KEYS[space].format(k=10)
+        spaces.add(WORDS[space])
         x = [r[key]["mean"] for r in rows]
         y = [r["full/hr@10"]["mean"] for r in rows]
         ax.errorbar(x, y, xerr=[r[key]["std"] for r in rows],

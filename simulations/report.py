@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedrec.config import stored_config
+from fedrec.data.evaluate import ILD_KEYS
 from fedrec.privacy import population
 from fedrec.results import fmt
 
@@ -710,7 +711,6 @@ def diversity_table() -> str:
     return "\n\n".join(parts + ["![HR@10 against diversity](results/diversity.png)"])
 
 
-ILD_KEYS = {"plm": "div/ild@{k}", "plm-centred": "div/ild-centred@{k}", "genres": "div/genre-ild@{k}"}
 ILD_NAMES = {"plm": "ILD (raw PLM)", "plm-centred": "ILD (centred PLM)", "genres": "genre ILD"}
 
 
