@@ -592,37 +592,42 @@ def tie_order_table() -> str:
 
 NEW_ITEM_FILES = (("new-items.json", "federated, text + ID items (default)"),
                   ("new-items-central.json", "centralized, text + ID items"))
-NEW_ITEM_RULES = {"map+offset": "text map + new-item offset (the model's rule)",
-                  "map+calibrated": "text map + an offset calibrated for this model on validation",
-                  "map": "text map alone (offset 0)",
-                  "zero+calibrated": "no ID part, offset calibrated on validation",
-                  "zero": "no ID part",
-                  "mean": "released items' mean ID part"}
+NEW_ITEM_RULES = {"offset": "text alone + new-item offset (the model's rule)",
+                  "calibrated": "text alone + an offset calibrated for this model on validation",
+                  "text": "text alone (offset 0)",
+                  "mean": "text + the released items' mean ID part"}
 NEW_ITEM_KEYS = ("full/hr@10", "full/cold/hr@10", "full/warm/hr@10", "new-items/hr@10",
                  "top10/unreleased-share", "sampled/cold/hr@10")
 
 
 def new_items_table() -> str:
     """How an item without a trained ID row is scored (simulations/new_items.py): the same
-    trained models under each rule."""
+    trained models under each rule, and the offset curve."""
     parts = []
     for name, label in NEW_ITEM_FILES:
         res = _load(name)
         if not res:
             continue
-        rows = [f"**{label}**\n", "| rule | " + " | ".join(LABELS[k] for k in NEW_ITEM_KEYS)
-                + " |", "|---|" + "---|" * len(NEW_ITEM_KEYS)]
+        head = ["| " + " | ".join(LABELS[k] for k in NEW_ITEM_KEYS) + " |",
+                "|---|" + "---|" * len(NEW_ITEM_KEYS)]
+        rows = [f"**{label}**\n", "| rule " + head[0], head[1]]
         for rule, words in NEW_ITEM_RULES.items():
             if rule in res["summary"]:
                 rows.append(f"| {words} | " + " | ".join(fmt(res["summary"][rule].get(k))
                                                         for k in NEW_ITEM_KEYS) + " |")
-        cal = "".join(
-            f" Calibrated offsets, {rule}: "
-            + ", ".join(f"{r[f'{rule}-offset']:.2f}" for r in res["runs"]) + "."
-            for rule in ("map+calibrated", "zero+calibrated") if f"{rule}-offset" in res["runs"][0])
-        cal += f" The model's own offset: {res['config']['model.new-item-bias']:g}." if cal else ""
+        cal = ", ".join(f"{r['calibrated-offset']:.2f}" for r in res["runs"])
+        rows.append(f"\nCalibrated offsets: {cal}; the model's own: "
+                    f"{res['config']['model.new-item-bias']:g}.\n")
+        rows += ["| offset | validation full HR@10 | validation cold-target full HR@10 "
+                 "| validation unreleased share " + head[0],
+                 "|---|---|---|---" + head[1]]
+        for pt in res.get("curve", []):
+            rows.append(f"| {pt['offset']:g} | " + " | ".join(
+                fmt(pt.get(f"val/{k}")) for k in ("full/hr@10", "full/cold/hr@10",
+                                                   "top10/unreleased-share"))
+                + " | " + " | ".join(fmt(pt.get(k)) for k in NEW_ITEM_KEYS) + " |")
         rows.append(f"\n{len(res['runs'])} models, commit {res['machine']['commit'][:7]}: "
-                    f"`{res['command']}`.{cal}")
+                    f"`{res['command']}`.")
         parts.append("\n".join(rows))
     return "\n\n".join(parts)
 

@@ -225,7 +225,7 @@ def test_an_item_added_after_training_is_ranked_by_its_text(tmp_path, monkeypatc
     assert code == 0, err
     last = [line.split("│")[1:3] for line in out.splitlines() if line.startswith("│")][-1]
     assert [c.strip() for c in last] == [str(at), "61"]  # the new item, at its rank
-    # Its item vector is exactly its twin's were the twin new too: text and the map alone.
+    # Its item vector is exactly its twin's were the twin new too: its text alone.
     cat = read_catalog(grown)
     E = torch.from_numpy(item_embeddings(cfg, cat, tmp_path / "cache2"))
     twin_new = np.isin(cat.item_ids, [twin])

@@ -221,8 +221,9 @@ class FederatedRun:
         evals = [r for r in self.rounds.values() if "federated" in r]
         if not evals:
             return {}
-        best = max(evals, key=lambda r: (r["federated"].get(SELECT, -1.0), -r["round"]))
         final = max(evals, key=lambda r: r["round"])
+        best = final if self.cfg.fed.select == "last" else max(
+            evals, key=lambda r: (r["federated"].get(SELECT, -1.0), -r["round"]))
         def pick(r: dict) -> dict:  # the devices' metrics; list diversity from the server's
             div = {k: v for k, v in r.get("server", {}).items() if k.startswith("div/")}
             return {**div, **{k: v for k, v in r["federated"].items() if not k.startswith("val/")}}

@@ -23,16 +23,24 @@ from fedrec.models.warm_start import warm_start
 from fedrec.results import CURVE_KEYS, SELECT
 
 
+def central_config(cfg: Config) -> Config:
+    """cfg as the centralized model uses it: its own new-item offset (central.new-item-bias)
+    in place of the federated model's, since the two train to different score scales."""
+    return cfg.override(**{"model.new-item-bias": cfg.central.new_item_bias})
+
+
 def train_central(cfg: Config, split: Split, E: np.ndarray, log=print,
                   spaces: dict | None = None,
                   item_fields: list[dict[str, str]] | None = None) -> dict:
     """Train cfg's model on every user's history with its own optimizer and learning rate
-    (central.*: a change of the device's train.optimizer never changes the reference).
+    (central.*: a change of the device's train.optimizer never changes the reference), and
+    its own new-item offset (central_config).
     Model selection by validation full HR@10 only (results.SELECT); returns test metrics
     at the best-validation epoch and at the final epoch, the per-epoch curve, and the
     best model with its user-local vectors ("model", "users"). spaces: what list
     diversity is measured in (fedrec.data.pipeline.list_spaces; None: none). item_fields: the public
     catalog's fields, for model.public-warm-start (fedrec.models.warm_start)."""
+    cfg = central_config(cfg)
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     E_t = torch.from_numpy(E)

@@ -66,15 +66,17 @@ class Block(nn.Module):
 
 class SeqRec(Recommender):
     """Item side: adapter(E) (item_text) + an ID part (id_embeddings): the item's ID vector
-    and bias where it has been trained on (`known`), else a stand-in predicted from its
-    text by a small linear map (`id_from_text`, with text and IDs both). id_dropout: the
-    share of items seen through their text alone, the map's stand-in in place of their ID
-    part, in a training step (DropoutNet-style), which is what trains the map; so an item
-    nobody has interacted with yet (unreleased, or added to the catalog after training) is
-    scored on the footing the known ones are; new_item_bias is added to such an item's
-    score (a calibrated offset: the map's bias is learnt from trained biases, which drift
-    below zero, and leaves new items under-exposed). User side: causal self-attention over the
-    last max_len items of the history."""
+    and bias where it has been trained on (`known`). id_dropout: the share of items seen
+    without their ID part in a training step (item-ID dropout, as DropoutNet), so the text
+    path learns to carry an item alone; in those steps a small linear map from the text
+    (`id_from_text`, with text and IDs both) stands in for the dropped ID vector and bias,
+    which keeps the steps close to the full model's (federated, a zero stand-in trained a
+    weaker model). An item nobody has interacted with yet (unreleased, or added to
+    the catalog after training) is scored through its text alone, which ranks new items
+    among themselves better than the map's stand-in does, plus new_item_bias: an exposure
+    setting, the offset that decides how much of the top-10 lists new items take (their
+    text-alone scores sit below the trained items', whose ID parts add to theirs). User
+    side: causal self-attention over the last max_len items of the history."""
 
     item_side = ("adapter.", "text_bias.", "id_emb.", "id_bias.", "id_from_text.")
     id_tables = ("id_emb.", "id_bias.")
@@ -135,7 +137,10 @@ class SeqRec(Recommender):
                 g = self.id_from_text(E)
                 v = torch.where(keep[:, None], v, g[:, :-1])
                 vb = torch.where(keep, vb, g[:, -1])
-                vb = vb + self.new_item_bias * ~self.known[idx]  # unknown: never a target
+                # An item without trained rows (never a target): its text alone + offset.
+                new = ~self.known[idx]
+                v = v * ~new[:, None]
+                vb = torch.where(new, torch.tensor(self.new_item_bias), vb)
             else:  # IDs alone: an unknown item keeps its untrained row
                 keep = keep | ~self.known[idx]
                 v, vb = v * keep[:, None], vb * keep
