@@ -253,3 +253,27 @@ def budget_stop(cfg, rnd: int, sample_rate: float) -> str:
     return (f"privacy budget exhausted: round {rnd} would bring {label(cfg)} to {eps:.3f} > "
             f"privacy.target-epsilon {p.target_epsilon:g} (spent after round {rnd - 1}: "
             f"{spent:.3f}); stopped before it")
+
+
+def gaussian_delta(epsilon: float, sigma: float) -> float:
+    """δ(ε) of one release of the Gaussian mechanism with L2 sensitivity 1 and noise std
+    sigma: its exact privacy profile (Balle & Wang 2018, Theorem 8; the privacy loss
+    distribution of one Gaussian release, so a PLD accountant gives the same)."""
+    a, b = 1.0 / (2.0 * sigma), epsilon * sigma
+    return float(special.ndtr(a - b) - math.exp(epsilon + special.log_ndtr(-a - b)))
+
+
+def gaussian_sigma(epsilon: float, delta: float) -> float:
+    """The smallest noise std (per unit of L2 sensitivity) at which one Gaussian release
+    is (epsilon, delta)-DP, exactly (gaussian_delta falls as sigma grows: bisection)."""
+    if epsilon <= 0 or not 0 < delta < 1:
+        raise FedrecError(f"--epsilon {epsilon:g} / --delta {delta:g}: need ε > 0 and "
+                          "0 < δ < 1")
+    lo, hi = 1e-3, 1.0
+    while gaussian_delta(epsilon, hi) > delta:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gaussian_delta(epsilon, mid) > delta else (lo, mid)
+    return hi
+
