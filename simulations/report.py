@@ -183,8 +183,10 @@ def interpretation() -> str:
         if r[fed] and r[central]:
             full, samp = m(fed) / m(central), m(fed, "sampled/hr@10") / m(central, "sampled/hr@10")
             last = r[fed]["summary"]["final"]["full/hr@10"]["mean"]
-            parts.append(f"Federated, {what}: full HR@10 {m(fed):.3f} ({full:.0%} of centralized; "
-                         f"{last:.3f} at the last round), sampled {m(fed, 'sampled/hr@10'):.3f} "
+            last = ("" if stored_config(r[fed]["config"])["fed.select"] == "last"
+                    else f"; {last:.3f} at the last round")
+            parts.append(f"Federated, {what}: full HR@10 {m(fed):.3f} ({full:.0%} of centralized"
+                         f"{last}), sampled {m(fed, 'sampled/hr@10'):.3f} "
                          f"({samp:.0%}), cold-target full HR@10 {m(fed, 'full/cold/hr@10'):.3f}.")
     if r["central-seq-id"] and r["central-seq+id"]:
         parts.append(
@@ -200,7 +202,8 @@ def interpretation() -> str:
         for n, label in peers:
             parts.append(f"The text + ID model ({settings(HEADLINE)}) is "
                          f"{'ahead of' if head > m(n) else 'behind'} {label} ({settings(n)}) "
-                         f"on full HR@10 ({head:.3f} vs {m(n):.3f}).")
+                         f"on full HR@10 ({head:.3f} vs {m(n):.3f}; full NDCG@10 "
+                         f"{m(HEADLINE, 'full/ndcg@10'):.4f} vs {m(n, 'full/ndcg@10'):.4f}).")
         for n in ("fed-seq+id-e2", "fed-seq+id"):  # the same model under earlier defaults
             if r[n]:
                 parts.append(f"With {settings(n)} it reaches full HR@10 {m(n):.3f}, sampled "

@@ -44,7 +44,7 @@ $F diversity-curve --model $M --similarity genres --lambdas 0,0.01,0.02,0.03,0.0
 $F diversity-curve --model $M --similarity genres --method dpp --lambdas 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7 --json results/diversity-dpp.json
 $F explain-eval --model $M --json results/explain.json
 .venv/bin/python simulations/new_items.py --model $M --json results/new-items.json
-.venv/bin/python simulations/new_items.py --model runs/central-seq+id/seed-0,runs/central-seq+id/seed-1,runs/central-seq+id/seed-2 --json results/new-items-central.json
+.venv/bin/python simulations/new_items.py --model runs/central-seq+id/seed-0,runs/central-seq+id/seed-1,runs/central-seq+id/seed-2 --offsets 0,0.5,0.75,1,1.25,1.5,1.75,2 --json results/new-items-central.json
 # the independent reference (its own venv; about an hour per seed on 2 cores)
 .venv/bin/python simulations/recbole_sasrec.py --seeds 0 --json results/recbole-sasrec.json
 .venv/bin/python simulations/plot_diversity.py results/diversity.json results/diversity-dpp.json --out results/diversity.png
