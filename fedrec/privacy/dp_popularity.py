@@ -43,11 +43,11 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
         cfg = cfg.override(**{"data.split-seed": split_seeds[0]})
     p = prepare(cfg)
     split, spaces = p.split, list_spaces(cfg, p)
-    released = split.released
+    released, counts = split.released, {b: bounded_counts(split, b) for b in bounds}
 
     def noisy(bound: int, draw: int) -> np.ndarray:
         rng = np.random.default_rng([draw, bound])
-        q = bounded_counts(split, bound) + rng.normal(0.0, sigma * np.sqrt(bound), split.n_items)
+        q = counts[bound] + rng.normal(0.0, sigma * np.sqrt(bound), split.n_items)
         return np.where(released, q, -np.inf)  # unreleased: public catalog fact, never shown
 
     def score(q):
