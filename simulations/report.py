@@ -751,6 +751,31 @@ def _curve_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def dp_popularity_table() -> str:
+    """User-level DP popularity per ε (fedrec baseline popularity --epsilon): the list a
+    private model has to beat, with its bound, noise and the plain popularity row."""
+    found = sorted((json.loads(p.read_text()) for p in
+                    (ROOT / "results" / "privacy-frontier").glob("dp-popularity-eps*.json")),
+                   key=lambda r: -r["privacy"]["epsilon"])
+    if not found:
+        return ""
+    rows = [("| ε (one user) | δ | per-user bound (items) | σ (x sqrt(bound)) | full HR@10 "
+             "| full NDCG@10 | sampled HR@10 | draws |"), "|---|---|---|---|---|---|---|---|"]
+    for r in found:
+        p, s = r["privacy"], r["summary"]["best"]
+        rows.append(f"| {p['epsilon']:g} | {p['delta']:g} | {p['bound']} | "
+                    f"{p['noise-multiplier']:.3f} | {fmt(s['full/hr@10'])} | "
+                    f"{fmt(s['full/ndcg@10'])} | {fmt(s['sampled/hr@10'])} | {len(r['runs'])} |")
+    pop = _load("popularity.json")
+    if pop:
+        rows.append(f"| ∞ (all training interactions) | - | - | - | "
+                    f"{fmt(pop['summary']['best']['full/hr@10'])} | "
+                    f"{fmt(pop['summary']['best']['full/ndcg@10'])} | "
+                    f"{fmt(pop['summary']['best']['sampled/hr@10'])} | - |")
+    cmds = "; ".join(f"`{r['command']}`" for r in found)
+    return "\n".join(rows) + (f"\n\nCommit {found[0]['machine']['commit'][:7]}: {cmds}.")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--compare":
         return compare(sys.argv[2])
@@ -765,7 +790,8 @@ def main() -> None:
                        ("audit-v2", lambda: audit_table(AUDITS_V2, v1=False)),
                        ("explain", explain_table), ("diversity", diversity_table),
                        ("privacy-sweep-v2", sweep_v2_table), ("privacy-levers", levers_table),
-                       ("population", population_table)):
+                       ("population", population_table),
+                       ("dp-popularity", dp_popularity_table)):
         blocks[name] = make()
     blocks.update(bench_tables())
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
