@@ -623,7 +623,7 @@ def new_items_table() -> str:
                     f"{res['config']['model.new-item-bias']:g}.\n")
         rows += ["| offset | validation full HR@10 | validation cold-target full HR@10 "
                  "| validation unreleased share " + head[0],
-                 "|---|---|---|---" + head[1]]
+                 "|---|---|---" + head[1]]
         for pt in res.get("curve", []):
             rows.append(f"| {pt['offset']:g} | " + " | ".join(
                 fmt(pt.get(f"val/{k}")) for k in ("full/hr@10", "full/cold/hr@10",
