@@ -13,7 +13,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from fedrec.data.protocol import Split
 from fedrec.federation.simulate import write_overrides
 from fedrec.privacy.accounting import gaussian_delta, gaussian_sigma
-from fedrec.privacy.dp_popularity import bounded_counts, dp_popularity
+from fedrec.privacy.dp_popularity import bounded_counts, dp_popularity, text_affinity
 from tiny import TINY
 
 CASES = [(1.0, 1e-4), (2.0, 1e-4), (4.0, 1e-4), (8.0, 1e-4), (0.5, 1e-5)]
@@ -93,3 +93,23 @@ def test_the_command_writes_a_private_row_with_its_unit_and_noise(cfg, run_cli, 
 def cfg_file(cfg, tmp_path):
     return write_overrides(tmp_path / "tiny.toml", {**TINY, **{
         k: v for k, v in cfg.to_flat().items() if k.startswith(("data.", "encoder."))}})
+
+
+def test_device_text_reranks_the_release_by_each_history_at_no_cost_in_epsilon(cfg):
+    plain = dp_popularity(cfg, 4.0, 1e-4, draws=2)
+    dev = dp_popularity(cfg, 4.0, 1e-4, draws=2, device_text=True)
+    assert dev["method"] == "dp-popularity+device-text"
+    for key in ("epsilon", "delta", "noise-multiplier", "bound"):  # the same one release
+        assert dev["privacy"][key] == plain["privacy"][key]
+    chosen = dev["privacy"]["device-text"]
+    sel = dev["privacy"]["device-text"]["selection"]
+    assert sel[f"{chosen['weight']:g},{chosen['last']}"] == max(sel.values())
+    # weight 0 is the release's own ranking: its validation score is plain popularity's.
+    assert sel["0,3"] == pytest.approx(plain["privacy"]["bound-selection"][str(plain["privacy"]["bound"])])
+    assert dev["summary"]["best"]["top10/unreleased-share"]["mean"] == 0.0
+
+
+def test_text_affinity_is_the_cosine_with_the_mean_of_the_last_items():
+    E = np.eye(4)
+    aff = text_affinity(E, [np.array([0, 1, 2]), np.array([3])], last=2)
+    assert aff.tolist() == [[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]]
