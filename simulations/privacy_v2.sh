@@ -114,6 +114,7 @@ dp_popularity() {  # the private reference: user-level DP popularity per ε (sec
   mkdir -p results/privacy-frontier
   for e in 8 4 2 1; do
     $FEDREC baseline popularity --epsilon $e --json results/privacy-frontier/dp-popularity-eps$e.json
+    $FEDREC baseline popularity --epsilon $e --device-text --json results/privacy-frontier/dp-popularity-device-text-eps$e.json
   done
 }
 

@@ -752,28 +752,33 @@ def _curve_table(res: dict) -> str:
 
 
 def dp_popularity_table() -> str:
-    """User-level DP popularity per ε (fedrec baseline popularity --epsilon): the list a
-    private model has to beat, with its bound, noise and the plain popularity row."""
+    """User-level DP popularity per ε (fedrec baseline popularity --epsilon), alone and
+    re-ranked on each device by text (--device-text): the lists a private model has to
+    beat, with their bound, noise and the plain popularity row."""
     found = sorted((json.loads(p.read_text()) for p in
-                    (ROOT / "results" / "privacy-frontier").glob("dp-popularity-eps*.json")),
-                   key=lambda r: -r["privacy"]["epsilon"])
+                    (ROOT / "results" / "privacy-frontier").glob("dp-popularity*-eps*.json")),
+                   key=lambda r: (r["method"], -r["privacy"]["epsilon"]))
     if not found:
         return ""
-    rows = [("| ε (one user) | δ | per-user bound (items) | σ (x sqrt(bound)) | full HR@10 "
-             "| full NDCG@10 | sampled HR@10 | draws |"), "|---|---|---|---|---|---|---|---|"]
+    rows = [("| list | ε (one user) | δ | per-user bound (items) | σ (x sqrt(bound)) "
+             "| device text (weight, last items) | full HR@10 | full NDCG@10 | sampled HR@10 "
+             "| draws |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in found:
         p, s = r["privacy"], r["summary"]["best"]
-        rows.append(f"| {p['epsilon']:g} | {p['delta']:g} | {p['bound']} | "
-                    f"{p['noise-multiplier']:.3f} | {fmt(s['full/hr@10'])} | "
+        dev = p.get("device-text")
+        dev = f"{dev['weight']:g}, {dev['last']}" if dev else "-"
+        rows.append(f"| {r['method']} | {p['epsilon']:g} | {p['delta']:g} | {p['bound']} | "
+                    f"{p['noise-multiplier']:.3f} | {dev} | {fmt(s['full/hr@10'])} | "
                     f"{fmt(s['full/ndcg@10'])} | {fmt(s['sampled/hr@10'])} | {len(r['runs'])} |")
     pop = _load("popularity.json")
     if pop:
-        rows.append(f"| ∞ (all training interactions) | - | - | - | "
+        rows.append(f"| popularity (all training interactions) | ∞ | - | - | - | - | "
                     f"{fmt(pop['summary']['best']['full/hr@10'])} | "
                     f"{fmt(pop['summary']['best']['full/ndcg@10'])} | "
                     f"{fmt(pop['summary']['best']['sampled/hr@10'])} | - |")
+    commits = sorted({r["machine"]["commit"][:7] for r in found})
     cmds = "; ".join(f"`{r['command']}`" for r in found)
-    return "\n".join(rows) + (f"\n\nCommit {found[0]['machine']['commit'][:7]}: {cmds}.")
+    return "\n".join(rows) + f"\n\nCommit {', '.join(commits)}: {cmds}."
 
 
 def main() -> None:
