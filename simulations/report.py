@@ -565,6 +565,14 @@ def headline_table() -> str:
                         f"{fmt(at8['full/hr@10'])} "
                         f"| {fmt(at8['full/ndcg@10'])} | - | - | 8 ({_unit(at8)}, δ {at8['delta']:g}) "
                         f"| {len(at8['seeds'])} |")
+    for name, label in (("dp-popularity-eps8", "DP popularity (one release, no training)"),
+                        ("dp-popularity-device-text-eps8",
+                         "DP popularity re-ranked on the device by text (no training)")):
+        res = _load(f"privacy-frontier/{name}.json")
+        if res:
+            b, p = res["summary"]["best"], res["privacy"]
+            rows.append(f"| {label} | {fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | - | - | "
+                        f"8 (one user, δ {p['delta']:g}) | {len(res['runs'])} draws |")
     return "\n".join(rows)
 
 
