@@ -52,10 +52,10 @@ def _show(title: str, columns: list[str], rows: list[list]) -> None:
 
 
 def _report(body: dict | None, json_path: str | None, unit: str = "") -> None:
-    """The headline table of a result body (test at best validation), and its file."""
+    """The headline table of a result body (test at the reported epoch or round), and its file."""
     if body:
-        _show(f"{body['method']} (test{f' at best-validation {unit}' if unit else ''})",
-              ["method", *HEADLINE], [[body["method"], *map(fmt, map(body["summary"]["best"].get, HEADLINE))]])
+        at = "the last" if unit == "round" and body["config"].get("fed.select") == "last" else "best-validation"
+        _show(f"{body['method']} (test{f' at {at} {unit}' if unit else ''})", ["method", *HEADLINE], [[body["method"], *map(fmt, map(body["summary"]["best"].get, HEADLINE))]])
         write_result(json_path, body)
 
 
@@ -145,7 +145,7 @@ def privacy_sweep_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
     body = sweep.run(_config(config, run_config), seeds=parse_seeds(seeds), epsilons=epsilons,
                      units=units, engine=engine, runs_dir=runs_dir, log=console.print,
                      per_unit={"block": block_config, "user": user_config})
-    _show("privacy sweep (test at best-validation round)", *sweep.table(body["rows"]))
+    _show("privacy sweep (test at the round fed.select picks)", *sweep.table(body["rows"]))
     write_result(json_path, body)
     if plot_path:
         sweep.plot(body["rows"], plot_path)

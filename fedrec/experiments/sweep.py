@@ -3,7 +3,7 @@
 `fedrec privacy-sweep` runs one federated configuration at every target ε of a grid
 (inf = no DP), for each unit of privacy and each seed, and writes one table row per
 (unit, ε) with the privacy parameters that produced it and HR@10 / NDCG@10 mean ± std
-(federated evaluation, test at the best-validation round, as `fedrec simulate`), full
+(federated evaluation, test at the round fed.select picks, as `fedrec simulate`), full
 ranking beside sampled, and the population (users) it ran on.
 
 - unit "block" (privacy.mode = sample, DP-SGD on each device over disjoint blocks of its
