@@ -23,7 +23,7 @@ from fedrec.federation.run_store import run_dir_for
 from fedrec.federation.simulate import check_ray_address, run_simulation
 from fedrec.federation.strategy import clients_per_round
 from fedrec.models.build import model_name
-from fedrec.models.central import central_config, train_central
+from fedrec.models.central import train_central
 from fedrec.models.saved import save_model
 from fedrec.results import CURVE_KEYS, summarize
 
@@ -55,7 +55,7 @@ def central(cfg: Config, seeds: list[int], log=print, quiet: bool = False,
                      "seconds": time.time() - t0, "curve": r["curve"]})
         if save_dir:
             d = Path(save_dir).expanduser() / (f"seed-{seed}" if len(seeds) > 1 else "")
-            saved = save_model(d, central_config(c), r["model"], p.dataset.item_ids, p.split.released)
+            saved = save_model(d, r["config"], r["model"], p.dataset.item_ids, p.split.released)
             runs[-1]["run_dir"] = str(saved.resolve())
             log(f"model saved in {runs[-1]['run_dir']}")
     return seed_results(f"central-{model_name(cfg)}", cfg, runs)

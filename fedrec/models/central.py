@@ -37,7 +37,8 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print,
     its own new-item offset (central_config).
     Model selection by validation full HR@10 only (results.SELECT); returns test metrics
     at the best-validation epoch and at the final epoch, the per-epoch curve, and the
-    best model with its user-local vectors ("model", "users"). spaces: what list
+    best model with its user-local vectors ("model", "users") and the config it trained
+    with ("config"). spaces: what list
     diversity is measured in (fedrec.data.pipeline.list_spaces; None: none). item_fields: the public
     catalog's fields, for model.public-warm-start (fedrec.models.warm_start)."""
     cfg = central_config(cfg)
@@ -80,6 +81,6 @@ def train_central(cfg: Config, split: Split, E: np.ndarray, log=print,
     model.load_state_dict(state)
     if users is not None:
         users.data.copy_(best_users)
-    return {"final": final, "best": evaluate(score, split, "test", spaces=spaces),
+    return {"final": final, "best": evaluate(score, split, "test", spaces=spaces), "config": cfg,
             "best_epoch": best_epoch, "epochs_run": len(curve), "curve": curve,
             "model": model.eval(), "users": None if users is None else users.detach()}

@@ -134,13 +134,12 @@ class SeqRec(Recommender):
                 # stand in for the ID part an unreleased item will not have.
                 keep = keep & (torch.rand(len(idx)) >= self.id_dropout)
             if self.id_from_text is not None:
-                g = self.id_from_text(E)
-                v = torch.where(keep[:, None], v, g[:, :-1])
-                vb = torch.where(keep, vb, g[:, -1])
-                # An item without trained rows (never a target): its text alone + offset.
-                new = ~self.known[idx]
-                v = v * ~new[:, None]
-                vb = torch.where(new, torch.tensor(self.new_item_bias), vb)
+                new = ~self.known[idx]  # no trained rows, never a target: text alone + offset
+                v, vb = v * keep[:, None], torch.where(new, self.new_item_bias, vb * keep)
+                if self.training:  # ID-dropped known items: the map's stand-in
+                    g, dropped = self.id_from_text(E), ~keep & ~new
+                    v = torch.where(dropped[:, None], g[:, :-1], v)
+                    vb = torch.where(dropped, g[:, -1], vb)
             else:  # IDs alone: an unknown item keeps its untrained row
                 keep = keep | ~self.known[idx]
                 v, vb = v * keep[:, None], vb * keep

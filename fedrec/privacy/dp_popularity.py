@@ -18,11 +18,23 @@ def bounded_counts(split: Split, bound: int) -> np.ndarray:
     """float64 [n_items]: how many users hold each item among the `bound` most recent
     distinct items of their training history; one user changes it by at most sqrt(bound)
     in L2 norm (each item they hold counts once)."""
-    counts = np.zeros(split.n_items)
+    return _bounded_counts(_recent_distinct(split), split.n_items, bound)
+
+
+def _recent_distinct(split: Split) -> list[np.ndarray]:
+    """Each user's distinct training items, most recent first."""
+    out = []
     for u in range(split.n_users):
-        h = split.history(u)[::-1]  # most recent first
+        h = split.history(u)[::-1]
         _, first = np.unique(h, return_index=True)
-        counts[h[np.sort(first)[:bound]]] += 1.0
+        out.append(h[np.sort(first)])
+    return out
+
+
+def _bounded_counts(recent: list[np.ndarray], n_items: int, bound: int) -> np.ndarray:
+    counts = np.zeros(n_items)
+    for items in recent:
+        counts[items[:bound]] += 1.0
     return counts
 
 
@@ -59,7 +71,9 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
         cfg = cfg.override(**{"data.split-seed": split_seeds[0]})
     p = prepare(cfg)
     split, spaces = p.split, list_spaces(cfg, p)
-    released, counts = split.released, {b: bounded_counts(split, b) for b in bounds}
+    recent = _recent_distinct(split)
+    released = split.released
+    counts = {b: _bounded_counts(recent, split.n_items, b) for b in bounds}
 
     def noisy(bound: int, draw: int) -> np.ndarray:
         rng = np.random.default_rng([draw, bound])
@@ -79,9 +93,11 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
         E = catalog_vectors(cfg, p).astype(np.float64)
         E /= np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 
+        logs = [np.where(released, np.log(np.maximum(noisy(bound, d), 1.0)), -np.inf)
+                for d in range(draws)]  # each draw's one release, on every device
+
         def on_device(d: int, weight: float, last: int):
-            base = np.where(released, np.log(np.maximum(noisy(bound, d), 1.0)), -np.inf)
-            return lambda u, inputs: base[None] + weight * text_affinity(E, inputs, last)
+            return lambda u, inputs: logs[d][None] + weight * text_affinity(E, inputs, last)
         grid = {(w, n): mean_val(lambda d, w=w, n=n: on_device(d, w, n))
                 for w in DEVICE_TEXT["weight"] for n in DEVICE_TEXT["last"]}
         weight, last = max(grid, key=lambda k: (grid[k], -k[0], k[1]))
