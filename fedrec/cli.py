@@ -79,13 +79,13 @@ def data_stats(config: str | None = ConfigOpt, run_config: str = RunConfigOpt):
 def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                         split_seeds: str = typer.Option("0", "--split-seeds", help="protocol split seeds"),
                         epsilon: float | None = typer.Option(None, "--epsilon", help="user-level DP at this ε (docs/privacy.md)"),
-                        delta: float = typer.Option(1e-4, "--delta", help="δ of --epsilon"), device_text: bool = typer.Option(False, "--device-text", help="--epsilon: plus the device's text similarity to its history (no ε)"),
-                        draws: int = typer.Option(5, "--draws", help="noise draws of --epsilon"), json_path: str | None = JsonOpt):
+                        delta: float = typer.Option(1e-4, "--delta", help="δ of --epsilon"), device_text: bool = typer.Option(False, "--device-text", help="--epsilon: the private recommender (the release + the device's PLM text profile)"),
+                        draws: int = typer.Option(5, "--draws", help="noise draws of --epsilon"), unit: str = typer.Option("user", "--unit", help="--epsilon's unit: user | block"), json_path: str | None = JsonOpt):
     """Rank items by training popularity (cold items score zero); --epsilon: by DP counts."""
     from fedrec.models.baselines import popularity  # lazy
     from fedrec.privacy.dp_popularity import dp_popularity  # lazy
     cfg, seeds = _config(config, run_config), parse_seeds(split_seeds)
-    _report(popularity(cfg, seeds) if epsilon is None else dp_popularity(cfg, epsilon, delta, draws=draws, split_seeds=seeds, device_text=device_text), json_path)
+    _report(popularity(cfg, seeds) if epsilon is None else dp_popularity(cfg, epsilon, delta, draws=draws, split_seeds=seeds, device_text=device_text, unit=unit), json_path)
 
 
 @baseline_app.command("text-similarity")

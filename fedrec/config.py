@@ -117,6 +117,7 @@ class PrivacyConfig:
     clipping: str          # user mode: fixed (C = max-grad-norm) | adaptive (C tracks a quantile)
     clipped_quantile: float  # adaptive: target fraction of updates clipped
     clip_norm_lr: float    # adaptive: geometric step of C per round
+    noise: str             # user mode: independent (each round) | tree (DP-FTRL tree aggregation)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ _CHOICES = {
     "privacy.mode": ("none", "sample", "user"),
     "privacy.accountant": ("rdp", "prv", "gdp"),
     "privacy.clipping": ("fixed", "adaptive"),
+    "privacy.noise": ("independent", "tree"),
     "fed.sampling": ("uniform", "balanced"),
     "fed.select": ("last", "val"),
     "fed.server-lr-decay": ("none", "cosine"),
@@ -305,6 +307,7 @@ def _validate(cfg: Config) -> None:
         if not ok:
             raise FedrecError(f"config: '{key}' must be {rule}; got {_short(flat[key])}")
     balanced = flat["fed.sampling"] == "balanced"
+    tree = flat["privacy.noise"] == "tree"
     seq = flat["model.kind"] == "seq"
     conflicts = [  # (settings that do not go together, the message naming the fix)
         (seq and not (flat["model.item-text"] or flat["model.id-embeddings"]),
@@ -326,10 +329,20 @@ def _validate(cfg: Config) -> None:
          ("'privacy.clipping' = 'adaptive' does not work with secagg.enabled (the server would "
           "need each device's clipped bit in the clear); use privacy.clipping = 'fixed' with "
           "SecAgg+")),
-        (balanced and flat["privacy.mode"] == "user",
+        (balanced and flat["privacy.mode"] == "user" and not tree,
          ("'fed.sampling' = 'balanced' does not work with privacy.mode = 'user' (its "
           "accountant's ε assumes each round samples devices at random); use fed.sampling = "
-          "'uniform'")),
+          "'uniform', or privacy.noise = 'tree'")),
+        (tree and flat["privacy.mode"] != "user",
+         "privacy.noise = 'tree' is DP-FTRL over user updates: set privacy.mode = 'user'"),
+        (tree and flat["privacy.mode"] == "user" and not balanced
+         and flat["fed.clients-per-round"] != 0,
+         ("privacy.noise = 'tree' has no amplification by sampling: its accountant needs "
+          "each device's joins spaced, fed.sampling = 'balanced' (or fed.clients-per-round "
+          "= 0, every device every round)")),
+        (tree and (flat["privacy.clipping"] == "adaptive" or flat["secagg.enabled"]),
+         ("privacy.noise = 'tree' needs privacy.clipping = 'fixed' and secagg.enabled = "
+          "false")),
         (balanced and flat["secagg.enabled"],
          ("'fed.sampling' = 'balanced' does not work with secagg.enabled (Flower's legacy "
           "SecAgg+ path samples devices itself); use fed.sampling = 'uniform'")),
@@ -397,7 +410,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               # accuracy issue: the centralized model's own new-item offset (before it, the
               # centralized model used model.new-item-bias, at 0.4)
               "central.new-item-bias": 0.4,
-              "fed.select": "val"}  # accuracy issue: the best validation round was reported
+              "fed.select": "val",  # accuracy issue: the best validation round was reported
+              "privacy.noise": "independent"}  # privacy frontier: fresh noise every round
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,9 @@ from dp_accounting.pld import pld_privacy_accountant
 from fedrec.data.protocol import Split
 from fedrec.federation.simulate import write_overrides
 from fedrec.privacy.accounting import gaussian_delta, gaussian_sigma
-from fedrec.privacy.dp_popularity import bounded_counts, dp_popularity, text_affinity
+from fedrec.errors import FedrecError
+from fedrec.privacy.dp_popularity import (bounded_counts, contributors, dp_popularity,
+                                             release_audit, text_affinity)
 from tiny import TINY
 
 CASES = [(1.0, 1e-4), (2.0, 1e-4), (4.0, 1e-4), (8.0, 1e-4), (0.5, 1e-5)]
@@ -35,7 +37,6 @@ def test_sigma_is_exact_for_one_gaussian_release(epsilon, delta):
 
 
 def test_bad_epsilon_or_delta_is_one_clear_error():
-    from fedrec.errors import FedrecError
     for eps, delta in ((0.0, 1e-4), (-1.0, 1e-4), (1.0, 0.0), (1.0, 1.0)):
         with pytest.raises(FedrecError, match="--epsilon"):
             gaussian_sigma(eps, delta)
@@ -77,17 +78,22 @@ def test_the_command_writes_a_private_row_with_its_unit_and_noise(cfg, run_cli, 
     assert (res["method"], priv["unit"], priv["epsilon"], priv["delta"]) == \
         ("dp-popularity", "user", 2.0, 1e-4)
     assert priv["noise-std"] == pytest.approx(priv["noise-multiplier"] * np.sqrt(priv["bound"]))
-    assert priv["noise-multiplier"] == pytest.approx(gaussian_sigma(2.0, 1e-4))
+    assert priv["noise-multiplier"] == pytest.approx(gaussian_sigma(priv["epsilon-spent"], 1e-4))
+    assert priv["epsilon-spent"] <= 2.0 and 0.4 < priv["audit"]["best"] <= 1.0
     assert len(res["runs"]) == 2 and "full/hr@10" in res["summary"]["best"]
     # Unreleased items are never listed; huge ε gives the plain popularity ranking's hits.
     assert res["summary"]["best"]["top10/unreleased-share"]["mean"] == 0.0
     loose = dp_popularity(cfg, 1e4, 1e-4, bounds=(1000,), draws=1)["summary"]["best"]
     from fedrec.models.baselines import popularity
     plain = popularity(cfg, [cfg.data.split_seed])["summary"]["best"]
-    assert loose["full/hr@10"]["mean"] == pytest.approx(plain["full/hr@10"]["mean"])
+    # (the noise breaks ties among equal counts in its own order: one user may differ)
+    assert loose["full/hr@10"]["mean"] == pytest.approx(plain["full/hr@10"]["mean"], abs=0.09)
     code, _, err = run_cli("baseline", "popularity", "--epsilon", "0",
                            "--config", str(cfg_file(cfg, tmp_path)))
     assert code != 0 and "--epsilon" in err and "Traceback" not in err
+    code, _, err = run_cli("baseline", "popularity", "--epsilon", "2", "--unit", "item",
+                           "--config", str(cfg_file(cfg, tmp_path)))
+    assert code != 0 and "--unit" in err and "Traceback" not in err
 
 
 def cfg_file(cfg, tmp_path):
@@ -95,18 +101,49 @@ def cfg_file(cfg, tmp_path):
         k: v for k, v in cfg.to_flat().items() if k.startswith(("data.", "encoder."))}})
 
 
-def test_device_text_reranks_the_release_by_each_history_at_no_cost_in_epsilon(cfg):
+def test_device_text_reranks_a_release_by_each_history_at_no_further_epsilon(cfg):
     plain = dp_popularity(cfg, 4.0, 1e-4, draws=2)
     dev = dp_popularity(cfg, 4.0, 1e-4, draws=2, device_text=True)
-    assert dev["method"] == "dp-popularity+device-text"
-    for key in ("epsilon", "delta", "noise-multiplier", "bound"):  # the same one release
-        assert dev["privacy"][key] == plain["privacy"][key]
-    chosen = dev["privacy"]["device-text"]
-    sel = dev["privacy"]["device-text"]["selection"]
-    assert sel[f"{chosen['weight']:g},{chosen['last']}"] == max(sel.values())
-    # weight 0 is the release's own ranking: its validation score is plain popularity's.
-    assert sel["0,3"] == pytest.approx(plain["privacy"]["bound-selection"][str(plain["privacy"]["bound"])])
+    assert dev["method"] == "dp-prior+device-text"
+    priv = dev["privacy"]
+    assert (priv["epsilon"], priv["delta"]) == (4.0, 1e-4)
+    assert 0 < priv["epsilon-spent"] <= priv["epsilon"]
+    assert priv["noise-multiplier"] == pytest.approx(gaussian_sigma(priv["epsilon-spent"], 1e-4))
+    # The release: the least ε' within one standard error of the best on validation.
+    val, se = priv["selection"], priv["selection-se"]
+    chosen = f"{priv['bound']},{priv['epsilon-spent'] / 4.0:g}"
+    assert val[chosen] >= max(val.values()) - se
+    assert all(float(k.split(",")[1]) * 4.0 >= priv["epsilon-spent"]
+               for k, v in val.items() if v >= max(val.values()) - se)
+    text = priv["device-text"]
+    sel = text["selection"]
+    assert sel[f"{text['weight']:g},{text['last']}"] == max(sel.values())
+    # weight 0 is the release's own ranking: the baseline's validation at the same release
+    # (the same noise draws).
+    assert sel["0,3"] == pytest.approx(plain["privacy"]["selection"][chosen])
     assert dev["summary"]["best"]["top10/unreleased-share"]["mean"] == 0.0
+
+
+def test_block_unit_counts_each_block_of_positions_once():
+    hist = [[0, 1, 2, 1, 3], [4, 4, 4]]
+    split = _split(hist, 5)
+    # blocks of 3 positions: [0, 1, 2], [1, 3]; [4, 4, 4] (distinct: 4).
+    assert [b.tolist() for b in contributors(split, "block", 3)] == [[2, 1, 0], [3, 1], [4]]
+    assert bounded_counts(split, 2, "block", 3).tolist() == [0, 2, 1, 1, 1]
+    with pytest.raises(FedrecError, match="--unit"):
+        contributors(split, "item", 3)
+
+
+def test_the_release_audit_separates_members_exactly_without_noise_and_not_under_noise():
+    rng = np.random.default_rng(0)
+    hist = [list(rng.choice(40, 8, replace=False)) for _ in range(60)]
+    split = _split(hist, 40)
+    counts = bounded_counts(split, 8)
+    exact = release_audit(split, counts, counts, 8, users=30)
+    assert exact["auc"]["informed"] == 1.0 == exact["auc-non-private"]["informed"]
+    noisy = release_audit(split, counts, counts + rng.normal(0, 200.0, 40), 8, users=30)
+    assert abs(noisy["auc"]["informed"] - 0.5) < 0.1
+    assert noisy["auc-non-private"]["informed"] == 1.0
 
 
 def test_text_affinity_is_the_cosine_with_the_mean_of_the_last_items():

@@ -27,7 +27,8 @@ from fedrec.errors import FedrecError
 from fedrec.experiments.runs import check_engine, run_federated
 from fedrec.federation.run_store import run_dir_for
 from fedrec.files import pyplot, save_figure
-from fedrec.privacy.accounting import UNIT, describe, parse_epsilons, solve_noise_multiplier
+from fedrec.privacy.accounting import (UNIT, describe, parse_epsilons, solve_noise_multiplier,
+                                      tree_separation, tree_sigma)
 from fedrec.results import fmt, summarize
 
 MODES = {"block": "sample", "user": "user"}
@@ -37,6 +38,9 @@ METRICS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10", "sampled/ndcg@10")
 def user_sigma(cfg: Config, epsilon: float, population: int) -> float:
     """σ of DP-FedAvg that spends exactly `epsilon` over fed.num-rounds rounds."""
     k = cfg.fed.clients_per_round or population
+    if cfg.privacy.noise == "tree":
+        return tree_sigma(epsilon, cfg.privacy.delta, cfg.fed.num_rounds,
+                          tree_separation(k / population))
     return solve_noise_multiplier(target_epsilon=epsilon, delta=cfg.privacy.delta,
                                   sample_rate=k / population, steps=cfg.fed.num_rounds,
                                   accountant=cfg.privacy.accountant)

@@ -21,6 +21,16 @@ whether they clipped; the server releases the clipped count with noise N(0, s_b^
 s_b = k / 20, and moves C <- C exp(lr (clipped fraction - target)); the update's noise
 multiplier becomes (sigma^-2 - (2 s_b)^-2)^(-1/2), so the two releases together spend what
 sigma alone would (Flower's arithmetic). Accounting: fedrec.privacy.accounting.
+
+Correlated noise (privacy.noise = "tree": DP-FTRL's tree aggregation, Kairouz et al.,
+ICML 2021): the server releases noisy prefix sums of the clipped sums. Every complete
+dyadic block of rounds (1, 2, 4, ... rounds) draws one N(0, (sigma C)^2) per coordinate,
+and the prefix sum after round t carries the draws of the blocks of t's binary
+decomposition (at most log2 t + 1 of them); the round's noised mean update is the
+difference of two consecutive noisy prefix sums over k. Summed over rounds, as a linear
+server step sums them, the model carries a prefix's noise, not t rounds of fresh noise.
+Accounting: fedrec.privacy.accounting.tree_epsilon (no amplification by sampling; each
+device joins at most once every floor(N / k) rounds under fed.sampling = "balanced").
 """
 
 import math
@@ -103,16 +113,52 @@ class UserDP:
                     f"{math.floor(10 * p.noise_multiplier) + 1} devices or use fixed clipping")
             self.sigma = (p.noise_multiplier ** -2 - (2 * self.count_std) ** -2) ** -0.5
         self.rng = np.random.default_rng()  # the noise: never from a seed the server logs
+        self.tree = TreeNoise(self.rng) if p.noise == "tree" else None
 
-    def noised(self, delta: dict[str, np.ndarray], n: int, clipped: int | None = None
-               ) -> dict[str, np.ndarray]:
-        """The private mean update from the mean delta of the n clipped updates that
-        arrived, and, with adaptive clipping, how many devices clipped (moves C for the
-        next round)."""
+    def noised(self, delta: dict[str, np.ndarray], n: int, clipped: int | None = None,
+               rnd: int = 0) -> dict[str, np.ndarray]:
+        """The private mean update of round rnd from the mean delta of the n clipped
+        updates that arrived, and, with adaptive clipping, how many devices clipped (moves
+        C for the next round)."""
         std = self.sigma * self.clip / self.k
-        out = {k: np.asarray(d, np.float64) * (n / self.k) + self.rng.normal(0.0, std, np.shape(d))
-               for k, d in delta.items()}
+        noise = (self.tree.noise(rnd, {k: np.shape(d) for k, d in delta.items()}, std)
+                 if self.tree else {k: self.rng.normal(0.0, std, np.shape(d)) for k, d in delta.items()})
+        out = {k: np.asarray(d, np.float64) * (n / self.k) + noise[k] for k, d in delta.items()}
         if self.adaptive and clipped is not None:
             noisy = (clipped + self.rng.normal(0.0, self.count_std)) / n
             self.clip *= math.exp(self.lr * (noisy - self.quantile))
         return out
+
+
+class TreeNoise:
+    """The tree's node draws (see the module): noise(t) = prefix(t) - prefix(t - 1)."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng, self.nodes = rng, {}
+
+    @staticmethod
+    def blocks(t: int) -> list[tuple[int, int]]:
+        """(first round, size) of the dyadic blocks that make up rounds 1..t."""
+        out, start = [], 1
+        for bit in reversed(range(t.bit_length())):
+            if t >> bit & 1:
+                out.append((start, 1 << bit))
+                start += 1 << bit
+        return out
+
+    def prefix(self, t: int, shapes: dict, std: float) -> dict[str, np.ndarray]:
+        total = {k: np.zeros(s) for k, s in shapes.items()}
+        for node in self.blocks(t):
+            if node not in self.nodes:
+                self.nodes[node] = {k: self.rng.normal(0.0, std, s) for k, s in shapes.items()}
+            for k in total:
+                total[k] += self.nodes[node][k]
+        return total
+
+    def noise(self, t: int, shapes: dict, std: float) -> dict[str, np.ndarray]:
+        if t < 1:
+            raise ValueError("tree noise needs the round (1-based)")
+        now, before = self.prefix(t, shapes, std), self.prefix(t - 1, shapes, std)
+        keep = set(self.blocks(t))  # later prefixes reuse only these
+        self.nodes = {k: v for k, v in self.nodes.items() if k in keep}
+        return {k: now[k] - before[k] for k in now}

@@ -85,6 +85,9 @@ class Recording(Strategy):
         self.cfg, self.run, self.done, self.q = cfg, run, done_rounds, k / population
         self.adam = ServerAdam(cfg, moments_from(server_state)) if f.strategy == "fedadam" else None
         self.dp = UserDP(cfg, k, population) if cfg.privacy.mode == "user" else None
+        if self.dp and self.dp.tree and done_rounds:
+            raise FedrecError("privacy.noise = 'tree' cannot resume a run: the tree's node "
+                              "noise is not stored; start the run again")
         self.epsilon = EpsilonTable(server_state)  # node -> its cumulative DP-SGD ε
         self.sent: dict[str, np.ndarray] = {}  # the global arrays sent this round
         self.expected = {"train": 0, "evaluate": 0}  # messages sent this round
@@ -156,7 +159,7 @@ class Recording(Strategy):
         if self.dp is not None:
             stats["clipping-norm"] = self.dp.clip  # what the devices clipped to
             clipped = sum(int(bool(m.content["metrics"].get(KEY_NORM_BIT, 0))) for m in ok)
-            delta = self.dp.noised(delta, len(ok), clipped)
+            delta = self.dp.noised(delta, len(ok), clipped, rnd)
             stats["epsilon-max"] = stats["epsilon-mean"] = user_epsilon(self.cfg, rnd, self.q)
         if self.adam is not None:
             stats["server-lr"] = server_lr(self.cfg, rnd)

@@ -29,6 +29,8 @@ def describe(cfg) -> dict:
     p = cfg.privacy
     out = {"mode": p.mode, "unit": UNIT.get(p.mode, "none"), "accountant": p.accountant,
            "delta": p.delta}
+    if p.mode == "user" and p.noise == "tree":
+        out["accountant"] = "tree (exact Gaussian, one join per separation)"
     if p.mode == "sample":  # fedrec/privacy/dpsgd.py
         out["unit"] = f"block of up to {cfg.model.max_len + 1} consecutive interactions"
     return out
@@ -234,7 +236,12 @@ def noise_multiplier(cfg, n: int, participation: float) -> float:
 def user_epsilon(cfg, rounds: int, sample_rate: float) -> float:
     """User-level ε after `rounds` rounds of DP-FedAvg at `sample_rate` (k / population)
     with privacy.noise-multiplier: Poisson subsampling at q = k / N is the usual
-    approximation of Flower's fixed-size sample without replacement, not an exact bound."""
+    approximation of Flower's fixed-size sample without replacement, not an exact bound.
+    privacy.noise = "tree": the tree's exact ε (no amplification by sampling; each device
+    joins at most once every tree_separation rounds)."""
+    if cfg.privacy.noise == "tree":
+        return tree_epsilon(cfg.privacy.noise_multiplier, rounds,
+                            tree_separation(sample_rate), cfg.privacy.delta)
     acc = Accountant(cfg.privacy.accountant)
     acc.step(cfg.privacy.noise_multiplier, sample_rate, rounds)
     return acc.epsilon(cfg.privacy.delta)
@@ -277,3 +284,78 @@ def gaussian_sigma(epsilon: float, delta: float) -> float:
         lo, hi = (mid, hi) if gaussian_delta(epsilon, mid) > delta else (lo, mid)
     return hi
 
+
+
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The smallest ε at which one Gaussian release (L2 sensitivity 1, noise std sigma)
+    is (ε, δ)-DP: the inverse of gaussian_delta in ε (it falls as ε grows)."""
+    if gaussian_delta(0.0, sigma) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while gaussian_delta(hi, sigma) > delta:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gaussian_delta(mid, sigma) > delta else (lo, mid)
+    return hi
+
+
+# -- correlated noise: DP-FTRL's tree aggregation (privacy.noise = "tree") -----------------
+def tree_nodes(rounds: int) -> list[tuple[int, int]]:
+    """(first round, size) of every node the tree releases by round `rounds`: the dyadic
+    blocks of rounds 1..rounds that some prefix's binary decomposition uses (sizes 1, 2,
+    4, ...; the even-numbered blocks of each size, a right sibling is never needed), each
+    drawn once, when its last round's prefix needs it (fedrec/federation/server_opt.py)."""
+    out, size = [], 1
+    while size <= rounds:
+        out += [(j * size + 1, size) for j in range(0, rounds // size, 2)]
+        size *= 2
+    return out
+
+
+def tree_sensitivity(rounds: int, separation: int) -> float:
+    """The L2 sensitivity, in units of the clipping norm, of all the node sums the tree
+    releases by round `rounds`, for one user who joins rounds at least `separation`
+    apart: the largest sqrt(sum over nodes of (the user's rounds in the node)^2), their
+    updates aligned. Exact, by dynamic programming over the rounds: the state is the
+    user's count in the open block of each level and the rounds since their last join;
+    a block adds its count squared when it closes, if it is a released node (tree_nodes;
+    a block not completed by `rounds` is never released)."""
+    levels, b = max(0, rounds).bit_length(), max(1, int(separation))
+    states = {((0,) * levels, b): 0}  # (open counts, rounds since last join) -> best sum
+    for t in range(1, rounds + 1):
+        new: dict = {}
+        for (counts, gap), val in states.items():
+            for join in ((False, True) if gap + 1 >= b else (False,)):
+                c, v = [x + join for x in counts], val
+                for lvl in range(levels):
+                    if t % (1 << lvl) == 0:  # the level's block [t - 2^l + 1, t] closes
+                        v += c[lvl] ** 2 if (t >> lvl) & 1 else 0  # released: even blocks
+                        c[lvl] = 0
+                key = (tuple(c), 0 if join else min(gap + 1, b))
+                new[key] = max(new.get(key, -1), v)
+        states = new
+    return math.sqrt(max(states.values()))
+
+
+def tree_separation(sample_rate: float) -> int:
+    """Rounds between two joins of one device under fed.sampling = "balanced" (a seeded
+    order of the N devices, k at a time: at least floor(N / k) rounds apart); 1 when every
+    device joins every round."""
+    return max(1, int(math.floor(1.0 / sample_rate + 1e-9)))
+
+
+def tree_epsilon(sigma: float, rounds: int, separation: int, delta: float) -> float:
+    """User-level ε after `rounds` rounds of tree-aggregated noise of multiplier sigma:
+    the whole tree is one Gaussian release (independent node draws) of sensitivity
+    tree_sensitivity, so ε is exact for it (analytic Gaussian)."""
+    if rounds <= 0:
+        return 0.0
+    if sigma <= 0:
+        return math.inf
+    return gaussian_epsilon(sigma / tree_sensitivity(rounds, separation), delta)
+
+
+def tree_sigma(epsilon: float, delta: float, rounds: int, separation: int) -> float:
+    """The noise multiplier of every tree node that spends exactly ε over `rounds`."""
+    return tree_sensitivity(rounds, separation) * gaussian_sigma(epsilon, delta)

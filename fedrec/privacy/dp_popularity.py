@@ -1,5 +1,20 @@
-"""A private reference point: user-level DP popularity, the list a private model has to
-beat (docs/privacy.md)."""
+"""DP popularity, the private reference point, and the private recommender built on the
+same release (docs/privacy.md, "The frontier").
+
+One release: every contributor (a user, or a block of a user's history: `unit`) adds its
+`bound` most recent distinct training items to an item histogram, so one contributor
+moves it by at most sqrt(bound) in L2, and Gaussian noise of std sqrt(bound) *
+gaussian_sigma(ε', δ) makes the release (ε', δ)-DP exactly (ε' <= the budget ε: see
+`dp_popularity`). Everything after it is post-processing:
+
+- "dp-popularity": released items ranked by noisy count (the baseline);
+- "dp-prior+device-text": each device re-ranks the same release with what never leaves it,
+  log(max(noisy count, 1)) + weight * cosine(its last `last` items' mean PLM vector, item
+  vector) over the public catalog's frozen vectors: a personalised private recommender
+  at the same ε.
+"""
+
+import math
 
 import numpy as np
 
@@ -12,28 +27,38 @@ from fedrec.privacy.accounting import gaussian_sigma
 from fedrec.results import summarize
 
 DP_BOUNDS = (1, 2, 5, 10, 20, 50, 100)
+SPEND = (1.0, 0.5, 0.25, 0.125)  # shares of the budget ε a release may spend
+UNITS = ("user", "block")
+DEVICE_TEXT = {"weight": (0.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0), "last": (3, 5, 10)}
 
 
-def bounded_counts(split: Split, bound: int) -> np.ndarray:
-    """float64 [n_items]: how many users hold each item among the `bound` most recent
-    distinct items of their training history; one user changes it by at most sqrt(bound)
-    in L2 norm (each item they hold counts once)."""
-    return _bounded_counts(_recent_distinct(split), split.n_items, bound)
-
-
-def _recent_distinct(split: Split) -> list[np.ndarray]:
-    """Each user's distinct training items, most recent first."""
+def contributors(split: Split, unit: str, block: int) -> list[np.ndarray]:
+    """Each contributor's distinct training items, most recent first: one per user
+    (unit "user"), or one per block of `block` consecutive positions of a history, cut as
+    sample-level DP-SGD cuts it (unit "block", fedrec.privacy.dpsgd)."""
+    if unit not in UNITS:
+        raise FedrecError(f"--unit: 'user' or 'block', got '{unit}'")
     out = []
     for u in range(split.n_users):
-        h = split.history(u)[::-1]
-        _, first = np.unique(h, return_index=True)
-        out.append(h[np.sort(first)])
+        h = split.history(u)
+        parts = [h] if unit == "user" else [h[k:k + block] for k in range(0, len(h), block)]
+        for part in parts:
+            rev = part[::-1]
+            _, first = np.unique(rev, return_index=True)
+            out.append(rev[np.sort(first)])
     return out
 
 
-def _bounded_counts(recent: list[np.ndarray], n_items: int, bound: int) -> np.ndarray:
+def bounded_counts(split: Split, bound: int, unit: str = "user", block: int = 51
+                   ) -> np.ndarray:
+    """float64 [n_items]: how many contributors hold each item among their `bound` most
+    recent distinct items; one contributor changes it by at most sqrt(bound) in L2."""
+    return _bounded_counts(contributors(split, unit, block), split.n_items, bound)
+
+
+def _bounded_counts(parts: list[np.ndarray], n_items: int, bound: int) -> np.ndarray:
     counts = np.zeros(n_items)
-    for items in recent:
+    for items in parts:
         counts[items[:bound]] += 1.0
     return counts
 
@@ -45,71 +70,114 @@ def text_affinity(E: np.ndarray, inputs: list[np.ndarray], last: int) -> np.ndar
     return np.stack([E[h[-last:]].mean(0) for h in inputs]) @ E.T
 
 
-DEVICE_TEXT = {"weight": (0.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0), "last": (3, 5, 10)}
+def release_audit(split: Split, counts: np.ndarray, noisy: np.ndarray, bound: int,
+                  users: int = 200, seed: int = 0) -> dict:
+    """Membership inference on the release (user unit): for random target users, the AUC
+    of telling their contributed items from as many released items they did not
+    contribute, mean over users (0.5 = nothing learned), by two attackers:
+    - informed: knows every other user's data (DP's worst case): released - others' count;
+    - reference: knows a disjoint random half of the other users, scaled to the rest.
+    The same statistics on the exact counts are the non-private column."""
+    from fedrec.experiments.audit import roc_auc  # lazy: the audit's AUC, one definition
+
+    rng = np.random.default_rng(seed)
+    parts = contributors(split, "user", 0)
+    released = np.flatnonzero(split.released)
+    targets = rng.choice(split.n_users, min(users, split.n_users), replace=False)
+    out = {k: {"informed": [], "reference": []} for k in ("private", "exact")}
+    for u in targets:
+        members = parts[u][:bound]
+        own = np.zeros(split.n_items)
+        own[members] = 1.0
+        pool = np.setdiff1d(released, members)
+        non = rng.choice(pool, min(len(members), len(pool)), replace=False)
+        others = np.setdiff1d(np.arange(split.n_users), [u])
+        ref = rng.choice(others, len(others) // 2, replace=False)
+        ref_counts = _bounded_counts([parts[v] for v in ref], split.n_items, bound)
+        ref_est = ref_counts * (len(others) / len(ref))
+        for kind, release in (("private", noisy), ("exact", counts)):
+            for name, stat in (("informed", release - (counts - own)),
+                               ("reference", release - ref_est)):
+                out[kind][name].append(roc_auc(stat[members], stat[non]))
+    auc = {k: {n: float(np.mean(v)) for n, v in d.items()} for k, d in out.items()}
+    return {"users": len(targets), "auc": auc["private"], "auc-non-private": auc["exact"],
+            "best": max(auc["private"].values()),
+            "best-non-private": max(auc["exact"].values())}
 
 
 def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
                   draws: int = 5, split_seeds: list[int] | None = None,
-                  device_text: bool = False) -> dict:
-    """User-level DP popularity: released items ranked by their bounded counts plus
-    Gaussian noise, one release per draw. A user (add or remove one) moves the counts by
-    at most sqrt(bound) in L2, so noise std sqrt(bound) * gaussian_sigma(ε, δ) makes the
-    release (ε, δ)-DP exactly; everything after it (ranking, evaluation) is
-    post-processing. The bound is chosen on validation full HR@10 (mean over the draws),
-    a choice that reads the users' validation items and is not itself accounted; the test
-    metrics of each draw at the chosen bound are the rows.
-
-    device_text: each device re-ranks the release with what never leaves it: score =
-    log(max(noisy count, 1)) + weight * text_affinity(its last `last` items), the frozen
-    PLM's vectors of the public catalog (post-processing: no further ε); weight and last
-    chosen on validation (DEVICE_TEXT) at the chosen bound."""
-    sigma = gaussian_sigma(epsilon, delta)
+                  device_text: bool = False, unit: str = "user") -> dict:
+    """DP popularity at budget ε (one release per noise draw; the rows are each draw's
+    test metrics). The bound and the share of ε spent (SPEND) are chosen on validation
+    full HR@10 (mean over the draws), a choice that reads the users' validation items and
+    is not itself accounted: the baseline takes the best; the device-text recommender
+    takes the smallest ε' within one standard error of its best (privacy not needed for
+    accuracy is not spent), then its weight and last (DEVICE_TEXT) at that release."""
     if draws < 1 or len(split_seeds or [0]) != 1:
         raise FedrecError("--epsilon: one split seed (--split-seeds) and --draws >= 1 noise "
                           "draws")
+    gaussian_sigma(epsilon, delta)  # a bad --epsilon / --delta: one clear error, first
     if split_seeds:
         cfg = cfg.override(**{"data.split-seed": split_seeds[0]})
     p = prepare(cfg)
     split, spaces = p.split, list_spaces(cfg, p)
-    recent = _recent_distinct(split)
+    block = cfg.model.max_len + 1
+    parts = contributors(split, unit, block)
+    bounds = [b for b in bounds if unit == "user" or b <= block]  # a block holds <= block
     released = split.released
-    counts = {b: _bounded_counts(recent, split.n_items, b) for b in bounds}
+    counts = {b: _bounded_counts(parts, split.n_items, b) for b in bounds}
+    sigmas = {f: gaussian_sigma(epsilon * f, delta) for f in SPEND}
 
-    def noisy(bound: int, draw: int) -> np.ndarray:
-        rng = np.random.default_rng([draw, bound])
-        q = counts[bound] + rng.normal(0.0, sigma * np.sqrt(bound), split.n_items)
-        return np.where(released, q, -np.inf)  # unreleased: public catalog fact, never shown
+    def noisy(bound: int, spend: float, draw: int) -> np.ndarray:
+        rng = np.random.default_rng([draw, bound, int(spend * 1000)])
+        return counts[bound] + rng.normal(0.0, sigmas[spend] * np.sqrt(bound), split.n_items)
 
-    def score(q):
+    def ranked(q):  # unreleased: public catalog fact, never shown
+        q = np.where(released, q, -np.inf)
         return lambda u, _: np.tile(q, (len(u), 1))
 
     def mean_val(make) -> float:
         return float(np.mean([evaluate(make(d), split, "val")["full/hr@10"]
                               for d in range(draws)]))
-    val = {b: mean_val(lambda d, b=b: score(noisy(b, d))) for b in bounds}
-    bound = max(bounds, key=lambda b: (val[b], -b))
-    make, method, extra = (lambda d: score(noisy(bound, d))), "dp-popularity", {}
+    E = None
     if device_text:
         E = catalog_vectors(cfg, p).astype(np.float64)
         E /= np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 
-        logs = [np.where(released, np.log(np.maximum(noisy(bound, d), 1.0)), -np.inf)
-                for d in range(draws)]  # each draw's one release, on every device
-
-        def on_device(d: int, weight: float, last: int):
-            return lambda u, inputs: logs[d][None] + weight * text_affinity(E, inputs, last)
-        grid = {(w, n): mean_val(lambda d, w=w, n=n: on_device(d, w, n))
+    def on_device(q, weight: float, last: int):
+        log = np.where(released, np.log(np.maximum(q, 1.0)), -np.inf)
+        return lambda u, inputs: log[None] + weight * text_affinity(E, inputs, last)
+    base_text = (12.0, 5)  # stage one: the release chosen under one middle text setting
+    make_for = ((lambda b, f: lambda d: on_device(noisy(b, f, d), *base_text)) if device_text
+                else (lambda b, f: lambda d: ranked(noisy(b, f, d))))
+    val = {(b, f): mean_val(make_for(b, f)) for b in bounds for f in SPEND}
+    top = max(val.values())
+    se = math.sqrt(top * (1 - top) / max(1, len(split.eval_users("val"))))
+    bound, spend = max(val, key=lambda k: (val[k], -k[0], k[1]))
+    if device_text:  # the least ε within one standard error of the best
+        bound, spend = min((k for k in val if val[k] >= top - se),
+                           key=lambda k: (k[1], -val[k], k[0]))
+    make, method, extra = make_for(bound, spend), "dp-popularity", {}
+    if device_text:
+        grid = {(w, n): mean_val(lambda d, w=w, n=n: on_device(noisy(bound, spend, d), w, n))
                 for w in DEVICE_TEXT["weight"] for n in DEVICE_TEXT["last"]}
         weight, last = max(grid, key=lambda k: (grid[k], -k[0], k[1]))
-        make, method = (lambda d: on_device(d, weight, last)), "dp-popularity+device-text"
+        make = lambda d: on_device(noisy(bound, spend, d), weight, last)  # noqa: E731
+        method = "dp-prior+device-text"
         extra = {"device-text": {"weight": weight, "last": last,
                                  "selection": {f"{w:g},{n}": v for (w, n), v in grid.items()}}}
+    if unit == "user":
+        extra["audit"] = release_audit(split, counts[bound], noisy(bound, spend, 0), bound)
     runs = [{"seed": d, "test": evaluate(make(d), split, spaces=spaces)} for d in range(draws)]
     summary = summarize([r["test"] for r in runs])
+    unit_name = "user" if unit == "user" else f"block of up to {block} consecutive interactions"
     return {"method": method, "config": cfg.to_flat(), "seed_kind": "noise draw",
-            "privacy": {"unit": "user", "epsilon": epsilon, "delta": delta,
+            "privacy": {"unit": unit_name, "epsilon": epsilon, "delta": delta,
+                        "epsilon-spent": epsilon * spend,
                         "accountant": "analytic Gaussian (exact for one release)",
-                        "noise-multiplier": sigma, "bound": bound,
-                        "noise-std": sigma * np.sqrt(bound),
-                        "bound-selection": {str(b): v for b, v in val.items()}, **extra},
+                        "noise-multiplier": sigmas[spend], "bound": bound,
+                        "noise-std": sigmas[spend] * np.sqrt(bound),
+                        "selection": {f"{b},{f:g}": v for (b, f), v in val.items()},
+                        "selection-se": se, **extra},
             "runs": runs, "summary": {"best": summary, "final": summary}}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The privacy frontier on the current protocol (docs/privacy.md, "The frontier"):
+#   1. dp_popularity: the private reference (user-level DP popularity) and the private
+#      recommender built on it (the same release + each device's own PLM text profile),
+#      for each unit (user, block) and ε in {8, 4, 2, 1}; seconds each;
+#   2. trained: the DP-trained federated model (DP-FedAvg, user unit, ε 8/4/2/1; DP-SGD,
+#      block unit, ε 8), seeds 0,1,2, the earlier sweep's recipe (20 rounds of 94
+#      devices, 2 local epochs; see privacy_v2.sh) on today's model and split;
+#   3. ftrl: correlated noise (DP-FTRL tree aggregation) at ε 8, user unit, seeds 0,1,2;
+#   4. audit: the release at ε 8 against the non-private counts;
+#   5. frontier: results/privacy-frontier.json and its plot, then the report blocks.
+#
+#   simulations/privacy_frontier.sh [dp_popularity|trained|ftrl|audit|frontier]...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs/privacy-frontier}
+OUT=results/privacy-frontier
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+FEDREC=.venv/bin/fedrec
+BASE="fed.num-rounds=20 fed.eval-every=20 train.local-epochs=2 privacy.accountant='prv' fed.server-lr=0.01 fed.server-lr-warmup=0 fed.server-lr-decay='none' fed.server-lr-ids=1"
+USER_CFG="privacy.max-grad-norm=0.25"
+BLOCK_CFG="privacy.max-grad-norm=1.0 train.local-epochs=1 fed.sampling='balanced' privacy.accountant='rdp'"
+mkdir -p "$RUNS" "$OUT"
+
+dp_popularity() {
+  for unit in user block; do
+    for e in 8 4 2 1; do
+      $FEDREC baseline popularity --unit $unit --epsilon $e --json "$OUT/dp-popularity-$unit-eps$e.json"
+      $FEDREC baseline popularity --unit $unit --epsilon $e --device-text \
+        --json "$OUT/dp-prior-device-text-$unit-eps$e.json"
+    done
+  done
+}
+
+sweep() {  # UNITS EPSILONS NAME [extra user overrides]
+  $FEDREC privacy-sweep --run-config "$BASE" --user-run-config "$USER_CFG ${4:-}" \
+    --block-run-config "$BLOCK_CFG" --units "$1" --epsilons "$2" --seeds 0,1,2 \
+    --runs-dir "$RUNS/$3" --json "$OUT/$3.json"
+}
+
+trained() {  # two halves side by side, one core each
+  (sweep user 8,4,2 trained-user-a) > "$RUNS/trained-a.log" 2>&1 &
+  (sweep user 1 trained-user-b; sweep block 8 trained-block) > "$RUNS/trained-b.log" 2>&1 &
+  wait
+}
+
+for step in "${@:-dp_popularity trained}"; do
+  for s in $step; do "$s"; done
+done
