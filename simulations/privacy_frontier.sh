@@ -2,15 +2,15 @@
 # The privacy frontier on the current protocol (docs/privacy.md, "The frontier"):
 #   1. dp_popularity: the private reference (user-level DP popularity) and the private
 #      recommender built on it (the same release + each device's own PLM text profile),
-#      for each unit (user, block) and ε in {8, 4, 2, 1}; seconds each;
+#      for each unit (user, block) and ε in {8, 4, 2, 1}, about a minute each; each
+#      user-unit file also carries a membership-inference audit of its release;
 #   2. trained: the DP-trained federated model (DP-FedAvg, user unit, ε 8/4/2/1; DP-SGD,
 #      block unit, ε 8), seeds 0,1,2, the earlier sweep's recipe (20 rounds of 94
 #      devices, 2 local epochs; see privacy_v2.sh) on today's model and split;
 #   3. ftrl: correlated noise (DP-FTRL tree aggregation) at ε 8, user unit, seeds 0,1,2;
-#   4. audit: the release at ε 8 against the non-private counts;
-#   5. frontier: results/privacy-frontier.json and its plot, then the report blocks.
+#   4. frontier: results/privacy-frontier.json and its plot, then the report blocks.
 #
-#   simulations/privacy_frontier.sh [dp_popularity|trained|ftrl|audit|frontier]...
+#   simulations/privacy_frontier.sh [dp_popularity|trained|ftrl|frontier]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/privacy-frontier}
@@ -44,6 +44,19 @@ trained() {  # two halves side by side, one core each
   wait
 }
 
-for step in "${@:-dp_popularity trained}"; do
+TREE="privacy.mode='user' privacy.noise='tree' fed.sampling='balanced'"
+ftrl() {  # the same recipe with the tree's correlated noise: FedAdam, and FedAvg (whose
+  #         linear step keeps the tree's telescoping: the model carries one prefix's noise)
+  (sweep user 8 ftrl-fedadam "$TREE") > "$RUNS/ftrl-a.log" 2>&1 &
+  (sweep user 8 ftrl-fedavg "$TREE fed.strategy='fedavg'") > "$RUNS/ftrl-b.log" 2>&1 &
+  wait
+}
+
+frontier() {
+  .venv/bin/python simulations/privacy_frontier.py
+  .venv/bin/python simulations/report.py
+}
+
+for step in "${@:-dp_popularity trained ftrl frontier}"; do
   for s in $step; do "$s"; done
 done

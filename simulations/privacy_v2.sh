@@ -110,16 +110,8 @@ levers() {
                levers
 }
 
-dp_popularity() {  # the private reference: user-level DP popularity per ε (seconds)
-  mkdir -p results/privacy-frontier
-  for e in 8 4 2 1; do
-    $FEDREC baseline popularity --epsilon $e --json results/privacy-frontier/dp-popularity-eps$e.json
-    $FEDREC baseline popularity --epsilon $e --device-text --json results/privacy-frontier/dp-popularity-device-text-eps$e.json
-  done
-}
-
 report() { .venv/bin/python simulations/report.py; }
 
-for step in "${@:-dp_popularity sweep population levers inter_levers fit report}"; do
+for step in "${@:-sweep population levers inter_levers fit report}"; do
   for s in $step; do "$s"; done
 done

@@ -556,23 +556,25 @@ def headline_table() -> str:
             rows.append(f"| {label}{earlier(res)} | {fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | "
                         f"{fmt(b.get('full/cold/hr@10'))} | {fmt(b.get('new-items/hr@10'))} | "
                         f"∞ | {len(res['runs'])} |")
-    sweep = _load(f"{V2}/sweep.json")
-    for unit in ("user", "interaction", "block"):
-        at8 = next((r for r in (sweep or {}).get("rows", []) if r["unit"] == unit
-                    and r["epsilon"] == 8), None)
-        if at8:
-            rows.append(f"| federated, private ({at8['rounds']} rounds){earlier(sweep)} | "
-                        f"{fmt(at8['full/hr@10'])} "
-                        f"| {fmt(at8['full/ndcg@10'])} | - | - | 8 ({_unit(at8)}, δ {at8['delta']:g}) "
-                        f"| {len(at8['seeds'])} |")
-    for name, label in (("dp-popularity-eps8", "DP popularity (one release, no training)"),
-                        ("dp-popularity-device-text-eps8",
-                         "DP popularity re-ranked on the device by text (no training)")):
-        res = _load(f"privacy-frontier/{name}.json")
-        if res:
-            b, p = res["summary"]["best"], res["privacy"]
-            rows.append(f"| {label} | {fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | - | - | "
-                        f"8 (one user, δ {p['delta']:g}) | {len(res['runs'])} draws |")
+    front = _load("privacy-frontier.json")
+    at8 = [r for r in (front or {}).get("rows", []) if r["epsilon"] == 8]
+    for unit, method, label in (
+            ("user", "dp-prior+device-text", ("**private: DP popularity prior + the device's PLM "
+                                             "profile (one release, no training)**")),
+            ("user", "dp-fedavg", ("private: the federated model trained with DP-FedAvg "
+                                  "(20 rounds)")),
+            ("user", "dp-popularity", "private baseline: DP popularity (one release)"),
+            ("block", "dp-prior+device-text", ("private, block unit: DP popularity prior + "
+                                              "device PLM profile")),
+            ("block", "dp-sgd", ("private, block unit: the federated model trained with "
+                                "DP-SGD (20 rounds)")),
+            ("block", "dp-popularity", "private baseline, block unit: DP popularity")):
+        r = next((r for r in at8 if (r["unit"], r["method"]) == (unit, method)), None)
+        if r:
+            n = f"{len(r['seeds'])}" + (" draws" if r["seed_kind"] == "noise draw" else "")
+            rows.append(f"| {label} | {fmt(r['full/hr@10'])} | {fmt(r['full/ndcg@10'])} | - | - | "
+                        f"8 ({'one user' if unit == 'user' else 'one block'}, δ {r['delta']:g}) "
+                        f"| {n} |")
     return "\n".join(rows)
 
 
@@ -759,23 +761,95 @@ def _curve_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def frontier_table() -> str:
+    """README's three curves: per ε, the best private recommender, DP popularity and the
+    DP-trained federated model (both units), against the non-private federated model."""
+    front = _load("privacy-frontier.json")
+    if not front:
+        return ""
+    rows = front["rows"]
+    ref = next(r for r in rows if r["unit"] == "none")
+
+    def cell(unit, method, eps):
+        r = next((r for r in rows if (r["unit"], r["method"], r["epsilon"]) ==
+                  (unit, method, eps)), None)
+        return r, (fmt(r["full/hr@10"]) if r else "-")
+    out = [("| unit | ε | best private recommender | full HR@10 | x DP popularity | "
+            "DP popularity | DP-trained federated model | x no DP |"),
+           "|---|---|---|---|---|---|---|---|"]
+    for b in front["best"]:
+        unit, eps = b["unit"], b["epsilon"]
+        _, pop = cell(unit, "dp-popularity", eps)
+        _, trained = cell(unit, "dp-fedavg" if unit == "user" else "dp-sgd", eps)
+        out.append(f"| {'one user' if unit == 'user' else 'one block (51 interactions)'} | "
+                   f"{eps:g} | {b['method']} | {fmt(b['full/hr@10'])} | {b['ratio']:.2f} | {pop} | "
+                   f"{trained} | {b['full/hr@10']['mean'] / ref['full/hr@10']['mean']:.2f} |")
+    out.append(f"| none | ∞ | {ref['method']} | {fmt(ref['full/hr@10'])} | - | - | - | 1.00 |")
+    commits = sorted({r["commit"][:7] for r in rows})
+    return ("\n".join(out) + f"\n\nδ = 1e-4 everywhere. Rows from "
+            f"[results/privacy-frontier.json](results/privacy-frontier.json) (`{front['command']}`, "
+            f"commit {front['machine']['commit'][:7]}), built from the files "
+            f"`simulations/privacy_frontier.sh` writes (commits {', '.join(commits)}); "
+            "one-release rows: 5 noise draws, trained rows: seeds 0, 1, 2.\n\n"
+            "![privacy frontier](results/privacy-frontier.png)")
+
+
+def ftrl_table() -> str:
+    """Independent noise against the tree's correlated noise, same recipe and ε."""
+    front = _load("privacy-frontier.json")
+    if not front:
+        return ""
+    rows = [r for r in front["rows"] if r["unit"] == "user" and r["epsilon"] == 8
+            and r["method"].startswith(("dp-fedavg", "dp-ftrl"))]
+    if not rows:
+        return ""
+    out = ["| noise across rounds | σ | accountant | full HR@10 | full NDCG@10 | sampled HR@10 | seeds |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['method']} | {r['settings']['sigma']:.3f} | {r['accountant']} | "
+                   f"{fmt(r['full/hr@10'])} | {fmt(r['full/ndcg@10'])} | "
+                   f"{fmt(r['sampled/hr@10'])} | {len(r['seeds'])} |")
+    cmds = sorted({f"`{r['command']}`" for r in rows})
+    return "\n".join(out) + "\n\n" + "; ".join(cmds) + "."
+
+
+def release_audit_table() -> str:
+    """Membership inference on the release each one-release row's file carries."""
+    front = _load("privacy-frontier.json")
+    rows = [r for r in (front or {}).get("rows", []) if r.get("audit")]
+    if not rows:
+        return ""
+    out = [("| release | ε (budget / spent) | informed attacker AUC | reference attacker AUC | "
+           "best | non-private: informed / reference | users |"), "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["audit"]
+        out.append(f"| {r['method']} | {r['epsilon']:g} / {r['settings']['epsilon-spent']:g} | "
+                   f"{a['auc']['informed']:.3f} | {a['auc']['reference']:.3f} | {a['best']:.3f} | "
+                   f"{a['auc-non-private']['informed']:.3f} / "
+                   f"{a['auc-non-private']['reference']:.3f} | {a['users']} |")
+    return "\n".join(out)
+
+
 def dp_popularity_table() -> str:
     """User-level DP popularity per ε (fedrec baseline popularity --epsilon), alone and
     re-ranked on each device by text (--device-text): the lists a private model has to
     beat, with their bound, noise and the plain popularity row."""
     found = sorted((json.loads(p.read_text()) for p in
-                    (ROOT / "results" / "privacy-frontier").glob("dp-popularity*-eps*.json")),
-                   key=lambda r: (r["method"], -r["privacy"]["epsilon"]))
+                    (ROOT / "results" / "privacy-frontier").glob("dp-*-eps*.json")),
+                   key=lambda r: (r["privacy"]["unit"] != "user", r["method"],
+                                  -r["privacy"]["epsilon"]))
     if not found:
         return ""
-    rows = [("| list | ε (one user) | δ | per-user bound (items) | σ (x sqrt(bound)) "
+    rows = [("| list | unit | ε budget | ε spent | δ | bound (items) | σ (x sqrt(bound)) "
              "| device text (weight, last items) | full HR@10 | full NDCG@10 | sampled HR@10 "
-             "| draws |"), "|---|---|---|---|---|---|---|---|---|---|"]
+             "| draws |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in found:
         p, s = r["privacy"], r["summary"]["best"]
         dev = p.get("device-text")
         dev = f"{dev['weight']:g}, {dev['last']}" if dev else "-"
-        rows.append(f"| {r['method']} | {p['epsilon']:g} | {p['delta']:g} | {p['bound']} | "
+        unit = "user" if p["unit"] == "user" else "block"
+        rows.append(f"| {r['method']} | {unit} | {p['epsilon']:g} | {p['epsilon-spent']:g} | "
+                    f"{p['delta']:g} | {p['bound']} | "
                     f"{p['noise-multiplier']:.3f} | {dev} | {fmt(s['full/hr@10'])} | "
                     f"{fmt(s['full/ndcg@10'])} | {fmt(s['sampled/hr@10'])} | {len(r['runs'])} |")
     pop = _load("popularity.json")
@@ -785,8 +859,10 @@ def dp_popularity_table() -> str:
                     f"{fmt(pop['summary']['best']['full/ndcg@10'])} | "
                     f"{fmt(pop['summary']['best']['sampled/hr@10'])} | - |")
     commits = sorted({r["machine"]["commit"][:7] for r in found})
-    cmds = "; ".join(f"`{r['command']}`" for r in found)
-    return "\n".join(rows) + f"\n\nCommit {', '.join(commits)}: {cmds}."
+    return "\n".join(rows) + (f"\n\nCommit {', '.join(commits)}: "
+                               "`simulations/privacy_frontier.sh dp_popularity` (one "
+                               "`fedrec baseline popularity --unit U --epsilon E [--device-text]` "
+                               "per row; each file holds its command).")
 
 
 def main() -> None:
@@ -804,7 +880,9 @@ def main() -> None:
                        ("explain", explain_table), ("diversity", diversity_table),
                        ("privacy-sweep-v2", sweep_v2_table), ("privacy-levers", levers_table),
                        ("population", population_table),
-                       ("dp-popularity", dp_popularity_table)):
+                       ("dp-popularity", dp_popularity_table),
+                       ("privacy-frontier", frontier_table), ("privacy-ftrl", ftrl_table),
+                       ("release-audit", release_audit_table)):
         blocks[name] = make()
     blocks.update(bench_tables())
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:

@@ -11,11 +11,16 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
 from fedrec.data.protocol import Split
-from fedrec.federation.simulate import write_overrides
-from fedrec.privacy.accounting import gaussian_delta, gaussian_sigma
 from fedrec.errors import FedrecError
-from fedrec.privacy.dp_popularity import (bounded_counts, contributors, dp_popularity,
-                                             release_audit, text_affinity)
+from fedrec.federation.simulate import write_overrides
+from fedrec.privacy.dp_popularity import (
+    bounded_counts,
+    contributors,
+    dp_popularity,
+    release_audit,
+    text_affinity,
+)
+from fedrec.privacy.exact import gaussian_delta, gaussian_sigma
 from tiny import TINY
 
 CASES = [(1.0, 1e-4), (2.0, 1e-4), (4.0, 1e-4), (8.0, 1e-4), (0.5, 1e-5)]

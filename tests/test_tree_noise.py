@@ -14,8 +14,14 @@ from dp_accounting.pld import pld_privacy_accountant
 from fedrec.errors import FedrecError
 from fedrec.experiments.sweep import user_sigma
 from fedrec.federation.server_opt import TreeNoise, UserDP
-from fedrec.privacy.accounting import (tree_epsilon, tree_nodes, tree_sensitivity,
-                                       tree_separation, tree_sigma, user_epsilon)
+from fedrec.privacy.accounting import user_epsilon
+from fedrec.privacy.exact import (
+    tree_epsilon,
+    tree_nodes,
+    tree_sensitivity,
+    tree_separation,
+    tree_sigma,
+)
 from tiny import run_inprocess, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -33,7 +39,7 @@ def brute_sensitivity(rounds: int, separation: int) -> float:
     best = 0.0
     for m in range(1, rounds + 1):
         for pick in itertools.combinations(range(rounds), m):
-            if all(b - a >= separation for a, b in zip(pick, pick[1:])):
+            if all(b - a >= separation for a, b in itertools.pairwise(pick)):
                 x = np.zeros(rounds)
                 x[list(pick)] = 1.0
                 best = max(best, float(np.linalg.norm(A @ x)))

@@ -25,6 +25,20 @@ from fedrec.data.protocol import Split
 
 
 # -- ranking metrics: pure functions of the positive's rank (0 = ranked first) ----------
+def roc_auc(members, nonmembers) -> float:
+    """P(score of a random member > that of a random non-member), ties counting 1/2:
+    the Mann-Whitney U statistic from average ranks. NaN if either side is empty."""
+    pos, neg = np.asarray(members, float), np.asarray(nonmembers, float)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True,
+                                   return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2.0)[inverse]  # 1-based average rank of each tie
+    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
 def _compare(pos: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(valid, below, tie) masks [U, C]; NaN on either side is neither below nor tied."""
     pos = np.asarray(pos, np.float64)[:, None]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedrec.data.evaluate import roc_auc
 from fedrec.data.pipeline import prepare
 from fedrec.data.protocol import ClientData
 from fedrec.errors import FedrecError
@@ -44,20 +45,6 @@ from fedrec.models.saved import load_run
 from fedrec.privacy.accounting import EPSILON_METRIC, Accountant, describe, parse_epsilons
 
 STATS = ("bias", "item-vector", "score", "grad-align")
-
-
-def roc_auc(members, nonmembers) -> float:
-    """P(score of a random member > that of a random non-member), ties counting 1/2:
-    the Mann-Whitney U statistic from average ranks. NaN if either side is empty."""
-    pos, neg = np.asarray(members, float), np.asarray(nonmembers, float)
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True,
-                                   return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2.0)[inverse]  # 1-based average rank of each tie
-    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
-    return float(u / (len(pos) * len(neg)))
 
 
 def privacy_settings(cfg, epsilons: str) -> list[tuple[float, object]]:

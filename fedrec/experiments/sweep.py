@@ -27,8 +27,13 @@ from fedrec.errors import FedrecError
 from fedrec.experiments.runs import check_engine, run_federated
 from fedrec.federation.run_store import run_dir_for
 from fedrec.files import pyplot, save_figure
-from fedrec.privacy.accounting import (UNIT, describe, parse_epsilons, solve_noise_multiplier,
-                                      tree_separation, tree_sigma)
+from fedrec.privacy.accounting import (
+    UNIT,
+    describe,
+    parse_epsilons,
+    solve_noise_multiplier,
+)
+from fedrec.privacy.exact import tree_separation, tree_sigma
 from fedrec.results import fmt, summarize
 
 MODES = {"block": "sample", "user": "user"}

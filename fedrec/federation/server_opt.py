@@ -29,7 +29,7 @@ and the prefix sum after round t carries the draws of the blocks of t's binary
 decomposition (at most log2 t + 1 of them); the round's noised mean update is the
 difference of two consecutive noisy prefix sums over k. Summed over rounds, as a linear
 server step sums them, the model carries a prefix's noise, not t rounds of fresh noise.
-Accounting: fedrec.privacy.accounting.tree_epsilon (no amplification by sampling; each
+Accounting: fedrec.privacy.exact.tree_epsilon (no amplification by sampling; each
 device joins at most once every floor(N / k) rounds under fed.sampling = "balanced").
 """
 

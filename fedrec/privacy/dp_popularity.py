@@ -19,11 +19,11 @@ import math
 import numpy as np
 
 from fedrec.config import Config
-from fedrec.data.evaluate import evaluate
+from fedrec.data.evaluate import evaluate, roc_auc
 from fedrec.data.pipeline import catalog_vectors, list_spaces, prepare
 from fedrec.data.protocol import Split
 from fedrec.errors import FedrecError
-from fedrec.privacy.accounting import gaussian_sigma
+from fedrec.privacy.exact import gaussian_sigma
 from fedrec.results import summarize
 
 DP_BOUNDS = (1, 2, 5, 10, 20, 50, 100)
@@ -78,8 +78,6 @@ def release_audit(split: Split, counts: np.ndarray, noisy: np.ndarray, bound: in
     - informed: knows every other user's data (DP's worst case): released - others' count;
     - reference: knows a disjoint random half of the other users, scaled to the rest.
     The same statistics on the exact counts are the non-private column."""
-    from fedrec.experiments.audit import roc_auc  # lazy: the audit's AUC, one definition
-
     rng = np.random.default_rng(seed)
     parts = contributors(split, "user", 0)
     released = np.flatnonzero(split.released)
@@ -163,7 +161,7 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
         grid = {(w, n): mean_val(lambda d, w=w, n=n: on_device(noisy(bound, spend, d), w, n))
                 for w in DEVICE_TEXT["weight"] for n in DEVICE_TEXT["last"]}
         weight, last = max(grid, key=lambda k: (grid[k], -k[0], k[1]))
-        make = lambda d: on_device(noisy(bound, spend, d), weight, last)  # noqa: E731
+        make = lambda d: on_device(noisy(bound, spend, d), weight, last)
         method = "dp-prior+device-text"
         extra = {"device-text": {"weight": weight, "last": last,
                                  "selection": {f"{w:g},{n}": v for (w, n), v in grid.items()}}}
