@@ -57,6 +57,7 @@ class ModelConfig:
     id_dropout: float  # seq with text and IDs: share of items trained without their ID vector
     new_item_bias: float  # seq with text and IDs: score offset of items without trained ID rows
     public_warm_start: int  # seq with text: epochs of pretraining on the public catalog (0 = off)
+    prior: str        # profile: the DP popularity release file it starts from
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class Config:
 
 def uses_text(cfg: Config) -> bool:
     """Whether the model reads the frozen PLM item table (else it needs no encoding)."""
-    return cfg.model.kind == "seq" and cfg.model.item_text
+    return (cfg.model.kind == "seq" and cfg.model.item_text) or cfg.model.kind == "profile"
 
 
 # The v1 model (an attention-pooled bag of history items, BCE with sampled negatives) and
@@ -229,7 +230,7 @@ def _short(value: Any) -> str:
 
 
 _CHOICES = {
-    "model.kind": ("seq", "fedmf"),
+    "model.kind": ("seq", "fedmf", "profile"),
     "data.tie-order": ("random", "item-id"),
     "train.optimizer": ("adam", "sgd"),
     "central.optimizer": ("adam", "sgd"),
@@ -329,6 +330,12 @@ def _validate(cfg: Config) -> None:
          ("'privacy.clipping' = 'adaptive' does not work with secagg.enabled (the server would "
           "need each device's clipped bit in the clear); use privacy.clipping = 'fixed' with "
           "SecAgg+")),
+        (flat["model.kind"] == "profile" and not flat["model.prior"],
+         ("model.kind = 'profile' needs model.prior: the release file of `fedrec baseline "
+          "popularity --epsilon E --device-text --json FILE`")),
+        (flat["model.kind"] == "profile" and flat["privacy.mode"] == "sample",
+         ("model.kind = 'profile' composes its user-level release with user-level training: "
+          "use privacy.mode = 'user' or 'none'")),
         (balanced and flat["privacy.mode"] == "user" and not tree,
          ("'fed.sampling' = 'balanced' does not work with privacy.mode = 'user' (its "
           "accountant's ε assumes each round samples devices at random); use fed.sampling = "
@@ -411,7 +418,8 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               # centralized model used model.new-item-bias, at 0.4)
               "central.new-item-bias": 0.4,
               "fed.select": "val",  # accuracy issue: the best validation round was reported
-              "privacy.noise": "independent"}  # privacy frontier: fresh noise every round
+              "privacy.noise": "independent",  # privacy frontier: fresh noise every round
+              "model.prior": ""}  # privacy frontier: no release file
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

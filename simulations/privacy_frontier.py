@@ -27,7 +27,8 @@ REFERENCE = ROOT / "results" / "fed-seq+id-sched.json"
 KEYS = ("full/hr@10", "full/ndcg@10", "sampled/hr@10")
 TRAINED = {"trained-user-a": "dp-fedavg", "trained-user-b": "dp-fedavg",
            "trained-block": "dp-sgd", "ftrl-fedadam": "dp-ftrl-tree (fedadam)",
-           "ftrl-fedavg": "dp-ftrl-tree (fedavg)"}
+           "ftrl-fedavg": "dp-ftrl-tree (fedavg)",
+           "profile-eps8": "dp-profile (release + DP-FedAvg)"}
 EPSILONS = (8.0, 4.0, 2.0, 1.0)
 
 

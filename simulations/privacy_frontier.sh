@@ -8,9 +8,11 @@
 #      block unit, ε 8), seeds 0,1,2, the earlier sweep's recipe (20 rounds of 94
 #      devices, 2 local epochs; see privacy_v2.sh) on today's model and split;
 #   3. ftrl: correlated noise (DP-FTRL tree aggregation) at ε 8, user unit, seeds 0,1,2;
+#      profile: the private recommender as a trained model's start (model.kind =
+#      "profile"), ε 8 in all (its release's ε composed), seeds 0,1,2;
 #   4. frontier: results/privacy-frontier.json and its plot, then the report blocks.
 #
-#   simulations/privacy_frontier.sh [dp_popularity|trained|ftrl|frontier]...
+#   simulations/privacy_frontier.sh [dp_popularity|trained|ftrl|profile|frontier]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/privacy-frontier}
@@ -30,6 +32,8 @@ dp_popularity() {
         --json "$OUT/dp-prior-device-text-$unit-eps$e.json"
     done
   done
+  # the release the trained profile model at ε = 1 starts from (it spends at most ε / 2)
+  $FEDREC baseline popularity --epsilon 0.5 --device-text --json "$OUT/release-user-eps0.5.json"
 }
 
 sweep() {  # UNITS EPSILONS NAME [extra user overrides]
@@ -52,11 +56,18 @@ ftrl() {  # the same recipe with the tree's correlated noise: FedAdam, and FedAv
   wait
 }
 
+PROFILE="model.kind='profile' model.dim=16 model.new-item-bias=-30.0 privacy.max-grad-norm=0.05"
+profile() {  # the release at ε 4 (it spends what its rule chose) + DP-FedAvg for the rest of
+  #           ε 8: the private recommender as the trained model's starting point
+  sweep user 8 profile-eps8 "$PROFILE model.prior='$OUT/dp-prior-device-text-user-eps4.json'" \
+    > "$RUNS/profile.log" 2>&1
+}
+
 frontier() {
   .venv/bin/python simulations/privacy_frontier.py
   .venv/bin/python simulations/report.py
 }
 
-for step in "${@:-dp_popularity trained ftrl frontier}"; do
+for step in "${@:-dp_popularity trained ftrl profile frontier}"; do
   for s in $step; do "$s"; done
 done

@@ -794,6 +794,25 @@ def frontier_table() -> str:
             "![privacy frontier](results/privacy-frontier.png)")
 
 
+def frontier_methods_table() -> str:
+    """Every method of the frontier file per unit and ε (full HR@10), with its settings."""
+    front = _load("privacy-frontier.json")
+    if not front:
+        return ""
+    rows = [r for r in front["rows"] if r["unit"] != "none"]
+    cols = sorted({(r["unit"], r["epsilon"]) for r in rows}, key=lambda c: (c[0] != "user", -c[1]))
+    out = ["| method | " + " | ".join(f"{u} ε {e:g}" for u, e in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    for method in sorted({r["method"] for r in rows}):
+        cells = []
+        for u, e in cols:
+            r = next((r for r in rows if (r["method"], r["unit"], r["epsilon"]) == (method, u, e)),
+                     None)
+            cells.append(fmt(r["full/hr@10"]) if r else "-")
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n\nFull HR@10, mean ± std over seeds (trained) or noise draws (one release)."
+
+
 def ftrl_table() -> str:
     """Independent noise against the tree's correlated noise, same recipe and ε."""
     front = _load("privacy-frontier.json")
@@ -882,6 +901,7 @@ def main() -> None:
                        ("population", population_table),
                        ("dp-popularity", dp_popularity_table),
                        ("privacy-frontier", frontier_table), ("privacy-ftrl", ftrl_table),
+                       ("privacy-methods", frontier_methods_table),
                        ("release-audit", release_audit_table)):
         blocks[name] = make()
     blocks.update(bench_tables())

@@ -72,6 +72,8 @@ def config_overrides(cfg: Config, run_dir: Path) -> dict[str, Any]:
     flat["data.cache-dir"] = str(data_home(flat["data.cache-dir"]).resolve())
     if flat["encoder.model-dir"]:
         flat["encoder.model-dir"] = str(Path(flat["encoder.model-dir"]).expanduser().resolve())
+    if flat["model.prior"]:
+        flat["model.prior"] = str(Path(flat["model.prior"]).expanduser().resolve())
     flat["fed.run-dir"] = str(Path(run_dir).expanduser().resolve())
     defaults = load_defaults()
     return {k: v for k, v in flat.items()

@@ -3,6 +3,7 @@
 import torch
 
 from fedrec.models.fedmf import FedMF
+from fedrec.models.profile import ProfileRec
 from fedrec.models.protocol import Recommender
 from fedrec.models.seqrec import SeqRec
 
@@ -13,6 +14,9 @@ def build_model(cfg, text_dim: int, n_items: int, known=None) -> Recommender:
     m = cfg.model
     if m.kind == "fedmf":
         return FedMF(n_items, m.dim, m.max_len).know(known)
+    if m.kind == "profile":
+        return ProfileRec(text_dim, n_items, prior=m.prior, dim=m.dim, max_len=m.max_len,
+                          new_item_bias=m.new_item_bias).know(known)
     return SeqRec(text_dim, n_items, dim=m.dim, hidden=m.hidden, layers=m.layers,
                   heads=m.heads, max_len=m.max_len, dropout=m.dropout, item_text=m.item_text,
                   id_embeddings=m.id_embeddings, id_dropout=m.id_dropout,
@@ -44,4 +48,4 @@ def model_from_arrays(cfg, text_dim: int, n_items: int, arrays, known=None) -> R
 
 def id_tables(cfg) -> tuple[str, ...]:
     """Array-name prefixes of the configured model's per-item ID tables."""
-    return (FedMF if cfg.model.kind == "fedmf" else SeqRec).id_tables
+    return {"fedmf": FedMF, "profile": ProfileRec}.get(cfg.model.kind, SeqRec).id_tables

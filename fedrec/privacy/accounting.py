@@ -15,6 +15,7 @@ import numpy as np
 from scipy import special
 
 from fedrec.errors import FedrecError
+from fedrec.models.profile import read_release
 from fedrec.models.train import windows_per_step
 from fedrec.privacy.exact import tree_epsilon, tree_separation
 
@@ -239,13 +240,30 @@ def user_epsilon(cfg, rounds: int, sample_rate: float) -> float:
     with privacy.noise-multiplier: Poisson subsampling at q = k / N is the usual
     approximation of Flower's fixed-size sample without replacement, not an exact bound.
     privacy.noise = "tree": the tree's exact ε (no amplification by sampling; each device
-    joins at most once every tree_separation rounds)."""
+    joins at most once every tree_separation rounds).
+    model.kind = "profile": its release (one Gaussian step at sample rate 1) composed first.
+    """
     if cfg.privacy.noise == "tree":
+        if cfg.model.kind == "profile":
+            raise FedrecError("config: model.kind = 'profile' composes with independent noise "
+                              "only; set privacy.noise = 'independent'")
         return tree_epsilon(cfg.privacy.noise_multiplier, rounds,
                             tree_separation(sample_rate), cfg.privacy.delta)
     acc = Accountant(cfg.privacy.accountant)
+    if cfg.model.kind == "profile":
+        acc.step(release_sigma(cfg), 1.0, 1)
     acc.step(cfg.privacy.noise_multiplier, sample_rate, rounds)
     return acc.epsilon(cfg.privacy.delta)
+
+
+def release_sigma(cfg) -> float:
+    """The noise multiplier of a profile model's user-level release (model.prior)."""
+    rel = read_release(cfg.model.prior)
+    if rel["unit"] != "user" or rel["delta"] > cfg.privacy.delta:
+        raise FedrecError(f"config: 'model.prior' = '{cfg.model.prior}' is a {rel['unit']} "
+                          f"release at δ {rel['delta']:g}; a user-level run at δ "
+                          f"{cfg.privacy.delta:g} composes a user-level release at that δ or below")
+    return rel["noise-multiplier"]
 
 
 def budget_stop(cfg, rnd: int, sample_rate: float) -> str:

@@ -178,4 +178,6 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
                         "noise-std": sigmas[spend] * np.sqrt(bound),
                         "selection": {f"{b},{f:g}": v for (b, f), v in val.items()},
                         "selection-se": se, **extra},
+            # draw 0's release: what model.kind = "profile" starts from (model.prior)
+            "release": {"draw": 0, "noisy-counts": noisy(bound, spend, 0).tolist()},
             "runs": runs, "summary": {"best": summary, "final": summary}}
