@@ -41,8 +41,7 @@ def _config(config: str | None, run_config: str) -> Config:
 def _show(title: str, columns: list[str], rows: list[list]) -> None:
     """A table; columns of numbers (mean ± std included) are right-aligned."""
     t = Table(title=title)
-    number = lambda v: str(v).split(" ")[0].lstrip("-+").replace(".", "", 1).isdigit() or \
-        str(v) in ("∞", "n/a", "-")
+    number = lambda v: str(v).split(" ")[0].lstrip("-+").replace(".", "", 1).isdigit() or str(v) in ("∞", "n/a", "-")
     for i, col in enumerate(columns):
         right = i > 0 and all(number(r[i]) for r in rows)
         t.add_column(col, justify="right" if right else "left", overflow="fold")
@@ -113,10 +112,8 @@ def train_central_cmd(config: str | None = ConfigOpt, run_config: str = RunConfi
 def simulate_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                  seeds: str = SeedsOpt, json_path: str | None = JsonOpt,
                  runs_dir: str | None = RunsOpt, engine: str = EngineOpt,
-                 resume: str | None = typer.Option(None, help="continue these killed run "
-                                                   "directories (comma-separated) with their own config"),
-                 rounds: int | None = typer.Option(None, help="with --resume: extend to this many "
-                                                   "rounds in all (non-private runs)"),
+                 resume: str | None = typer.Option(None, help="continue these killed run directories (comma-separated) with their own config"),
+                 rounds: int | None = typer.Option(None, help="with --resume: extend to this many rounds in all (non-private runs)"),
                  ray_address: str | None = typer.Option(None, help="HOST:PORT of a Ray cluster's "
                                                         "head to simulate on (docs/federated.md)")):
     """Federated simulation of the whole user population (one machine or a Ray cluster)."""
@@ -220,17 +217,20 @@ def diversity_curve_cmd(model: str = ModelsOpt, json_path: str | None = JsonOpt,
 @app.command("audit")
 def audit_cmd(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
               model: str | None = typer.Option(None, help="a run directory, with its config "
-                                                "(default: a fresh model of --config)"),
+                                                "(default: a fresh model of --config), or the "
+                                                "file of a release (baseline popularity --json)"),
               users: int = typer.Option(200, help="random target users"),
               epsilons: str = typer.Option("inf,8", help="inf = no DP, else DP-SGD's target ε"),
               json_path: str | None = JsonOpt):
     """Membership inference from one device update: AUC per attack statistic and ε."""
     from fedrec.experiments import audit  # lazy
     from fedrec.models.saved import load_run  # lazy
-    cfg = (load_run(model)[0].override(**parse_overrides(run_config)) if model
-           else _config(config, run_config))
-    body = audit.run(cfg, model=model, users=users, epsilons=epsilons, log=console.print)
-    _show(f"membership inference from one update (AUC, mean over {body['rows'][0]['users']} users)",
+    if model and model.endswith(".json"):  # a one-release recommender's file: its release
+        body = audit.release_file(model, users)
+    else:
+        cfg = load_run(model)[0].override(**parse_overrides(run_config)) if model else _config(config, run_config)
+        body = audit.run(cfg, model=model, users=users, epsilons=epsilons, log=console.print)
+    _show(f"membership inference from {body['threat']} (AUC, mean over {body['rows'][0]['users']} users)",
           *audit.table(body["rows"]))
     write_result(json_path, body)
 

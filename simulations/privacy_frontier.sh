@@ -32,8 +32,6 @@ dp_popularity() {
         --json "$OUT/dp-prior-device-text-$unit-eps$e.json"
     done
   done
-  # the release the trained profile model at ε = 1 starts from (it spends at most ε / 2)
-  $FEDREC baseline popularity --epsilon 0.5 --device-text --json "$OUT/release-user-eps0.5.json"
 }
 
 sweep() {  # UNITS EPSILONS NAME [extra user overrides]
@@ -59,8 +57,12 @@ ftrl() {  # the same recipe with the tree's correlated noise: FedAdam, and FedAv
 PROFILE="model.kind='profile' model.dim=16 model.new-item-bias=-30.0 privacy.max-grad-norm=0.05"
 profile() {  # the release at ε 4 (it spends what its rule chose) + DP-FedAvg for the rest of
   #           ε 8: the private recommender as the trained model's starting point
-  sweep user 8 profile-eps8 "$PROFILE model.prior='$OUT/dp-prior-device-text-user-eps4.json'" \
-    > "$RUNS/profile.log" 2>&1
+  local prior="model.prior='$OUT/dp-prior-device-text-user-eps4.json'"
+  # ε = inf: the same model and recipe without DP (its release is still the ε-4 one)
+  sweep user inf,8 profile-eps8 "$PROFILE $prior" > "$RUNS/profile.log" 2>&1
+  # centralized, no DP: how far the model family itself moves from its start
+  $FEDREC train-central --seeds 0 --quiet --run-config "$PROFILE $prior" \
+    --json "$OUT/central-profile.json" >> "$RUNS/profile.log" 2>&1
 }
 
 frontier() {

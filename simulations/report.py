@@ -813,6 +813,28 @@ def frontier_methods_table() -> str:
     return "\n".join(out) + "\n\nFull HR@10, mean ± std over seeds (trained) or noise draws (one release)."
 
 
+def profile_table() -> str:
+    """The trained profile model with and without DP, and centralized without DP."""
+    sweep, central = _load("privacy-frontier/profile-eps8.json"), _load(
+        "privacy-frontier/central-profile.json")
+    if not sweep:
+        return ""
+    out = ["| model.kind = profile | ε (user) | full HR@10 | full NDCG@10 | sampled HR@10 | seeds |",
+           "|---|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        eps = "release only" if r["unit"] == "none" else f"{r['epsilon']:g} in all"
+        out.append(f"| federated, 20 rounds{' (no DP in training)' if r['unit'] == 'none' else ''} "
+                   f"| {eps} | {fmt(r['full/hr@10'])} | {fmt(r['full/ndcg@10'])} | "
+                   f"{fmt(r['sampled/hr@10'])} | {len(r['seeds'])} |")
+    if central:
+        b = central["summary"]["best"]
+        out.append(f"| centralized, no DP in training (best validation epoch) | release only | "
+                   f"{fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | "
+                   f"{fmt(b['sampled/hr@10'])} | {len(central['runs'])} |")
+    cmds = [f"`{r['command']}`" for r in (sweep, central) if r]
+    return "\n".join(out) + "\n\n" + "; ".join(cmds) + "."
+
+
 def ftrl_table() -> str:
     """Independent noise against the tree's correlated noise, same recipe and ε."""
     front = _load("privacy-frontier.json")
@@ -902,6 +924,7 @@ def main() -> None:
                        ("dp-popularity", dp_popularity_table),
                        ("privacy-frontier", frontier_table), ("privacy-ftrl", ftrl_table),
                        ("privacy-methods", frontier_methods_table),
+                       ("privacy-profile", profile_table),
                        ("release-audit", release_audit_table)):
         blocks[name] = make()
     blocks.update(bench_tables())

@@ -29,12 +29,15 @@ whole catalog and their least-squares fit on c(X) is subtracted (the text model;
 has no E). grad-align, computed for the candidates only, is the uncalibrated baseline.
 """
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedrec.config import Config, stored_config
 from fedrec.data.evaluate import roc_auc
 from fedrec.data.pipeline import prepare
 from fedrec.data.protocol import ClientData
@@ -43,6 +46,7 @@ from fedrec.federation.local import client_seed, local_update
 from fedrec.models.build import build_model, model_from_arrays
 from fedrec.models.saved import load_run
 from fedrec.privacy.accounting import EPSILON_METRIC, Accountant, describe, parse_epsilons
+from fedrec.privacy.dp_popularity import bounded_counts, release_audit
 
 STATS = ("bias", "item-vector", "score", "grad-align")
 
@@ -194,14 +198,45 @@ def run(cfg, *, model: str | None, users: int, epsilons: str, log=print) -> dict
         if math.isinf(eps):  # no DP: no ε (JSON has no infinity)
             r["epsilon_spent"] = None
         rows.append({"epsilon": None if math.isinf(eps) else eps, "privacy": describe(c), **r})
-    return {"method": "audit", "config": cfg.to_flat(),
+    return {"method": "audit", "threat": "one update", "config": cfg.to_flat(),
             "params": model or f"fresh model (train.seed {cfg.train.seed})", "rows": rows}
+
+
+def release_file(path: str, users: int) -> dict:
+    """The audit of a one-release recommender (the result file of `fedrec baseline
+    popularity --epsilon E --json FILE`, user unit): its release against the exact counts,
+    by the informed and the reference attacker (fedrec.privacy.dp_popularity.release_audit)."""
+    try:
+        res = json.loads(Path(path).read_text())
+        p, noisy = res["privacy"], np.asarray(res["release"]["noisy-counts"], float)
+        cfg = Config.from_flat(stored_config(res["config"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FedrecError(f"--model: '{path}' is not a release file of `fedrec baseline "
+                          f"popularity --epsilon E --json FILE` ({type(exc).__name__}: {exc})") from None
+    if p["unit"] != "user" or users < 1:
+        raise FedrecError(f"--model: '{path}' is a {p['unit']} release, --users {users}: the "
+                          "release audit takes a user-level release and --users >= 1")
+    split = prepare(cfg).split
+    a = release_audit(split, bounded_counts(split, p["bound"]), noisy, p["bound"], users)
+    rows = []
+    for eps, auc in ((None, a["auc-non-private"]), (p["epsilon"], a["auc"])):
+        best = max(auc, key=auc.get)
+        rows.append({"epsilon": eps, "auc": auc, "best": {"statistic": best, "auc": auc[best]},
+                     "privacy": {"mode": "release", "unit": "user" if eps else "none",
+                                 "accountant": p["accountant"], "delta": p["delta"]},
+                     "epsilon_spent": eps and {"mean": p["epsilon-spent"],
+                                               "max": p["epsilon-spent"]},
+                     "noise_multiplier_mean": p["noise-multiplier"] if eps else 0.0,
+                     "users": a["users"]})
+    return {"method": "audit", "threat": "the release", "config": res["config"],
+            "params": path, "rows": rows}
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(columns, cells) of the audit's console table."""
-    return (["ε", "unit", "ε spent", "σ", *STATS, "best"],
+    stats = list(rows[0]["auc"])
+    return (["ε", "unit", "ε spent", "σ", *stats, "best"],
             [["∞" if r["epsilon"] is None else f"{r['epsilon']:g}", r["privacy"]["unit"],
               "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']['max']:.2f}",
-              f"{r['noise_multiplier_mean']:.3f}", *(f"{r['auc'][s]:.3f}" for s in STATS),
+              f"{r['noise_multiplier_mean']:.3f}", *(f"{r['auc'][s]:.3f}" for s in stats),
               f"{r['best']['auc']:.3f} ({r['best']['statistic']})"] for r in rows])
