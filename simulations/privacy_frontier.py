@@ -127,7 +127,7 @@ def plot(rows: list[dict], ref: dict, path: Path) -> None:
     ax.set_xlabel("ε (δ = 1e-4)")
     ax.set_ylabel("full HR@10 (ml-100k)")
     ax.set_title("Private recommenders against DP popularity")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=2)
     save_figure(fig, path)
 
 

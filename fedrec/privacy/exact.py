@@ -25,14 +25,7 @@ def gaussian_sigma(epsilon: float, delta: float) -> float:
     if epsilon <= 0 or not 0 < delta < 1:
         raise FedrecError(f"--epsilon {epsilon:g} / --delta {delta:g}: need ε > 0 and "
                           "0 < δ < 1")
-    lo, hi = 1e-3, 1.0
-    while gaussian_delta(epsilon, hi) > delta:
-        lo, hi = hi, 2 * hi
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if gaussian_delta(epsilon, mid) > delta else (lo, mid)
-    return hi
-
+    return _smallest(lambda s: gaussian_delta(epsilon, s) <= delta, 1e-3)
 
 
 def gaussian_epsilon(sigma: float, delta: float) -> float:
@@ -40,12 +33,18 @@ def gaussian_epsilon(sigma: float, delta: float) -> float:
     is (ε, δ)-DP: the inverse of gaussian_delta in ε (it falls as ε grows)."""
     if gaussian_delta(0.0, sigma) <= delta:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while gaussian_delta(hi, sigma) > delta:
+    return _smallest(lambda e: gaussian_delta(e, sigma) <= delta, 0.0)
+
+
+def _smallest(ok, lo: float) -> float:
+    """The smallest x > lo with ok(x), for ok monotone (false, then true): doubling,
+    then 100 bisection steps."""
+    hi = 1.0
+    while not ok(hi):
         lo, hi = hi, 2 * hi
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if gaussian_delta(mid, sigma) > delta else (lo, mid)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi
 
 
