@@ -106,7 +106,7 @@ def row(cfg: Config, unit: str, epsilon: float, runs: list[dict], population: in
             "epsilon": epsilon,
             "epsilon-spent-max": max(spent) if spent and unit != "none" else None,
             "delta": cfg.privacy.delta if unit != "none" else None,
-            "accountant": cfg.privacy.accountant if unit != "none" else None,
+            "accountant": describe(cfg)["accountant"] if unit != "none" else None,
             "sigma": sum(sigmas) / len(sigmas) if sigmas else None,
             "max-grad-norm": cfg.privacy.max_grad_norm if unit != "none" else None,
             "clipping": cfg.privacy.clipping if unit == "user" else None,

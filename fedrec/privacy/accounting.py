@@ -33,6 +33,8 @@ def describe(cfg) -> dict:
            "delta": p.delta}
     if p.mode == "user" and p.noise == "tree":
         out["accountant"] = "tree (exact Gaussian, one join per separation)"
+    if p.mode == "user" and cfg.model.kind == "profile":
+        out["accountant"] += " (model.prior's release composed)"
     if p.mode == "sample":  # fedrec/privacy/dpsgd.py
         out["unit"] = f"block of up to {cfg.model.max_len + 1} consecutive interactions"
     return out
