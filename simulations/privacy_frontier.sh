@@ -41,8 +41,8 @@ sweep() {  # UNITS EPSILONS NAME [extra user overrides]
     --runs-dir "$RUNS/$3" --json "$OUT/$3.json"
 }
 
-trained() {  # two halves side by side, one core each
-  (sweep user 8,4,2 trained-user-a) > "$RUNS/trained-a.log" 2>&1 &
+trained() {  # two halves side by side, one core each (inf: the recipe without DP)
+  (sweep user inf,8,4,2 trained-user-a) > "$RUNS/trained-a.log" 2>&1 &
   (sweep user 1 trained-user-b; sweep block 8 trained-block) > "$RUNS/trained-b.log" 2>&1 &
   wait
 }
@@ -55,14 +55,15 @@ ftrl() {  # the same recipe with the tree's correlated noise: FedAdam, and FedAv
   wait
 }
 
-PROFILE="model.kind='profile' model.dim=16 model.new-item-bias=-30.0 privacy.max-grad-norm=0.05"
+PROFILE="model.kind='profile' model.dim=16 model.new-item-bias=-30.0 model.prior='$OUT/dp-prior-device-text-user-eps4.json'"
 profile() {  # the release at ε 4 (it spends what its rule chose) + DP-FedAvg for the rest of
-  #           ε 8: the private recommender as the trained model's starting point
-  local prior="model.prior='$OUT/dp-prior-device-text-user-eps4.json'"
-  # ε = inf: the same model and recipe without DP (its release is still the ε-4 one)
-  sweep user inf,8 profile-eps8 "$PROFILE $prior" > "$RUNS/profile.log" 2>&1
+  #           ε 8: the private recommender as the trained model's starting point; ε = inf:
+  #           the same model and recipe without DP in training (the release is still there)
+  $FEDREC privacy-sweep --run-config "$BASE $PROFILE" --user-run-config "privacy.max-grad-norm=0.05" \
+    --units user --epsilons inf,8 --seeds 0,1,2 --runs-dir "$RUNS/profile-eps8" \
+    --json "$OUT/profile-eps8.json" > "$RUNS/profile.log" 2>&1
   # centralized, no DP: how far the model family itself moves from its start
-  $FEDREC train-central --seeds 0 --quiet --run-config "$PROFILE $prior" \
+  $FEDREC train-central --seeds 0 --quiet --run-config "$PROFILE" \
     --json "$OUT/central-profile.json" >> "$RUNS/profile.log" 2>&1
 }
 

@@ -821,6 +821,13 @@ def profile_table() -> str:
         return ""
     out = ["| model.kind = profile | ε (user) | full HR@10 | full NDCG@10 | sampled HR@10 | seeds |",
            "|---|---|---|---|---|---|"]
+    prior = ROOT / "results" / "privacy-frontier" / Path(sweep["config"].get("model.prior", "")).name
+    start = json.loads(prior.read_text()) if prior.is_file() else None
+    if start:  # round 0: the release's own recommender, the noise draw the model holds
+        t = start["runs"][start["release"]["draw"]]["test"]
+        out.append(f"| round 0 = the release's recommender (`{prior.name}`, its draw "
+                   f"{start['release']['draw']}) | {start['privacy']['epsilon-spent']:g} | "
+                   f"{t['full/hr@10']:.4f} | {t['full/ndcg@10']:.4f} | {t['sampled/hr@10']:.4f} | - |")
     for r in sweep["rows"]:
         eps = "release only" if r["unit"] == "none" else f"{r['epsilon']:g} in all"
         out.append(f"| federated, 20 rounds{' (no DP in training)' if r['unit'] == 'none' else ''} "
@@ -850,6 +857,11 @@ def ftrl_table() -> str:
         out.append(f"| {r['method']} | {r['settings']['sigma']:.3f} | {r['accountant']} | "
                    f"{fmt(r['full/hr@10'])} | {fmt(r['full/ndcg@10'])} | "
                    f"{fmt(r['sampled/hr@10'])} | {len(r['seeds'])} |")
+    same = _load("privacy-frontier/trained-user-a.json")  # the recipe without DP
+    for r in (same or {}).get("rows", []):
+        if r["unit"] == "none":
+            out.append(f"| no DP (the same 20-round recipe) | - | - | {fmt(r['full/hr@10'])} | "
+                       f"{fmt(r['full/ndcg@10'])} | {fmt(r['sampled/hr@10'])} | {len(r['seeds'])} |")
     cmds = sorted({f"`{r['command']}`" for r in rows})
     return "\n".join(out) + "\n\n" + "; ".join(cmds) + "."
 
