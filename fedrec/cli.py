@@ -77,7 +77,7 @@ def data_stats(config: str | None = ConfigOpt, run_config: str = RunConfigOpt):
 @baseline_app.command("popularity")
 def baseline_popularity(config: str | None = ConfigOpt, run_config: str = RunConfigOpt,
                         split_seeds: str = typer.Option("0", "--split-seeds", help="protocol split seeds"),
-                        epsilon: float | None = typer.Option(None, "--epsilon", help="user-level DP at this ε (docs/privacy.md)"),
+                        epsilon: float | None = typer.Option(None, "--epsilon", help="DP at this ε, unit --unit (docs/privacy.md)"),
                         delta: float = typer.Option(1e-4, "--delta", help="δ of --epsilon"), device_text: bool = typer.Option(False, "--device-text", help="--epsilon: the private recommender (the release + the device's PLM text profile)"),
                         draws: int = typer.Option(5, "--draws", help="noise draws of --epsilon"), unit: str = typer.Option("user", "--unit", help="--epsilon's unit: user | block"), json_path: str | None = JsonOpt):
     """Rank items by training popularity (cold items score zero); --epsilon: by DP counts."""

@@ -62,6 +62,10 @@ profile() {  # the release at ε 4 (it spends what its rule chose) + DP-FedAvg f
   $FEDREC privacy-sweep --run-config "$BASE $PROFILE" --user-run-config "privacy.max-grad-norm=0.05" \
     --units user --epsilons inf,8 --seeds 0,1,2 --runs-dir "$RUNS/profile-eps8" \
     --json "$OUT/profile-eps8.json" > "$RUNS/profile.log" 2>&1
+  # 100 rounds, seed 0: does it learn with more rounds, with and without DP?
+  $FEDREC privacy-sweep --run-config "${BASE/fed.num-rounds=20 fed.eval-every=20/fed.num-rounds=100 fed.eval-every=20} $PROFILE" \
+    --user-run-config "privacy.max-grad-norm=0.05" --units user --epsilons inf,8 --seeds 0 \
+    --runs-dir "$RUNS/profile-r100" --json "$OUT/profile-r100.json" >> "$RUNS/profile.log" 2>&1
   # centralized, no DP: how far the model family itself moves from its start
   $FEDREC train-central --seeds 0 --quiet --run-config "$PROFILE" \
     --json "$OUT/central-profile.json" >> "$RUNS/profile.log" 2>&1

@@ -817,6 +817,7 @@ def profile_table() -> str:
     """The trained profile model with and without DP, and centralized without DP."""
     sweep, central = _load("privacy-frontier/profile-eps8.json"), _load(
         "privacy-frontier/central-profile.json")
+    longer = _load("privacy-frontier/profile-r100.json")
     if not sweep:
         return ""
     out = ["| model.kind = profile | ε (user) | full HR@10 | full NDCG@10 | sampled HR@10 | seeds |",
@@ -828,17 +829,19 @@ def profile_table() -> str:
         out.append(f"| round 0 = the release's recommender (`{prior.name}`, its draw "
                    f"{start['release']['draw']}) | {start['privacy']['epsilon-spent']:g} | "
                    f"{t['full/hr@10']:.4f} | {t['full/ndcg@10']:.4f} | {t['sampled/hr@10']:.4f} | - |")
-    for r in sweep["rows"]:
-        eps = "release only" if r["unit"] == "none" else f"{r['epsilon']:g} in all"
-        out.append(f"| federated, 20 rounds{' (no DP in training)' if r['unit'] == 'none' else ''} "
-                   f"| {eps} | {fmt(r['full/hr@10'])} | {fmt(r['full/ndcg@10'])} | "
-                   f"{fmt(r['sampled/hr@10'])} | {len(r['seeds'])} |")
+    for res in (sweep, longer or {"rows": []}):
+        for r in res["rows"]:
+            eps = "release only" if r["unit"] == "none" else f"{r['epsilon']:g} in all"
+            out.append(f"| federated, {r['planned-rounds']} rounds"
+                       f"{' (no DP in training)' if r['unit'] == 'none' else ''} | {eps} | "
+                       f"{fmt(r['full/hr@10'])} | {fmt(r['full/ndcg@10'])} | "
+                       f"{fmt(r['sampled/hr@10'])} | {len(r['seeds'])} |")
     if central:
         b = central["summary"]["best"]
         out.append(f"| centralized, no DP in training (best validation epoch) | release only | "
                    f"{fmt(b['full/hr@10'])} | {fmt(b['full/ndcg@10'])} | "
                    f"{fmt(b['sampled/hr@10'])} | {len(central['runs'])} |")
-    cmds = [f"`{r['command']}`" for r in (sweep, central) if r]
+    cmds = [f"`{r['command']}`" for r in (sweep, longer, central) if r]
     return "\n".join(out) + "\n\n" + "; ".join(cmds) + "."
 
 
