@@ -910,7 +910,7 @@ def dp_popularity_table() -> str:
                     f"{fmt(s['full/ndcg@10'])} | {fmt(s['sampled/hr@10'])} | {len(r['runs'])} |")
     pop = _load("popularity.json")
     if pop:
-        rows.append(f"| popularity (all training interactions) | ∞ | - | - | - | - | "
+        rows.append(f"| popularity (all training interactions) | - | ∞ | - | - | - | - | - | "
                     f"{fmt(pop['summary']['best']['full/hr@10'])} | "
                     f"{fmt(pop['summary']['best']['full/ndcg@10'])} | "
                     f"{fmt(pop['summary']['best']['sampled/hr@10'])} | - |")
