@@ -10,7 +10,7 @@
 #   3. ftrl: correlated noise (DP-FTRL tree aggregation) at ε 8, user unit, seeds 0,1,2;
 #      profile: the private recommender as a trained model's start (model.kind =
 #      "profile"), ε 8 in all (its release's ε composed), seeds 0,1,2;
-#   4. frontier: `fedrec audit` on the best private recommender's release at ε 8, then
+#   4. frontier: `fedrec audit` on the releases behind the ε-8 points, then
 #      results/privacy-frontier.json and its plot, then the report blocks.
 #
 #   simulations/privacy_frontier.sh [dp_popularity|trained|ftrl|profile|frontier]...
@@ -71,9 +71,12 @@ profile() {  # the release at ε 4 (it spends what its rule chose) + DP-FedAvg f
     --json "$OUT/central-profile.json" >> "$RUNS/profile.log" 2>&1
 }
 
-frontier() {  # the audit of the best private recommender at ε 8, then the file and tables
-  $FEDREC audit --model "$OUT/dp-prior-device-text-user-eps8.json" \
-    --json "$OUT/audit-release-eps8.json" > /dev/null
+frontier() {  # the audits of the releases behind ε 8's points, then the file and tables
+  # (the one-release recommender's, and the ε-4 release the profile model starts from)
+  for e in 8 4; do
+    $FEDREC audit --model "$OUT/dp-prior-device-text-user-eps$e.json" \
+      --json "$OUT/audit-release-eps$e.json" > /dev/null
+  done
   .venv/bin/python simulations/privacy_frontier.py
   .venv/bin/python simulations/report.py
 }
