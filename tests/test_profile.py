@@ -3,6 +3,7 @@ before training it is exactly the one-release recommender; its release's ε is c
 into a user-level run's; it trains end to end under DP-FedAvg."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fedrec.experiments.sweep import user_sigma
 from fedrec.models.build import build_model
 from fedrec.models.profile import read_release
 from fedrec.models.protocol import batch_inputs
+from fedrec.models.saved import load_for_dataset
 from fedrec.privacy.accounting import Accountant, user_epsilon
 from fedrec.privacy.dp_popularity import dp_popularity, text_affinity
 from tiny import run_inprocess
@@ -118,3 +120,11 @@ def test_a_user_level_profile_run_completes_with_the_composed_epsilon(tiny_root,
     assert [t["epsilon-max"] for t in trains] == pytest.approx(
         [user_epsilon(cfg, r, 4 / 13) for r in (1, 2)])
     assert "full/hr@10" in results["summary"]["best"]
+    # The run directory carries its release: copied elsewhere, it still loads and ranks.
+    copy = tiny_root / "profile-copy"
+    shutil.copytree(cfg.fed.run_dir, copy)
+    loaded, model, p = load_for_dataset(copy)
+    assert loaded.model.prior == str(copy / "prior.json")
+    assert json.loads((copy / "prior.json").read_text()) == json.loads(release.read_text())
+    assert model.score_all(torch.as_tensor(p.item_emb), batch_inputs(
+        [p.split.history(0)], model.max_len)).shape == (1, p.split.n_items)

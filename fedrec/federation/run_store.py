@@ -50,7 +50,7 @@ from fedrec.data.pipeline import list_spaces, prepare
 from fedrec.errors import FedrecError
 from fedrec.files import data_home, write_text_atomic
 from fedrec.models.build import build_model, model_from_arrays
-from fedrec.models.saved import FINAL, RUN_CONFIG, save_catalog, save_params
+from fedrec.models.saved import FINAL, save_catalog, save_config, save_params
 from fedrec.models.train import scorer
 from fedrec.models.warm_start import warm_start
 from fedrec.privacy.accounting import describe
@@ -73,7 +73,7 @@ class FederatedRun:
         self.cfg, self.log = cfg, log
         self.dir = run_dir_for(cfg)
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / RUN_CONFIG, cfg.to_flat())
+        save_config(self.dir, cfg)
         if not cfg.fed.resume:  # a fresh run: no earlier run's device state may leak in
             shutil.rmtree(self.dir / "devices", ignore_errors=True)
         # A deployment's server knows the public catalog only (the histories stay on the

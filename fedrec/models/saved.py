@@ -5,6 +5,8 @@
   final.safetensors   the final federated parameters (float32)
   catalog.json        the catalog's item ids in the order of the ID tables' rows, and which
                       of them were released (trained on); public catalog facts
+  prior.json          model.kind = "profile": the DP release it was built on (public once
+                      released), so the directory ranks wherever it is copied
 
 User-local vectors are not among them: on devices they never leave, and a model whose
 user state is one (FedMF) cannot rank from a run directory. A catalog that differs from
@@ -14,6 +16,7 @@ its ID rows, any other is scored through its text alone, as an unreleased item i
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from fedrec.models.protocol import Recommender
 from fedrec.results import write_json
 
 FINAL, RUN_CONFIG, CATALOG = "final.safetensors", "run_config.json", "catalog.json"
+PRIOR = "prior.json"
 
 
 def save_params(path: str | Path, arrays: dict, dtype=np.float32) -> None:
@@ -44,12 +48,22 @@ def save_catalog(run_dir: str | Path, item_ids: list[str], released: np.ndarray)
                                          "released": [bool(x) for x in released]})
 
 
+def save_config(run_dir: str | Path, cfg: Config) -> None:
+    """run_config.json, and the profile model's release beside it (prior.json)."""
+    run_dir = Path(run_dir).expanduser()
+    write_json(run_dir / RUN_CONFIG, cfg.to_flat())
+    if cfg.model.kind == "profile" and Path(cfg.model.prior).expanduser().resolve() != (
+            run_dir / PRIOR).resolve():
+        with atomic_path(run_dir / PRIOR) as tmp:
+            shutil.copyfile(Path(cfg.model.prior).expanduser(), tmp)
+
+
 def save_model(run_dir: str | Path, cfg: Config, model: Recommender,
                item_ids: list[str] | None = None, released: np.ndarray | None = None) -> Path:
     """A run directory holding `model` (its config, final parameters and, given item_ids
     and released, its catalog)."""
     run_dir = Path(run_dir).expanduser()
-    write_json(run_dir / RUN_CONFIG, cfg.to_flat())
+    save_config(run_dir, cfg)
     if item_ids is not None:
         save_catalog(run_dir, item_ids, released)
     save_params(run_dir / FINAL, {k: v.detach() for k, v in model.state_dict().items()})
@@ -79,7 +93,10 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, np.ndarray], dict |
     except (OSError, ValueError, SafetensorError) as exc:
         raise FedrecError(f"--model: cannot read '{run_dir}' ({str(exc).splitlines()[0]}); "
                           f"it needs {RUN_CONFIG} and {FINAL} from one run") from None
-    return Config.from_flat(stored_config(saved)), params, catalog
+    cfg = Config.from_flat(stored_config(saved))
+    if cfg.model.kind == "profile" and (run_dir / PRIOR).is_file():  # its own copy
+        cfg = cfg.override(**{"model.prior": str(run_dir / PRIOR)})
+    return cfg, params, catalog
 
 
 def for_catalog(cfg: Config, params: dict, trained: dict | None, item_ids: list[str]
