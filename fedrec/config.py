@@ -336,6 +336,9 @@ def _validate(cfg: Config) -> None:
         (flat["model.kind"] == "profile" and flat["privacy.mode"] == "sample",
          ("model.kind = 'profile' composes its user-level release with user-level training: "
           "use privacy.mode = 'user' or 'none'")),
+        (flat["model.kind"] == "profile" and tree,
+         ("model.kind = 'profile' composes its release with independent noise only; set "
+          "privacy.noise = 'independent'")),
         (balanced and flat["privacy.mode"] == "user" and not tree,
          ("'fed.sampling' = 'balanced' does not work with privacy.mode = 'user' (its "
           "accountant's ε assumes each round samples devices at random); use fed.sampling = "

@@ -102,6 +102,9 @@ def test_bad_settings_are_one_clear_error(cfg, tmp_path):
     with pytest.raises(FedrecError, match="privacy.mode = 'user' or 'none'"):
         cfg.override(**{"model.kind": "profile", "model.prior": "x.json",
                         "privacy.mode": "sample"})
+    with pytest.raises(FedrecError, match="independent noise only"):
+        cfg.override(**{"model.kind": "profile", "model.prior": "x.json", "privacy.mode": "user",
+                        "privacy.noise": "tree", "fed.sampling": "balanced"})
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(FedrecError, match="'model.prior' = .* is not a release file"):

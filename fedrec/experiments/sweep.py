@@ -34,7 +34,7 @@ from fedrec.privacy.accounting import (
     solve_noise_multiplier,
     user_epsilon,
 )
-from fedrec.privacy.exact import tree_separation, tree_sigma
+from fedrec.privacy.exact import smallest, tree_separation, tree_sigma
 from fedrec.results import fmt, summarize
 
 MODES = {"block": "sample", "user": "user"}
@@ -49,18 +49,14 @@ def user_sigma(cfg: Config, epsilon: float, population: int) -> float:
                           tree_separation(k / population))
     if cfg.model.kind == "profile":  # the release's ε composed first: bisect on σ
         c = cfg.override(**{"privacy.mode": "user"})
-        eps = lambda s: user_epsilon(c.override(**{"privacy.noise-multiplier": s}),
-                                     cfg.fed.num_rounds, k / population)
-        lo, hi = 0.05, 1.0
-        while eps(hi) > epsilon:
-            lo, hi = hi, 2 * hi
-            if hi > 1e4:
-                raise FedrecError(f"--epsilons {epsilon:g}: model.prior's release alone spends "
-                                  "more; release at a smaller ε")
-        while hi - lo > 1e-3 * hi:
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if eps(mid) > epsilon else (lo, mid)
-        return hi
+
+        def within(sigma: float) -> bool:
+            return user_epsilon(c.override(**{"privacy.noise-multiplier": sigma}),
+                                cfg.fed.num_rounds, k / population) <= epsilon
+        if not within(16384.0):
+            raise FedrecError(f"--epsilons {epsilon:g}: model.prior's release alone spends "
+                              "more; release at a smaller ε")
+        return smallest(within, 0.05, rel_tol=1e-3)
     return solve_noise_multiplier(target_epsilon=epsilon, delta=cfg.privacy.delta,
                                   sample_rate=k / population, steps=cfg.fed.num_rounds,
                                   accountant=cfg.privacy.accountant)

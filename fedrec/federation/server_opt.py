@@ -135,6 +135,7 @@ class TreeNoise:
 
     def __init__(self, rng: np.random.Generator):
         self.rng, self.nodes = rng, {}
+        self.previous: tuple[int, dict] = (0, {})  # the last round's prefix (round 0: none)
 
     @staticmethod
     def blocks(t: int) -> list[tuple[int, int]]:
@@ -158,7 +159,10 @@ class TreeNoise:
     def noise(self, t: int, shapes: dict, std: float) -> dict[str, np.ndarray]:
         if t < 1:
             raise ValueError("tree noise needs the round (1-based)")
-        now, before = self.prefix(t, shapes, std), self.prefix(t - 1, shapes, std)
+        last, before = self.previous
+        before = before if last == t - 1 else self.prefix(t - 1, shapes, std)
+        now = self.prefix(t, shapes, std)
         keep = set(self.blocks(t))  # later prefixes reuse only these
         self.nodes = {k: v for k, v in self.nodes.items() if k in keep}
-        return {k: now[k] - before[k] for k in now}
+        self.previous = (t, now)
+        return {k: now[k] - before.get(k, 0.0) for k in now}

@@ -246,9 +246,6 @@ def user_epsilon(cfg, rounds: int, sample_rate: float) -> float:
     model.kind = "profile": its release (one Gaussian step at sample rate 1) composed first.
     """
     if cfg.privacy.noise == "tree":
-        if cfg.model.kind == "profile":
-            raise FedrecError("config: model.kind = 'profile' composes with independent noise "
-                              "only; set privacy.noise = 'independent'")
         return tree_epsilon(cfg.privacy.noise_multiplier, rounds,
                             tree_separation(sample_rate), cfg.privacy.delta)
     acc = Accountant(cfg.privacy.accountant)

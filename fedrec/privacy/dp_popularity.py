@@ -14,6 +14,8 @@ gaussian_sigma(ε', δ) makes the release (ε', δ)-DP exactly (ε' <= the budge
   at the same ε.
 """
 
+from functools import cache
+
 import numpy as np
 
 from fedrec.config import Config
@@ -69,15 +71,17 @@ def text_affinity(E: np.ndarray, inputs: list[np.ndarray], last: int) -> np.ndar
 
 
 def release_audit(split: Split, counts: np.ndarray, noisy: np.ndarray, bound: int,
-                  users: int = 200, seed: int = 0) -> dict:
+                  users: int = 200, seed: int = 0, parts: list[np.ndarray] | None = None
+                  ) -> dict:
     """Membership inference on the release (user unit): for random target users, the AUC
     of telling their contributed items from as many released items they did not
     contribute, mean over users (0.5 = nothing learned), by two attackers:
     - informed: knows every other user's data (DP's worst case): released - others' count;
     - reference: knows a disjoint random half of the other users, scaled to the rest.
-    The same statistics on the exact counts are the non-private column."""
+    The same statistics on the exact counts are the non-private column. parts: the users'
+    contributors(split, "user"), when the caller has them."""
     rng = np.random.default_rng(seed)
-    parts = contributors(split, "user", 0)
+    parts = contributors(split, "user", 0) if parts is None else parts
     released = np.flatnonzero(split.released)
     targets = rng.choice(split.n_users, min(users, split.n_users), replace=False)
     out = {k: {"informed": [], "reference": []} for k in ("private", "exact")}
@@ -126,6 +130,7 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
     counts = {b: _bounded_counts(parts, split.n_items, b) for b in bounds}
     sigmas = {f: gaussian_sigma(epsilon * f, delta) for f in SPEND}
 
+    @cache  # each draw's release once: the grids below read it many times
     def noisy(bound: int, spend: float, draw: int) -> np.ndarray:
         rng = np.random.default_rng([draw, bound, int(spend * 1000)])
         return counts[bound] + rng.normal(0.0, sigmas[spend] * np.sqrt(bound), split.n_items)
@@ -142,9 +147,18 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
         E = catalog_vectors(cfg, p).astype(np.float64)
         E /= np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 
+    affinity: dict = {}  # (last, the inputs' tails) -> text_affinity: one per chunk, not per grid point
+
+    def device_affinity(inputs, last: int) -> np.ndarray:
+        tails = [np.asarray(h[-last:]) for h in inputs]
+        key = (last, tuple(map(len, tails)), np.concatenate(tails).tobytes())
+        if key not in affinity:
+            affinity[key] = text_affinity(E, inputs, last)
+        return affinity[key]
+
     def on_device(q, weight: float, last: int):
         log = np.where(released, np.log(np.maximum(q, 1.0)), -np.inf)
-        return lambda u, inputs: log[None] + weight * text_affinity(E, inputs, last)
+        return lambda u, inputs: log[None] + weight * device_affinity(inputs, last)
     base_text = (12.0, 5)  # stage one: the release chosen under one middle text setting
     make_for = ((lambda b, f: lambda d: on_device(noisy(b, f, d), *base_text)) if device_text
                 else (lambda b, f: lambda d: ranked(noisy(b, f, d))))
@@ -160,7 +174,8 @@ def dp_popularity(cfg: Config, epsilon: float, delta: float, bounds=DP_BOUNDS,
         extra = {"device-text": {"weight": weight, "last": last,
                                  "selection": {f"{w:g},{n}": v for (w, n), v in grid.items()}}}
     if unit == "user":
-        extra["audit"] = release_audit(split, counts[bound], noisy(bound, spend, 0), bound)
+        extra["audit"] = release_audit(split, counts[bound], noisy(bound, spend, 0), bound,
+                                       parts=parts)
     runs = [{"seed": d, "test": evaluate(make(d), split, spaces=spaces)} for d in range(draws)]
     summary = summarize([r["test"] for r in runs])
     unit_name = "user" if unit == "user" else f"block of up to {block} consecutive interactions"

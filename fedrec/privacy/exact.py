@@ -25,7 +25,7 @@ def gaussian_sigma(epsilon: float, delta: float) -> float:
     if epsilon <= 0 or not 0 < delta < 1:
         raise FedrecError(f"--epsilon {epsilon:g} / --delta {delta:g}: need ε > 0 and "
                           "0 < δ < 1")
-    return _smallest(lambda s: gaussian_delta(epsilon, s) <= delta, 1e-3)
+    return smallest(lambda s: gaussian_delta(epsilon, s) <= delta, 1e-3)
 
 
 def gaussian_epsilon(sigma: float, delta: float) -> float:
@@ -33,17 +33,18 @@ def gaussian_epsilon(sigma: float, delta: float) -> float:
     is (ε, δ)-DP: the inverse of gaussian_delta in ε (it falls as ε grows)."""
     if gaussian_delta(0.0, sigma) <= delta:
         return 0.0
-    return _smallest(lambda e: gaussian_delta(e, sigma) <= delta, 0.0)
+    return smallest(lambda e: gaussian_delta(e, sigma) <= delta, 0.0)
 
 
-def _smallest(ok, lo: float) -> float:
-    """The smallest x > lo with ok(x), for ok monotone (false, then true): doubling,
-    then 100 bisection steps."""
+def smallest(ok, lo: float, rel_tol: float = 0.0) -> float:
+    """The smallest x > lo with ok(x), for ok monotone (false, then true): doubling from 1,
+    then bisection, 100 steps or (rel_tol > 0: each ok costly) until hi - lo <= rel_tol hi."""
     hi = 1.0
     while not ok(hi):
         lo, hi = hi, 2 * hi
-    for _ in range(100):
-        mid = (lo + hi) / 2
+    steps = 0
+    while (hi - lo > rel_tol * hi) if rel_tol else steps < 100:
+        mid, steps = (lo + hi) / 2, steps + 1
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi
 
