@@ -34,6 +34,8 @@ class DataConfig:
     eval_negatives: int
     users: int  # > 0: the first `users` of a seeded permutation (nested subsets), 0 = all
     tie_order: str  # random (a seeded permutation of the catalog) | item-id
+    graph: str      # item-features graph: a graph.csv / .kg file or its directory ("" = the dataset's)
+    images: str     # item-features image: a CSV item,image (paths relative to it)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class EncoderConfig:
     model_dir: str
     batch_size: int
     max_length: int
+    vision_dir: str  # item-features image: a Hugging Face vision encoder directory
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class ModelConfig:
     new_item_bias: float  # seq with text and IDs: score offset of items without trained ID rows
     public_warm_start: int  # seq with text: epochs of pretraining on the public catalog (0 = off)
     prior: str        # profile: the DP popularity release file it starts from
+    item_features: str  # seq with text: "text" (+ ",graph", ",image"): the frozen tables of an item
+    graph_dim: int    # width of the hashed knowledge-graph vector
+    feature_combine: str  # sum | gate: how the feature adapters' outputs add up
 
 
 @dataclass(frozen=True)
@@ -293,6 +299,9 @@ def _validate(cfg: Config) -> None:
          ">= 0 (0 = use privacy.noise-multiplier)"),
         ("privacy.delta", 0.0 < flat["privacy.delta"] < 1.0, "in (0, 1), below 1/number of users"),
         ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),
+        ("model.graph-dim", flat["model.graph-dim"] >= 8, ">= 8 (e.g. 256)"),
+        ("model.feature-combine", flat["model.feature-combine"] in ("sum", "gate"),
+         "sum or gate"),
         # -- secure aggregation (fedrec/federation/secagg.py) --
         ("secagg.num-shares",
          flat["secagg.num-shares"] >= 3 and flat["secagg.num-shares"] % 2 == 1,
@@ -324,6 +333,13 @@ def _validate(cfg: Config) -> None:
         (flat["model.public-warm-start"] and flat["fed.min-nodes"] > 0,
          ("'model.public-warm-start' runs on the server, and a deployed server does not run "
           "the PLM; set it to 0 for fed.min-nodes > 0")),
+        (flat["model.item-features"].strip() != "text"
+         and not (seq and flat["model.item-text"]),
+         ("'model.item-features' beyond text needs model.kind = 'seq' with model.item-text = "
+          "true; set it to \"text\"")),
+        (flat["model.item-features"].strip() != "text" and flat["model.public-warm-start"],
+         ("'model.public-warm-start' pretrains the text adapter alone; set it to 0 with "
+          "model.item-features beyond text")),
         (not seq and not flat["model.item-text"],
          "model.item-text = false (ID-only items) is for model.kind = 'seq'"),
         (flat["privacy.clipping"] == "adaptive" and flat["secagg.enabled"],
@@ -422,7 +438,11 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "central.new-item-bias": 0.4,
               "fed.select": "val",  # accuracy issue: the best validation round was reported
               "privacy.noise": "independent",  # privacy frontier: fresh noise every round
-              "model.prior": ""}  # privacy frontier: no release file
+              "model.prior": "",  # privacy frontier: no release file
+              # multimodal items: text alone
+              "model.item-features": "text", "model.graph-dim": 256,
+              "model.feature-combine": "sum", "data.graph": "", "data.images": "",
+              "encoder.vision-dir": ""}
 
 
 def stored_config(flat: Mapping[str, Any]) -> dict[str, Any]:

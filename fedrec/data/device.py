@@ -61,6 +61,7 @@ from fedrec.data.encoder import (
     resolve_model_dir,
     text_key,
 )
+from fedrec.data.features import extra_tables, extra_widths
 from fedrec.data.protocol import ClientData, leave_one_out, tie_ranks, time_order, untouched
 from fedrec.errors import FedrecError
 from fedrec.files import write_text_atomic
@@ -203,10 +204,19 @@ def device_paths(node_config: dict) -> tuple[Path, Path, str]:
 
 def item_embeddings(cfg: Config, catalog: Catalog, cache_root: Path, model_dir: str = "",
                     progress: bool = False) -> np.ndarray:
-    """float32 [n_items, text_dim] from the on-disk cache (the PLM runs only on a miss);
-    [n_items, 0] for ID-based models, which never read text."""
+    """float32 [n_items, width]: the text embeddings from the on-disk cache (the PLM runs
+    only on a miss), then model.item-features' other tables (the graph read from data.graph
+    or the catalog's directory); [n_items, 0] for ID-based models, which never read text."""
     if not uses_text(cfg):
         return np.zeros((catalog.n_items, 0), np.float32)
+    text = _text_embeddings(cfg, catalog, cache_root, model_dir, progress)
+    extra = extra_tables(cfg, catalog.item_ids, Path(catalog.source).parent, cache_root,
+                         log=print if progress else (lambda *_: None), progress=progress)
+    return np.concatenate([text, extra], 1) if extra.shape[1] else text
+
+
+def _text_embeddings(cfg: Config, catalog: Catalog, cache_root: Path, model_dir: str,
+                     progress: bool) -> np.ndarray:
     texts = catalog.texts(cfg.data.item_template)
     path = resolve_model_dir(model_dir or cfg.encoder.model_dir)
     table = EmbeddingCache(cache_root, _fingerprint(path, cfg.encoder.max_length,
@@ -252,14 +262,15 @@ def load_device_client(run_config: dict, node_config: dict):
 
 
 def text_dim(cfg: Config) -> int:
-    """Width of the PLM's embeddings, read from its config (the server never runs it)."""
+    """Width of the frozen tables the model reads (the PLM's embeddings, then the other
+    item features), read from configs: the server never runs an encoder."""
     if not uses_text(cfg):
         return 0
     path = resolve_model_dir(cfg.encoder.model_dir)
     conf = json.loads((path / "config.json").read_text())
     for key in ("hidden_size", "d_model", "dim"):
         if isinstance(conf.get(key), int):
-            return conf[key]
+            return conf[key] + sum(w for _, w in extra_widths(cfg))
     raise FedrecError(f"{path}/config.json: no hidden_size; cannot tell the embedding width")
 
 

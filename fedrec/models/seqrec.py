@@ -34,6 +34,30 @@ class TextAdapter(nn.Module):
         return p + self.mlp(self.norm(p))
 
 
+class FeatureAdapter(nn.Module):
+    """A frozen non-text table (graph, image) -> a vector and a bias added to the item's:
+    one linear map, zero-initialised (a new model starts as its text alone). Rows that are
+    all zero (items the table has nothing for) add nothing, bias included. gate: the output
+    scaled by a learned per-item weight sigmoid(w.x + c) (model.feature-combine)."""
+
+    def __init__(self, width: int, dim: int, gate: bool):
+        super().__init__()
+        self.proj = nn.Linear(width, dim + 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.gate = nn.Linear(width, 1) if gate else None
+        if gate:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.proj(x)
+        if self.gate is not None:
+            out = out * torch.sigmoid(self.gate(x))
+        out = out * (x != 0).any(-1, keepdim=True)
+        return out[:, :-1], out[:, -1]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -76,16 +100,23 @@ class SeqRec(Recommender):
     among themselves better than the map's stand-in does, plus new_item_bias: an exposure
     setting, the offset that decides how much of the top-10 lists new items take (their
     text-alone scores sit below the trained items', whose ID parts add to theirs). User
-    side: causal self-attention over the last max_len items of the history."""
+    side: causal self-attention over the last max_len items of the history.
 
-    item_side = ("adapter.", "text_bias.", "id_emb.", "id_bias.", "id_from_text.")
+    extras: (name, width) of further frozen tables (a knowledge graph, images), which sit
+    after the text's text_dim columns of E, each through its own FeatureAdapter, summed
+    (or gated) into the item's vector and bias; the ID stand-in reads all of E."""
+
+    item_side = ("adapter.", "text_bias.", "id_emb.", "id_bias.", "id_from_text.", "features.")
     id_tables = ("id_emb.", "id_bias.")
 
     def __init__(self, text_dim: int, n_items: int, *, dim: int = 64, hidden: int = 128,
                  layers: int = 2, heads: int = 1, max_len: int = 50, dropout: float = 0.2,
                  item_text: bool = True, id_embeddings: bool = True, id_dropout: float = 0.0,
-                 new_item_bias: float = 0.0):
+                 new_item_bias: float = 0.0, extras: tuple = (), combine: str = "sum"):
         super().__init__()
+        self.text_dim, self.extras = text_dim, tuple(extras)
+        self.features = nn.ModuleDict({name: FeatureAdapter(width, dim, combine == "gate")
+                                       for name, width in self.extras}) if extras else None
         self.id_dropout = id_dropout if item_text else 0.0
         if not (item_text or id_embeddings):
             raise ValueError("SeqRec needs item text, ID embeddings or both")
@@ -100,7 +131,8 @@ class SeqRec(Recommender):
                 nn.init.zeros_(self.id_emb.weight)
             else:
                 nn.init.normal_(self.id_emb.weight, std=dim ** -0.5)
-        self.id_from_text = (nn.Linear(text_dim, dim + 1) if item_text and id_embeddings
+        full = text_dim + sum(w for _, w in self.extras)
+        self.id_from_text = (nn.Linear(full, dim + 1) if item_text and id_embeddings
                              else None)
         self.new_item_bias = new_item_bias if self.id_from_text is not None else 0.0
         if item_text:
@@ -124,7 +156,12 @@ class SeqRec(Recommender):
             idx = torch.arange(self.n_items)
         h = b = 0.0
         if self.adapter is not None:
-            h, b = self.adapter(E), self.text_bias(E).squeeze(-1)
+            T = E[:, :self.text_dim]
+            h, b = self.adapter(T), self.text_bias(T).squeeze(-1)
+            start = self.text_dim
+            for name, width in self.extras:
+                v, vb = self.features[name](E[:, start:start + width])
+                h, b, start = h + v, b + vb, start + width
         if self.id_emb is not None:
             v, vb = self.id_emb(idx), self.id_bias(idx).squeeze(-1)
             keep = self.known[idx]

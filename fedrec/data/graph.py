@@ -1,0 +1,184 @@
+"""A public knowledge graph of the catalog: facts per item, and a frozen vector per item.
+
+Two on-disk layouts are read (bring your own graph in either):
+
+- RecBole atomic: ``<name>.kg`` (``head_id:token relation_id:token tail_id:token``,
+  tab-separated triples between entities) and ``<name>.link`` (``item_id:token
+  entity_id:token``: which entity each catalog item is). ml-100k's come from the hopwise
+  wheel (`fedrec data fetch ml-100k`): 91,631 Freebase triples, 1,598 of 1,682 items linked.
+- Generic: ``graph.csv`` with columns ``item,relation,entity`` (one fact per line, the
+  item named by its catalog id).
+
+An item's facts are (relation, entity) pairs: the triples whose head is the item's entity,
+plus those whose tail is (an inverse triple whose entity the item does not already name).
+The frozen vector is feature hashing of the facts: each fact has a fixed pseudo-random
+Gaussian direction drawn from a hash of its text, and an item's vector is the normalised
+sum of its facts' directions (zero for an unlinked item). It depends on the item's own
+facts alone, never on the rest of the catalog or on any user, so an item added later gets
+the same kind of vector and the device computes exactly what the server would. A trainable
+linear adapter on it is a learned embedding of the facts, compressed (fedrec.models.seqrec).
+"""
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.errors import FedrecError
+from fedrec.files import write_text_atomic
+
+GRAPH_CSV = "graph.csv"
+
+
+@dataclass(frozen=True)
+class Graph:
+    facts: dict[str, list[tuple[str, str]]]  # catalog item id -> [(relation, entity)]
+    source: str  # the file(s) read, named in messages
+    triples: int = 0  # lines read
+
+    def stats(self, item_ids: list[str]) -> dict:
+        """Linked catalog items, facts and relations (`fedrec data stats`)."""
+        linked = [self.facts[i] for i in item_ids if self.facts.get(i)]
+        rels = {r for f in linked for r, _ in f}
+        return {"source": self.source, "triples": self.triples, "linked-items": len(linked),
+                "items": len(item_ids), "facts": sum(map(len, linked)),
+                "facts-per-linked-item-median": float(np.median([len(f) for f in linked]))
+                if linked else 0.0, "relations": len(rels)}
+
+
+def find_graph(path: str | Path) -> Path | None:
+    """The graph files at path (a graph.csv, a .kg file, or a directory holding one)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / GRAPH_CSV).is_file():
+            return p / GRAPH_CSV
+        kgs = sorted(p.glob("*.kg"))
+        return kgs[0] if kgs else None
+    return None
+
+
+def read_graph(path: str | Path, item_ids: list[str]) -> Graph:
+    """The graph at path (find_graph) for a catalog of item_ids. Errors name file and line;
+    an item id the catalog lacks is an error (a typo would silently drop its facts)."""
+    f = find_graph(path)
+    if f is None:
+        raise FedrecError(f"data.graph: no {GRAPH_CSV} or <name>.kg at '{path}'; point it at "
+                          "a graph file or the directory holding one, or set it to \"\"")
+    known = set(item_ids)
+    if f.suffix == ".kg":
+        return _read_atomic(f, f.with_suffix(".link"), known)
+    return _read_csv(f, known)
+
+
+def _bad(f: Path, line: int, what: str) -> FedrecError:
+    return FedrecError(f"{f}:{line}: {what}")
+
+
+def _read_csv(f: Path, known: set[str]) -> Graph:
+    facts: dict[str, list[tuple[str, str]]] = {}
+    with open(f, newline="", encoding="utf-8") as fh:
+        rows = csv.reader(fh)
+        header = [h.strip() for h in next(rows, [])]
+        if header[:3] != ["item", "relation", "entity"]:
+            raise _bad(f, 1, f"header is {','.join(header) or 'empty'}; expected "
+                       "item,relation,entity")
+        n = 0
+        for n, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) != 3 or not all(x.strip() for x in row):
+                raise _bad(f, n, f"expected 3 non-empty fields item,relation,entity, got "
+                           f"{len(row)}: {','.join(row)[:60]}")
+            item, rel, ent = (x.strip() for x in row)
+            if item not in known:
+                raise _bad(f, n, f"item '{item}' is not in the catalog; fix the id or drop "
+                           "the line")
+            _add(facts, item, rel, ent)
+    return Graph(facts, str(f), max(0, n - 1))
+
+
+def _read_atomic(kg: Path, link: Path, known: set[str]) -> Graph:
+    if not link.is_file():
+        raise FedrecError(f"{link}: missing; a .kg graph needs its .link file "
+                          "(item_id:token entity_id:token) beside it")
+    entity_items: dict[str, list[str]] = {}
+    for n, cols in _atomic_rows(link, 2, ("item_id", "entity_id")):
+        if cols[0] not in known:
+            raise _bad(link, n, f"item '{cols[0]}' is not in the catalog; fix the id or "
+                       "drop the line")
+        entity_items.setdefault(cols[1], []).append(cols[0])
+    facts: dict[str, list[tuple[str, str]]] = {}
+    inverse = []
+    n_triples = 0
+    for _, (h, r, t) in _atomic_rows(kg, 3, ("head_id", "relation_id", "tail_id")):
+        n_triples += 1
+        for item in entity_items.get(h, ()):
+            _add(facts, item, r, t)
+        inverse += [(item, r, h) for item in entity_items.get(t, ())]
+    for item, r, h in inverse:  # only where the item does not already name the entity
+        if h not in {e for _, e in facts.get(item, [])}:
+            _add(facts, item, r, h)
+    return Graph(facts, f"{kg} + {link.name}", n_triples)
+
+
+def _atomic_rows(f: Path, width: int, names: tuple[str, ...]):
+    with open(f, encoding="utf-8") as fh:
+        header = fh.readline().rstrip("\n").split("\t")
+        if [h.split(":")[0] for h in header] != list(names):
+            raise _bad(f, 1, f"header is {' '.join(header)}; expected "
+                       + " ".join(f"{x}:token" for x in names))
+        for n, line in enumerate(fh, start=2):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            cols = line.split("\t")
+            if len(cols) != width or not all(cols):
+                raise _bad(f, n, f"expected {width} tab-separated fields, got "
+                           f"{len(cols)}: {line[:60]}")
+            yield n, cols
+
+
+def _add(facts: dict, item: str, rel: str, ent: str) -> None:
+    lst = facts.setdefault(item, [])
+    if (rel, ent) not in lst:
+        lst.append((rel, ent))
+
+
+def write_graph_csv(graph: Graph, item_ids: list[str], path: Path) -> None:
+    """The facts of item_ids as a generic graph.csv (a device directory's copy)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["item", "relation", "entity"])
+    w.writerows([i, r, e] for i in item_ids for r, e in graph.facts.get(i, []))
+    write_text_atomic(Path(path), buf.getvalue())
+
+
+def fact_vector(facts: list[tuple[str, str]], dim: int) -> np.ndarray:
+    """float32 [dim]: the normalised sum of the facts' hashed Gaussian directions."""
+    v = np.zeros(dim, np.float64)
+    for rel, ent in facts:
+        v += _direction(rel, ent, dim)
+    n = np.linalg.norm(v)
+    return (v / n if n > 0 else v).astype(np.float32)
+
+
+def graph_table(graph: Graph, item_ids: list[str], dim: int) -> np.ndarray:
+    """float32 [len(item_ids), dim]: each item's fact_vector (zero rows: unlinked items)."""
+    return np.stack([fact_vector(graph.facts.get(i, []), dim) for i in item_ids]) \
+        if item_ids else np.zeros((0, dim), np.float32)
+
+
+_DIRECTIONS: dict[tuple[str, str, int], np.ndarray] = {}
+
+
+def _direction(rel: str, ent: str, dim: int) -> np.ndarray:
+    key = (rel, ent, dim)
+    if key not in _DIRECTIONS:
+        seed = int.from_bytes(hashlib.sha256(f"{rel}\x1f{ent}".encode()).digest()[:8], "little")
+        _DIRECTIONS[key] = np.random.default_rng(seed).standard_normal(dim) / np.sqrt(dim)
+    return _DIRECTIONS[key]
