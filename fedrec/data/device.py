@@ -61,7 +61,8 @@ from fedrec.data.encoder import (
     resolve_model_dir,
     text_key,
 )
-from fedrec.data.features import extra_tables, extra_widths
+from fedrec.data.features import extra_tables, extra_widths, load_graph
+from fedrec.data.graph import GRAPH_CSV, write_graph_csv
 from fedrec.data.protocol import ClientData, leave_one_out, tie_ranks, time_order, untouched
 from fedrec.errors import FedrecError
 from fedrec.files import write_text_atomic
@@ -295,7 +296,8 @@ def write_device_dir(out: Path, catalog: Catalog, items: list[str], times: list[
 
 def prepare_user_device(cfg: Config, out: str, user: str, encode: bool = True) -> str:
     """`fedrec device prepare`: a device directory for one user of data.dataset (its
-    history, the catalog and, with `encode`, the catalog embeddings); returns a summary."""
+    history, the catalog, the catalog's graph.csv for a model with graph features and,
+    with `encode`, the catalog embeddings); returns a summary."""
     ds = load_dataset(cfg.data.dataset, cfg.data.cache_dir)
     if user not in ds.user_ids:
         raise FedrecError(f"--user: '{user}' is not a user of {ds.name} (ids such as "
@@ -304,6 +306,9 @@ def prepare_user_device(cfg: Config, out: str, user: str, encode: bool = True) -
     cat = Catalog(ds.item_ids, ds.item_fields, np.zeros(ds.n_items, bool), ds.source)
     dev = write_device_dir(Path(out), cat, [ds.item_ids[i] for i in ds.items[mask]],
                            ds.times[mask].tolist())
+    if "graph" in dict(extra_widths(cfg)):  # the public graph travels with the catalog
+        write_graph_csv(load_graph(cfg, ds.item_ids, Path(ds.source).parent), ds.item_ids,
+                        dev / GRAPH_CSV)
     if encode:
         item_embeddings(cfg, cat, dev / CACHE_DIR, progress=True)
     return (f"device {dev}: {int(mask.sum())} interactions, {ds.n_items} catalog items; "

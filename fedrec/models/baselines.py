@@ -1,10 +1,13 @@
 """Non-learned reference points, in the protocol of every other row (docs/protocol.md)."""
 
+from pathlib import Path
+
 import numpy as np
 
 from fedrec.config import Config
 from fedrec.data.datasets import load_dataset
 from fedrec.data.evaluate import evaluate
+from fedrec.data.graph import find_graph, read_graph
 from fedrec.data.pipeline import catalog_vectors, list_spaces, prepare
 from fedrec.data.protocol import make_split, population
 from fedrec.results import summarize
@@ -40,7 +43,8 @@ def text_similarity(cfg: Config) -> dict:
 
 
 def dataset_stats(cfg: Config) -> list[tuple[str, object]]:
-    """Users, items, interactions and the protocol split of the configured dataset."""
+    """Users, items, interactions and the protocol split of the configured dataset, and
+    its knowledge graph where it has one (data.graph or the dataset's directory)."""
     d = cfg.data
     ds = load_dataset(d.dataset, d.cache_dir)
     s = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives, d.cache_dir,
@@ -54,4 +58,16 @@ def dataset_stats(cfg: Config) -> list[tuple[str, object]]:
              f"{lengths.min()}/{int(np.median(lengths))}/{lengths.max()}"),
             ("evaluated users", len(test_users)), ("cold items", int(s.cold.sum())),
             ("users with a cold test item", int(s.cold[s.test[test_users]].sum())),
-            ("example item text", ds.item_texts(cfg.data.item_template)[0])]
+            ("example item text", ds.item_texts(cfg.data.item_template)[0])] + _graph_stats(cfg, ds)
+
+
+def _graph_stats(cfg: Config, ds) -> list[tuple[str, object]]:
+    where = Path(cfg.data.graph).expanduser() if cfg.data.graph else Path(ds.source).parent
+    if find_graph(where) is None:
+        return [("knowledge graph", "none (model.item-features graph needs one: data.graph)")]
+    g = read_graph(where, ds.item_ids).stats(ds.item_ids)
+    return [("knowledge graph", g["source"]), ("graph triples read", g["triples"]),
+            ("linked items", f"{g['linked-items']} of {g['items']}"),
+            ("facts (relation, entity) of linked items", g["facts"]),
+            ("facts per linked item (median)", int(g["facts-per-linked-item-median"])),
+            ("relations", g["relations"])]

@@ -10,15 +10,20 @@ Faithfulness (`deletion_test`, command `fedrec explain-eval`): delete the named 
 from the input and measure how far the recommended item falls in the full ranking,
 against deleting as many random items of the input window; reasons are faithful for a
 (user, item) pair when their deletion drops it further than random deletions do on
-average. Specificity: the number of distinct reason sets among a user's top-k.
+average. Specificity: the number of distinct reason sets among a user's top-k. For a
+model with graph features the knowledge reasons (fedrec.ranking.facts) get the same test.
 """
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedrec.data.datasets import item_terms
+from fedrec.data.features import load_graph
 from fedrec.models.protocol import Recommender, batch_inputs
 from fedrec.models.saved import load_for_dataset
+from fedrec.ranking.facts import FactIndex, fact_deletion_test, graph_columns
 from fedrec.results import summarize
 
 MAX_REASONS = 3
@@ -69,12 +74,13 @@ def shared_terms(item: dict[str, str], reasons: list[dict[str, str]]) -> list[st
 
 @torch.no_grad()
 def deletion_test(model: Recommender, E: torch.Tensor, histories: list[np.ndarray], k: int = 10,
-                  n_random: int = 10, seed: int = 0) -> dict:
+                  n_random: int = 10, seed: int = 0, cases: list | None = None) -> dict:
     """Faithfulness of the leave-one-out reasons over users' evaluation inputs.
 
     For each user's top-k (every item but the input's is a candidate) and each listed
     item: its rank after deleting its reasons from the input vs after deleting as many
-    random window items (n_random draws). Returns the per-pair arrays and a summary."""
+    random window items (n_random draws). Returns the per-pair arrays and a summary;
+    `cases` (a list) receives each (input, listed item, its reason items)."""
     model.eval()
     rng = np.random.default_rng(seed)
     h, b = model.item_table(E)
@@ -89,6 +95,9 @@ def deletion_test(model: Recommender, E: torch.Tensor, histories: list[np.ndarra
         base[torch.from_numpy(seq)] = -torch.inf
         top = torch.topk(base, k).indices
         reasons = pick_reasons(loo_drops(model, h, b, seq, top))
+        if cases is not None:
+            cases += [(seq, i, [int(seq[window[j]]) for j in r])
+                      for i, r in zip(top.tolist(), reasons)]
         n_sets.append(len({frozenset(r) for r in reasons}))
         rows = []
         for r in reasons:
@@ -129,9 +138,14 @@ def evaluate_runs(run_dirs: list[str], users: int = 0, n_random: int = 10) -> di
     for run_dir in run_dirs:
         cfg, net, p = load_for_dataset(run_dir)
         ids = p.split.eval_users("test")[:users or None]
-        res = deletion_test(net, torch.from_numpy(p.item_emb),
-                            [p.split.eval_history(u, "test") for u in ids], n_random=n_random,
-                            seed=cfg.train.seed)
+        E, cases, cols = torch.from_numpy(p.item_emb), [], graph_columns(net)
+        res = deletion_test(net, E, [p.split.eval_history(u, "test") for u in ids],
+                            n_random=n_random, seed=cfg.train.seed, cases=cases)
+        if cols is not None:  # the graph reasons: shared facts, deleted from the item
+            index = FactIndex(load_graph(cfg, p.dataset.item_ids,
+                                         Path(p.dataset.source).parent), p.dataset.item_ids)
+            graph = fact_deletion_test(net, E, index, cols, cases, n_random, cfg.train.seed)
+            res["summary"].update({f"graph/{k}": v for k, v in graph.items()})
         runs.append({"model": run_dir, "seed": cfg.train.seed, **res})
     return {"method": "explain-eval (leave-one-out reasons)", "config": cfg.to_flat(),
             "runs": runs, "summary": summarize([r["summary"] for r in runs])}

@@ -28,11 +28,13 @@ from fedrec.data.device import (
     tie_seed,
 )
 from fedrec.data.evaluate import Space
+from fedrec.data.features import load_graph
 from fedrec.errors import FedrecError
 from fedrec.models.protocol import Recommender
 from fedrec.models.saved import load_model, load_run
 from fedrec.ranking.diversity import mmr
 from fedrec.ranking.explain import loo_drops, pick_reasons, scores, shared_terms, window_positions
+from fedrec.ranking.facts import FactIndex, graph_columns
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,16 @@ class Recommendation:
     score: float              # sigmoid(<h_u, h_i> + b_i)
     because: list[tuple[str, str, float]]  # (history item id, title, score drop) largest first
     shared: list[str]         # catalog terms (genres, tags) the item shares with its reasons
+    facts: list[str] = ()     # knowledge-graph facts it shares with them ("same director as ...")
 
     @property
     def reasons_text(self) -> str:
-        """"A [1]; B [7] (shares Drama)": the reasons by title and id, then shared terms."""
-        shared = f" (shares {', '.join(self.shared)})" if self.shared else ""
-        return "; ".join(f"{title} [{iid}]" for iid, title, _ in self.because) + shared
+        """"A [1]; B [7] (shares Drama; same director as A [1] (m.0x))": the reasons by
+        title and id, then shared terms and shared facts."""
+        extra = [f"shares {', '.join(self.shared)}"] if self.shared else []
+        extra += list(self.facts)
+        return ("; ".join(f"{title} [{iid}]" for iid, title, _ in self.because)
+                + (f" ({'; '.join(extra)})" if extra else ""))
 
 
 def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
@@ -80,18 +86,23 @@ def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
     # on 2 loaded cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    index = None
+    if graph_columns(model) is not None:  # reasons name shared facts too
+        index = FactIndex(load_graph(cfg, cat.item_ids, Path(cat.source).parent), cat.item_ids)
     try:
-        return rank_items(model, E, seq, cat, cfg.data.item_template, k, diversity)
+        return rank_items(model, E, seq, cat, cfg.data.item_template, k, diversity, index)
     finally:
         torch.set_num_threads(threads)
 
 
 @torch.no_grad()
 def rank_items(model: Recommender, E: torch.Tensor, seq: np.ndarray, cat: Catalog,
-               template: str, k: int, diversity: float = 0.0) -> list[Recommendation]:
-    """Top-k of the catalog minus `seq` (re-ranked by MMR over the PLM embeddings E when
+               template: str, k: int, diversity: float = 0.0,
+               index: FactIndex | None = None) -> list[Recommendation]:
+    """Top-k of the catalog minus `seq` (re-ranked by MMR over the PLM embeddings when
     diversity > 0, fedrec.ranking.diversity), each with the history items whose removal would
-    lower its score most (leave-one-out: the input without that item, re-scored)."""
+    lower its score most (leave-one-out: the input without that item, re-scored) and,
+    given the graph's `index`, the facts it shares with them."""
     model.eval()
     h, b = model.item_table(E)
     score = scores(model, h, b, [seq])[0]
@@ -99,7 +110,8 @@ def rank_items(model: Recommender, E: torch.Tensor, seq: np.ndarray, cat: Catalo
     k = min(k, cat.n_items - len(np.unique(seq)))
     if k <= 0:
         return []
-    space = Space.vectors(E.numpy()) if diversity else None  # only re-ranking reads it
+    text = E[:, :getattr(model, "text_dim", E.shape[1])]
+    space = Space.vectors(text.numpy()) if diversity else None  # only re-ranking reads it
     lists = mmr(score[None].numpy(), space, k, diversity)
     top = torch.from_numpy(lists[0])
     drop = loo_drops(model, h, b, seq, top)  # reasons are among the items the model reads
@@ -112,5 +124,6 @@ def rank_items(model: Recommender, E: torch.Tensor, seq: np.ndarray, cat: Catalo
         out.append(Recommendation(
             r + 1, cat.item_ids[i], texts[i], float(torch.sigmoid(score[i].double())),
             [(cat.item_ids[j], labels[j], float(drop[w, r])) for j, w in zip(items, reasons)],
-            shared_terms(cat.item_fields[i], [cat.item_fields[j] for j in items])))
+            shared_terms(cat.item_fields[i], [cat.item_fields[j] for j in items]),
+            index.phrases(i, items, labels, cat.item_ids) if index else []))
     return out
