@@ -15,9 +15,11 @@ local update. This script reproduces that on ml-100k with the bundled MiniLM:
   exists (the parameters are the ones the benchmarked round returned).
 
     python simulations/bench_device.py [--users median,max] [--repeats 30] [--out results/bench_device.json]
+    python simulations/bench_device.py --run-config "model.item-features='text,graph'" --out results/bench_device-graph.json
 
 Targets (issues 5, 15): a client round under 15 s, peak RSS under 1 GB, top-10 with
-reasons under 100 ms.
+reasons under 100 ms. With graph features each device directory also holds the catalog's
+graph.csv (as `fedrec device prepare` writes it), and the reasons name shared facts.
 """
 
 import argparse
@@ -86,6 +88,8 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--diversity", type=float, default=0.08, help="MMR weight also timed")
     ap.add_argument("--work", default="", help="scratch directory (default: a temp dir)")
+    ap.add_argument("--run-config", default="", help="config overrides, e.g. "
+                    "\"model.item-features='text,graph'\"")
     ap.add_argument("--out", default=str(REPO / "results" / "bench_device.json"))
     args = ap.parse_args()
 
@@ -93,15 +97,15 @@ def main() -> None:
     import torch
     from safetensors.numpy import save_file
 
-    from fedrec.config import load_config
+    from fedrec.config import load_config, parse_overrides
     from fedrec.data.datasets import load_dataset
-    from fedrec.data.device import CACHE_DIR, Catalog, text_dim, write_device_dir
+    from fedrec.data.device import CACHE_DIR, Catalog, copy_graph, text_dim, write_device_dir
     from fedrec.data.encoder import resolve_model_dir
     from fedrec.models.build import build_model
     from fedrec.ranking.recommend import recommend
     from fedrec.results import command_line, machine, write_json
 
-    cfg = load_config()
+    cfg = load_config().override(**parse_overrides(args.run_config))
     ds = load_dataset(cfg.data.dataset, cfg.data.cache_dir)
     lengths = np.bincount(ds.users, minlength=ds.n_users)
     order = np.argsort(lengths, kind="stable")
@@ -118,7 +122,7 @@ def main() -> None:
     init = work / "init.safetensors"
     save_file({k: v.numpy().copy() for k, v in model.state_dict().items()}, str(init))
     plm = cfg.encoder.model_dir or "all-MiniLM-L6-v2 (bundled)"
-    print(f"ml-100k, PLM {plm}, model {cfg.model.kind} "
+    print(f"ml-100k, PLM {plm}, model {cfg.model.kind} ({cfg.model.item_features}) "
           f"(dim {cfg.model.dim}, hidden {cfg.model.hidden}), load {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores; scratch {work}")
 
@@ -129,6 +133,7 @@ def main() -> None:
         dev = write_device_dir(work / f"device-{user}", cat,
                                [ds.item_ids[i] for i in ds.items[mask]], ds.times[mask].tolist())
         shutil.rmtree(dev / CACHE_DIR, ignore_errors=True)
+        copy_graph(cfg, ds, dev)
         row = {"user": user, "history": int(mask.sum())}
         out = work / f"reply-{user}.safetensors"
         if warm_cache is None:  # first device: the PLM encodes the catalog in this round
@@ -164,7 +169,8 @@ def main() -> None:
                         "median_ms": statistics.median(times),
                         "p90_ms": float(np.percentile(times, 90)), "min_ms": min(times),
                         "top": [r.item for r in recs],
-                        "reasons": [[iid for iid, _, _ in r.because] for r in recs]}
+                        "reasons": [[iid for iid, _, _ in r.because] for r in recs],
+                        "reasons_text": [r.reasons_text for r in recs]}
             print(f"user {row['user']:>4} fedrec recommend top-{args.k} with reasons, "
                   f"diversity {lam:g}: median {row[key]['median_ms']:.1f} ms, p90 "
                   f"{row[key]['p90_ms']:.1f} ms over {args.repeats} calls (cache warm)")

@@ -294,6 +294,14 @@ def write_device_dir(out: Path, catalog: Catalog, items: list[str], times: list[
     return out
 
 
+def copy_graph(cfg: Config, ds, dev: Path) -> None:
+    """The catalog's public graph into a device directory (graph.csv), for a model with
+    graph features: the device reads it from beside its catalog."""
+    if "graph" in dict(extra_widths(cfg)):
+        write_graph_csv(load_graph(cfg, ds.item_ids, Path(ds.source).parent), ds.item_ids,
+                        dev / GRAPH_CSV)
+
+
 def prepare_user_device(cfg: Config, out: str, user: str, encode: bool = True) -> str:
     """`fedrec device prepare`: a device directory for one user of data.dataset (its
     history, the catalog, the catalog's graph.csv for a model with graph features and,
@@ -306,9 +314,7 @@ def prepare_user_device(cfg: Config, out: str, user: str, encode: bool = True) -
     cat = Catalog(ds.item_ids, ds.item_fields, np.zeros(ds.n_items, bool), ds.source)
     dev = write_device_dir(Path(out), cat, [ds.item_ids[i] for i in ds.items[mask]],
                            ds.times[mask].tolist())
-    if "graph" in dict(extra_widths(cfg)):  # the public graph travels with the catalog
-        write_graph_csv(load_graph(cfg, ds.item_ids, Path(ds.source).parent), ds.item_ids,
-                        dev / GRAPH_CSV)
+    copy_graph(cfg, ds, dev)
     if encode:
         item_embeddings(cfg, cat, dev / CACHE_DIR, progress=True)
     return (f"device {dev}: {int(mask.sum())} interactions, {ds.n_items} catalog items; "

@@ -59,7 +59,7 @@ def extra_tables(cfg, item_ids: list[str], dataset_dir: Path | None, cache_root:
     for name, width in extra_widths(cfg):
         if name == "graph":
             graph = load_graph(cfg, item_ids, dataset_dir)
-            t = graph_table(graph, item_ids, width)
+            t = graph_table(graph, item_ids, width, cache_root)
         else:
             t = image_table(cfg.data.images, item_ids, cfg.encoder.vision_dir, cache_root,
                             cfg.encoder.batch_size, progress)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrec.data.encoder import EmbeddingCache
 from fedrec.errors import FedrecError
 from fedrec.files import write_text_atomic
 
@@ -64,15 +65,24 @@ def find_graph(path: str | Path) -> Path | None:
 
 def read_graph(path: str | Path, item_ids: list[str]) -> Graph:
     """The graph at path (find_graph) for a catalog of item_ids. Errors name file and line;
-    an item id the catalog lacks is an error (a typo would silently drop its facts)."""
+    an item id the catalog lacks is an error (a typo would silently drop its facts). Read
+    once per process per (files, catalog): recommending again re-reads nothing."""
     f = find_graph(path)
     if f is None:
         raise FedrecError(f"data.graph: no {GRAPH_CSV} or <name>.kg at '{path}'; point it at "
                           "a graph file or the directory holding one, or set it to \"\"")
-    known = set(item_ids)
-    if f.suffix == ".kg":
-        return _read_atomic(f, f.with_suffix(".link"), known)
-    return _read_csv(f, known)
+    files = [f, f.with_suffix(".link")] if f.suffix == ".kg" else [f]
+    key = (tuple((str(x.resolve()), x.stat().st_size, x.stat().st_mtime_ns) for x in files
+                 if x.is_file()), hashlib.sha256("\x1f".join(item_ids).encode()).hexdigest())
+    if key not in _GRAPHS:
+        known = set(item_ids)
+        g = _read_atomic(f, files[1], known) if f.suffix == ".kg" else _read_csv(f, known)
+        _GRAPHS.clear()  # one graph per process is the use; never grow without bound
+        _GRAPHS[key] = g
+    return _GRAPHS[key]
+
+
+_GRAPHS: dict[tuple, Graph] = {}
 
 
 def _bad(f: Path, line: int, what: str) -> FedrecError:
@@ -80,7 +90,7 @@ def _bad(f: Path, line: int, what: str) -> FedrecError:
 
 
 def _read_csv(f: Path, known: set[str]) -> Graph:
-    facts: dict[str, list[tuple[str, str]]] = {}
+    facts: dict[str, dict[tuple[str, str], None]] = {}
     with open(f, newline="", encoding="utf-8") as fh:
         rows = csv.reader(fh)
         header = [h.strip() for h in next(rows, [])]
@@ -99,7 +109,7 @@ def _read_csv(f: Path, known: set[str]) -> Graph:
                 raise _bad(f, n, f"item '{item}' is not in the catalog; fix the id or drop "
                            "the line")
             _add(facts, item, rel, ent)
-    return Graph(facts, str(f), max(0, n - 1))
+    return Graph({i: list(fs) for i, fs in facts.items()}, str(f), max(0, n - 1))
 
 
 def _read_atomic(kg: Path, link: Path, known: set[str]) -> Graph:
@@ -112,7 +122,7 @@ def _read_atomic(kg: Path, link: Path, known: set[str]) -> Graph:
             raise _bad(link, n, f"item '{cols[0]}' is not in the catalog; fix the id or "
                        "drop the line")
         entity_items.setdefault(cols[1], []).append(cols[0])
-    facts: dict[str, list[tuple[str, str]]] = {}
+    facts: dict[str, dict[tuple[str, str], None]] = {}
     inverse = []
     n_triples = 0
     for _, (h, r, t) in _atomic_rows(kg, 3, ("head_id", "relation_id", "tail_id")):
@@ -120,10 +130,12 @@ def _read_atomic(kg: Path, link: Path, known: set[str]) -> Graph:
         for item in entity_items.get(h, ()):
             _add(facts, item, r, t)
         inverse += [(item, r, h) for item in entity_items.get(t, ())]
+    named = {item: {e for _, e in fs} for item, fs in facts.items()}
     for item, r, h in inverse:  # only where the item does not already name the entity
-        if h not in {e for _, e in facts.get(item, [])}:
+        if h not in named.setdefault(item, set()):
             _add(facts, item, r, h)
-    return Graph(facts, f"{kg} + {link.name}", n_triples)
+            named[item].add(h)
+    return Graph({i: list(fs) for i, fs in facts.items()}, f"{kg} + {link.name}", n_triples)
 
 
 def _atomic_rows(f: Path, width: int, names: tuple[str, ...]):
@@ -144,9 +156,7 @@ def _atomic_rows(f: Path, width: int, names: tuple[str, ...]):
 
 
 def _add(facts: dict, item: str, rel: str, ent: str) -> None:
-    lst = facts.setdefault(item, [])
-    if (rel, ent) not in lst:
-        lst.append((rel, ent))
+    facts.setdefault(item, {})[(rel, ent)] = None  # an ordered set: repeats count once
 
 
 def write_graph_csv(graph: Graph, item_ids: list[str], path: Path) -> None:
@@ -167,10 +177,24 @@ def fact_vector(facts: list[tuple[str, str]], dim: int) -> np.ndarray:
     return (v / n if n > 0 else v).astype(np.float32)
 
 
-def graph_table(graph: Graph, item_ids: list[str], dim: int) -> np.ndarray:
-    """float32 [len(item_ids), dim]: each item's fact_vector (zero rows: unlinked items)."""
-    return np.stack([fact_vector(graph.facts.get(i, []), dim) for i in item_ids]) \
-        if item_ids else np.zeros((0, dim), np.float32)
+def graph_table(graph: Graph, item_ids: list[str], dim: int,
+                cache_root: Path | None = None) -> np.ndarray:
+    """float32 [len(item_ids), dim]: each item's fact_vector (zero rows: unlinked items).
+    With cache_root, vectors are kept on disk keyed by (dim, the item's facts), as text
+    embeddings are: a fresh process on a device computes only what is new (~1 s for
+    ml-100k's whole catalog otherwise)."""
+    if not item_ids:
+        return np.zeros((0, dim), np.float32)
+    keys = [hashlib.sha256("\x1e".join(f"{r}\x1f{e}" for r, e in sorted(
+        graph.facts.get(i, []))).encode()).hexdigest() for i in item_ids]
+    cache = EmbeddingCache(Path(cache_root) / "graph", f"hashed-{dim}") if cache_root else None
+    table = cache.load() if cache else {}
+    missing = {k: i for k, i in zip(keys, item_ids) if k not in table}
+    for k, i in missing.items():
+        table[k] = fact_vector(graph.facts.get(i, []), dim)
+    if cache and missing:
+        cache.save(table)
+    return np.stack([table[k] for k in keys]).astype(np.float32)
 
 
 _DIRECTIONS: dict[tuple[str, str, int], np.ndarray] = {}
