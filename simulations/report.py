@@ -15,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from report_multimodal import BLOCKS as MULTIMODAL_BLOCKS
+
 from fedrec.config import stored_config
 from fedrec.data.evaluate import ILD_KEYS
 from fedrec.privacy import population
@@ -943,6 +945,7 @@ def main() -> None:
                        ("release-audit", release_audit_table)):
         blocks[name] = make()
     blocks.update(bench_tables())
+    blocks.update({name: make() for name, make in MULTIMODAL_BLOCKS.items()})
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = page.read_text()
         for name, body in blocks.items():

@@ -1,0 +1,147 @@
+"""The multimodal blocks of README and docs/multimodal.md (simulations/report.py calls
+them): text + graph against text alone, the paragraph on new items, the graph reasons'
+faithfulness, the image benchmark and the device benchmark with graph features. Every
+number is read from a result file."""
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("full/hr@10", "full/ndcg@10", "full/cold/hr@10", "new-items/hr@10",
+        "top10/unreleased-share", "sampled/hr@10")
+ROWS = (  # (setting, items, file)
+    ("centralized", "text + ID (default)", "central-seq+id.json"),
+    ("centralized", "text + graph + ID (summed)", "central-seq+id+graph.json"),
+    ("centralized", "text + graph + ID (gated)", "multimodal/central-seq+id+graph-gate.json"),
+    ("federated, 100 rounds", "text + ID (default)", "fed-seq+id-sched.json"),
+    ("federated, 100 rounds", "text + graph + ID (summed)", "fed-seq+id+graph.json"),
+)
+
+
+def _load(name: str) -> dict | None:
+    path = ROOT / "results" / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(s: dict | None) -> str:
+    return "n/a" if not s else f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def _commit(res: dict) -> str:
+    c = res.get("machine", {}).get("commit", "unknown")
+    return c[:7] + ("+dirty" if c.endswith("+dirty") else "")
+
+
+def multimodal_table() -> str:
+    head = ("| setting | item features | full HR@10 | full NDCG@10 | cold-target full HR@10 | "
+            "new-item HR@10 | unreleased share of top-10 | sampled HR@10 | seeds |")
+    rows, notes = [head, "|---|---|---|---|---|---|---|---|---|"], []
+    for setting, items, name in ROWS:
+        res = _load(name)
+        if not res:
+            continue
+        b = res["summary"]["best"]
+        seeds = ",".join(str(r["seed"]) for r in res["runs"])
+        rows.append(f"| {setting} | {items} | " + " | ".join(_fmt(b.get(k)) for k in KEYS)
+                    + f" | {seeds} |")
+        notes.append(f"`{res['command']}` (commit {_commit(res)})")
+    return "\n".join(rows) + "\n\nRows: " + "; ".join(notes) + "."
+
+
+def _delta(name_a: str, name_b: str, key: str) -> tuple[float, float, float] | None:
+    a, b = _load(name_a), _load(name_b)
+    if not (a and b):
+        return None
+    x, y = a["summary"]["best"][key], b["summary"]["best"][key]
+    return x["mean"], y["mean"], y["mean"] - x["mean"]
+
+
+def _move(d: tuple[float, float, float], what: str) -> str:
+    base, new, diff = d
+    verb = "raises" if diff > 0 else "lowers" if diff < 0 else "leaves"
+    return f"{verb} {what} from {base:.4f} to {new:.4f} ({diff / base:+.0%})" if base \
+        else f"moves {what} from {base:.4f} to {new:.4f}"
+
+
+def multimodal_paragraph() -> str:
+    """What the graph adds for new items, numbers from the files."""
+    parts = []
+    for setting, a, b in (("Centrally", "central-seq+id.json", "central-seq+id+graph.json"),
+                          ("Federated", "fed-seq+id-sched.json", "fed-seq+id+graph.json")):
+        ds = {k: _delta(a, b, k) for k in ("new-items/hr@10", "full/cold/hr@10", "full/hr@10")}
+        if all(ds.values()):
+            parts.append(f"{setting}, the graph {_move(ds['new-items/hr@10'], 'new-item HR@10')}, "
+                         f"{_move(ds['full/cold/hr@10'], 'cold-target full HR@10')} and "
+                         f"{_move(ds['full/hr@10'], 'full HR@10')} (means over 3 seeds).")
+    return " ".join(parts)
+
+
+def explain_graph_block() -> str:
+    res = _load("explain-graph.json")
+    if not res:
+        return ""
+    s = res["summary"]
+    f = lambda key, spec=".3f": f"{s[key]['mean']:{spec}} ± {s[key]['std']:{spec}}"
+    head = ("| reasons | (user, item) pairs per run | beat random deletion | win rate per draw | "
+            "rank drop, named (mean / median) | rank drop, random (mean / median) |")
+    rows = [head, "|---|---|---|---|---|---|",
+            (f"| history items (leave-one-out) | {s['pairs']['mean']:.0f} | "
+             f"{f('share-reasons-beat-random')} | {f('win-rate-per-draw')} | "
+             f"{f('rank-drop-reasons-mean', '.1f')} / {f('rank-drop-reasons-median', '.1f')} | "
+             f"{f('rank-drop-random-mean', '.1f')} / {f('rank-drop-random-median', '.1f')} |")]
+    if "graph/pairs" in s:
+        rows.append(f"| shared graph facts, deleted from the item | {s['graph/pairs']['mean']:.0f} | "
+                    f"{f('graph/share-facts-beat-random')} | {f('graph/win-rate-per-draw')} | "
+                    f"{f('graph/rank-drop-facts-mean', '.1f')} / "
+                    f"{f('graph/rank-drop-facts-median', '.1f')} | "
+                    f"{f('graph/rank-drop-random-mean', '.1f')} / "
+                    f"{f('graph/rank-drop-random-median', '.1f')} |")
+    return "\n".join(rows) + (f"\n\n{len(res['runs'])} runs, `{res['command']}` "
+                              f"(commit {_commit(res)}).")
+
+
+def bench_images_block() -> str:
+    res = _load("bench_images.json")
+    if not res:
+        return ""
+    rows = [("| vision encoder (random weights) | parameters | images/s (empty cache) | "
+             "cache warm | upload: text / + graph / + graph + image | added by graph + image, "
+             "of the PLM's bytes |"), "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        up = r["upload_bytes"]
+        rows.append(f"| {r['arch']} | {r['encoder_params'] / 1e6:.1f}M | "
+                    f"{r['images_per_second']:.1f} | {r['warm_seconds'] * 1000:.0f} ms | "
+                    f"{up['text'] / 1024:.0f} / {up['text+graph'] / 1024:.0f} / "
+                    f"{up['text+graph+image'] / 1024:.0f} KiB | "
+                    f"{r['added_upload_over_plm']['text+graph+image']:.2%} "
+                    f"({'met' if r['target_met'] else 'MISSED'}: <= 1.5%) |")
+    r0 = res["rows"][0]
+    return "\n".join(rows) + (
+        f"\n\n`{res['command']}`: {r0['images']} generated 300 x 450 JPEGs, "
+        f"{r0['threads']} threads, batch {r0['batch_size']}, the PLM "
+        f"{r0['plm_bytes'] / 2**20:.1f} MiB; 1-min load average {res['load_avg_1m']:.1f}, "
+        f"commit {_commit(res)}.")
+
+
+def bench_device_graph_block() -> str:
+    res = _load("bench_device-graph.json")
+    if not res:
+        return ""
+    w, t = res["worst"], res["targets"]
+    users = res["users"]
+    example = users[0]["recommend"]["reasons_text"][:3]
+    return (f"With `model.item-features = \"text,graph\"`: `fedrec recommend` top-10 with "
+            f"reasons (history items, shared genres and shared graph facts; plain or MMR "
+            f"re-ranked) {w['recommend_ms']:.1f} ms median for the worst of "
+            f"{len(users)} users (target < {t['recommend_ms']:.0f} ms: "
+            f"{'met' if res['targets_met']['recommend_ms'] else 'MISSED'}); a client round "
+            f"{w['round_s']:.1f} s at worst, peak RSS {w['peak_rss_mb']:.0f} MB. "
+            f"`{res['command']}`, commit {_commit(res)}, 1-min load average "
+            f"{res['load_avg_1m']:.1f}. The first three reasons of user {users[0]['user']}'s "
+            "list (an untrained-round model, so the reasons show the format, not quality):\n\n"
+            "```\n" + "\n".join(example) + "\n```")
+
+
+BLOCKS = {"multimodal": multimodal_table, "multimodal-new-items": multimodal_paragraph,
+          "explain-graph": explain_graph_block, "bench-images": bench_images_block,
+          "bench-device-graph": bench_device_graph_block}
