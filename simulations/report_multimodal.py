@@ -142,6 +142,11 @@ def bench_device_graph_block() -> str:
             "```\n" + "\n".join(example) + "\n```")
 
 
-BLOCKS = {"multimodal": multimodal_table, "multimodal-new-items": multimodal_paragraph,
+def recommend_graph_block() -> str:
+    path = ROOT / "results" / "multimodal" / "recommend_example.txt"
+    return "```\n" + path.read_text().rstrip() + "\n```" if path.is_file() else ""
+
+
+BLOCKS = {"recommend-graph": recommend_graph_block, "multimodal": multimodal_table, "multimodal-new-items": multimodal_paragraph,
           "explain-graph": explain_graph_block, "bench-images": bench_images_block,
           "bench-device-graph": bench_device_graph_block}
