@@ -77,26 +77,26 @@ def multimodal_paragraph() -> str:
 
 
 def explain_graph_block() -> str:
+    """History reasons and graph-fact reasons of the same runs, side by side."""
     res = _load("explain-graph.json")
     if not res:
         return ""
     s = res["summary"]
-    f = lambda key, spec=".3f": f"{s[key]['mean']:{spec}} ± {s[key]['std']:{spec}}"
-    head = ("| reasons | (user, item) pairs per run | beat random deletion | win rate per draw | "
-            "rank drop, named (mean / median) | rank drop, random (mean / median) |")
-    rows = [head, "|---|---|---|---|---|---|",
-            (f"| history items (leave-one-out) | {s['pairs']['mean']:.0f} | "
-             f"{f('share-reasons-beat-random')} | {f('win-rate-per-draw')} | "
-             f"{f('rank-drop-reasons-mean', '.1f')} / {f('rank-drop-reasons-median', '.1f')} | "
-             f"{f('rank-drop-random-mean', '.1f')} / {f('rank-drop-random-median', '.1f')} |")]
-    if "graph/pairs" in s:
-        rows.append(f"| shared graph facts, deleted from the item | {s['graph/pairs']['mean']:.0f} | "
-                    f"{f('graph/share-facts-beat-random')} | {f('graph/win-rate-per-draw')} | "
-                    f"{f('graph/rank-drop-facts-mean', '.1f')} / "
-                    f"{f('graph/rank-drop-facts-median', '.1f')} | "
-                    f"{f('graph/rank-drop-random-mean', '.1f')} / "
-                    f"{f('graph/rank-drop-random-median', '.1f')} |")
-    return "\n".join(rows) + (f"\n\n{len(res['runs'])} runs, `{res['command']}` "
+    rows = [("| reasons | (user, item) pairs per run | beat random deletion | win rate per "
+             "draw | rank drop, named (mean / median) | rank drop, random (mean / median) |"),
+            "|---|---|---|---|---|---|"]
+    for label, p, named in (("history items (leave-one-out)", "", "reasons"),
+                            ("shared graph facts, deleted from the item", "graph/", "facts")):
+        if f"{p}pairs" not in s:
+            continue
+        cells = [f"{s[f'{p}pairs']['mean']:.0f}", _fmt(s[f"{p}share-{named}-beat-random"]),
+                 _fmt(s[f"{p}win-rate-per-draw"])]
+        for what in (named, "random"):
+            cells.append(" / ".join(f"{s[f'{p}rank-drop-{what}-{m}']['mean']:.1f}"
+                                    for m in ("mean", "median")))
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + (f"\n\nMeans over {len(res['runs'])} runs (rank drops: the mean "
+                              f"over runs of each run's mean / median), `{res['command']}` "
                               f"(commit {_commit(res)}).")
 
 

