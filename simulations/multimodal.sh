@@ -7,7 +7,8 @@
 #   2. federated: the default federated recipe (100 rounds of 94 devices) with graph
 #      features, seeds 0,1,2 (~20 min a seed); text alone is results/fed-seq+id-sched.json;
 #   3. explain: explain-eval on the federated graph runs (history reasons and graph facts),
-#      and the on-device example with shared facts;
+#      the on-device example with shared facts, and each graph model at its calibrated
+#      new-item offset (simulations/new_items.py; text alone: results/new-items*.json);
 #   4. bench: image encoding throughput and upload (bench_images.py), the device path
 #      with graph features (bench_device.py), then the report blocks.
 #
@@ -44,6 +45,12 @@ explain() {
     COLUMNS=140 $F recommend --history runs/dev-user1-graph/history.csv --model runs/fed-seq+id+graph/seed-0 -k 10
   } > "$tmp"
   mv "$tmp" "$out"
+  .venv/bin/python simulations/new_items.py \
+    --model runs/fed-seq+id+graph/seed-0,runs/fed-seq+id+graph/seed-1,runs/fed-seq+id+graph/seed-2 \
+    --json results/multimodal/new-items-fed-graph.json
+  .venv/bin/python simulations/new_items.py \
+    --model runs/central-seq+id+graph/seed-0,runs/central-seq+id+graph/seed-1,runs/central-seq+id+graph/seed-2 \
+    --offsets 0,0.5,0.75,1,1.25,1.5,1.75,2 --json results/multimodal/new-items-central-graph.json
 }
 
 bench() {
