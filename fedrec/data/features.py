@@ -40,9 +40,15 @@ def extra_widths(cfg) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def graph_location(cfg, dataset_dir: Path | None) -> Path | None:
+    """Where the graph is looked for: data.graph, else the dataset's (or device's)
+    directory."""
+    return Path(cfg.data.graph).expanduser() if cfg.data.graph else dataset_dir
+
+
 def graph_source(cfg, dataset_dir: Path | None) -> Path:
-    """Where the graph is read: data.graph, else the dataset's (or device's) directory."""
-    where = Path(cfg.data.graph).expanduser() if cfg.data.graph else dataset_dir
+    """graph_location, checked to hold a graph."""
+    where = graph_location(cfg, dataset_dir)
     if where is None or find_graph(where) is None:
         hint = ("run `fedrec data fetch ml-100k` (it fetches the graph too) or set data.graph"
                 if not cfg.data.graph else "point it at a graph.csv or a .kg file")

@@ -11,7 +11,7 @@ from fedrec.config import Config, uses_text
 from fedrec.data.datasets import Dataset, item_terms, load_dataset
 from fedrec.data.encoder import embed_texts
 from fedrec.data.evaluate import Space
-from fedrec.data.features import extra_tables
+from fedrec.data.features import extra_tables, extra_widths
 from fedrec.data.protocol import Split, make_split, population
 from fedrec.files import data_home
 
@@ -58,8 +58,7 @@ def prepare(cfg: Config, progress: bool = False) -> Prepared:
     d, e = cfg.data, cfg.encoder
     key = (d.dataset, str(data_home(d.cache_dir)), d.item_template, d.cold_fraction,
            d.split_seed, d.eval_negatives, d.users, d.tie_order, e.model_dir, e.batch_size,
-           e.max_length, uses_text(cfg), cfg.model.kind, cfg.model.item_features,
-           cfg.model.graph_dim, d.graph, d.images, e.vision_dir)
+           e.max_length, uses_text(cfg), extra_widths(cfg), d.graph, d.images, e.vision_dir)
     if key not in _PREPARED:
         ds = load_dataset(d.dataset, d.cache_dir)
         split = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives,

@@ -7,6 +7,7 @@ import numpy as np
 from fedrec.config import Config
 from fedrec.data.datasets import load_dataset
 from fedrec.data.evaluate import evaluate
+from fedrec.data.features import graph_location
 from fedrec.data.graph import find_graph, read_graph
 from fedrec.data.pipeline import catalog_vectors, list_spaces, prepare
 from fedrec.data.protocol import make_split, population
@@ -62,7 +63,7 @@ def dataset_stats(cfg: Config) -> list[tuple[str, object]]:
 
 
 def _graph_stats(cfg: Config, ds) -> list[tuple[str, object]]:
-    where = Path(cfg.data.graph).expanduser() if cfg.data.graph else Path(ds.source).parent
+    where = graph_location(cfg, Path(ds.source).parent)
     if find_graph(where) is None:
         return [("knowledge graph", "none (model.item-features graph needs one: data.graph)")]
     g = read_graph(where, ds.item_ids).stats(ds.item_ids)
