@@ -34,7 +34,7 @@ from fedrec.models.protocol import Recommender
 from fedrec.models.saved import load_model, load_run
 from fedrec.ranking.diversity import mmr
 from fedrec.ranking.explain import loo_drops, pick_reasons, scores, shared_terms, window_positions
-from fedrec.ranking.facts import FactIndex, graph_columns
+from fedrec.ranking.facts import FactIndex, fact_index, graph_columns
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def recommend(history: str | Path, run_dir: str | Path, k: int = 10,
     torch.set_num_threads(1)
     index = None
     if graph_columns(model) is not None:  # reasons name shared facts too
-        index = FactIndex(load_graph(cfg, cat.item_ids, Path(cat.source).parent), cat.item_ids)
+        index = fact_index(load_graph(cfg, cat.item_ids, Path(cat.source).parent), cat.item_ids)
     try:
         return rank_items(model, E, seq, cat, cfg.data.item_template, k, diversity, index)
     finally:
