@@ -77,19 +77,21 @@ def calibrated_table() -> str:
     return "\n".join(rows) + "\n\nRows: " + "; ".join(notes) + "."
 
 
-def _delta(name_a: str, name_b: str, key: str) -> tuple[float, float, float] | None:
+def _delta(name_a: str, name_b: str, key: str, part: str = "best") -> tuple | None:
+    """(mean a, mean b, b - a, larger std) of `key` in two files' summary[part]."""
     a, b = _load(name_a), _load(name_b)
     if not (a and b):
         return None
-    x, y = a["summary"]["best"][key], b["summary"]["best"][key]
-    return x["mean"], y["mean"], y["mean"] - x["mean"]
+    x, y = a["summary"][part][key], b["summary"][part][key]
+    return x["mean"], y["mean"], y["mean"] - x["mean"], max(x["std"], y["std"])
 
 
-def _move(d: tuple[float, float, float], what: str) -> str:
-    base, new, diff = d
+def _move(d: tuple, what: str) -> str:
+    base, new, diff, std = d
     verb = "raises" if diff > 0 else "lowers" if diff < 0 else "leaves"
-    return f"{verb} {what} from {base:.4f} to {new:.4f} ({diff / base:+.0%})" if base \
-        else f"moves {what} from {base:.4f} to {new:.4f}"
+    size = ", within one standard deviation" if abs(diff) <= std else ""
+    return (f"{verb} {what} from {base:.4f} to {new:.4f} ({diff / base:+.0%}{size})" if base
+            else f"moves {what} from {base:.4f} to {new:.4f}")
 
 
 def multimodal_paragraph() -> str:
@@ -105,27 +107,22 @@ def multimodal_paragraph() -> str:
         if not all(d.values()):
             continue
         text = (f"{setting}, the graph {_move(d['new-items/hr@10'], 'new-item HR@10')} "
-                "(the unreleased item ranked among the unreleased ones: what the features "
-                f"alone know about a new item). At the same offset it {_move(d['top10/unreleased-share'], 'the unreleased share of top-10 lists')}: "
-                "new items score higher through their graph part, so more of them reach the "
-                f"lists, which {_move(d['full/cold/hr@10'], 'cold-target full HR@10')} and "
-                f"{_move(d['full/hr@10'], 'full HR@10')}.")
-        calib = _calibrated_delta(ca, cb)
-        if calib:
+                "(the unreleased target ranked among the unreleased items only: what an "
+                "item's features alone say about a new item). At the same offset it "
+                f"{_move(d['top10/unreleased-share'], 'the unreleased share of top-10 lists')}"
+                " (the offset is the same; the graph part moves the new items' scores "
+                f"against the trained ones), and {_move(d['full/cold/hr@10'], 'cold-target full HR@10')}"
+                f" and {_move(d['full/hr@10'], 'full HR@10')}.")
+        calib = {k: _delta(ca, cb, k, "calibrated") for k in ("full/hr@10", "full/cold/hr@10")}
+        if all(calib.values()):
             text += (" With each model's new items at their share of the targets (its "
-                     f"calibrated offset), the graph {_move(calib, 'full HR@10')}.")
+                     f"calibrated offset), the graph {_move(calib['full/hr@10'], 'full HR@10')}"
+                     f" and {_move(calib['full/cold/hr@10'], 'cold-target full HR@10')}.")
         parts.append(text)
-    return "\n\n".join(parts) + ("\n\nMeans over 3 seeds; the tables above hold the "
-                                   "standard deviations." if parts else "")
-
-
-def _calibrated_delta(name_a: str, name_b: str) -> tuple[float, float, float] | None:
-    a, b = _load(name_a), _load(name_b)
-    if not (a and b):
-        return None
-    x = a["summary"]["calibrated"]["full/hr@10"]["mean"]
-    y = b["summary"]["calibrated"]["full/hr@10"]["mean"]
-    return x, y, y - x
+    return "\n\n".join(parts) + ("\n\nMeans over 3 seeds (population std, as in the "
+                                   "tables); \"within one standard deviation\": the change is "
+                                   "no larger than the larger of the two rows' std." if parts
+                                   else "")
 
 
 def explain_graph_block() -> str:
