@@ -32,20 +32,26 @@ def _commit(res: dict) -> str:
     return c[:7] + ("+dirty" if c.endswith("+dirty") else "")
 
 
-def multimodal_table() -> str:
-    head = ("| setting | item features | full HR@10 | full NDCG@10 | cold-target full HR@10 | "
-            "new-item HR@10 | unreleased share of top-10 | sampled HR@10 | seeds |")
-    rows, notes = [head, "|---|---|---|---|---|---|---|---|---|"], []
-    for setting, items, name in ROWS:
+def _file_table(columns: list[str], specs: tuple, cells) -> str:
+    """A markdown table with one row per (setting, items, file) of specs that exists:
+    setting, items, then cells(result) (a list of strings), then the commands."""
+    rows = ["| " + " | ".join(["setting", "item features", *columns]) + " |",
+            "|" + "---|" * (len(columns) + 2)]
+    notes = []
+    for setting, items, name in specs:
         res = _load(name)
-        if not res:
-            continue
-        b = res["summary"]["best"]
-        seeds = ",".join(str(r["seed"]) for r in res["runs"])
-        rows.append(f"| {setting} | {items} | " + " | ".join(_fmt(b.get(k)) for k in KEYS)
-                    + f" | {seeds} |")
-        notes.append(f"`{res['command']}` (commit {_commit(res)})")
+        if res:
+            rows.append(f"| {setting} | {items} | " + " | ".join(cells(res)) + " |")
+            notes.append(f"`{res['command']}` (commit {_commit(res)})")
     return "\n".join(rows) + "\n\nRows: " + "; ".join(notes) + "."
+
+
+def multimodal_table() -> str:
+    labels = ["full HR@10", "full NDCG@10", "cold-target full HR@10", "new-item HR@10",
+              "unreleased share of top-10", "sampled HR@10", "seeds"]
+    return _file_table(labels, ROWS, lambda res: [
+        *(_fmt(res["summary"]["best"].get(k)) for k in KEYS),
+        ",".join(str(r["seed"]) for r in res["runs"])])
 
 
 CALIBRATED = (  # (setting, items, file): new_items.py's "calibrated" rule
@@ -59,22 +65,14 @@ CALIBRATED = (  # (setting, items, file): new_items.py's "calibrated" rule
 def calibrated_table() -> str:
     """The same models with new items at their share of validation targets (each model's
     own calibrated offset): equal exposure, so full HR@10 compares like with like."""
-    head = ("| setting | item features | calibrated offset | full HR@10 | full NDCG@10 | "
-            "cold-target full HR@10 | new-item HR@10 | unreleased share of top-10 | seeds |")
-    rows, notes = [head, "|---|---|---|---|---|---|---|---|---|"], []
-    for setting, items, name in CALIBRATED:
-        res = _load(name)
-        if not res:
-            continue
-        c = res["summary"]["calibrated"]
+    labels = ["calibrated offset", "full HR@10", "full NDCG@10", "cold-target full HR@10",
+              "new-item HR@10", "unreleased share of top-10", "seeds"]
+
+    def cells(res: dict) -> list[str]:
         offs = [r["calibrated-offset"] for r in res["runs"]]
-        rows.append(f"| {setting} | {items} | {min(offs):.2f}-{max(offs):.2f} | "
-                    + " | ".join(_fmt(c[k]) for k in ("full/hr@10", "full/ndcg@10",
-                                                       "full/cold/hr@10", "new-items/hr@10",
-                                                       "top10/unreleased-share"))
-                    + f" | {len(res['runs'])} |")
-        notes.append(f"`{res['command']}` (commit {_commit(res)})")
-    return "\n".join(rows) + "\n\nRows: " + "; ".join(notes) + "."
+        return [f"{min(offs):.2f}-{max(offs):.2f}",
+                *(_fmt(res["summary"]["calibrated"][k]) for k in KEYS[:5]), str(len(res["runs"]))]
+    return _file_table(labels, CALIBRATED, cells)
 
 
 def _delta(name_a: str, name_b: str, key: str, part: str = "best") -> tuple | None:
