@@ -63,6 +63,7 @@ class ModelConfig:
     prior: str        # profile: the DP popularity release file it starts from
     item_features: str  # seq with text: "text" (+ ",graph", ",image"): the frozen tables of an item
     graph_dim: int    # width of the hashed knowledge-graph vector
+    graph_min_items: int  # a fact enters the vector if at least this many catalog items name its entity
     feature_combine: str  # sum | gate: how the feature adapters' outputs add up
 
 
@@ -300,6 +301,7 @@ def _validate(cfg: Config) -> None:
         ("privacy.delta", 0.0 < flat["privacy.delta"] < 1.0, "in (0, 1), below 1/number of users"),
         ("data.dataset", bool(flat["data.dataset"].strip()), "a dataset name or directory"),
         ("model.graph-dim", flat["model.graph-dim"] >= 8, ">= 8 (e.g. 256)"),
+        ("model.graph-min-items", flat["model.graph-min-items"] >= 1, ">= 1 (1 = every fact)"),
         ("model.feature-combine", flat["model.feature-combine"] in ("sum", "gate"),
          "sum or gate"),
         # -- secure aggregation (fedrec/federation/secagg.py) --
@@ -440,7 +442,7 @@ ADDED_KEYS = {"fed.server-tau": 1e-3,  # Flower FedAdam's own default, used befo
               "privacy.noise": "independent",  # privacy frontier: fresh noise every round
               "model.prior": "",  # privacy frontier: no release file
               # multimodal items: text alone
-              "model.item-features": "text", "model.graph-dim": 256,
+              "model.item-features": "text", "model.graph-dim": 256, "model.graph-min-items": 1,
               "model.feature-combine": "sum", "data.graph": "", "data.images": "",
               "encoder.vision-dir": ""}
 

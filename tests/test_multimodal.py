@@ -13,7 +13,7 @@ from fedrec.data import fetch, images
 from fedrec.data.datasets import load_dataset
 from fedrec.data.device import read_catalog, write_device_dir
 from fedrec.data.features import feature_names
-from fedrec.data.graph import Graph, fact_vector, graph_table, read_graph
+from fedrec.data.graph import Graph, fact_vector, graph_table, read_graph, shared_only
 from fedrec.data.pipeline import prepare
 from fedrec.errors import FedrecError
 from fedrec.models.build import build_model, model_name
@@ -100,6 +100,16 @@ def test_graph_vectors_depend_on_the_items_own_facts_only():
     # The same item, alone or in a larger catalog: the same vector (a new item gets its
     # vector without moving anyone's).
     assert np.array_equal(graph_table(g, ["1"], 64)[0], graph_table(g, ["5", "1", "9"], 64)[1])
+
+
+def test_shared_only_keeps_the_facts_another_item_names():
+    g = Graph({"1": [("r", "m.a"), ("r", "m.own1")], "2": [("s", "m.a"), ("r", "m.own2")],
+               "3": [("r", "m.own3")]}, "hand-built")
+    assert shared_only(g, ["1", "2", "3"], 1) is g
+    kept = shared_only(g, ["1", "2", "3"], 2)
+    assert kept.facts == {"1": [("r", "m.a")], "2": [("s", "m.a")], "3": []}
+    assert not graph_table(kept, ["3"], 16).any()  # nothing shared: a zero row
+    assert shared_only(g, ["1", "3"], 2).facts["1"] == []  # counted over the catalog given
 
 
 def test_text_and_graph_start_as_text_alone_and_unlinked_items_get_nothing(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.data.graph import Graph, find_graph, graph_table, read_graph
+from fedrec.data.graph import Graph, find_graph, graph_table, read_graph, shared_only
 from fedrec.data.images import image_table, vision_width
 from fedrec.errors import FedrecError
 
@@ -64,7 +64,8 @@ def extra_tables(cfg, item_ids: list[str], dataset_dir: Path | None, cache_root:
     parts = []
     for name, width in extra_widths(cfg):
         if name == "graph":
-            graph = load_graph(cfg, item_ids, dataset_dir)
+            graph = shared_only(load_graph(cfg, item_ids, dataset_dir), item_ids,
+                                cfg.model.graph_min_items)
             t = graph_table(graph, item_ids, width, cache_root)
         else:
             t = image_table(cfg.data.images, item_ids, cfg.encoder.vision_dir, cache_root,

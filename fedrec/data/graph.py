@@ -168,6 +168,20 @@ def write_graph_csv(graph: Graph, item_ids: list[str], path: Path) -> None:
     write_text_atomic(Path(path), buf.getvalue())
 
 
+def shared_only(graph: Graph, item_ids: list[str], min_items: int) -> Graph:
+    """The graph with only the facts whose entity at least min_items of the catalog's
+    items name (1: every fact). An item's own facts (an actor in no other movie) carry
+    nothing another item could share; the price is a vector that depends on the catalog."""
+    if min_items <= 1:
+        return graph
+    counts: dict[str, int] = {}
+    for i in item_ids:
+        for e in {e for _, e in graph.facts.get(i, [])}:
+            counts[e] = counts.get(e, 0) + 1
+    return Graph({i: [(r, e) for r, e in fs if counts.get(e, 0) >= min_items]
+                  for i, fs in graph.facts.items()}, graph.source, graph.triples)
+
+
 def fact_vector(facts: list[tuple[str, str]], dim: int) -> np.ndarray:
     """float32 [dim]: the normalised sum of the facts' hashed Gaussian directions."""
     v = np.zeros(dim, np.float64)

@@ -58,7 +58,8 @@ def prepare(cfg: Config, progress: bool = False) -> Prepared:
     d, e = cfg.data, cfg.encoder
     key = (d.dataset, str(data_home(d.cache_dir)), d.item_template, d.cold_fraction,
            d.split_seed, d.eval_negatives, d.users, d.tie_order, e.model_dir, e.batch_size,
-           e.max_length, uses_text(cfg), extra_widths(cfg), d.graph, d.images, e.vision_dir)
+           e.max_length, uses_text(cfg), extra_widths(cfg), cfg.model.graph_min_items, d.graph,
+           d.images, e.vision_dir)
     if key not in _PREPARED:
         ds = load_dataset(d.dataset, d.cache_dir)
         split = population(make_split(ds, d.cold_fraction, d.split_seed, d.eval_negatives,
