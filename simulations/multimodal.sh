@@ -9,10 +9,12 @@
 #   3. explain: explain-eval on the federated graph runs (history reasons and graph facts),
 #      the on-device example with shared facts, and each graph model at its calibrated
 #      new-item offset (simulations/new_items.py; text alone: results/new-items*.json);
+#   lever: the graph vector from shared facts only (model.graph-min-items=2), seed 0,
+#      centralized and federated;
 #   4. bench: image encoding throughput and upload (bench_images.py), the device path
 #      with graph features (bench_device.py), then the report blocks.
 #
-#   simulations/multimodal.sh [central|federated|explain|bench]...
+#   simulations/multimodal.sh [central|federated|lever|explain|bench]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -31,6 +33,14 @@ central() {
 federated() {
   $F simulate --engine inprocess --seeds 0,1,2 --runs-dir runs/fed-seq+id+graph \
     --json results/fed-seq+id+graph.json --run-config "$GRAPH"
+}
+
+lever() {
+  SHARED="$GRAPH model.graph-min-items=2"
+  $F train-central --seeds 0 --quiet --save-dir runs/central-seq+id+graph-shared \
+    --json results/multimodal/central-seq+id+graph-shared.json --run-config "$SHARED"
+  $F simulate --engine inprocess --seeds 0 --runs-dir runs/fed-seq+id+graph-shared \
+    --json results/multimodal/fed-seq+id+graph-shared.json --run-config "$SHARED"
 }
 
 explain() {
@@ -60,6 +70,6 @@ bench() {
   .venv/bin/python simulations/report.py
 }
 
-for part in "${@:-central federated explain bench}"; do
+for part in "${@:-central federated lever explain bench}"; do
   for p in $part; do "$p"; done
 done

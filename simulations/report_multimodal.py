@@ -13,8 +13,12 @@ ROWS = (  # (setting, items, file)
     ("centralized", "text + ID (default)", "central-seq+id.json"),
     ("centralized", "text + graph + ID (summed)", "central-seq+id+graph.json"),
     ("centralized", "text + graph + ID (gated)", "multimodal/central-seq+id+graph-gate.json"),
+    ("centralized", "text + graph + ID, shared facts only (lever, one seed)",
+     "multimodal/central-seq+id+graph-shared.json"),
     ("federated, 100 rounds", "text + ID (default)", "fed-seq+id-sched.json"),
     ("federated, 100 rounds", "text + graph + ID (summed)", "fed-seq+id+graph.json"),
+    ("federated, 100 rounds", "text + graph + ID, shared facts only (lever, one seed)",
+     "multimodal/fed-seq+id+graph-shared.json"),
 )
 
 
