@@ -78,6 +78,9 @@ def test_a_malformed_graph_line_names_the_file_and_line(tmp_path, text, where, f
         read_graph(tmp_path / "graph.csv", ["1", "2"])
     msg = str(err.value)
     assert f"graph.csv{where}" in msg and fix in msg and "\n" not in msg
+    (tmp_path / "latin.csv").write_bytes("item,relation,entity\n1,r,Amélie\n".encode("latin-1"))
+    with pytest.raises(FedrecError, match=r"latin.csv: not UTF-8 text"):
+        read_graph(tmp_path / "latin.csv", ["1"])
     (tmp_path / "x.kg").write_text("head_id:token\trelation_id:token\ttail_id:token\n")
     with pytest.raises(FedrecError, match=r"x.link: missing"):
         read_graph(tmp_path / "x.kg", ["1"])

@@ -76,7 +76,13 @@ def read_graph(path: str | Path, item_ids: list[str]) -> Graph:
                  if x.is_file()), hashlib.sha256("\x1f".join(item_ids).encode()).hexdigest())
     if key not in _GRAPHS:
         known = set(item_ids)
-        g = _read_atomic(f, files[1], known) if f.suffix == ".kg" else _read_csv(f, known)
+        try:
+            g = _read_atomic(f, files[1], known) if f.suffix == ".kg" else _read_csv(f, known)
+        except UnicodeDecodeError as exc:
+            raise FedrecError(f"{f}: not UTF-8 text (byte {exc.start}); save it as UTF-8") \
+                from None
+        except csv.Error as exc:
+            raise FedrecError(f"{f}: unreadable as CSV ({exc}); fix the file") from None
         _GRAPHS.clear()  # one graph per process is the use; never grow without bound
         _GRAPHS[key] = g
     return _GRAPHS[key]

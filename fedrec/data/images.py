@@ -59,7 +59,16 @@ def read_image_map(path: str | Path, item_ids: list[str]) -> dict[str, tuple[Pat
     if not f.is_file():
         raise FedrecError(f"data.images: '{f}' is not a file; give a CSV with columns "
                           "item,image")
-    known, out = set(item_ids), {}
+    try:
+        return _read_image_rows(f, set(item_ids))
+    except UnicodeDecodeError as exc:
+        raise FedrecError(f"{f}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise FedrecError(f"{f}: unreadable as CSV ({exc}); fix the file") from None
+
+
+def _read_image_rows(f: Path, known: set[str]) -> dict[str, tuple[Path, int]]:
+    out = {}
     with open(f, newline="", encoding="utf-8") as fh:
         rows = csv.reader(fh)
         header = [h.strip() for h in next(rows, [])]
