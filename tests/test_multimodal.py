@@ -207,6 +207,7 @@ def test_images_end_to_end_encode_cache_train_recommend(tmp_path, monkeypatch):
     assert list((root / "cache" / "images" / "embeddings").glob("*.npz"))
     # A second encoding reads the cache: no vision forward pass at all.
     monkeypatch.setattr(images, "ImageEncoder", lambda *a: pytest.fail("re-encoded"))
+    monkeypatch.setattr(images, "_digest", lambda *a: pytest.fail("image re-read"))
     again = images.image_table(cfg.data.images, IDS, cfg.encoder.vision_dir, root / "cache")
     assert np.array_equal(again, img)
     monkeypatch.undo()

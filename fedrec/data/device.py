@@ -56,8 +56,8 @@ from fedrec.data.datasets import (
 )
 from fedrec.data.encoder import (
     EmbeddingCache,
+    cached_fingerprint,
     embed_texts,
-    model_fingerprint,
     resolve_model_dir,
     text_key,
 )
@@ -65,7 +65,6 @@ from fedrec.data.features import extra_tables, extra_widths, load_graph
 from fedrec.data.graph import GRAPH_CSV, write_graph_csv
 from fedrec.data.protocol import ClientData, leave_one_out, tie_ranks, time_order, untouched
 from fedrec.errors import FedrecError
-from fedrec.files import write_text_atomic
 
 DATA_DIR, CATALOG, MODEL_DIR = "data-dir", "catalog", "model-dir"  # node_config keys
 HISTORY_FILE, CACHE_DIR = "history.csv", "cache"
@@ -220,32 +219,13 @@ def _text_embeddings(cfg: Config, catalog: Catalog, cache_root: Path, model_dir:
                      progress: bool) -> np.ndarray:
     texts = catalog.texts(cfg.data.item_template)
     path = resolve_model_dir(model_dir or cfg.encoder.model_dir)
-    table = EmbeddingCache(cache_root, _fingerprint(path, cfg.encoder.max_length,
-                                                    Path(cache_root))).load()
+    table = EmbeddingCache(cache_root, cached_fingerprint(path, cfg.encoder.max_length,
+                                                          Path(cache_root))).load()
     keys = [text_key(t) for t in texts]
     if all(k in table for k in keys):
         return np.stack([table[k] for k in keys]).astype(np.float32)
     return embed_texts(texts, cache_root, str(path), cfg.encoder.batch_size,
                        cfg.encoder.max_length, progress=progress)
-
-
-def _fingerprint(path: Path, max_length: int, cache_root: Path) -> str:
-    """encoder.model_fingerprint, remembered on the device's disk per (file, size, mtime):
-    hashing MiniLM's 90 MB of weights takes ~60 ms, more than a whole recommendation, and
-    a model file rewritten in place gets a new mtime, so a changed model is re-hashed."""
-    files = sorted(f for f in path.iterdir() if f.is_file())
-    stamp = json.dumps([str(path.resolve()), max_length,
-                        [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
-    memo = cache_root / "embeddings" / "model-fingerprints.json"
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict) or not isinstance(known.get(stamp), str):
-        known = known if isinstance(known, dict) else {}
-        known[stamp] = model_fingerprint(path, max_length)
-        write_text_atomic(memo, json.dumps(known))
-    return known[stamp]
 
 
 def load_device_client(run_config: dict, node_config: dict):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrec.data.encoder import EmbeddingCache, _progress, model_fingerprint
+from fedrec.data.encoder import EmbeddingCache, StatMemo, _progress, cached_fingerprint
 from fedrec.errors import FedrecError
 
 
@@ -125,17 +125,9 @@ class ImageEncoder:
                                                          np.float32)
 
 
-def _fingerprint(path: Path) -> str:
-    """model_fingerprint of the encoder, once per process per (files, sizes, mtimes):
-    hashing a ViT-B's 350 MB of weights takes ~0.4 s."""
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                  for f in sorted(path.iterdir()) if f.is_file())
-    return _fingerprint_of(str(path.resolve()), stamp)
-
-
-@lru_cache(maxsize=8)
-def _fingerprint_of(path: str, stamp: tuple) -> str:
-    return model_fingerprint(Path(path), 0)
+def _digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _load_image(path: Path, where: str):
@@ -155,12 +147,14 @@ def image_table(mapping_file: str, item_ids: list[str], vision: str, cache_root:
     encoding only the image files not already in the on-disk cache."""
     mapping = read_image_map(mapping_file, item_ids)
     path = vision_dir(vision)
-    cache = EmbeddingCache(Path(cache_root) / "images", _fingerprint(path))
+    cache = EmbeddingCache(Path(cache_root) / "images", cached_fingerprint(path, 0, cache_root))
     table = cache.load()
-    keys = {}
-    for item, (image, _) in mapping.items():
-        with open(image, "rb") as fh:
-            keys[item] = hashlib.file_digest(fh, "sha256").hexdigest()
+    # Each file's digest, remembered per (path, size, mtime): a device's fresh process
+    # re-reads no image it has read before.
+    digests = StatMemo(Path(cache_root) / "images" / "digests.json")
+    keys = {item: digests.get([image], "sha256", lambda image=image: _digest(image))
+            for item, (image, _) in mapping.items()}
+    digests.save()
     missing = sorted({k: item for item, k in keys.items() if k not in table}.items())
     if missing:
         encoder = ImageEncoder(str(path), batch_size)
