@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.data.graph import Graph, find_graph, graph_table, read_graph, shared_only
+from fedrec.data.graph import Graph, find_graph, graph_table, read_graph
 from fedrec.data.images import image_table, vision_width
 from fedrec.errors import FedrecError
 
@@ -64,9 +64,8 @@ def extra_tables(cfg, item_ids: list[str], dataset_dir: Path | None, cache_root:
     parts = []
     for name, width in extra_widths(cfg):
         if name == "graph":
-            graph = shared_only(load_graph(cfg, item_ids, dataset_dir), item_ids,
-                                cfg.model.graph_min_items)
-            t = graph_table(graph, item_ids, width, cache_root)
+            t = graph_table(load_graph(cfg, item_ids, dataset_dir), item_ids, width,
+                            cache_root)
         else:
             t = image_table(cfg.data.images, item_ids, cfg.encoder.vision_dir, cache_root,
                             cfg.encoder.batch_size, progress)
@@ -80,4 +79,5 @@ def extra_tables(cfg, item_ids: list[str], dataset_dir: Path | None, cache_root:
 
 
 def load_graph(cfg, item_ids: list[str], dataset_dir: Path | None) -> Graph:
-    return read_graph(graph_source(cfg, dataset_dir), item_ids)
+    """The graph the model reads: its facts under model.graph-min-items."""
+    return read_graph(graph_source(cfg, dataset_dir), item_ids, cfg.model.graph_min_items)

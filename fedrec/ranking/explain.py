@@ -21,10 +21,9 @@ import torch
 
 from fedrec.data.datasets import item_terms
 from fedrec.data.features import load_graph
-from fedrec.data.graph import shared_only
 from fedrec.models.protocol import Recommender, batch_inputs
 from fedrec.models.saved import load_for_dataset
-from fedrec.ranking.facts import FactIndex, fact_deletion_test, graph_columns
+from fedrec.ranking.facts import fact_deletion_test, fact_index, graph_columns
 from fedrec.results import summarize
 
 MAX_REASONS = 3
@@ -143,10 +142,8 @@ def evaluate_runs(run_dirs: list[str], users: int = 0, n_random: int = 10) -> di
         res = deletion_test(net, E, [p.split.eval_history(u, "test") for u in ids],
                             n_random=n_random, seed=cfg.train.seed, cases=cases)
         if cols is not None:  # the graph reasons: shared facts, deleted from the item
-            ids_ = p.dataset.item_ids  # the facts the model's vectors were built from
-            graph = shared_only(load_graph(cfg, ids_, Path(p.dataset.source).parent), ids_,
-                                cfg.model.graph_min_items)
-            index = FactIndex(graph, ids_)
+            ids_ = p.dataset.item_ids
+            index = fact_index(load_graph(cfg, ids_, Path(p.dataset.source).parent), ids_)
             graph = fact_deletion_test(net, E, index, cols, cases, n_random, cfg.train.seed)
             res["summary"].update({f"graph/{k}": v for k, v in graph.items()})
         runs.append({"model": run_dir, "seed": cfg.train.seed, **res})
